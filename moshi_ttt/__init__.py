@@ -1,0 +1,22 @@
+"""moshi-ttt: Test-Time Training layers inside Kyutai's Moshi, with exact streaming, chunked and full scoring."""
+
+from .config import TTTConfig
+from .streaming import exact_streaming, widen_kv_caches
+from .ttt.apply import apply_ttt, set_streaming_options, ttt_blocks, ttt_states
+from .ttt.layer import TTTBlock, TTTState, drift
+from .ttt.ops import FastWeights, ttt_mlp
+
+__all__ = [
+    "FastWeights",
+    "TTTBlock",
+    "TTTConfig",
+    "TTTState",
+    "apply_ttt",
+    "drift",
+    "exact_streaming",
+    "set_streaming_options",
+    "ttt_blocks",
+    "ttt_mlp",
+    "ttt_states",
+    "widen_kv_caches",
+]

@@ -1,0 +1,104 @@
+"""apply_ttt(): puts TTT blocks into the chosen layers of a moshi LMModel's temporal transformer."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from moshi.models.lm import LMModel
+from moshi.modules.streaming import StreamingModule
+from moshi.modules.transformer import StreamingTransformerLayer
+
+from ..config import TTTConfig, parse_layers
+from .layer import TTTBlock, TTTState
+
+logger = logging.getLogger(__name__)
+
+
+class TTTTransformerLayer(StreamingTransformerLayer):
+    """moshi's layer with a TTT block between self-attention and the feed-forward.
+
+    `apply_ttt` turns existing `StreamingTransformerLayer`s into this class in place, so the base weights keep
+    their moshi names (`transformer.layers.N.self_attn...`) and the TTT parameters sit under
+    `transformer.layers.N.ttt.`. Everything else (cross-attention, offsets, streaming) is moshi's own code.
+    """
+
+    ttt: TTTBlock
+
+    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ttt(super()._sa_block(x))
+
+
+def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
+    """Wraps the layers named by `cfg.layers` of `model.transformer` with TTT blocks (DESIGN.md contract).
+
+    Args:
+        model: a moshi LMModel; the depth transformer is left alone.
+        cfg: where and how; `layers="none"` returns the model unchanged.
+    Returns:
+        The same LMModel object, usable unchanged by moshi's LMGen, forward and streaming().
+    Raises:
+        TypeError: for a model that is not an LMModel or layers that are not moshi StreamingTransformerLayers.
+        ValueError: if TTT is already applied, the model is streaming, or the layer spec does not fit the model.
+    """
+    if not isinstance(model, LMModel):
+        raise TypeError(f"apply_ttt expects a moshi LMModel, got {type(model).__name__}")
+    if model.is_streaming:
+        raise ValueError("apply_ttt cannot change a model while it is streaming; leave streaming() first")
+    layers = model.transformer.layers
+    indices = parse_layers(cfg.layers, len(layers))
+    if ttt_blocks(model):
+        raise ValueError("TTT is already applied to this model")
+    for i in indices:
+        layer = layers[i]
+        if type(layer) is not StreamingTransformerLayer:
+            raise TypeError(f"layer {i} is a {type(layer).__name__}, expected moshi's StreamingTransformerLayer")
+        if layer.skip_self_attn:
+            raise ValueError(f"layer {i} has no self-attention to put a TTT block after")
+    for i in indices:
+        layer = layers[i]
+        num_heads = cfg.num_heads or layer.self_attn.num_heads
+        ref = layer.self_attn.in_projs[0].weight
+        block = TTTBlock(model.dim, num_heads, cfg, device=ref.device, dtype=ref.dtype)
+        layer.__class__ = TTTTransformerLayer
+        layer.ttt = block
+    # moshi caches the list of streaming children on first use; it must see the new blocks.
+    for module in model.modules():
+        if isinstance(module, StreamingModule):
+            module._cached_children = None
+    logger.info("TTT applied to layers %s (mini_batch_size=%d)", indices, cfg.mini_batch_size)
+    return model
+
+
+def ttt_blocks(model: LMModel) -> dict[int, TTTBlock]:
+    """The TTT blocks of `model.transformer`, by layer index."""
+    return {i: layer.ttt for i, layer in enumerate(model.transformer.layers) if isinstance(layer, TTTTransformerLayer)}
+
+
+def ttt_states(model: LMModel) -> dict[int, TTTState]:
+    """The streaming states of the TTT blocks (the model must be streaming)."""
+    states = {}
+    for i, block in ttt_blocks(model).items():
+        state = block._streaming_state
+        if state is None:
+            raise ValueError("the model is not streaming: TTT states exist only inside streaming()")
+        states[i] = state
+    return states
+
+
+def set_streaming_options(
+    model: LMModel, *, mini_batch_size: int | None = None, persistent_states: bool | None = None
+) -> None:
+    """Per-session TTT options, set right after entering streaming(); the model itself is not changed.
+
+    Several users can share one model: each streaming session holds its own mini-batch size and persistence.
+    """
+    for state in ttt_states(model).values():
+        if mini_batch_size is not None:
+            if mini_batch_size < 1:
+                raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+            if bool((state.offset > 0).any()) or bool((state.position > 0).any()):
+                raise ValueError("set_streaming_options must be called before the first forward of the session")
+            state.mini_batch_size = mini_batch_size
+        if persistent_states is not None:
+            state.persistent = persistent_states

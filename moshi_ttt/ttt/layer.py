@@ -1,0 +1,253 @@
+"""The TTT block: a moshi StreamingModule whose streaming state holds the fast weights.
+
+The trained parameters (W_base and the rest) live on the module; the fast weights live in `TTTState`, one float32
+row per batch element, and never become Parameters. Drift is `state.fast_weights - W_base`.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from moshi.modules.streaming import State, StreamingModule
+from moshi.modules.transformer import create_norm_fn
+from torch import nn
+
+from ..config import TTTConfig
+from .ops import FastWeights, InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token
+
+logger = logging.getLogger(__name__)
+
+# Parameters that stay float32 whatever dtype the model is moved to (see TTTBlock._apply).
+FLOAT32_PARAMS = (
+    "W1",
+    "b1",
+    "W2",
+    "b2",
+    "ttt_norm_weight",
+    "ttt_norm_bias",
+    "lr_weight",
+    "lr_bias",
+    "learnable_token_idx",
+)
+
+
+@dataclass
+class TTTState(State):
+    """Streaming state of one TTT block; one row per batch element, float32 (float64 for a float64 model)."""
+
+    fast_weights: FastWeights  # W0: weights at the start of each row's current mini-batch, [B, H, ...]
+    grad_sums: FastWeights  # sum_s lr_s grad l_s(W0) over the row's tokens of its current mini-batch (0 at a start)
+    position: torch.Tensor  # [B] long: tokens of the current mini-batch already read, in [0, b)
+    offset: torch.Tensor  # [B] long: tokens read since the last reset
+    base_weights: tp.Callable[[int], FastWeights]  # current W_base expanded to a batch, used by reset
+    mini_batch_size: int  # b for this streaming session (set_streaming_options may change it before the first call)
+    persistent: bool  # False: every forward call starts from W_base
+    on_update: UpdateHook | None = None  # telemetry hook, called at each completed mini-batch of chunked calls
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        base = self.base_weights(self.batch_size)
+        _assign(self.fast_weights, base.where(reset_mask, self.fast_weights))
+        _assign(self.grad_sums, self.grad_sums.zeros_like().where(reset_mask, self.grad_sums))
+        self.position.masked_fill_(reset_mask, 0)
+        self.offset.masked_fill_(reset_mask, 0)
+
+
+def _assign(dst: FastWeights, src: FastWeights) -> None:
+    """In-place copy, so that tensors captured by a CUDA graph (moshi's LMGen on GPU) see the new values."""
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
+
+
+class TTTBlock(StreamingModule[TTTState]):
+    """x -> x + tanh(alpha) * W_o TTT(norm(x)), with TTT-MLP heads (DESIGN.md, "TTT block inside moshi").
+
+    Args:
+        dim: model width.
+        num_heads: TTT heads H; head dim D = dim // H, inner hidden size 4D.
+        cfg: TTTConfig (mini_batch_size, base_lr, persistent_states, gating_alpha_init, norm, target, init_std).
+        device, dtype: of the projections, norm and gate; fast-weight parameters are always float32.
+    """
+
+    def __init__(self, dim: int, num_heads: int, cfg: TTTConfig, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"model dim {dim} is not divisible by the {num_heads} TTT heads")
+        self.cfg = cfg
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        H, D = num_heads, self.head_dim
+        factory = {"device": device, "dtype": dtype}
+        # Fast-weight parameters: float32, or float64 for a float64 model.
+        f32 = {"device": device, "dtype": torch.promote_types(dtype or torch.float32, torch.float32)}
+
+        self.norm = create_norm_fn(cfg.norm, dim, **factory)
+        self.wq = nn.Linear(dim, dim, bias=True, **factory)
+        self.wk = nn.Linear(dim, dim, bias=True, **factory)
+        self.wv = nn.Linear(dim, dim, bias=True, **factory)
+        self.wo = nn.Linear(dim, dim, bias=True, **factory)
+        self.gating_alpha = nn.Parameter(torch.full((dim,), cfg.gating_alpha_init, **factory))
+        # W_base: the initial fast weights, trained by the outer loop (ttt-lm-pytorch's initialisation).
+        self.W1 = nn.Parameter(torch.randn(H, D, 4 * D, **f32) * cfg.init_std)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D, **f32))
+        self.W2 = nn.Parameter(torch.randn(H, 4 * D, D, **f32) * cfg.init_std)
+        self.b2 = nn.Parameter(torch.zeros(H, 1, D, **f32))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, D, **f32))  # gamma of the per-head LayerNorm
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D, **f32))  # beta
+        # Learning-rate gate: lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / D.
+        self.lr_weight = nn.Parameter(torch.randn(H, dim, **f32) * cfg.init_std)
+        self.lr_bias = nn.Parameter(torch.zeros(H, **f32))
+        self.learnable_token_idx = nn.Parameter(torch.zeros(cfg.mini_batch_size, **f32))
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the fast-weight parameters: they follow the device, and the
+        # dtype only up to float64, never below float32.
+        kept = {name: self._parameters.pop(name) for name in FLOAT32_PARAMS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, param in kept.items():
+                probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
+                param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
+                self._parameters[name] = param
+        return self
+
+    def base_weights(self, batch_size: int) -> FastWeights:
+        """W_base expanded to [B, H, ...] (a view: gradients flow to the parameters)."""
+        return FastWeights(*(p.expand(batch_size, *p.shape) for p in (self.W1, self.b1, self.W2, self.b2)))
+
+    def _init_streaming_state(self, batch_size: int) -> TTTState:
+        with torch.no_grad():
+            base = FastWeights(*(w.detach().clone() for w in self.base_weights(batch_size)))
+        device = self.W1.device
+        return TTTState(
+            batch_size,
+            device,
+            fast_weights=base,
+            grad_sums=base.zeros_like(),
+            position=torch.zeros(batch_size, dtype=torch.long, device=device),
+            offset=torch.zeros(batch_size, dtype=torch.long, device=device),
+            base_weights=lambda b: FastWeights(*(w.detach() for w in self.base_weights(b))),
+            mini_batch_size=self.cfg.mini_batch_size,
+            persistent=self.cfg.persistent_states,
+        )
+
+    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """h [B, T, dim] -> xq, xk, xv [B, H, T, D] and lr [B, H, T], in float32 (float64 for a float64 model)."""
+        H = self.num_heads
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        xq, xk, xv = (rearrange(proj(h), "b t (h d) -> b h t d", h=H).to(dtype) for proj in (self.wq, self.wk, self.wv))
+        # [B, T, dim] . [H, dim] -> [B, H, T]
+        gate = (
+            torch.einsum("bti,hi->bht", h.to(dtype), self.lr_weight.to(dtype)) + self.lr_bias.to(dtype)[None, :, None]
+        )
+        lr = self.cfg.base_lr * torch.sigmoid(gate) / self.head_dim
+        return xq, xk, xv, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
+        xq, xk, xv, lr = self._project(self.norm(x))
+        state = self._streaming_state
+        if state is None:
+            out = self._forward_fresh(xq, xk, xv, lr)
+        else:
+            out = self._forward_streaming(state, xq, xk, xv, lr)
+        y = self.wo(rearrange(out, "b h t d -> b t (h d)").to(x.dtype))  # [B, T, dim]
+        return x + torch.tanh(self.gating_alpha).to(y.dtype) * y
+
+    def _ops_kwargs(self, mini_batch_size: int) -> dict[str, tp.Any]:
+        return {
+            "ln_weight": self.ttt_norm_weight,
+            "ln_bias": self.ttt_norm_bias,
+            "mini_batch_size": mini_batch_size,
+            "token_idx": self.learnable_token_idx,
+            "target": self.cfg.target,
+        }
+
+    def _forward_fresh(self, xq, xk, xv, lr) -> torch.Tensor:
+        """Outside streaming (training, plain `LMModel.forward`): every call starts from W_base."""
+        start = InnerState(self.base_weights(xq.shape[0]), None, 0)
+        out, _ = ttt_mlp_chunk(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
+        return out
+
+    def _forward_streaming(self, state: TTTState, xq, xk, xv, lr) -> torch.Tensor:
+        B, _, T, _ = xq.shape
+        if not state.persistent:
+            state.reset(torch.ones(B, dtype=torch.bool, device=state.position.device))
+        kwargs = self._ops_kwargs(state.mini_batch_size)
+        if T == 1:
+            # Branch-free primal step, rows at any positions (CUDA-graph safe: LMGen steps one token at a time).
+            out, weights, sums, position = ttt_mlp_token(
+                state.fast_weights, state.grad_sums, state.position, xq, xk, xv, lr, **kwargs
+            )
+        else:
+            out, weights, sums, position = self._chunk_by_position(state, xq, xk, xv, lr, kwargs)
+        keep = state.exec_mask
+        with torch.no_grad():
+            new_weights = weights.where(keep, state.fast_weights)
+            new_sums = sums.where(keep, state.grad_sums)
+            new_position = torch.where(keep, position, state.position)
+        if torch.is_grad_enabled():
+            # Autograd may still need the old tensors: rebind instead of writing into them.
+            state.fast_weights, state.grad_sums, state.position = new_weights, new_sums, new_position
+        else:
+            _assign(state.fast_weights, new_weights)
+            _assign(state.grad_sums, new_sums)
+            state.position.copy_(new_position)
+        state.offset.add_(torch.where(keep, T, 0))
+        return out
+
+    def _chunk_by_position(self, state: TTTState, xq, xk, xv, lr, kwargs):
+        """Chunks of T > 1 tokens: rows that sit at the same position of their mini-batch run together."""
+        B = xq.shape[0]
+        positions = state.position.tolist()
+        groups: dict[int, list[int]] = {}
+        for row, p in enumerate(positions):
+            groups.setdefault(p, []).append(row)
+        if len(groups) == 1:
+            (p,) = groups
+            start = InnerState(state.fast_weights, state.grad_sums if p > 0 else None, p)
+            out, end = ttt_mlp_chunk(start, xq, xk, xv, lr, on_update=state.on_update, **kwargs)
+            sums = end.grad_sums if end.grad_sums is not None else end.weights.zeros_like()
+            return out, end.weights, sums, torch.full_like(state.position, end.position)
+        out = xq.new_empty(xq.shape)
+        weights = FastWeights(*(w.clone() for w in state.fast_weights))
+        sums = FastWeights(*(s.clone() for s in state.grad_sums))
+        position = state.position.clone()
+        for p, rows in groups.items():
+            idx = torch.tensor(rows, device=xq.device)
+            start = InnerState(state.fast_weights.rows(idx), state.grad_sums.rows(idx) if p > 0 else None, p)
+            o, end = ttt_mlp_chunk(start, xq[idx], xk[idx], xv[idx], lr[idx], **kwargs)
+            out[idx] = o
+            for dst, src in zip(weights, end.weights, strict=True):
+                dst[idx] = src
+            for dst, src in zip(sums, end.grad_sums or end.weights.zeros_like(), strict=True):
+                dst[idx] = src
+            position[idx] = end.position
+        logger.debug("TTT chunk of %d rows ran in %d position groups", B, len(groups))
+        return out, weights, sums, position
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, mini_batch_size={self.cfg.mini_batch_size}, "
+            f"base_lr={self.cfg.base_lr}, target={self.cfg.target!r}, alpha_init={self.cfg.gating_alpha_init}"
+        )
+
+
+def drift(state: TTTState) -> dict[str, torch.Tensor]:
+    """||W - W_base||_F / ||W_base||_F per batch row for W1, b1, W2, b2 of the current fast weights.
+
+    Where W_base is exactly zero (biases at initialisation) the absolute norm ||W||_F is returned instead.
+    """
+    base = state.base_weights(state.batch_size)
+    result = {}
+    for name, w, w0 in zip(FastWeights._fields, state.fast_weights, base, strict=True):
+        diff = (w - w0).flatten(1).norm(dim=1)  # [B]
+        ref = w0.flatten(1).norm(dim=1)  # [B]
+        result[name] = torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny), diff)
+    return result

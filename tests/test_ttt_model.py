@@ -1,0 +1,226 @@
+"""TTT inside moshi's LMModel: no-op gate, causality, per-row resets, persistence, LMGen, training, bfloat16."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moshi.models.lm import LMGen
+from tiny_models import random_audio_codes, tiny_lm
+
+from moshi_ttt import TTTConfig, apply_ttt, drift, exact_streaming, set_streaming_options, ttt_blocks, ttt_states
+from moshi_ttt.sequence import delayed_input, model_codes
+
+
+def per_token_loss(model, codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy [B, 8, T] of LMModel.forward, NaN where moshi's mask says invalid."""
+    out = model(codes)
+    logits = out.logits.float()  # [B, 8, T, card]
+    target = codes[:, model.audio_offset : model.audio_offset + model.dep_q]
+    loss = F.cross_entropy(logits.flatten(0, 2).nan_to_num(), target.flatten(), reduction="none").view(target.shape)
+    return torch.where(out.mask, loss, torch.full_like(loss, float("nan")))
+
+
+def test_zero_gate_gives_the_untouched_models_logits_exactly():
+    base = tiny_lm(0)
+    model = apply_ttt(copy.deepcopy(base), TTTConfig(layers="all", gating_alpha_init=0.0, mini_batch_size=4))
+    codes = model_codes(base, random_audio_codes(2, 40, seed=1))
+    with torch.no_grad():
+        a, b = base(codes), model(codes)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(b.text_logits, a.text_logits, rtol=0, atol=0, equal_nan=True)
+
+
+def test_apply_ttt_keeps_moshi_names_and_adds_ttt_ones():
+    base_keys = set(tiny_lm(0).state_dict())
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1,2"))
+    keys = set(model.state_dict())
+    assert base_keys <= keys
+    assert {k.split(".ttt.")[0] for k in keys - base_keys} == {"transformer.layers.1", "transformer.layers.2"}
+    assert sorted(ttt_blocks(model)) == [1, 2]
+    with pytest.raises(ValueError, match="already applied"):
+        apply_ttt(model, TTTConfig(layers="0"))
+    with pytest.raises(ValueError, match="out of range"):
+        apply_ttt(tiny_lm(0), TTTConfig(layers="3"))
+
+
+@pytest.mark.parametrize("t0", [5, 13, 22], ids=lambda t: f"t0_{t}")
+@pytest.mark.parametrize("b", [4, 16], ids=lambda b: f"b{b}")
+def test_later_tokens_do_not_change_earlier_outputs(b, t0):
+    """Also inside a mini-batch: an older TTT-for-Moshi code base let tokens see later tokens of their mini-batch."""
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="all", mini_batch_size=b, gating_alpha_init=1.0, base_lr=5.0))
+    codes = model_codes(model, random_audio_codes(1, 30, seed=4))
+    changed = codes.clone()
+    changed[:, 1:, t0:] = (changed[:, 1:, t0:] + 7) % model.card
+    with torch.no_grad():
+        seq_a, seq_b = delayed_input(model, codes), delayed_input(model, changed)
+        out_a, out_b = model.forward_text(seq_a)[0], model.forward_text(seq_b)[0]
+        loss_a, loss_b = per_token_loss(model, codes), per_token_loss(model, changed)
+    # Input step t carries the codes of step t - 1 (moshi prepends the initial token).
+    first = int((seq_a != seq_b).any(dim=1)[0].nonzero()[0])
+    assert first == t0 + 1 and (first % b != 0 or b == 1)  # the change starts inside a mini-batch
+    torch.testing.assert_close(out_b[:, :first], out_a[:, :first], rtol=0, atol=0)
+    assert not torch.equal(out_b[:, first], out_a[:, first])
+    # Acoustic codebooks are delayed by one step: their loss at step t0 - 1 is scored with the semantic code of
+    # step t0 as depformer input, so moshi's own delays make that step depend on t0; everything before is untouched.
+    torch.testing.assert_close(loss_b[..., : t0 - 1], loss_a[..., : t0 - 1], rtol=0, atol=0, equal_nan=True)
+
+
+def test_resetting_one_row_mid_stream_gives_it_a_fresh_stream():
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5))
+    seq_a = delayed_input(model, model_codes(model, random_audio_codes(2, 30, seed=5)))
+    seq_new = delayed_input(model, model_codes(model, random_audio_codes(1, 20, seed=6)))
+    chunks_before, chunks_after = [3, 1, 6], [5, 1, 7, 7]  # 10 tokens, then 20; chunks cross mini-batches
+    with torch.no_grad():
+        with exact_streaming(model, 2, 10):  # uninterrupted two-row stream
+            full = torch.cat([model.forward_text(seq_a[:, :, s : s + 10])[0] for s in (0, 10, 20)], 1)
+        with exact_streaming(model, 1, 10):  # a fresh one-row stream of the new sequence
+            fresh = torch.cat([model.forward_text(seq_new[:, :, s : s + 10])[0] for s in (0, 10)], 1)
+        outs = []
+        with exact_streaming(model, 2, 7):
+            start = 0
+            for n in chunks_before:
+                model.forward_text(seq_a[:, :, start : start + n])
+                start += n
+            model.reset_streaming(torch.tensor([True, False]))
+            # Row 0 restarts on the new sequence, row 1 goes on with its own (rows now sit at different positions).
+            mixed = torch.cat([seq_new[:, :, :20], seq_a[1:, :, 10:30]], dim=0)
+            start = 0
+            for n in chunks_after:
+                outs.append(model.forward_text(mixed[:, :, start : start + n])[0])
+                start += n
+            states = ttt_states(model)
+            assert states[1].offset.tolist() == [20, 30]
+    after = torch.cat(outs, 1)
+    torch.testing.assert_close(after[0], fresh[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[1], full[1, 10:], rtol=1e-5, atol=1e-5)
+
+
+def test_exec_mask_freezes_a_row():
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4)).eval()
+    seq = delayed_input(model, model_codes(model, random_audio_codes(2, 6, seed=7)))
+    with torch.no_grad(), exact_streaming(model, 2, 3):
+        model.forward_text(seq[:, :, :3])
+        before = [w.clone() for w in ttt_states(model)[1].fast_weights]
+        pos_before = ttt_states(model)[1].position.clone()
+        model.set_exec_mask(torch.tensor([False, True]))
+        model.forward_text(seq[:, :, 3:6])
+        state = ttt_states(model)[1]
+    assert torch.equal(state.fast_weights.W1[0], before[0][0]) and state.position[0] == pos_before[0]
+    assert not torch.equal(state.fast_weights.W1[1], before[0][1])
+
+
+def test_non_persistent_streaming_starts_every_call_from_w_base():
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4, persistent_states=False))
+    block = ttt_blocks(model)[1]
+    x = torch.randn(2, 22, model.dim)
+    bounds = [(0, 9), (9, 10), (10, 15), (15, 22)]
+    with torch.no_grad():
+        with model.streaming(2):
+            for s, e in bounds:
+                torch.testing.assert_close(
+                    block(x[:, s:e]), _fresh_block_output(block, x[:, s:e]), rtol=1e-6, atol=1e-6
+                )
+        # With persistence (a per-session option: the model is not changed) later calls differ from fresh ones.
+        with model.streaming(2):
+            set_streaming_options(model, persistent_states=True)
+            block(x[:, :9])
+            assert not torch.allclose(block(x[:, 9:18]), _fresh_block_output(block, x[:, 9:18]))
+    assert block.cfg.persistent_states is False
+
+
+def _fresh_block_output(block, x):
+    state, block._streaming_state = block._streaming_state, None
+    try:
+        return block(x)
+    finally:
+        block._streaming_state = state
+
+
+def test_set_streaming_options_is_per_session():
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4))
+    with model.streaming(1):
+        set_streaming_options(model, mini_batch_size=8, persistent_states=False)
+        state = ttt_states(model)[1]
+        assert (state.mini_batch_size, state.persistent) == (8, False)
+    with model.streaming(1):
+        state = ttt_states(model)[1]
+        assert (state.mini_batch_size, state.persistent) == (4, True)
+    assert ttt_blocks(model)[1].cfg.mini_batch_size == 4
+
+
+def test_moshi_lmgen_runs_the_patched_model_and_fast_weights_move():
+    model = apply_ttt(tiny_lm(0, n_q=16), TTTConfig(layers="all", mini_batch_size=4)).eval()
+    lm_gen = LMGen(model, temp=0.8, temp_text=0.7)
+    user = random_audio_codes(2, 60, seed=8)
+    outputs = 0
+    with torch.no_grad(), lm_gen.streaming(2):
+        for t in range(60):
+            out = lm_gen.step(user[:, :, t : t + 1])
+            if out is not None:
+                assert out.shape == (2, 9, 1)
+                outputs += 1
+        states = ttt_states(model)
+        drifts = {i: drift(s) for i, s in states.items()}
+    assert outputs >= 50
+    for d in drifts.values():
+        assert (d["W1"] > 0).all() and (d["W2"] > 0).all()
+    assert all(int(s.offset[0]) == 60 for s in states.values())
+
+
+def test_training_reaches_every_ttt_parameter_and_lowers_the_loss():
+    torch.manual_seed(0)
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1,2", mini_batch_size=4)).train()
+    codes = model_codes(model, random_audio_codes(2, 24, seed=9))
+    block = ttt_blocks(model)[1]
+    loss = per_token_loss(model, codes).nanmean()
+    loss.backward()
+    for name in (
+        "W1",
+        "b1",
+        "W2",
+        "b2",
+        "lr_weight",
+        "lr_bias",
+        "gating_alpha",
+        "learnable_token_idx",
+        "ttt_norm_weight",
+        "ttt_norm_bias",
+        "wq.weight",
+        "wk.weight",
+        "wv.weight",
+        "wo.weight",
+        "norm.alpha",
+    ):
+        grad = block.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    ttt_params = [p for blk in ttt_blocks(model).values() for p in blk.parameters()]
+    opt = torch.optim.AdamW(ttt_params, lr=3e-3)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = per_token_loss(model, codes).nanmean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_bfloat16_model_keeps_fast_weights_in_float32():
+    model32 = apply_ttt(tiny_lm(0), TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5))
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    block = ttt_blocks(model16)[1]
+    assert block.W1.dtype == torch.float32 and block.wq.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(block.W1, ttt_blocks(model32)[1].W1, rtol=0, atol=0)
+    codes = model_codes(model32, random_audio_codes(2, 40, seed=10))
+    with torch.no_grad():
+        loss32 = per_token_loss(model32, codes)
+        loss16 = per_token_loss(model16, codes)
+        seq = delayed_input(model16, codes)
+        with exact_streaming(model16, 2, 8):
+            for s in range(0, 40, 8):
+                model16.forward_text(seq[:, :, s : s + 8])
+            state = ttt_states(model16)[1]
+            assert all(w.dtype == torch.float32 for w in (*state.fast_weights, *state.grad_sums))
+    assert abs(loss16.nanmean() - loss32.nanmean()) < 2e-2
+    torch.testing.assert_close(loss16, loss32, rtol=0, atol=0.1, equal_nan=True)
