@@ -188,17 +188,22 @@ class TTTBlock(StreamingModule[TTTState]):
         else:
             out, weights, sums, position = self._chunk_by_position(state, xq, xk, xv, lr, kwargs)
         keep = state.exec_mask
-        with torch.no_grad():
-            new_weights = weights.where(keep, state.fast_weights)
-            new_sums = sums.where(keep, state.grad_sums)
-            new_position = torch.where(keep, position, state.position)
+        with torch.no_grad():  # the streaming state never joins an autograd graph
+            # Chunks already synchronised with the host (position groups): skip the selection when every row runs.
+            if T == 1 or not bool(keep.all()):
+                weights = weights.where(keep, state.fast_weights)
+                sums = sums.where(keep, state.grad_sums)
+                position = torch.where(keep, position, state.position)
         if torch.is_grad_enabled():
-            # Autograd may still need the old tensors: rebind instead of writing into them.
-            state.fast_weights, state.grad_sums, state.position = new_weights, new_sums, new_position
+            # Autograd may still need the old tensors: rebind (detached) instead of writing into them.
+            state.fast_weights = FastWeights(*(w.detach() for w in weights))
+            state.grad_sums = FastWeights(*(w.detach() for w in sums))
+            state.position = position
         else:
-            _assign(state.fast_weights, new_weights)
-            _assign(state.grad_sums, new_sums)
-            state.position.copy_(new_position)
+            # In place, so that tensors captured by a CUDA graph (LMGen on GPU) see the new values.
+            _assign(state.fast_weights, weights)
+            _assign(state.grad_sums, sums)
+            state.position.copy_(position)
         state.offset.add_(torch.where(keep, T, 0))
         return out
 

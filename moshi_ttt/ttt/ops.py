@@ -70,34 +70,31 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
-    """d/dx of gelu_tanh(x) = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)."""
-    c = 0.7978845608028654  # sqrt(2 / pi)
-    tanh_u = torch.tanh(c * (x + 0.044715 * x**3))
-    return 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u**2) * c * (1.0 + 3 * 0.044715 * x**2)
+def gelu_tanh_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad * gelu_tanh'(x), one fused (and differentiable) ATen op."""
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
 
 
 def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """LayerNorm over D per head. x: [B, H, n, D]; weight, bias: [H, D]."""
-    mu = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
-    x_hat = (x - mu) / torch.sqrt(var + LN_EPS)
+    x_hat = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
     return weight[None, :, None, :] * x_hat + bias[None, :, None, :]
 
 
 def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. z of 1/2 |LN(z) - target|^2 (ttt-lm-pytorch's ln_fused_l2_bwd). All [B, H, n, D]."""
+    """Gradient w.r.t. z of 1/2 |LN(z) - target|^2 (ttt-lm-pytorch's ln_fused_l2_bwd). All [B, H, n, D].
+
+    Uses ATen's fused layer-norm kernels (few ops in the sequential inner loop); both are differentiable, so the
+    outer loop still backpropagates through this gradient exactly (checked by gradcheck in the tests).
+    """
     d = z.shape[-1]
-    mu = z.mean(dim=-1, keepdim=True)
-    std = torch.sqrt(z.var(dim=-1, keepdim=True, unbiased=False) + LN_EPS)
-    z_hat = (z - mu) / std
+    z_hat, mean, rstd = torch.native_layer_norm(z, [d], None, None, LN_EPS)
     w = weight[None, :, None, :]
-    grad_y = w * z_hat + bias[None, :, None, :] - target  # dL/dLN(z)
-    grad_hat = grad_y * w
-    # Backward of the normalisation: (d * g - sum(g) - z_hat * sum(g * z_hat)) / (d * std)
-    return (
-        d * grad_hat - grad_hat.sum(dim=-1, keepdim=True) - z_hat * (grad_hat * z_hat).sum(dim=-1, keepdim=True)
-    ) / (d * std)
+    grad_y = w * z_hat + (bias[None, :, None, :] - target)  # dL/dLN(z)
+    grad_z, _, _ = torch.ops.aten.native_layer_norm_backward(
+        grad_y * w, z, [d], mean, rstd, None, None, [True, False, False]
+    )
+    return grad_z
 
 
 def reconstruction_target(
@@ -124,56 +121,92 @@ def position_factors(token_idx: torch.Tensor | None, mini_batch_size: int, dtype
     return tau.clamp_min(0.0)
 
 
-def _segment(
-    w0: FastWeights,
-    grad_sums: FastWeights | None,
-    tau: torch.Tensor,
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    target: torch.Tensor,
-    lr: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-) -> tuple[torch.Tensor, FastWeights]:
-    """Dual form over n tokens of one mini-batch, every gradient at w0.
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    """[..., n, C] -> [..., n, C + 1] with a column of ones, so that x_aug @ [W; b] = x @ W + b."""
+    return F.pad(x, (0, 1), value=1.0)
+
+
+def _coefficients(
+    tau: torch.Tensor, lr: torch.Tensor, xq_aug: torch.Tensor, xk_aug: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts of the dual form that do not depend on the weights, for one or many segments at once.
 
     Args:
-        tau: [n] position factors of these tokens inside their mini-batch.
-        grad_sums: gradient sums of the earlier tokens of the same mini-batch (None if this segment starts it).
-        xq, xk, target: [B, H, n, D]; lr: [B, H, n].
+        tau: [n] position factors; lr: [..., n]; xq_aug, xk_aug: [..., n, D + 1].
     Returns:
-        out [B, H, n, D] and the segment's own sum_s lr_s grad l_s(w0).
+        eta [..., n, n] with eta[i, s] = tau_i lr_s for s <= i (token i sees the gradients of tokens 1..i only),
+        and eta * (q_i . k_s + 1), the matrix that carries W1 and b1 from the keys to the queries.
     """
+    eta = torch.tril(tau[:, None] * lr[..., None, :])  # [n, 1] * [..., 1, n] -> [..., n, n]
+    return eta, eta * (xq_aug @ xk_aug.transpose(-1, -2))  # [..., n, D+1] @ [..., D+1, n] -> [..., n, n]
+
+
+def _segment(
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    sums: tuple[torch.Tensor, torch.Tensor] | None,
+    tau_col: torch.Tensor,
+    eta: torch.Tensor,
+    eta_qk: torch.Tensor,
+    xq_aug: torch.Tensor,
+    xk_aug: torch.Tensor,
+    shift: torch.Tensor,
+    lr_col: torch.Tensor,
+    ln_w: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dual form over n tokens of one mini-batch, every gradient at W0 = (w1, w2).
+
+    Batch and heads are flattened (N = B * H) so that every product is one `bmm`: this loop runs once per
+    mini-batch and its cost on small models is the number of ops. Weights are kept augmented with their bias as a
+    last row: w1 = [W1; b1] [N, D+1, F], w2 = [W2; b2] [N, F+1, D]; inputs carry a ones column (`_augment`).
+
+    Args:
+        sums: augmented gradient sums of the earlier tokens of this mini-batch, or None if the segment starts it.
+        tau_col: [n, 1] position factors; eta, eta_qk: [N, n, n] from `_coefficients`.
+        xq_aug, xk_aug: [N, n, D+1]; shift: [N, n, D] = beta - target; lr_col: [N, n, 1];
+        ln_w: [N, 1, D] gamma of the per-head LayerNorm.
+    Returns:
+        f_{W_i}(q_i) [N, n, D] (before the output LayerNorm, applied once per call by the caller) and the
+        segment's own sums of lr_s grad l_s(W0) for w1 and w2.
+    """
+    d = shift.shape[-1]
     # Inner forward and hand-written backward at W0 on the keys.
-    z1 = xk @ w0.W1 + w0.b1  # [B, H, n, D] @ [B, H, D, F] -> [B, H, n, F]
-    act = gelu_tanh(z1)
-    z2 = act @ w0.W2 + w0.b2  # [B, H, n, F] @ [B, H, F, D] -> [B, H, n, D]
-    g2 = ln_l2_grad(z2, target, ln_weight, ln_bias)  # [B, H, n, D]
-    g1 = (g2 @ w0.W2.transpose(-1, -2)) * gelu_tanh_grad(z1)  # [B, H, n, D] @ [B, H, D, F] -> [B, H, n, F]
+    z1 = torch.bmm(xk_aug, w1)  # [N, n, D+1] @ [N, D+1, F] -> [N, n, F]
+    act_aug = _augment(gelu_tanh(z1))  # [N, n, F+1]
+    z2 = torch.bmm(act_aug, w2)  # [N, n, F+1] @ [N, F+1, D] -> [N, n, D]
+    # dL/dz2 of 1/2 |LN(z2) - target|^2 (ttt-lm-pytorch's ln_fused_l2_bwd) with ATen's fused kernels.
+    z2_hat, mean, rstd = torch.native_layer_norm(z2, [d], None, None, LN_EPS)
+    grad_y = torch.addcmul(shift, ln_w, z2_hat)  # dL/dLN(z2) = gamma * z2_hat + beta - target
+    g2, _, _ = torch.ops.aten.native_layer_norm_backward(
+        grad_y * ln_w, z2, [d], mean, rstd, None, None, [True, False, False]
+    )  # [N, n, D]
+    g1 = gelu_tanh_backward(torch.bmm(g2, w2[:, :-1].transpose(1, 2)), z1)  # [N, n, D] @ [N, D, F] -> [N, n, F]
 
-    # eta[i, s] = tau_i * lr_s for s <= i: token i sees the gradients of tokens 1..i only (causal).
-    eta = torch.tril(tau[:, None] * lr[..., None, :])  # [n, 1] * [B, H, 1, n] -> [B, H, n, n]
-    tau_col = tau[:, None]  # [n, 1]
+    # Token i reads with W_i = W0 - tau_i (S + sum_{s<=i} lr_s grad l_s(W0)), in matrix form.
+    z1q = torch.baddbmm(torch.bmm(xq_aug, w1), eta_qk, g1, alpha=-1.0)  # [N, n, F]
+    if sums is not None:
+        z1q = z1q - tau_col * torch.bmm(xq_aug, sums[0])
+    act_q_aug = _augment(gelu_tanh(z1q))  # [N, n, F+1]
+    eta_aa = eta * torch.bmm(act_q_aug, act_aug.transpose(1, 2))  # [N, n, n]
+    z2q = torch.baddbmm(torch.bmm(act_q_aug, w2), eta_aa, g2, alpha=-1.0)  # [N, n, D]
+    if sums is not None:
+        z2q = z2q - tau_col * torch.bmm(act_q_aug, sums[1])
 
-    # z1q_i = q_i W1_i + b1_i with W1_i = W1_0 - tau_i (S_W1 + sum_{s<=i} lr_s k_s^T g1_s), likewise b1_i.
-    z1q = xq @ w0.W1 + w0.b1 - (eta * (xq @ xk.transpose(-1, -2) + 1.0)) @ g1  # [B, H, n, F]
-    if grad_sums is not None:
-        z1q = z1q - tau_col * (xq @ grad_sums.W1 + grad_sums.b1)
-    act_q = gelu_tanh(z1q)
-    z2q = act_q @ w0.W2 + w0.b2 - (eta * (act_q @ act.transpose(-1, -2) + 1.0)) @ g2  # [B, H, n, D]
-    if grad_sums is not None:
-        z2q = z2q - tau_col * (act_q @ grad_sums.W2 + grad_sums.b2)
-    out = xq + head_layer_norm(z2q, ln_weight, ln_bias)
+    seg1 = torch.bmm(xk_aug.transpose(1, 2), lr_col * g1)  # [N, D+1, n] @ [N, n, F] -> [N, D+1, F]
+    seg2 = torch.bmm(act_aug.transpose(1, 2), lr_col * g2)  # [N, F+1, n] @ [N, n, D] -> [N, F+1, D]
+    return z2q, seg1, seg2
 
-    lr_g1 = lr[..., None] * g1  # [B, H, n, F]
-    lr_g2 = lr[..., None] * g2  # [B, H, n, D]
-    seg_sums = FastWeights(
-        xk.transpose(-1, -2) @ lr_g1,  # [B, H, D, n] @ [B, H, n, F] -> [B, H, D, F]
-        lr_g1.sum(dim=-2, keepdim=True),  # [B, H, 1, F]
-        act.transpose(-1, -2) @ lr_g2,  # [B, H, F, n] @ [B, H, n, D] -> [B, H, F, D]
-        lr_g2.sum(dim=-2, keepdim=True),  # [B, H, 1, D]
-    )
-    return out, seg_sums
+
+def _join(w: FastWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastWeights [B, H, ...] -> augmented [N, D+1, F] and [N, F+1, D] with N = B * H."""
+    w1 = torch.cat([w.W1, w.b1], dim=-2)  # [B, H, D+1, F]
+    w2 = torch.cat([w.W2, w.b2], dim=-2)  # [B, H, F+1, D]
+    return w1.flatten(0, 1), w2.flatten(0, 1)
+
+
+def _split(w1: torch.Tensor, w2: torch.Tensor, batch: int) -> FastWeights:
+    w1, w2 = w1.unflatten(0, (batch, -1)), w2.unflatten(0, (batch, -1))
+    return FastWeights(w1[..., :-1, :], w1[..., -1:, :], w2[..., :-1, :], w2[..., -1:, :])
 
 
 def _check_inputs(weights: FastWeights, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size: int) -> None:
@@ -227,40 +260,61 @@ def ttt_mlp_chunk(
         raise ValueError("grad_sums must be given exactly when the state is inside a mini-batch (position > 0)")
     dtype = torch.promote_types(xq.dtype, torch.float32)
     xq, xk, xv, lr, ln_weight, ln_bias = (t.to(dtype) for t in (xq, xk, xv, lr, ln_weight, ln_bias))
-    w0 = w0.to(dtype)
-    grad_sums = None if grad_sums is None else grad_sums.to(dtype)
-    tau_all = position_factors(token_idx, mini_batch_size, dtype, xq.device)  # [b]
+    b = mini_batch_size
+    B, H, T, D = xq.shape
+    tau_all = position_factors(token_idx, b, dtype, xq.device)  # [b]
     target_all = reconstruction_target(xk, xv, ln_weight, ln_bias, target)  # [B, H, T, D]
+    # Flatten batch and heads: N = B * H.
+    shift_all = (ln_bias[None, :, None, :] - target_all).flatten(0, 1)  # [N, T, D]
+    ln_w = ln_weight[None, :, None, :].expand(B, H, 1, D).flatten(0, 1)  # [N, 1, D]
+    xq_aug, xk_aug = _augment(xq).flatten(0, 1), _augment(xk).flatten(0, 1)  # [N, T, D+1]
+    lr_flat = lr.flatten(0, 1)  # [N, T]
+    lr_col_all = lr_flat[..., None]  # [N, T, 1]
+    w1, w2 = _join(w0.to(dtype))
+    sums = None if grad_sums is None else _join(grad_sums.to(dtype))
 
-    T = xq.shape[2]
+    # Segments: the rest of the current mini-batch, whole mini-batches, a trailing partial one.
+    first = min((b - position) % b, T)
+    n_full = (T - first) // b
+    bounds = [(0, first)] if first else []
+    bounds += [(first + j * b, b) for j in range(n_full)]
+    if first + n_full * b < T:
+        bounds.append((first + n_full * b, T - first - n_full * b))
+    # The weight-independent coefficients of all whole mini-batches, computed at once.
+    full = slice(first, first + n_full * b)
+    eta_full, eta_qk_full = _coefficients(
+        tau_all,
+        lr_flat[:, full].unflatten(1, (n_full, b)),  # [N, n_full, b]
+        xq_aug[:, full].unflatten(1, (n_full, b)),  # [N, n_full, b, D+1]
+        xk_aug[:, full].unflatten(1, (n_full, b)),
+    )
+    eta_full, eta_qk_full = eta_full.unbind(1), eta_qk_full.unbind(1)  # n_full x [N, b, b]
     outs = []
-    start = 0
-    while start < T:
-        n = min(mini_batch_size - position, T - start)
+    for start, n in bounds:
         seg = slice(start, start + n)
-        out, seg_sums = _segment(
-            w0,
-            grad_sums,
-            tau_all[position : position + n],
-            xq[:, :, seg],
-            xk[:, :, seg],
-            target_all[:, :, seg],
-            lr[:, :, seg],
-            ln_weight,
-            ln_bias,
-        )
-        outs.append(out)
-        grad_sums = seg_sums if grad_sums is None else grad_sums.plus(seg_sums)
+        if n == b:
+            j = (start - first) // b
+            eta, eta_qk = eta_full[j], eta_qk_full[j]
+        else:
+            eta, eta_qk = _coefficients(tau_all[position : position + n], lr_flat[:, seg], xq_aug[:, seg],
+                                        xk_aug[:, seg])  # fmt: skip
+        z2q, seg1, seg2 = _segment(
+            w1, w2, sums, tau_all[position : position + n, None], eta, eta_qk,
+            xq_aug[:, seg], xk_aug[:, seg], shift_all[:, seg], lr_col_all[:, seg], ln_w,
+        )  # fmt: skip
+        outs.append(z2q)
+        sums = (seg1, seg2) if sums is None else (sums[0] + seg1, sums[1] + seg2)
         position += n
-        start += n
-        if position == mini_batch_size:
-            w_end = w0.minus_scaled(tau_all[-1], grad_sums)
+        if position == b:
+            new_w1, new_w2 = w1 - tau_all[-1] * sums[0], w2 - tau_all[-1] * sums[1]
             if on_update is not None:
-                on_update(w0, w_end)
-            w0, grad_sums, position = w_end, None, 0
+                on_update(_split(w1, w2, B), _split(new_w1, new_w2, B))
+            w1, w2, sums, position = new_w1, new_w2, None, 0
+    end = InnerState(_split(w1, w2, B), None if sums is None else _split(*sums, B), position)
     if not outs:
-        return xq.new_zeros(xq.shape), InnerState(w0, grad_sums, position)
-    return torch.cat(outs, dim=2), InnerState(w0, grad_sums, position)
+        return xq.new_zeros(xq.shape), end
+    f_q = torch.cat(outs, dim=1).unflatten(0, (B, H))  # [B, H, T, D]
+    return xq + head_layer_norm(f_q, ln_weight, ln_bias), end
 
 
 def ttt_mlp(
@@ -332,7 +386,7 @@ def ttt_mlp_token(
     act = gelu_tanh(z1)
     z2 = act @ weights.W2 + weights.b2  # [B, H, 1, F] @ [B, H, F, D] -> [B, H, 1, D]
     g2 = ln_l2_grad(z2, target_k, ln_weight, ln_bias)
-    g1 = (g2 @ weights.W2.transpose(-1, -2)) * gelu_tanh_grad(z1)  # [B, H, 1, F]
+    g1 = gelu_tanh_backward(g2 @ weights.W2.transpose(-1, -2), z1)  # [B, H, 1, F]
     lr_g1 = lr[..., None] * g1
     lr_g2 = lr[..., None] * g2
     sums = grad_sums.plus(
