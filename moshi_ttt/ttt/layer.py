@@ -19,6 +19,9 @@ from torch import nn
 from ..config import TTTConfig
 from .ops import FastWeights, InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token
 
+if tp.TYPE_CHECKING:
+    from .carry import TTTCarry
+
 logger = logging.getLogger(__name__)
 
 # Parameters that stay float32 whatever dtype the model is moved to (see TTTBlock._apply).
@@ -103,6 +106,8 @@ class TTTBlock(StreamingModule[TTTState]):
         self.lr_weight = nn.Parameter(torch.randn(H, dim, **f32) * cfg.init_std)
         self.lr_bias = nn.Parameter(torch.zeros(H, **f32))
         self.learnable_token_idx = nn.Parameter(torch.zeros(cfg.mini_batch_size, **f32))
+        # (TTTCarry, layer index) while inside carry_ttt_state; None otherwise.
+        self.carry: tuple[TTTCarry, int] | None = None
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` must not round the fast-weight parameters: they follow the device, and the
@@ -170,9 +175,13 @@ class TTTBlock(StreamingModule[TTTState]):
         }
 
     def _forward_fresh(self, xq, xk, xv, lr) -> torch.Tensor:
-        """Outside streaming (training, plain `LMModel.forward`): every call starts from W_base."""
-        start = InnerState(self.base_weights(xq.shape[0]), None, 0)
-        out, _ = ttt_mlp_chunk(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
+        """Outside streaming (training, plain `LMModel.forward`): every call starts from W_base, unless the
+        caller carries state between calls with `moshi_ttt.ttt.carry.carry_ttt_state`."""
+        base = self.base_weights(xq.shape[0])
+        start = InnerState(base, None, 0) if self.carry is None else self.carry[0].start_state(self.carry[1], base)
+        out, end = ttt_mlp_chunk(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
+        if self.carry is not None:
+            self.carry[0].store(self.carry[1], end)
         return out
 
     def _forward_streaming(self, state: TTTState, xq, xk, xv, lr) -> torch.Tensor:
