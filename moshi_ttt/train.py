@@ -1,0 +1,242 @@
+"""Outer-loop training of TTT layers (optionally all weights) on audio codes, with exact resume.
+
+Each file is read in chunks, in order; the TTT state is carried from chunk to chunk (detached) and restarts from
+the *current* W_base at file boundaries (`moshi_ttt.ttt.carry`). Attention sees one chunk at a time, so whatever
+the model remembers across chunks, it remembers through the fast weights.
+
+CLI: python -m moshi_ttt.train --init CKPT --audio FILE... --out DIR [--steps N] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from moshi.models.lm import LMModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .train_data import CodeBatcher, training_codes
+from .ttt.apply import ttt_blocks
+from .ttt.carry import TTTCarry, carry_ttt_state
+from .ttt.ops import FastWeights, InnerState
+
+logger = logging.getLogger(__name__)
+
+FAST_WEIGHT_NAMES = ("W1", "b1", "W2", "b2")
+STATE_JSON = "train_state.json"
+STATE_TENSORS = "train_state.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Outer-loop settings (the learning-rate multipliers follow the older TTT fork's names)."""
+
+    steps: int = 1000  # optimizer steps in all
+    batch_size: int = 4  # files read side by side, one TTT state row each
+    chunk_size: int = 64  # tokens per forward; a multiple of the TTT mini_batch_size
+    lr: float = 1e-3  # AdamW learning rate of the non-TTT-weight parameters (projections, gates, norms)
+    weight_lr_multiplier: float = 1.0  # times lr for W_base (W1, b1, W2, b2)
+    alpha_lr_multiplier: float = 1.0  # times lr for the gate alpha
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    train_all: bool = False  # also train the base model's weights (at lr)
+    seed: int = 0  # file order
+    save_every: int = 0  # save a resumable checkpoint every N steps (0: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError("steps, batch_size and chunk_size must be >= 1")
+        if self.lr <= 0 or self.grad_clip < 0:
+            raise ValueError(f"lr must be > 0 and grad_clip >= 0, got {self.lr} and {self.grad_clip}")
+
+
+def audio_loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the audio codebooks over moshi's valid positions (LMModel.forward's mask)."""
+    out = model(codes)
+    target = codes[:, model.audio_offset : model.audio_offset + model.dep_q]  # [B, 8, T]
+    mask = out.mask  # [B, 8, T]
+    if not bool(mask.any()):
+        raise ValueError("this batch has no valid audio position to train on")
+    return F.cross_entropy(out.logits[mask].float(), target[mask])
+
+
+def param_groups(model: LMModel, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: W_base at lr * weight_lr_multiplier, alpha at lr * alpha_lr_multiplier, the rest at lr."""
+    blocks = ttt_blocks(model)
+    if not blocks and not cfg.train_all:
+        raise ValueError("the model has no TTT layer to train; apply TTT first or set train_all")
+    weights, alphas, others = [], [], []
+    seen = set()
+    for block in blocks.values():
+        for name, param in block.named_parameters():
+            seen.add(id(param))
+            if name in FAST_WEIGHT_NAMES:
+                weights.append(param)
+            elif name == "gating_alpha":
+                alphas.append(param)
+            else:
+                others.append(param)
+    for param in model.parameters():
+        if id(param) not in seen:
+            param.requires_grad_(cfg.train_all)
+            if cfg.train_all:
+                others.append(param)
+    groups = [
+        {"params": weights, "lr": cfg.lr * cfg.weight_lr_multiplier},
+        {"params": alphas, "lr": cfg.lr * cfg.alpha_lr_multiplier},
+        {"params": others, "lr": cfg.lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class Trainer:
+    """Holds the model, optimizer, batcher and carried TTT state; `step()` runs one optimizer step."""
+
+    def __init__(self, model: LMModel, files: list[torch.Tensor], cfg: TrainConfig):
+        for block in ttt_blocks(model).values():
+            b = block.cfg.mini_batch_size
+            if cfg.chunk_size % b:
+                raise ValueError(f"chunk_size {cfg.chunk_size} must be a multiple of the TTT mini_batch_size {b}")
+        self.model = model.train()
+        self.cfg = cfg
+        self.batcher = CodeBatcher(files, cfg.batch_size, cfg.chunk_size, cfg.seed)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+        self.carry = TTTCarry()
+        self.step_count = 0
+
+    def step(self) -> float:
+        audio, new_file = self.batcher.next_batch()
+        codes = training_codes(self.model, audio.to(self.model.device))
+        self.carry.reset(new_file)
+        with carry_ttt_state(self.model, self.carry):
+            loss = audio_loss(self.model, codes)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        return loss.item()
+
+    def run(self, on_step: Callable[[int, float], None] | None = None, progress: bool = False) -> list[float]:
+        losses = []
+        bar = tqdm(total=self.cfg.steps, initial=self.step_count, disable=not progress, desc="train", unit="step")
+        while self.step_count < self.cfg.steps:
+            loss = self.step()
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if on_step is not None:
+                on_step(self.step_count, loss)
+        bar.close()
+        return losses
+
+    # --- exact resume: optimizer moments, carried fast weights and the batcher position ---
+    def save_state(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        opt = self.optimizer.state_dict()
+        for idx, slots in opt["state"].items():
+            for key, value in slots.items():
+                tensors[f"opt.{idx}.{key}"] = value.detach().contiguous()
+        for layer, state in self.carry.states.items():
+            for name, w in zip(FAST_WEIGHT_NAMES, state.weights, strict=True):
+                tensors[f"carry.{layer}.weights.{name}"] = w.contiguous()
+            if state.grad_sums is not None:
+                for name, w in zip(FAST_WEIGHT_NAMES, state.grad_sums, strict=True):
+                    tensors[f"carry.{layer}.grad_sums.{name}"] = w.contiguous()
+        for layer, mask in self.carry.pending_reset.items():
+            tensors[f"carry.{layer}.pending_reset"] = mask.to(torch.uint8)
+        save_file(tensors, str(directory / STATE_TENSORS))
+        meta = {
+            "step": self.step_count,
+            "config": dataclasses.asdict(self.cfg),
+            "batcher": self.batcher.state(),
+            "param_groups": opt["param_groups"],
+            "carry_positions": {str(k): s.position for k, s in self.carry.states.items()},
+        }
+        (directory / STATE_JSON).write_text(json.dumps(meta, indent=1))
+
+    def load_state(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        meta_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise FileNotFoundError(f"no resumable training state in {directory} ({STATE_JSON} + {STATE_TENSORS})")
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, slot = key.split(".", 2)
+                state.setdefault(int(idx), {})[slot] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        device = self.model.device
+        self.carry = TTTCarry()
+        for layer_str, position in meta["carry_positions"].items():
+            layer = int(layer_str)
+
+            def get(part: str, layer: int = layer) -> FastWeights:
+                return FastWeights(*(tensors[f"carry.{layer}.{part}.{n}"].to(device) for n in FAST_WEIGHT_NAMES))
+
+            sums = get("grad_sums") if f"carry.{layer}.grad_sums.W1" in tensors else None
+            self.carry.states[layer] = InnerState(get("weights"), sums, position)
+            if f"carry.{layer}.pending_reset" in tensors:
+                self.carry.pending_reset[layer] = tensors[f"carry.{layer}.pending_reset"].bool().to(device)
+        self.batcher.load_state(meta["batcher"])
+        self.step_count = meta["step"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moshi_ttt.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", required=True, help="checkpoint to start from (ours, moshi's or hf://...)")
+    parser.add_argument("--codes", nargs="+", required=True, help="safetensors files of audio codes [8, T] ('codes')")
+    parser.add_argument("--out", required=True, help="output directory (checkpoints and training state)")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--weight-lr-multiplier", type=float, default=TrainConfig.weight_lr_multiplier)
+    parser.add_argument("--alpha-lr-multiplier", type=float, default=TrainConfig.alpha_lr_multiplier)
+    parser.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
+    parser.add_argument("--train-all", action="store_true")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from .checkpoints import load, save
+
+        loaded = load(args.init)
+        files = [load_file(path)["codes"].long() for path in args.codes]
+        cfg = TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr,
+            weight_lr_multiplier=args.weight_lr_multiplier, alpha_lr_multiplier=args.alpha_lr_multiplier,
+            grad_clip=args.grad_clip, train_all=args.train_all, seed=args.seed,
+        )  # fmt: skip
+        trainer = Trainer(loaded.model, files, cfg)
+        out = Path(args.out)
+        if args.resume:
+            trainer.load_state(out / "state")
+        losses = trainer.run(progress=True)
+        save(out / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref, overwrite=True)
+        trainer.save_state(out / "state")
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"steps": trainer.step_count, "last_loss": losses[-1] if losses else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

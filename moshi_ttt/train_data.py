@@ -1,0 +1,90 @@
+"""Training batches of audio codes: files read side by side, each in order, one TTT state row per file."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from moshi.models.lm import LMModel
+
+from .sequence import model_codes
+
+
+@dataclass
+class RowCursor:
+    """Where one batch row reads: which file (index into the file list) and from which step."""
+
+    file: int
+    step: int
+
+
+class CodeBatcher:
+    """Cuts each file's codes [8, T] into chunks read in order; rows take the next file when theirs ends.
+
+    A row that starts a new file is flagged in `new_file`, so that its TTT state restarts from W_base. The order of
+    files is a seeded shuffle per epoch; the whole position is `state()` / `load_state()` for exact resumes.
+    The last chunk of a file is padded with moshi's zero token, which `LMModel.forward` masks out of the loss.
+    """
+
+    def __init__(self, files: list[torch.Tensor], batch_size: int, chunk_size: int, seed: int = 0):
+        if not files:
+            raise ValueError("no training files")
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+        for i, codes in enumerate(files):
+            if codes.dim() != 2 or codes.shape[1] == 0:
+                raise ValueError(f"file {i}: codes must be [K, T] with T > 0, got {list(codes.shape)}")
+        self.files = files
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self.epoch = 0
+        self.queue_pos = 0
+        self.rows: list[RowCursor | None] = [None] * batch_size
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.files)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def _next_file(self) -> int:
+        if self.queue_pos == len(self.files):
+            self.epoch += 1
+            self.queue_pos = 0
+        file = self._order(self.epoch)[self.queue_pos]
+        self.queue_pos += 1
+        return file
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns audio codes [B, K, chunk] (-1 where padded) and new_file [B] bool."""
+        chunks, new_file = [], []
+        for r in range(self.batch_size):
+            cursor = self.rows[r]
+            fresh = cursor is None or cursor.step >= self.files[cursor.file].shape[1]
+            if fresh:
+                cursor = RowCursor(self._next_file(), 0)
+                self.rows[r] = cursor
+            codes = self.files[cursor.file][:, cursor.step : cursor.step + self.chunk_size]
+            pad = self.chunk_size - codes.shape[1]
+            chunks.append(torch.nn.functional.pad(codes, (0, pad), value=-1))
+            new_file.append(fresh)
+            cursor.step += self.chunk_size
+        return torch.stack(chunks), torch.tensor(new_file)
+
+    def state(self) -> dict:
+        rows = [None if c is None else [c.file, c.step] for c in self.rows]
+        return {"epoch": self.epoch, "queue_pos": self.queue_pos, "rows": rows, "seed": self.seed}
+
+    def load_state(self, state: dict) -> None:
+        if len(state["rows"]) != self.batch_size:
+            raise ValueError(f"saved batcher has {len(state['rows'])} rows, this one {self.batch_size}")
+        self.epoch, self.queue_pos, self.seed = state["epoch"], state["queue_pos"], state["seed"]
+        self.rows = [None if r is None else RowCursor(*r) for r in state["rows"]]
+
+
+def training_codes(model: LMModel, audio_codes: torch.Tensor) -> torch.Tensor:
+    """Model input codes [B, 1 + n_q, T] for padded audio codes [B, 8, T] (-1 = padding, masked out of the loss)."""
+    padded = audio_codes < 0
+    codes = model_codes(model, audio_codes.clamp_min(0))
+    return codes.masked_fill(padded.any(dim=1, keepdim=True), model.zero_token_id)
