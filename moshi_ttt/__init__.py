@@ -1,5 +1,6 @@
 """moshi-ttt: Test-Time Training layers inside Kyutai's Moshi, with exact streaming, chunked and full scoring."""
 
+from .checkpoints import LoadedCheckpoint, load, save
 from .config import TTTConfig
 from .streaming import exact_streaming, widen_kv_caches
 from .ttt.apply import apply_ttt, set_streaming_options, ttt_blocks, ttt_states
@@ -8,12 +9,15 @@ from .ttt.ops import FastWeights, ttt_mlp
 
 __all__ = [
     "FastWeights",
+    "LoadedCheckpoint",
     "TTTBlock",
     "TTTConfig",
     "TTTState",
     "apply_ttt",
     "drift",
     "exact_streaming",
+    "load",
+    "save",
     "set_streaming_options",
     "ttt_blocks",
     "ttt_mlp",

@@ -36,6 +36,25 @@ class TTTConfig:
     target: str = "difference"
     # Std of the normal initialisation of W1 and W2 (biases start at zero), as in ttt-lm-pytorch.
     init_std: float = 0.02
+    # --- Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork. ---
+    # True: gate x + tanh(clamp(alpha, -3, 3)) * TTT(x) without a pre-norm, L2-normalised q and k, per-token rate
+    # base_lr * sigmoid(.) / (head_dim * mini_batch_size) without the 1/i factor, no output projection. Set by
+    # `moshi_ttt.checkpoints.load` for such checkpoints; never needed for new models.
+    legacy: bool = False
+    # False: every token of a mini-batch reads with the weights after the whole mini-batch's gradient step, so
+    # later tokens leak into earlier outputs (what the older fork did). Only legacy mode allows False.
+    causal: bool = True
+    # Layers of the inner MLP (legacy mode: 2 to 10; the core TTT-MLP has 2).
+    mlp_layers: int = 2
+    # Hidden widths of the inner MLP (mlp_layers - 1 of them); None: 4 * head_dim each. Legacy mode only.
+    mlp_hidden_dims: tuple[int, ...] | None = None
+    # Rotary position embedding on q and k with positions modulo the mini-batch (legacy mode only).
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    # Attention context (tokens) of the TTT layers and of the other layers, as the older fork's `ttt_layer_context`
+    # and `non_ttt_layer_context`; None keeps moshi's. Legacy mode only.
+    ttt_layer_context: int | None = None
+    non_ttt_layer_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.mini_batch_size < 1:
@@ -47,6 +66,23 @@ class TTTConfig:
         if self.num_heads is not None and self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1 or None, got {self.num_heads}")
         parse_layers(self.layers, 1_000_000)  # validates the syntax; the range is checked against the model
+        if self.mlp_hidden_dims is not None:
+            # JSON gives lists; keep the frozen config hashable.
+            object.__setattr__(self, "mlp_hidden_dims", tuple(int(d) for d in self.mlp_hidden_dims))
+        if not self.legacy:
+            extras = {"causal": not self.causal, "mlp_layers": self.mlp_layers != 2, "use_rope": self.use_rope}
+            extras["mlp_hidden_dims"] = self.mlp_hidden_dims is not None
+            extras["ttt_layer_context"] = self.ttt_layer_context is not None
+            extras["non_ttt_layer_context"] = self.non_ttt_layer_context is not None
+            used = sorted(name for name, set_ in extras.items() if set_)
+            if used:
+                raise ValueError(f"TTTConfig options {used} exist only for legacy checkpoints (set legacy=True)")
+        if not 2 <= self.mlp_layers <= 10:
+            raise ValueError(f"mlp_layers must be in [2, 10], got {self.mlp_layers}")
+        if self.mlp_hidden_dims is not None and len(self.mlp_hidden_dims) != self.mlp_layers - 1:
+            raise ValueError(
+                f"mlp_hidden_dims needs mlp_layers - 1 = {self.mlp_layers - 1} widths, got {self.mlp_hidden_dims}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 
 from ..config import TTTConfig, parse_layers
 from .layer import TTTBlock, TTTState
+from .legacy import LegacyTTTBlock, set_legacy_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class TTTTransformerLayer(StreamingTransformerLayer):
     `transformer.layers.N.ttt.`. Everything else (cross-attention, offsets, streaming) is moshi's own code.
     """
 
-    ttt: TTTBlock
+    ttt: TTTBlock | LegacyTTTBlock
 
     def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.ttt(super()._sa_block(x))
@@ -59,9 +60,12 @@ def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
         layer = layers[i]
         num_heads = cfg.num_heads or layer.self_attn.num_heads
         ref = layer.self_attn.in_projs[0].weight
-        block = TTTBlock(model.dim, num_heads, cfg, device=ref.device, dtype=ref.dtype)
+        block_cls = LegacyTTTBlock if cfg.legacy else TTTBlock  # legacy: older checkpoints, see ttt/legacy.py
+        block = block_cls(model.dim, num_heads, cfg, device=ref.device, dtype=ref.dtype)
         layer.__class__ = TTTTransformerLayer
         layer.ttt = block
+    if cfg.legacy:
+        set_legacy_contexts(model, indices, cfg)
     # moshi caches the list of streaming children on first use; it must see the new blocks.
     for module in model.modules():
         if isinstance(module, StreamingModule):

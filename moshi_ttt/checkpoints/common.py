@@ -1,0 +1,289 @@
+"""Shared pieces of checkpoint loading: the result dataclass, safetensors reading, key checks, Hub downloads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+import torch
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMModel
+from safetensors import safe_open
+
+from ..config import TTTConfig
+from ..ttt.apply import ttt_blocks
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf://"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft", ".sfts")
+# Keys of a moshi config.json that are not LMModel kwargs (CheckpointInfo.from_hf_repo pops the same ones; the
+# LoRA flags are read by moshi's get_moshi_lm).
+NON_LM_KEYS = (
+    "moshi_name",
+    "mimi_name",
+    "mimi_config_name",
+    "tokenizer_name",
+    "lora_name",
+    "model_type",
+    "lm_gen_config",
+    "tts_config",
+    "stt_config",
+    "model_id",
+    "lora",
+    "lora_rank",
+    "lora_scaling",
+)
+_MAX_NAMED = 8  # key names quoted per category in an error message
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What `moshi_ttt.checkpoints.load` returns."""
+
+    model: LMModel  # in eval mode, TTT applied when the checkpoint has it
+    mimi: MimiModel | None  # the codec, when loaded (load(..., load_mimi=True)), else None
+    mimi_ref: str | None  # where the codec comes from (local path or hf://owner/repo/file), None if unknown
+    lm_config: dict  # moshi LMModel kwargs
+    ttt_config: TTTConfig | None  # None for a model without TTT
+    kind: str  # "ours", "moshi" or "legacy_ttt"
+    ref: str  # the reference it was loaded from
+    notes: list[str] = field(default_factory=list)  # plain-language remarks for reports (e.g. leakage warnings)
+
+
+def lm_kwargs(raw_config: dict) -> dict:
+    """The LMModel kwargs of a moshi config.json (file names, LoRA flags and generation settings removed)."""
+    return {k: v for k, v in raw_config.items() if k not in NON_LM_KEYS}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuses anything but a safetensors file (pickled checkpoints can run code when loaded).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: for a pickle/torch.save file, whatever its name.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path} is a pickle/torch.save checkpoint ({path.suffix}); only safetensors files are accepted "
+            "(convert it with safetensors.torch.save_file on a trusted machine)"
+        )
+    with path.open("rb") as f:
+        head = f.read(9)
+    # A safetensors file starts with an 8-byte little-endian header length followed by the JSON header.
+    if len(head) < 9 or head[8:9] != b"{":
+        raise ValueError(f"{path} is not a safetensors file (maybe a renamed pickle); only safetensors are accepted")
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a safetensors file, without reading the data."""
+    check_weights_file(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def read_tensors(path: Path, names: tp.Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (all, or `names`), on CPU in their stored dtype."""
+    check_weights_file(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = list(f.keys()) if names is None else list(names)
+        return {k: f.get_tensor(k) for k in keys}
+
+
+def _named(keys: tp.Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_NAMED])
+    return shown + (f" and {len(keys) - _MAX_NAMED} more" if len(keys) > _MAX_NAMED else "")
+
+
+def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
+    """Unknown, missing or mis-shaped keys are an error that names them (never a silent strict=False).
+
+    Raises:
+        ValueError: listing each kind of problem with the key names.
+    """
+    missing = set(expected) - set(found)
+    unknown = set(found) - set(expected)
+    wrong = {k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k])}
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_named(missing)}")
+    if unknown:
+        problems.append(f"unknown keys: {_named(unknown)}")
+    if wrong:
+        details = [f"{k} (expected {list(expected[k])}, found {list(found[k])})" for k in sorted(wrong)]
+        problems.append(f"wrong shapes: {_named(details)}")
+    if problems:
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def model_shapes(model: torch.nn.Module, prefixes: tp.Sequence[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the model's state (only keys starting with one of `prefixes`, if given)."""
+    state = model.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if prefixes is None or k.startswith(tuple(prefixes))}
+
+
+def ttt_prefixes(model: LMModel) -> list[str]:
+    """State-dict prefixes of the TTT parameters, one per TTT layer."""
+    return [f"transformer.layers.{i}.ttt." for i in ttt_blocks(model)]
+
+
+def _cast_like(tensor: torch.Tensor, ref: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The model tensor's dtype: the model's for most, float32 for TTT fast weights (the blocks keep those)."""
+    dtype = ref.dtype if tensor.dtype.is_floating_point else tensor.dtype
+    return tensor.to(device=device, dtype=dtype)
+
+
+def load_full(model: LMModel, tensors: dict[str, torch.Tensor], source: str, device: torch.device | str) -> None:
+    """Loads every tensor of the model (built on the meta device or not) with load_state_dict(strict=True).
+
+    Raises:
+        ValueError: naming unknown, missing or mis-shaped keys.
+    """
+    state = model.state_dict()
+    check_keys(model_shapes(model), {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    on_meta = any(v.is_meta for v in state.values())
+    merged = {k: _cast_like(v, state[k], device if on_meta else state[k].device) for k, v in tensors.items()}
+    model.load_state_dict(merged, strict=True, assign=on_meta)
+
+
+def load_part(
+    model: LMModel, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
+) -> None:
+    """Loads the tensors that replace part of an already-loaded model; `expected` are the keys they must be.
+
+    Raises:
+        ValueError: naming unknown, missing or mis-shaped keys.
+    """
+    check_keys(expected, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    state = model.state_dict()
+    merged = dict(state)
+    merged.update({k: _cast_like(v, state[k], state[k].device) for k, v in tensors.items()})
+    model.load_state_dict(merged, strict=True)
+
+
+def parse_hf_ref(ref: str) -> tuple[str, str]:
+    """'hf://owner/repo[/path]' -> ('owner/repo', 'path' or '')."""
+    parts = ref.removeprefix(HF_PREFIX).strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise ValueError(f"a Hub reference must look like hf://owner/repo[/file], got {ref!r}")
+    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
+
+
+def offline_message(repo: str, what: str) -> str:
+    return (
+        f"cannot download {what} from the Hugging Face Hub repo {repo} (no network, or offline mode). Pre-download "
+        f"it where there is network with `huggingface-cli download {repo} --local-dir <DIR>` and load '<DIR>' "
+        "instead, or point at a local checkpoint path"
+    )
+
+
+def hub_call(repo: str, what: str, fn: tp.Callable[[], tp.Any]) -> tp.Any:
+    """Runs a Hub download, turning network and missing-file failures into one readable error.
+
+    Raises:
+        FileNotFoundError: offline or unreachable Hub (with how to pre-download), or no such repo or file.
+    """
+    try:
+        return fn()
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout) as e:
+        raise FileNotFoundError(offline_message(repo, what)) from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {repo} not found (or private: run `huggingface-cli login`)") from e
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {repo} has no {what}") from e
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """Downloads (or finds in the local cache) one file of a Hub repo."""
+    return Path(hub_call(repo, filename, lambda: hf_hub_download(repo, filename)))
+
+
+def hub_file_or_none(repo: str, filename: str) -> Path | None:
+    """Like hub_file, but None when the repo exists and has no such file."""
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(offline_message(repo, filename)) from e
+    except EntryNotFoundError:
+        return None
+    except (OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout) as e:
+        raise FileNotFoundError(offline_message(repo, filename)) from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {repo} not found (or private: run `huggingface-cli login`)") from e
+
+
+def hub_folder(repo: str, subfolder: str) -> Path:
+    """Downloads the files of one folder of a Hub repo; returns the local folder."""
+    pattern = f"{subfolder}/*" if subfolder else "*"
+    root = hub_call(repo, f"folder {subfolder or '/'}", lambda: snapshot_download(repo, allow_patterns=[pattern]))
+    return Path(root) / subfolder
+
+
+def fast_weight_keys(model: LMModel) -> set[str]:
+    """State-dict keys of the TTT parameters that stay float32 in any model dtype (saved as float32 too)."""
+    from ..ttt.layer import FLOAT32_PARAMS
+    from ..ttt.legacy import FLOAT32_PARAMS as LEGACY_FLOAT32_PARAMS
+    from ..ttt.legacy import LegacyTTTBlock
+
+    keys = set()
+    for i, block in ttt_blocks(model).items():
+        prefix = f"transformer.layers.{i}.ttt."
+        if isinstance(block, LegacyTTTBlock):
+            names = [*LEGACY_FLOAT32_PARAMS, *(f"weights.{j}" for j in range(len(block.weights)))]
+            names += [f"biases.{j}" for j in range(len(block.biases))]
+        else:
+            names = list(FLOAT32_PARAMS)
+        keys.update(prefix + name for name in names)
+    return keys
+
+
+def legacy_notes(cfg: TTTConfig | None) -> list[str]:
+    """Plain-language remarks that every report of a legacy-mode model shows."""
+    if cfg is None or not cfg.legacy:
+        return []
+    notes = [
+        "Older TTT checkpoint (moshi-finetune TTT fork), evaluated in legacy mode with the fork's own TTT math: "
+        "L2-normalised q and k, reconstruction target LN(v) - k, learning rate without the 1/i position factor, gate "
+        "tanh(clamp(alpha, -3, 3)) with no norm before the TTT branch. Its post_norm and wo weights are loaded but "
+        "not applied, as in the fork."
+    ]
+    b = cfg.mini_batch_size
+    if not cfg.causal:
+        notes.append(
+            f"WARNING: this checkpoint's TTT uses non-causal mini-batches of {b} tokens: each token is scored with "
+            f"fast weights that already learned from the later tokens of its mini-batch (up to {b - 1} future "
+            "tokens), so part of any measured gain is future audio leaking into the loss. Load it again with "
+            "legacy_causal=True to score the same weights causally and compare."
+        )
+    else:
+        notes.append(
+            "Causal variant of a legacy checkpoint (legacy_causal=True): each token only uses the gradients of "
+            "itself and the earlier tokens of its mini-batch. The checkpoint was trained non-causally, so these "
+            "numbers show what remains without the leak, not how it was trained."
+        )
+    return notes

@@ -1,0 +1,194 @@
+"""Our checkpoint format: a directory with `config.json` and `model.safetensors` (DESIGN.md, "Checkpoints").
+
+config.json: {"format": "moshi-ttt", "version": 1, "lm_config": {...LMModel kwargs} or "base": "<ref>",
+"mimi": "<ref>" or null, "ttt": TTTConfig.to_dict() or null, "dtype": "<on-disk dtype of the non-TTT tensors>"}.
+model.safetensors holds every tensor of the model, or only the TTT tensors when the config names a base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import typing as tp
+from pathlib import Path
+
+import torch
+from moshi.models.lm import LMModel
+from safetensors.torch import save_file
+
+from ..config import TTTConfig, parse_layers
+from ..ttt.apply import apply_ttt, ttt_blocks
+from .common import (
+    LoadedCheckpoint,
+    fast_weight_keys,
+    legacy_notes,
+    load_full,
+    load_part,
+    model_shapes,
+    read_json,
+    read_tensors,
+    ttt_prefixes,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "moshi-ttt"
+VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_CONFIG_KEYS = {"format", "version", "lm_config", "base", "mimi", "ttt", "dtype"}
+
+LoadFn = tp.Callable[..., LoadedCheckpoint]
+
+
+def is_ours(config: dict) -> bool:
+    return config.get("format") == FORMAT
+
+
+def save(
+    directory: str | Path,
+    model: LMModel,
+    *,
+    lm_config: dict | None = None,
+    ttt_config: TTTConfig | None = None,
+    mimi_ref: str | None = None,
+    base: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Saves `model` in our format.
+
+    Args:
+        directory: created if needed.
+        model: a moshi LMModel, with TTT applied or not.
+        lm_config: the LMModel kwargs that rebuild it (a standalone checkpoint); exactly one of lm_config and base.
+        ttt_config: the TTTConfig applied; None takes the one of the model's TTT blocks (with their layer indices).
+        mimi_ref: where the codec comes from (local path or hf://owner/repo/file), stored as given.
+        base: a reference (local path or hf://) of the base checkpoint; only the TTT tensors are then saved.
+        dtype: on-disk dtype of the floating tensors (e.g. torch.bfloat16); TTT fast weights always stay float32.
+            None keeps each tensor's dtype.
+        overwrite: replace an existing checkpoint in `directory`.
+    Returns:
+        The directory.
+    Raises:
+        ValueError: for inconsistent arguments or an existing checkpoint without overwrite.
+    """
+    directory = Path(directory)
+    if (lm_config is None) == (base is None):
+        raise ValueError("save needs exactly one of lm_config (standalone checkpoint) or base (TTT weights on a base)")
+    blocks = ttt_blocks(model)
+    if ttt_config is None and blocks:
+        first = next(iter(blocks.values()))
+        ttt_config = dataclasses.replace(first.cfg, layers=",".join(str(i) for i in sorted(blocks)))
+    if ttt_config is not None:
+        indices = parse_layers(ttt_config.layers, len(model.transformer.layers))
+        if indices != sorted(blocks):
+            raise ValueError(f"ttt_config names layers {indices} but the model has TTT blocks in {sorted(blocks)}")
+    if base is not None and not blocks:
+        raise ValueError("a checkpoint on top of a base holds only TTT weights, and this model has no TTT block")
+    if (directory / WEIGHTS_NAME).exists() and not overwrite:
+        raise ValueError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
+
+    state = model.state_dict()
+    if base is not None:
+        prefixes = tuple(ttt_prefixes(model))
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    keep_float32 = fast_weight_keys(model)
+    tensors = {}
+    for key, value in state.items():
+        value = value.detach()
+        if dtype is not None and value.dtype.is_floating_point and key not in keep_float32:
+            value = value.to(dtype)
+        tensors[key] = value.to("cpu").contiguous()
+    config: dict[str, tp.Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "mimi": mimi_ref,
+        "ttt": None if ttt_config is None else ttt_config.to_dict(),
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+    }
+    if base is not None:
+        config["base"] = str(base)
+    else:
+        config["lm_config"] = dict(lm_config)
+    try:
+        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    except TypeError as e:
+        raise ValueError(f"lm_config must hold only JSON values (numbers, strings, lists, dicts): {e}") from e
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (directory / CONFIG_NAME).write_text(config_text)
+    logger.info("saved %d tensors to %s", len(tensors), directory)
+    return directory
+
+
+def _resolve_relative(ref: str | None, directory: Path) -> str | None:
+    """A relative local reference is taken relative to the checkpoint directory when it exists there."""
+    if ref is None or "://" in ref or Path(ref).is_absolute():
+        return ref
+    candidate = directory / ref
+    return str(candidate) if candidate.exists() else ref
+
+
+def read_config(directory: Path) -> dict:
+    """Reads and validates our config.json."""
+    config = read_json(directory / CONFIG_NAME)
+    if not is_ours(config):
+        raise ValueError(f"{directory / CONFIG_NAME} is not a {FORMAT} config (format={config.get('format')!r})")
+    if config.get("version") != VERSION:
+        raise ValueError(f"{directory}: unsupported {FORMAT} version {config.get('version')!r}, expected {VERSION}")
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"{directory / CONFIG_NAME} has unknown fields {unknown}")
+    if ("lm_config" in config) == ("base" in config):
+        raise ValueError(f"{directory / CONFIG_NAME} needs exactly one of 'lm_config' and 'base'")
+    return config
+
+
+def load_ours(
+    directory: Path,
+    *,
+    ref: str,
+    base: str | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    legacy_causal: bool,
+    load_fn: LoadFn,
+) -> LoadedCheckpoint:
+    """Loads our format; `load_fn` is `checkpoints.load`, used for a base reference."""
+    config = read_config(directory)
+    ttt = None if config.get("ttt") is None else TTTConfig.from_dict(config["ttt"])
+    if ttt is not None and ttt.legacy and legacy_causal:
+        ttt = dataclasses.replace(ttt, causal=True)
+    weights = directory / WEIGHTS_NAME
+    mimi_ref = _resolve_relative(config.get("mimi"), directory)
+    notes: list[str] = []
+    if "lm_config" in config:
+        lm_config = dict(config["lm_config"])
+        model = LMModel(device="meta", dtype=dtype, **lm_config)
+        if ttt is not None:
+            apply_ttt(model, ttt)
+        load_full(model, read_tensors(weights), str(weights), device)
+    else:
+        base_ref = base or _resolve_relative(config["base"], directory)
+        base_ckpt = load_fn(base_ref, device=device, dtype=dtype)
+        if base_ckpt.ttt_config is not None:
+            raise ValueError(f"the base {base_ref} of {directory} already has TTT layers; a base must be a plain model")
+        if ttt is None:
+            raise ValueError(f"{directory / CONFIG_NAME} names a base but no TTT config: it would add nothing")
+        model, lm_config, notes = base_ckpt.model, base_ckpt.lm_config, list(base_ckpt.notes)
+        mimi_ref = mimi_ref or base_ckpt.mimi_ref
+        apply_ttt(model, ttt)
+        load_part(model, read_tensors(weights), model_shapes(model, ttt_prefixes(model)), str(weights))
+    model.eval()
+    return LoadedCheckpoint(
+        model=model,
+        mimi=None,
+        mimi_ref=mimi_ref,
+        lm_config=lm_config,
+        ttt_config=ttt,
+        kind="ours",
+        ref=ref,
+        notes=notes + legacy_notes(ttt),
+    )

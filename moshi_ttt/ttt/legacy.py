@@ -1,0 +1,408 @@
+"""Legacy mode: the TTT math of the older moshi-finetune TTT fork, reproduced to evaluate its checkpoints.
+
+Notation: B batch, H heads, T tokens, D head dim, L layers of the inner MLP, b mini-batch size, n tokens of one
+segment (a piece of one mini-batch), d_l the width of layer l of the inner MLP (d_0 = d_L = D).
+
+What differs from the core math of `ops.py` (DESIGN.md, "TTT-MLP math"), all as the older fork did it:
+- the branch reads the residual stream directly (no norm before it) and is gated by tanh(clamp(alpha, -3, 3));
+- q and k are L2-normalised per head, then optionally rotated (RoPE) with positions modulo the mini-batch;
+- the reconstruction target is LN(v) - k (`target="legacy"` of ops.reconstruction_target);
+- lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / (D * b), with no 1/i position factor;
+- the inner MLP has 2 to 10 layers, gelu_tanh between them, the per-head LayerNorm after the last;
+- NON-CAUSAL mini-batches: token i of a mini-batch reads with W0 - sum_{s in mini-batch} lr_s grad l_s(W0), so
+  it sees the keys and values of the later tokens of its mini-batch. `causal=True` gives the same weights the
+  causal reading W0 - sum_{s<=i} lr_s grad l_s(W0);
+- the module's `wo` and `post_norm` are trained parameters of the fork that its forward never applied: they are
+  loaded (the checkpoint holds them) and deliberately unused here.
+
+In streaming, a token can only see the tokens read so far: a non-causal mini-batch split over several calls
+reads with the gradient of the tokens of its mini-batch read up to the end of the current call (one-token calls
+therefore give the causal outputs). Full mini-batches always end with the same weight update.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from moshi.modules.streaming import State, StreamingModule
+from torch import nn
+
+from ..config import TTTConfig
+from .ops import gelu_tanh, head_layer_norm, ln_l2_grad, reconstruction_target
+
+logger = logging.getLogger(__name__)
+
+GATE_CLAMP = 3.0  # |alpha| bound of the fork's gate, tanh(clamp(alpha, -3, 3))
+# Parameters of LegacyTTTBlock kept in float32 whatever dtype the model is moved to.
+FLOAT32_PARAMS = ("ttt_norm_weight", "ttt_norm_bias", "learnable_ttt_lr_weight", "learnable_ttt_lr_bias")
+
+
+class LegacyInner(tp.NamedTuple):
+    """Where the legacy inner loop stands between two calls (all rows at the same position p)."""
+
+    weights: tuple[torch.Tensor, ...]  # W0 of each MLP layer, [B, H, d_l, d_{l+1}]
+    biases: tuple[torch.Tensor, ...]  # [B, H, 1, d_{l+1}]
+    keys: torch.Tensor  # [B, H, p, D] keys of the tokens already read of the current mini-batch
+    targets: torch.Tensor  # [B, H, p, D] their reconstruction targets
+    lrs: torch.Tensor  # [B, H, p] their learning rates
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(|x|_2, 1e-12) over the last dim (torch.nn.functional.normalize, as the fork)."""
+    return F.normalize(x, p=2.0, dim=-1)
+
+
+def rope_modulo(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of x [B, H, T, D] at positions [B, T]: pairs (x_2j, x_2j+1) turn by pos * theta^(-2j/D)."""
+    D = x.shape[-1]
+    if D % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {D}")
+    freqs = theta ** (-torch.arange(0, D, 2, dtype=x.dtype, device=x.device) / D)  # [D/2]
+    angles = positions.to(x.dtype)[:, None, :, None] * freqs  # [B, 1, T, D/2]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    pairs = rearrange(x, "b h t (j two) -> b h t j two", two=2)
+    even, odd = pairs[..., 0], pairs[..., 1]  # [B, H, T, D/2]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rearrange(rotated, "b h t j two -> b h t (j two)")
+
+
+def legacy_lr(
+    h: torch.Tensor, lr_weight: torch.Tensor, lr_bias: torch.Tensor, base_lr: float, mini_batch_size: int
+) -> torch.Tensor:
+    """lr_s = base_lr * sigmoid(theta_h . h_s + b_h) / (D * b). h: [B, T, dim]; lr_weight [H, 1, dim]; -> [B, H, T]."""
+    H, _, dim = lr_weight.shape
+    head_dim = dim // H
+    gate = torch.einsum("btc,hc->bht", h, lr_weight[:, 0]) + lr_bias.reshape(1, H, 1)  # [B, H, T]
+    return base_lr * torch.sigmoid(gate) / (head_dim * mini_batch_size)
+
+
+def _inner_grads(
+    weights: tp.Sequence[torch.Tensor], biases: tp.Sequence[torch.Tensor], xk, target, ln_weight, ln_bias
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Forward on the keys and hand-written backward of 1/2 |LN(f(k)) - target|^2, all at W0.
+
+    Returns the input X_l [B, H, n, d_l] and the output gradient G_l = dl/dZ_l [B, H, n, d_{l+1}] of every layer.
+    """
+    inputs, pre_acts = [xk], []
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        z = inputs[-1] @ w + b  # [B, H, n, d_l] @ [B, H, d_l, d_{l+1}] -> [B, H, n, d_{l+1}]
+        pre_acts.append(z)
+        if i < len(weights) - 1:
+            inputs.append(gelu_tanh(z))
+    grads = [ln_l2_grad(pre_acts[-1], target, ln_weight, ln_bias)]  # [B, H, n, D]
+    for i in range(len(weights) - 1, 0, -1):
+        # [B, H, n, d_{i+1}] @ [B, H, d_{i+1}, d_i] -> [B, H, n, d_i], times gelu' of layer i - 1's pre-activation
+        back = grads[0] @ weights[i].transpose(-1, -2)
+        grads.insert(0, torch.ops.aten.gelu_backward(back, pre_acts[i - 1], approximate="tanh"))
+    return inputs, grads
+
+
+def legacy_segment(
+    weights: tp.Sequence[torch.Tensor],
+    biases: tp.Sequence[torch.Tensor],
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    target: torch.Tensor,
+    lr: torch.Tensor,
+    query_start: int,
+    causal: bool,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Dual form over the n tokens of one (piece of a) mini-batch, every gradient at W0.
+
+    Args:
+        xk, target: [B, H, n, D] and lr [B, H, n] of all the tokens of the mini-batch read so far.
+        xq: [B, H, m, D] queries of the tokens n - m .. n - 1 (`query_start` = n - m): the earlier ones were
+            output by an earlier call.
+        causal: False (the fork) lets query i use the gradients of all n tokens; True only those of tokens <= i.
+    Returns:
+        out [B, H, m, D], and the weights and biases after the step of all n tokens.
+    """
+    n, m = xk.shape[2], xq.shape[2]
+    inputs, grads = _inner_grads(weights, biases, xk, target, ln_weight, ln_bias)
+    eta = lr[..., None, :].expand(*lr.shape[:2], m, n)  # [B, H, m, n]: eta[i, s] = lr_s
+    if causal:
+        rows = torch.arange(query_start, n, device=xq.device)[:, None]  # [m, 1]
+        eta = eta * (torch.arange(n, device=xq.device)[None, :] <= rows).to(eta.dtype)
+    # Layer l reads with W_l - sum_s eta[i, s] X_l[s]^T G_l[s] and b_l - sum_s eta[i, s] G_l[s].
+    x = xq
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        attn = x @ inputs[i].transpose(-1, -2) + 1.0  # [B, H, m, d_l] @ [B, H, d_l, n] -> [B, H, m, n]
+        z = x @ w + b - (eta * attn) @ grads[i]  # [B, H, m, d_{l+1}]
+        x = gelu_tanh(z) if i < len(weights) - 1 else z
+    out = xq + head_layer_norm(x, ln_weight, ln_bias)
+    new_weights = tuple(
+        w - inputs[i].transpose(-1, -2) @ (lr[..., None] * grads[i])  # [B, H, d_l, n] @ [B, H, n, d_{l+1}]
+        for i, w in enumerate(weights)
+    )
+    new_biases = tuple(b - (lr[..., None] * g).sum(dim=-2, keepdim=True) for b, g in zip(biases, grads, strict=True))
+    return out, new_weights, new_biases
+
+
+def legacy_ttt_chunk(
+    state: LegacyInner,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    target: torch.Tensor,
+    lr: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    mini_batch_size: int,
+    causal: bool,
+) -> tuple[torch.Tensor, LegacyInner]:
+    """Runs T new tokens (xq, xk, target [B, H, T, D], lr [B, H, T]) from `state`, which may be inside a mini-batch.
+
+    Returns out [B, H, T, D] in float32 (float64 for float64 inputs) and the new state; full mini-batches update
+    the weights, a trailing partial one stays in the state.
+    """
+    dtype = torch.promote_types(xq.dtype, torch.float32)
+    xq, xk, target, lr, ln_weight, ln_bias = (t.to(dtype) for t in (xq, xk, target, lr, ln_weight, ln_bias))
+    p = state.keys.shape[2]
+    if not 0 <= p < mini_batch_size:
+        raise ValueError(f"legacy state holds {p} tokens, expected fewer than the mini-batch size {mini_batch_size}")
+    keys = torch.cat([state.keys.to(dtype), xk], dim=2)  # [B, H, p + T, D]
+    targets = torch.cat([state.targets.to(dtype), target], dim=2)
+    lrs = torch.cat([state.lrs.to(dtype), lr], dim=2)  # [B, H, p + T]
+    weights = tuple(w.to(dtype) for w in state.weights)
+    biases = tuple(b.to(dtype) for b in state.biases)
+    total, outs, start = keys.shape[2], [], 0
+    while start < total:
+        end = min(start + mini_batch_size, total)
+        q0 = max(start, p)  # first token of this segment not output yet
+        seg = slice(start, end)
+        out, new_weights, new_biases = legacy_segment(
+            weights,
+            biases,
+            xq[:, :, q0 - p : end - p],
+            keys[:, :, seg],
+            targets[:, :, seg],
+            lrs[:, :, seg],
+            q0 - start,
+            causal,
+            ln_weight,
+            ln_bias,
+        )
+        outs.append(out)
+        if end - start < mini_batch_size:
+            break
+        weights, biases, start = new_weights, new_biases, end
+    rest = slice(start, total)
+    new_state = LegacyInner(weights, biases, keys[:, :, rest], targets[:, :, rest], lrs[:, :, rest])
+    return torch.cat(outs, dim=2) if outs else xq.new_zeros(xq.shape), new_state
+
+
+class Float32ParameterList(nn.ParameterList):
+    """A ParameterList whose tensors follow the device but never drop below float32 (the fast weights)."""
+
+    def _apply(self, fn, recurse=True):
+        for param in self._parameters.values():
+            probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
+            param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
+        return self
+
+
+@dataclass
+class LegacyTTTState(State):
+    """Streaming state of one LegacyTTTBlock; one row per batch element."""
+
+    weights: list[torch.Tensor]  # W0 per MLP layer, [B, H, d_l, d_{l+1}]
+    biases: list[torch.Tensor]  # [B, H, 1, d_{l+1}]
+    keys: torch.Tensor  # [B, H, b, D]: the first `position` entries of each row are its current mini-batch's keys
+    targets: torch.Tensor  # [B, H, b, D]
+    lrs: torch.Tensor  # [B, H, b]
+    position: torch.Tensor  # [B] long: tokens read of the current mini-batch
+    offset: torch.Tensor  # [B] long: tokens read since the last reset
+    base_weights: tp.Callable[[int], tuple[list[torch.Tensor], list[torch.Tensor]]]
+    mini_batch_size: int
+    persistent: bool
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        base_w, base_b = self.base_weights(self.batch_size)
+        m = reset_mask.view(-1, 1, 1, 1)
+        for dst, src in zip(self.weights + self.biases, base_w + base_b, strict=True):
+            dst.copy_(torch.where(m, src, dst))
+        self.position.masked_fill_(reset_mask, 0)
+        self.offset.masked_fill_(reset_mask, 0)
+
+
+class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
+    """x -> x + tanh(clamp(alpha, -3, 3)) * TTT(x) with the older fork's math (module docstring).
+
+    Parameter names follow the fork's (`learnable_ttt_lr_weight` [H, 1, dim], `weights.i`, `biases.i`, ...) so its
+    checkpoints map one to one; a 2-layer MLP's W1, b1, W2, b2 are `weights.0`, `biases.0`, `weights.1`, `biases.1`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, cfg: TTTConfig, device=None, dtype=None):
+        super().__init__()
+        if not cfg.legacy:
+            raise ValueError("LegacyTTTBlock needs a TTTConfig with legacy=True")
+        if dim % num_heads != 0:
+            raise ValueError(f"model dim {dim} is not divisible by the {num_heads} TTT heads")
+        self.cfg = cfg
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        H, D = num_heads, self.head_dim
+        factory = {"device": device, "dtype": dtype}
+        f32 = {"device": device, "dtype": torch.promote_types(dtype or torch.float32, torch.float32)}
+        self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=True, **factory) for _ in range(3))
+        self.wo = nn.Linear(dim, dim, bias=True, **factory)  # loaded, never applied (as in the fork)
+        self.post_norm = nn.LayerNorm(dim, eps=1e-6, **factory)  # loaded, never applied (as in the fork)
+        self.gating_alpha = nn.Parameter(torch.full((dim,), cfg.gating_alpha_init, **factory))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, D, **f32))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D, **f32))
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(H, 1, dim, **f32) * cfg.init_std)
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1, **f32))
+        hidden = list(cfg.mlp_hidden_dims or [4 * D] * (cfg.mlp_layers - 1))
+        widths = [D, *hidden, D]
+        self.weights = Float32ParameterList(
+            nn.Parameter(torch.randn(H, d_in, d_out, **f32) * cfg.init_std)
+            for d_in, d_out in zip(widths[:-1], widths[1:], strict=True)
+        )
+        self.biases = Float32ParameterList(nn.Parameter(torch.zeros(H, 1, d_out, **f32)) for d_out in widths[1:])
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._parameters.pop(name) for name in FLOAT32_PARAMS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, param in kept.items():
+                probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
+                param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
+                self._parameters[name] = param
+        return self
+
+    def base_weights(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """W0 of every layer expanded to [B, H, ...] (views: gradients flow to the parameters)."""
+        expand = [p.expand(batch_size, *p.shape) for p in self.weights]
+        return expand, [p.expand(batch_size, *p.shape) for p in self.biases]
+
+    def _init_streaming_state(self, batch_size: int) -> LegacyTTTState:
+        H, D, b = self.num_heads, self.head_dim, self.cfg.mini_batch_size
+        f32 = {"device": self.ttt_norm_weight.device, "dtype": self.ttt_norm_weight.dtype}
+        with torch.no_grad():
+            base_w, base_b = self.base_weights(batch_size)
+        return LegacyTTTState(
+            batch_size,
+            f32["device"],
+            weights=[w.detach().clone() for w in base_w],
+            biases=[w.detach().clone() for w in base_b],
+            keys=torch.zeros(batch_size, H, b, D, **f32),
+            targets=torch.zeros(batch_size, H, b, D, **f32),
+            lrs=torch.zeros(batch_size, H, b, **f32),
+            position=torch.zeros(batch_size, dtype=torch.long, device=f32["device"]),
+            offset=torch.zeros(batch_size, dtype=torch.long, device=f32["device"]),
+            base_weights=lambda n: tuple([t.detach() for t in ts] for ts in self.base_weights(n)),
+            mini_batch_size=b,
+            persistent=self.cfg.persistent_states,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
+        B, T, _ = x.shape
+        state = self._streaming_state
+        if state is not None and not state.persistent:
+            state.reset(torch.ones(B, dtype=torch.bool, device=state.position.device))
+        b = self.cfg.mini_batch_size if state is None else state.mini_batch_size
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xq, xk, xv = (
+            rearrange(p(x), "b t (h d) -> b h t d", h=self.num_heads).to(dtype) for p in (self.wq, self.wk, self.wv)
+        )
+        xq, xk = l2_normalize(xq), l2_normalize(xk)
+        if self.cfg.use_rope:
+            start = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.position
+            positions = (start[:, None] + torch.arange(T, device=x.device)) % b  # [B, T]
+            xq = rope_modulo(xq, positions, self.cfg.rope_theta)
+            xk = rope_modulo(xk, positions, self.cfg.rope_theta)
+        ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
+        target = reconstruction_target(xk, xv, ln_w.to(dtype), ln_b.to(dtype), self.cfg.target)
+        lr = legacy_lr(
+            x.to(dtype),
+            self.learnable_ttt_lr_weight.to(dtype),
+            self.learnable_ttt_lr_bias.to(dtype),
+            self.cfg.base_lr,
+            b,
+        )
+        if state is None:
+            weights, biases = self.base_weights(B)
+            empty = xk[:, :, :0]
+            start_state = LegacyInner(tuple(weights), tuple(biases), empty, empty, lr[:, :, :0])
+            out, _ = legacy_ttt_chunk(start_state, xq, xk, target, lr, ln_w, ln_b, b, self.cfg.causal)
+        else:
+            out = self._forward_streaming(state, xq, xk, target, lr)
+        y = rearrange(out, "b h t d -> b t (h d)").to(x.dtype)  # [B, T, dim]; no wo, no post_norm (the fork)
+        gate = torch.tanh(self.gating_alpha.clamp(-GATE_CLAMP, GATE_CLAMP)).to(y.dtype)
+        return x + gate * y
+
+    def _forward_streaming(self, state: LegacyTTTState, xq, xk, target, lr) -> torch.Tensor:
+        """Rows at the same position of their mini-batch run together; the state keeps each partial mini-batch."""
+        T = xq.shape[2]
+        if state.keys.shape[2] != state.mini_batch_size:  # set_streaming_options changed b before the first call
+            B, H, _, D = state.keys.shape
+            state.keys = state.keys.new_zeros(B, H, state.mini_batch_size, D)
+            state.targets = state.targets.new_zeros(B, H, state.mini_batch_size, D)
+            state.lrs = state.lrs.new_zeros(B, H, state.mini_batch_size)
+        out = xq.new_empty(xq.shape)
+        keep = state.exec_mask
+        groups: dict[int, list[int]] = {}
+        for row, p in enumerate(state.position.tolist()):
+            groups.setdefault(p, []).append(row)
+        for p, rows in groups.items():
+            idx = torch.tensor(rows, device=xq.device)
+            start = LegacyInner(
+                tuple(w[idx] for w in state.weights),
+                tuple(w[idx] for w in state.biases),
+                state.keys[idx, :, :p],
+                state.targets[idx, :, :p],
+                state.lrs[idx, :, :p],
+            )
+            o, end = legacy_ttt_chunk(
+                start,
+                xq[idx],
+                xk[idx],
+                target[idx],
+                lr[idx],
+                self.ttt_norm_weight,
+                self.ttt_norm_bias,
+                state.mini_batch_size,
+                self.cfg.causal,
+            )
+            out[idx] = o.to(out.dtype)
+            run = idx[keep[idx]]  # rows whose exec_mask is set
+            sel = keep[idx]
+            with torch.no_grad():
+                for dst, src in zip(state.weights + state.biases, end.weights + end.biases, strict=True):
+                    dst[run] = src[sel].to(dst.dtype)
+                n = end.keys.shape[2]
+                state.keys[run, :, :n] = end.keys[sel].to(state.keys.dtype)
+                state.targets[run, :, :n] = end.targets[sel].to(state.targets.dtype)
+                state.lrs[run, :, :n] = end.lrs[sel].to(state.lrs.dtype)
+                state.position[run] = n
+        state.offset.add_(torch.where(keep, T, 0))
+        logger.debug("legacy TTT chunk of %d tokens ran in %d position groups", T, len(groups))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"LEGACY heads={self.num_heads}, head_dim={self.head_dim}, mlp_layers={len(self.weights)}, "
+            f"mini_batch_size={self.cfg.mini_batch_size}, causal={self.cfg.causal}, rope={self.cfg.use_rope}"
+        )
+
+
+def set_legacy_contexts(model: tp.Any, ttt_layers: list[int], cfg: TTTConfig) -> None:
+    """Sets the self-attention window of the TTT layers and of the others (the fork's per-layer contexts).
+
+    moshi reads `StreamingMultiheadAttention.context` both for the attention mask and for the size of the
+    streaming KV cache, so setting the attribute before streaming changes both consistently.
+    """
+    for i, layer in enumerate(model.transformer.layers):
+        context = cfg.ttt_layer_context if i in ttt_layers else cfg.non_ttt_layer_context
+        if context is not None:
+            if context < 1:
+                raise ValueError(f"attention context must be >= 1 token, got {context} for layer {i}")
+            layer.self_attn.context = context
