@@ -24,3 +24,8 @@ __all__ = [
     "ttt_states",
     "widen_kv_caches",
 ]
+
+# Scoring (issue 3).
+from .scoring import ScoreConfig, ScoreResult, iter_score, score  # noqa: E402
+
+__all__ += ["ScoreConfig", "ScoreResult", "iter_score", "score"]

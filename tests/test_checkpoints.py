@@ -8,42 +8,11 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
-from tiny_models import random_audio_codes, tiny_lm
+from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import TTTConfig, apply_ttt, load, save
 from moshi_ttt.checkpoints import common
 from moshi_ttt.sequence import model_codes
-
-
-def tiny_lm_config() -> dict:
-    """The LMModel kwargs of tests/tiny_models.tiny_lm() with its defaults (what a checkpoint's lm_config holds)."""
-    return {
-        "delays": [0] + [0] + [1] * 7,
-        "n_q": 8,
-        "dep_q": 8,
-        "card": 24,
-        "text_card": 12,
-        "existing_text_padding_id": 3,
-        "dim": 32,
-        "num_heads": 4,
-        "num_layers": 3,
-        "hidden_scale": 2,
-        "causal": True,
-        "context": 16,
-        "max_period": 10000,
-        "gating": "silu",
-        "norm": "rms_norm_f32",
-        "positional_embedding": "rope",
-        "depformer_dim": 16,
-        "depformer_dim_feedforward": 32,
-        "depformer_num_heads": 2,
-        "depformer_num_layers": 1,
-        "depformer_multi_linear": True,
-        "depformer_context": 8,
-        "depformer_pos_emb": "none",
-        "depformer_weights_per_step": True,
-        "depformer_gating": "silu",
-    }
 
 
 def outputs(model: LMModel, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
-from test_checkpoints import tiny_lm_config
-from tiny_models import random_audio_codes, tiny_lm
+from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import exact_streaming, load, save
 from moshi_ttt.checkpoints import common

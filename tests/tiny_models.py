@@ -12,8 +12,7 @@ from moshi.models.lm import LMModel  # noqa: E402
 CONTEXT = 16  # attention window of the tiny models, in tokens
 
 
-def tiny_lm(
-    seed: int = 0,
+def tiny_lm_config(
     *,
     n_q: int = 8,
     dim: int = 32,
@@ -22,48 +21,51 @@ def tiny_lm(
     context: int = CONTEXT,
     card: int = 24,
     text_card: int = 12,
-    dtype: torch.dtype = torch.float32,
     norm: str = "rms_norm_f32",
     positional_embedding: str = "rope",
-) -> LMModel:
-    """A Moshi-shaped LMModel (rope, silu gating, rms_norm_f32, depformer with weights per step), tiny dims.
+) -> dict:
+    """LMModel kwargs of a Moshi-shaped tiny model (rope, silu gating, rms_norm_f32, depformer with weights per
+    step): what a checkpoint's lm_config holds.
 
-    n_q=8: audio only (text + 8 codebooks); n_q=16: moshiko-like with a second (user) audio stream.
+    n_q=8: audio only (text + 8 codebooks); n_q=16: moshiko-like with a second (user) audio stream. moshi's rope and
+    rms_norm_f32 compute in float32, so float64 tests use norm="rms_norm" and positional_embedding="sin".
     """
-    torch.manual_seed(seed)
     delays = [0] + [0] + [1] * 7
     if n_q == 16:
         delays = delays + [0] + [1] * 7
-    model = LMModel(
-        delays=delays,
-        n_q=n_q,
-        dep_q=8,
-        card=card,
-        text_card=text_card,
-        existing_text_padding_id=3,
-        dim=dim,
-        num_heads=num_heads,
-        num_layers=num_layers,
-        hidden_scale=2,
-        causal=True,
-        context=context,
-        max_period=10000,
-        gating="silu",
-        norm=norm,
-        positional_embedding=positional_embedding,
-        depformer_dim=16,
-        depformer_dim_feedforward=32,
-        depformer_num_heads=2,
-        depformer_num_layers=1,
-        depformer_multi_linear=True,
-        depformer_context=8,
-        depformer_pos_emb="none",
-        depformer_weights_per_step=True,
-        depformer_gating="silu",
-        device="cpu",
-        dtype=dtype,
-    )
-    return model.eval()
+    return {
+        "delays": delays,
+        "n_q": n_q,
+        "dep_q": 8,
+        "card": card,
+        "text_card": text_card,
+        "existing_text_padding_id": 3,
+        "dim": dim,
+        "num_heads": num_heads,
+        "num_layers": num_layers,
+        "hidden_scale": 2,
+        "causal": True,
+        "context": context,
+        "max_period": 10000,
+        "gating": "silu",
+        "norm": norm,
+        "positional_embedding": positional_embedding,
+        "depformer_dim": 16,
+        "depformer_dim_feedforward": 32,
+        "depformer_num_heads": 2,
+        "depformer_num_layers": 1,
+        "depformer_multi_linear": True,
+        "depformer_context": 8,
+        "depformer_pos_emb": "none",
+        "depformer_weights_per_step": True,
+        "depformer_gating": "silu",
+    }
+
+
+def tiny_lm(seed: int = 0, *, dtype: torch.dtype = torch.float32, **config) -> LMModel:
+    """A tiny LMModel on CPU in eval mode, seeded; `config` overrides `tiny_lm_config`'s arguments."""
+    torch.manual_seed(seed)
+    return LMModel(**tiny_lm_config(**config), device="cpu", dtype=dtype).eval()
 
 
 def random_audio_codes(batch: int, steps: int, card: int = 24, seed: int = 0) -> torch.Tensor:

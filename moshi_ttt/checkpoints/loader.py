@@ -10,6 +10,7 @@ import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
+from ..codec import is_codec_dir, load_codec
 from .common import (
     HF_PREFIX,
     PICKLE_SUFFIXES,
@@ -61,6 +62,11 @@ def load(
         ckpt = _load_hub(ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal)
     else:
         ckpt = _load_local(Path(ref), ref=ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal)
+    if ckpt.mimi_ref is not None and not ckpt.mimi_ref.startswith(HF_PREFIX) and not ref.startswith(HF_PREFIX):
+        # A relative codec path in a local checkpoint is relative to the checkpoint's directory; resolved, so that
+        # two checkpoints naming the same codec compare equal.
+        local = Path(ref) if Path(ref).is_dir() else Path(ref).parent
+        ckpt = dataclasses.replace(ckpt, mimi_ref=str((local / ckpt.mimi_ref).resolve()))
     if load_mimi and ckpt.mimi_ref is not None:
         mimi = load_mimi_codec(ckpt.mimi_ref, ckpt.lm_config, device=device)
         ckpt = dataclasses.replace(ckpt, mimi=mimi)
@@ -115,7 +121,8 @@ def _load_hub(ref: str, *, base: str | None, device, dtype: torch.dtype, legacy_
 
 
 def load_mimi_codec(mimi_ref: str, lm_config: dict, device: torch.device | str = "cpu") -> MimiModel:
-    """Builds the Mimi codec from a local safetensors file or an hf://owner/repo/file reference (moshi's config).
+    """Builds the Mimi codec from a local safetensors file or an hf://owner/repo/file reference (moshi's config),
+    or from a directory of ours (`moshi_ttt.codec.save_codec`).
 
     The number of codebooks follows the LM, as CheckpointInfo.get_mimi does.
     """
@@ -124,6 +131,8 @@ def load_mimi_codec(mimi_ref: str, lm_config: dict, device: torch.device | str =
         path = hub_file(repo, sub or loaders.MIMI_NAME)
     else:
         path = Path(mimi_ref)
+        if is_codec_dir(path):  # one of our small Mimi-architecture codecs (e.g. the demo codec)
+            return load_codec(path, device=device)
     check_weights_file(path)
     dep_q, n_q = int(lm_config.get("dep_q", 8)), int(lm_config.get("n_q", 8))
     return loaders.get_mimi(path, None, device=device, num_codebooks=max(dep_q, n_q - dep_q))

@@ -1,0 +1,250 @@
+"""Command line: score audio files under a baseline and a TTT checkpoint and write reports.
+
+    python -m moshi_ttt.evaluate --audio a.wav b.flac --baseline CKPT --ttt CKPT --out results/
+    python -m moshi_ttt.evaluate --manifest files.jsonl --out results/        # resumable: done files are skipped
+    torchrun --nproc_per_node 2 -m moshi_ttt.evaluate --manifest files.jsonl --out results/   # sharded
+
+Each file gets OUT/<nnnn>_<stem>/ with results.json (DESIGN.md contract), results.csv and report.html;
+OUT/index.json lists every file with its mean losses (rank 0 merges it under torchrun). Bad input ends with a
+one-line message and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import audio as audio_io
+from . import sweeps
+from .report import results_document, run_record, write_json, write_report
+from .scoring import MODES, ScoreConfig, score
+from .ttt.apply import ttt_blocks
+
+logger = logging.getLogger(__name__)
+
+DEMO_CHECKPOINTS = {"baseline": Path("demo_assets/baseline"), "ttt": Path("demo_assets/ttt")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moshi_ttt.evaluate", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--audio", nargs="+", type=Path, help="audio files (anything libsndfile reads)")
+    src.add_argument("--manifest", type=Path, help='JSONL with one {"path": ..., "duration": ...} per line')
+    p.add_argument("--baseline", help="baseline checkpoint (default: demo_assets/baseline when it exists)")
+    p.add_argument("--ttt", help="TTT checkpoint (default: demo_assets/ttt when it exists)")
+    p.add_argument("--mode", choices=MODES, default="chunked")
+    p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: min(250, context))")
+    p.add_argument("--mini-batch-size", type=int, default=None, help="TTT inner mini-batch size for this run")
+    p.add_argument("--no-persistent-states", action="store_true", help="reset fast weights at every chunk")
+    p.add_argument("--no-telemetry", action="store_true", help="skip drift and inner-loop losses")
+    p.add_argument("--max-seconds", type=float, default=audio_io.DEFAULT_MAX_SECONDS, help="longest file accepted")
+    p.add_argument("--allow-silence", action="store_true", help="score silent files instead of rejecting them")
+    p.add_argument("--bin-size", type=int, default=250, help="tokens per position bin in the summaries")
+    p.add_argument("--sweep", action="store_true", help="add mini-batch size, persistence and context sweeps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    return p
+
+
+def read_manifest(path: Path) -> list[Path]:
+    """Audio paths of a moshi-finetune manifest; relative paths are relative to the manifest's folder."""
+    if not path.is_file():
+        raise UsageError(f"manifest {path} does not exist")
+    files = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            file = Path(entry["path"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UsageError(f'{path} line {number} is not a JSON object with a "path"') from e
+        files.append(file if file.is_absolute() else path.parent / file)
+    if not files:
+        raise UsageError(f"manifest {path} lists no files")
+    return files
+
+
+def _load_checkpoint(ref: str, device: str, dtype: torch.dtype):
+    """moshi_ttt.checkpoints.load, imported here so that the CLI starts without it (tests replace this)."""
+    from .checkpoints import load
+
+    return load(ref, device=device, dtype=dtype, load_mimi=True)
+
+
+def _checkpoint_refs(args) -> dict[str, str]:
+    refs = {name: getattr(args, name) for name in ("baseline", "ttt")}
+    if refs["baseline"] is None and refs["ttt"] is None:
+        refs = {name: str(path) for name, path in DEMO_CHECKPOINTS.items() if path.exists()}
+        if not refs:
+            raise UsageError("give --baseline and/or --ttt (the demo checkpoints in demo_assets/ are not there)")
+    return {name: ref for name, ref in refs.items() if ref is not None}
+
+
+def _out_name(index: int, file: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", file.stem)[:60] or "audio"
+    return f"{index:04d}_{stem}"
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfig) -> dict:
+    """Scores one file under every model, writes its reports; returns its index.json entry."""
+    out_dir = args.out / _out_name(index, file)
+    done = out_dir / "results.json"
+    if done.exists():
+        return {**json.loads((out_dir / "summary.json").read_text()), "skipped": True}
+    audio = audio_io.load_audio(file, max_seconds=args.max_seconds, allow_silence=args.allow_silence)
+    dep_q = next(iter(models.values()))[1].dep_q
+    codes = audio_io.encode(mimi, audio)[:, :dep_q]  # [1, 8, T]
+    device = torch.device(args.device)
+    runs, tables = {}, {}
+    for name, (ref, model) in models.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = score(model, codes.to(device), config=cfg)
+        runs[name] = run_record(result, checkpoint=ref, peak_memory_mb=_peak_memory_mb(device), bin_size=args.bin_size)
+        if args.sweep:
+            tables.update(_sweep_tables(name, model, codes.to(device), result, cfg))
+    info = {
+        "path": str(file),
+        "name": audio.name,
+        "duration_s": audio.duration_s,
+        "source_sample_rate": audio.source_sample_rate,
+        "source_channels": audio.source_channels,
+        "silent": audio.silent,
+        "tokens": int(codes.shape[-1]),
+    }
+    config = {**dataclasses.asdict(cfg), "device": args.device, "dtype": args.dtype, "max_seconds": args.max_seconds}
+    document = results_document(info, config, runs, bin_size=args.bin_size)
+    if tables:
+        document["tables"] = tables
+    write_report(out_dir, document, title=f"moshi-ttt: {audio.name}")
+    entry = {
+        "path": str(file),
+        "dir": out_dir.name,
+        "tokens": info["tokens"],
+        "mean_loss": {name: run["mean_loss"] for name, run in runs.items()},
+        "slope_per_1k_tokens": {name: run["slope_per_1k_tokens"] for name, run in runs.items()},
+    }
+    write_json(out_dir / "summary.json", entry)
+    return entry
+
+
+def _sweep_tables(name: str, model, codes: torch.Tensor, result, cfg: ScoreConfig) -> dict[str, list[dict]]:
+    """Sweep tables for report.html; "full" mode sweeps in "chunked" mode (one call has no chunks to persist over)."""
+    tables = {f"{name}: loss by context length": sweeps.sweep_context_length(result)}
+    if ttt_blocks(model):
+        options = {"mode": "chunked" if cfg.mode == "full" else cfg.mode, "chunk_size": cfg.chunk_size}
+        tables[f"{name}: inner mini-batch size"] = sweeps.sweep_mini_batch_size(model, codes, **options)
+        tables[f"{name}: persistent states"] = sweeps.sweep_persistent_states(model, codes, **options)
+    return tables
+
+
+def run(args) -> int:
+    """Scores the files of this rank; returns the exit status."""
+    rank, world = _init_distributed(args.device)
+    files = list(args.audio) if args.audio is not None else read_manifest(args.manifest)
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    cfg = ScoreConfig(
+        mode=args.mode,
+        chunk_size=args.chunk_size,
+        mini_batch_size=args.mini_batch_size,
+        persistent_states=False if args.no_persistent_states else None,
+        telemetry=not args.no_telemetry,
+    )
+    refs = _checkpoint_refs(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    models, mimi = {}, None
+    for name, ref in refs.items():
+        ckpt = _load_checkpoint(ref, args.device, DTYPES[args.dtype])
+        models[name] = (ref, ckpt.model.eval())
+        mimi = mimi if mimi is not None else ckpt.mimi
+    if mimi is None:
+        raise UsageError("none of the checkpoints names a Mimi codec to encode the audio with")
+    mine = [(i, f) for i, f in enumerate(files) if i % world == rank]
+    entries, failures = [], []
+    for index, file in tqdm(mine, desc=f"scoring (rank {rank})" if world > 1 else "scoring", unit="file"):
+        try:
+            entries.append({"index": index, **score_file(file, index, models, mimi, args, cfg)})
+        except (ValueError, FileNotFoundError) as e:
+            failures.append({"index": index, "path": str(file), "error": str(e)})
+            tqdm.write(f"error: {e}", file=sys.stderr)
+    entries, failures = _gather(entries, failures, world)
+    if rank == 0:
+        write_json(args.out / "index.json", {"files": entries, "failures": failures, "runs": sorted(models)})
+        for entry in entries:
+            losses = ", ".join(f"{k} {v:.4f}" for k, v in entry["mean_loss"].items() if v is not None)
+            print(f"{entry['path']}: {losses}{' (already scored)' if entry.get('skipped') else ''}")
+        print(f"{len(entries)} file(s) scored into {args.out}, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(entries: list, failures: list, world: int) -> tuple[list, list]:
+    if world <= 1:
+        return entries, failures
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (entries, failures))
+    dist.barrier()
+    merged_entries = sorted((e for part in gathered for e in part[0]), key=lambda e: e["index"])
+    merged_failures = sorted((f for part in gathered for f in part[1]), key=lambda f: f["index"])
+    return merged_entries, merged_failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        status = run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    logger.info("done in %.1f s", time.perf_counter() - start)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Live side-by-side scoring of a baseline and a TTT model: both advance in lockstep, one update per step.
+
+This is the engine of the app: it knows nothing of Gradio. Each run has its own streaming sessions
+(`registry.StreamingSession`), so many users can share the cached models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import report
+from .registry import ModelCache, StreamingSession
+from .scoring import ScoreResult, iter_score
+
+logger = logging.getLogger(__name__)
+
+LIVE_MODES = {"live token by token": "stream", "chunked": "chunked"}
+FRAME_RATE = 12.5  # Mimi tokens per second
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """Options of one live comparison (the app's controls)."""
+
+    mode: str = "chunked"  # "chunked" or "stream"
+    mini_batch_size: int | None = None  # TTT inner mini-batch for this run; None: the checkpoint's
+    persistent_states: bool = True  # keep fast weights from chunk to chunk
+    update_every: int = 25  # tokens between updates (25 tokens = 2 s of audio)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("chunked", "stream"):
+            raise ValueError(f"mode must be 'chunked' or 'stream', got {self.mode!r}")
+        if self.update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
+
+
+@dataclass
+class LiveUpdate:
+    """What the UI shows after each step; `document` (results.json) is set on the last update only."""
+
+    tokens_done: int
+    total_tokens: int
+    loss_per_token: dict[str, list[float]]  # run name -> [tokens_done] mean loss over the codebooks (NaN invalid)
+    drift: dict[str, dict]  # TTT layer -> {"W1": [...], "W2": [...], "t": [...]} as in results.json
+    tokens_per_s: dict[str, float]
+    elapsed_s: float
+    document: dict | None = None
+    summary: list[dict] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.document is not None
+
+
+def _loss_per_token(result: ScoreResult) -> list[float]:
+    return result.loss[0].float().nanmean(dim=0).tolist()
+
+
+def compare_live(
+    cache: ModelCache,
+    baseline_name: str,
+    ttt_name: str,
+    audio_codes: torch.Tensor,
+    cfg: LiveConfig,
+    audio_info: dict | None = None,
+) -> Iterator[LiveUpdate]:
+    """Scores `audio_codes` [1, 8, T] with both models, yielding a LiveUpdate every `cfg.update_every` tokens.
+
+    Raises:
+        ValueError: for unknown names or models that cannot be compared (see `check_compatible`).
+    """
+    names = {"baseline": baseline_name, "ttt": ttt_name}
+    loaded = {run: cache.get(name) for run, name in names.items()}
+    check_compatible(loaded["baseline"].lm_config, loaded["ttt"].lm_config)
+    codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
+    if len(codecs) > 1:
+        raise ValueError(f"the baseline and TTT checkpoints use different codecs: {sorted(map(str, codecs))}")
+    chunk = cfg.update_every if cfg.mode == "chunked" else 1
+    sessions = {}
+    for run, ckpt in loaded.items():
+        context = ckpt.model.context
+        size = min(chunk, context) if context is not None else chunk
+        scores = iter_score(
+            ckpt.model,
+            audio_codes.to(ckpt.model.device),
+            cfg.mode,
+            size if cfg.mode == "chunked" else None,
+            mini_batch_size=cfg.mini_batch_size,
+            persistent_states=cfg.persistent_states,
+            record_every=cfg.update_every,
+        )
+        sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
+    start = time.perf_counter()
+    latest: dict[str, ScoreResult] = {}
+    try:
+        while True:
+            finished = 0
+            for run, session in sessions.items():
+                if run in latest and latest[run].complete:
+                    finished += 1
+                    continue
+                latest[run] = next(session)
+            if finished == len(sessions):
+                break
+            yield _update(latest, start)
+        yield _final(latest, loaded, names, cfg, audio_info or {}, start)
+    finally:
+        for session in sessions.values():
+            session.close()
+
+
+def _drift(result: ScoreResult) -> dict[str, dict]:
+    drift, _ = report.telemetry_record(result.telemetry, 0)
+    return drift
+
+
+def _update(latest: dict[str, ScoreResult], start: float) -> LiveUpdate:
+    done = min(r.tokens_done for r in latest.values())
+    return LiveUpdate(
+        tokens_done=done,
+        total_tokens=next(iter(latest.values())).total_tokens,
+        loss_per_token={run: _loss_per_token(r)[:done] for run, r in latest.items()},
+        drift=_drift(latest["ttt"]) if "ttt" in latest else {},
+        tokens_per_s={run: r.tokens_per_s for run, r in latest.items()},
+        elapsed_s=time.perf_counter() - start,
+    )
+
+
+def _final(latest, loaded, names, cfg: LiveConfig, audio_info: dict, start: float) -> LiveUpdate:
+    runs = {run: report.run_record(r, checkpoint=names[run]) for run, r in latest.items()}
+    config = {
+        "mode": cfg.mode,
+        "mini_batch_size": cfg.mini_batch_size,
+        "persistent_states": cfg.persistent_states,
+        "notes": {run: list(ckpt.notes) for run, ckpt in loaded.items()},
+    }
+    document = report.results_document(audio_info, config, runs)
+    update = _update(latest, start)
+    update.document = document
+    update.summary = summary_table(document)
+    return update
+
+
+def summary_table(document: dict) -> list[dict]:
+    """Rows for the app's table: mean loss, improvement of TTT over the baseline, slope, tokens/s."""
+    runs = document["runs"]
+    base = runs.get("baseline", {}).get("mean_loss")
+    rows = []
+    for run, rec in runs.items():
+        mean = rec["mean_loss"]
+        gain = None
+        if run != "baseline" and base is not None and mean is not None and np.isfinite(base) and base > 0:
+            gain = 100.0 * (base - mean) / base
+        rows.append(
+            {
+                "run": run,
+                "checkpoint": rec["checkpoint"],
+                "mean loss": _round(mean, 4),
+                "improvement %": _round(gain, 2),
+                "slope / 1k tokens": _round(rec["slope_per_1k_tokens"], 4),
+                "tokens/s": _round(rec["tokens_per_s"], 1),
+            }
+        )
+    return rows
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(float(value), digits)
+
+
+def check_compatible(baseline_config: dict, ttt_config: dict) -> None:
+    """Both models must read the same codes: same codebooks, cardinality and delays."""
+    keys = ("card", "dep_q", "n_q", "delays")
+    diffs = [k for k in keys if baseline_config.get(k) != ttt_config.get(k)]
+    if diffs:
+        detail = ", ".join(f"{k}: {baseline_config.get(k)} vs {ttt_config.get(k)}" for k in diffs)
+        raise ValueError(f"the baseline and TTT checkpoints do not read the same audio codes ({detail})")
+
+
+def compare_file(
+    cache: ModelCache, audio_path: str, baseline_name: str, ttt_name: str, cfg: LiveConfig, max_seconds: float
+) -> Iterator[LiveUpdate]:
+    """Reads and encodes an uploaded file with the baseline's codec, then `compare_live`.
+
+    Raises:
+        ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
+    """
+    from .audio import encode, load_audio
+
+    audio = load_audio(audio_path, max_seconds=max_seconds)
+    baseline = cache.get(baseline_name)
+    if baseline.mimi is None:
+        raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
+    codes = encode(baseline.mimi, audio)  # [1, 8, T]
+    if codes.shape[-1] < 2:
+        raise ValueError(f"{audio.name} is too short to score ({audio.duration_s:.2f} s)")
+    info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
+            "tokens": int(codes.shape[-1])}  # fmt: skip
+    yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info)

@@ -1,0 +1,172 @@
+"""The checkpoints a server may load (an allow-list, never a free-form path) and the models it loaded, once each.
+
+Models in the cache are shared by every user and never changed by a run: runs only open streaming sessions, and
+`StreamingSession` gives each run its own streaming state (moshi keeps streaming state on the modules, so a run
+installs its state only while it holds the model's lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import typing as tp
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from moshi.models.lm import LMModel
+
+from .checkpoints import LoadedCheckpoint, load
+from .codec import is_codec_dir
+from .ttt.apply import ttt_blocks
+
+logger = logging.getLogger(__name__)
+
+ENV_CHECKPOINTS = "MOSHI_TTT_CHECKPOINTS"  # os.pathsep-separated directories of checkpoints
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    name: str  # shown in the UI
+    ref: str  # what checkpoints.load receives
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A directory with a config.json that is not a codec's (the demo codec sits next to the checkpoints)."""
+    return path.is_dir() and (path / "config.json").is_file() and not is_codec_dir(path)
+
+
+def discover(directory: str | Path) -> list[CheckpointEntry]:
+    """A checkpoint directory itself, or the checkpoint directories directly inside it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    if _is_checkpoint_dir(directory):
+        return [CheckpointEntry(directory.name, str(directory.resolve()))]
+    found = [CheckpointEntry(p.name, str(p.resolve())) for p in sorted(directory.iterdir()) if _is_checkpoint_dir(p)]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint (a directory with config.json) in {directory}")
+    return found
+
+
+def build_allow_list(
+    directories: tp.Sequence[str | Path] = (), hub_refs: tp.Sequence[str] = (), use_env: bool = True
+) -> dict[str, CheckpointEntry]:
+    """Name -> entry, from directories (flag and MOSHI_TTT_CHECKPOINTS) and hf:// references; names are unique."""
+    dirs = [Path(d) for d in directories]
+    if use_env and os.environ.get(ENV_CHECKPOINTS):
+        dirs += [Path(d) for d in os.environ[ENV_CHECKPOINTS].split(os.pathsep) if d]
+    entries: dict[str, CheckpointEntry] = {}
+
+    def add(entry: CheckpointEntry) -> None:
+        name, n = entry.name, 2
+        while name in entries and entries[name].ref != entry.ref:
+            name, n = f"{entry.name} ({n})", n + 1
+        entries[name] = CheckpointEntry(name, entry.ref)
+
+    for d in dirs:
+        for entry in discover(d):
+            add(entry)
+    for ref in hub_refs:
+        if not ref.startswith("hf://"):
+            raise ValueError(f"--checkpoint takes hf://owner/repo references, got {ref!r}")
+        add(CheckpointEntry(ref.removeprefix("hf://"), ref))
+    return entries
+
+
+class ModelCache:
+    """Loads each allowed checkpoint once per process; thread-safe; hands out shared, read-only models."""
+
+    def __init__(self, allow_list: dict[str, CheckpointEntry], device: str = "cpu", dtype=torch.float32):
+        self.allow_list = allow_list
+        self.device = device
+        self.dtype = dtype
+        self._loaded: dict[str, LoadedCheckpoint] = {}
+        self._locks: dict[int, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.allow_list)
+
+    def get(self, name: str) -> LoadedCheckpoint:
+        """The loaded checkpoint of an allowed name; ValueError for any other name."""
+        entry = self.allow_list.get(name)
+        if entry is None:
+            raise ValueError(f"unknown checkpoint {name!r}; choose one of: {', '.join(self.allow_list) or 'none'}")
+        with self._lock:
+            if name not in self._loaded:
+                logger.info("loading checkpoint %s from %s", name, entry.ref)
+                loaded = load(entry.ref, device=self.device, dtype=self.dtype, load_mimi=True)
+                for param in loaded.model.parameters():
+                    param.requires_grad_(False)
+                self._loaded[name] = loaded
+                self._locks[id(loaded.model)] = threading.Lock()
+            return self._loaded[name]
+
+    def lock(self, model: LMModel) -> threading.Lock:
+        return self._locks[id(model)]
+
+
+def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
+    """Makes the non-TTT tensors of `ttt_model` the very tensors of `base_model` where they are equal.
+
+    Returns the number of tensors shared. Safe because cached models are never written to.
+    """
+    ttt_names = {f"transformer.layers.{i}.ttt." for i in ttt_blocks(ttt_model)}
+    base = dict(base_model.named_parameters())
+    shared = 0
+    for name, param in ttt_model.named_parameters():
+        if any(name.startswith(prefix) for prefix in ttt_names):
+            continue
+        other = base.get(name)
+        same = other is not None and other.shape == param.shape and other.dtype == param.dtype
+        if same and torch.equal(other, param):
+            param.data = other.data
+            shared += 1
+    return shared
+
+
+class StreamingSession:
+    """Runs one user's generator over a shared model with that user's own streaming state.
+
+    moshi keeps streaming state on the modules. Each `next()` takes the model's lock, installs this run's state,
+    advances the generator, then saves and removes the state, so concurrent runs interleave chunk by chunk
+    without seeing each other's KV caches or fast weights.
+    """
+
+    def __init__(self, model: LMModel, lock: threading.Lock, generator: Iterator):
+        self.model = model
+        self.lock = lock
+        self.generator = generator
+        self.state: dict[str, tp.Any] | None = None
+
+    def _swap_in(self) -> None:
+        if self.state is not None:
+            self.model.transformer.set_streaming_state(self.state)
+
+    def _swap_out(self) -> None:
+        transformer = self.model.transformer
+        state = transformer.get_streaming_state()
+        self.state = state if any(v is not None for v in state.values()) else None
+        transformer.set_streaming_state(dict.fromkeys(state))
+
+    def __iter__(self) -> StreamingSession:
+        return self
+
+    def __next__(self):
+        with self.lock:
+            self._swap_in()
+            try:
+                return next(self.generator)
+            finally:
+                self._swap_out()
+
+    def close(self) -> None:
+        with self.lock:
+            self._swap_in()
+            try:
+                self.generator.close()
+            finally:
+                self._swap_out()

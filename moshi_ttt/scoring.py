@@ -1,0 +1,284 @@
+"""Teacher-forced scoring of audio codes: per-token cross-entropy in three modes that give the same numbers.
+
+Notation: B batch rows, K = 8 audio codebooks of the Moshi stream, T steps (12.5 Hz), C chunk size, V card.
+
+- "full": one `LMModel.forward` over the whole sequence (moshi's own delays, undelay and masks).
+- "chunked": the temporal transformer streams `forward_text` chunks of C tokens; the depth transformer runs
+  `forward_depformer_training` on each chunk; only the [B, K, C] losses of a chunk are kept.
+- "stream": the temporal transformer (where the KV cache and the TTT fast weights live) steps one token at a time,
+  as in real-time use; the depth transformer, stateless across steps, runs over up to DEPTH_GROUP buffered steps.
+
+All three run inside a fresh streaming session of the temporal transformer (`exact_streaming`, whose KV cache is
+wide enough for the largest chunk, so every mode sees exactly the keys of the non-streaming forward, also past the
+attention window). A new session per call gives every file fresh TTT state; per-run TTT options are session
+options (`set_streaming_options`), never changes to the shared model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import typing as tp
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from moshi.models.lm import LMModel
+
+from .sequence import delayed_input, depformer_targets, model_codes
+from .streaming import exact_streaming
+from .telemetry import Telemetry, record
+from .ttt.apply import set_streaming_options, ttt_blocks
+
+logger = logging.getLogger(__name__)
+
+MODES = ("full", "chunked", "stream")
+DEFAULT_CHUNK_SIZE = 250  # tokens per chunk in "chunked" mode (20 s of audio), capped at the model's context
+# The depth transformer has no state across time steps (each step's 8 codebooks only), so "stream" mode runs it
+# over up to this many buffered steps at once: the same numbers, without its per-call overhead at every token.
+DEPTH_GROUP = 32
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How to score; the TTT options apply to this run only."""
+
+    # "full" (one LMModel.forward), "chunked" (chunks of chunk_size tokens) or "stream" (one token at a time).
+    mode: str = "chunked"
+    # Tokens per chunk in "chunked" mode; None: min(250, model context). Must not exceed the model's context.
+    chunk_size: int | None = None
+    # Inner-loop mini-batch size for this run; None: each TTT layer's own (its TTTConfig).
+    mini_batch_size: int | None = None
+    # Keep fast weights from one chunk to the next; None: each TTT layer's own. False resets them every chunk.
+    persistent_states: bool | None = None
+    # Record drift and inner-loop losses of the TTT layers (ScoreResult.telemetry).
+    telemetry: bool = True
+    # iter_score yields a partial result every `record_every` tokens (at chunk boundaries) and one at the end.
+    record_every: int = 250
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        if self.record_every < 1:
+            raise ValueError(f"record_every must be >= 1, got {self.record_every}")
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Per-token losses of audio codes under a model; partial while `tokens_done < total_tokens` (iter_score)."""
+
+    loss: torch.Tensor  # [B, K, tokens_done] float32 cross-entropy in nats, NaN where invalid
+    mask: torch.Tensor  # [B, K, tokens_done] bool: moshi's validity mask (delays, zero token)
+    telemetry: Telemetry | None  # TTT drift and inner-loop losses; None without TTT layers or when turned off
+    tokens_done: int  # steps of the input whose losses are final
+    total_tokens: int  # T of the input
+    elapsed_s: float  # wall time since scoring started
+
+    @property
+    def complete(self) -> bool:
+        return self.tokens_done == self.total_tokens
+
+    @property
+    def loss_per_token(self) -> torch.Tensor:
+        """[B, tokens_done]: mean over the valid codebooks of each step (NaN where none is valid)."""
+        return self.loss.nanmean(dim=1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_done / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+
+def _chunk_size(model: LMModel, cfg: ScoreConfig, steps: int) -> int:
+    if cfg.mode == "stream":
+        return 1
+    if cfg.mode == "full":
+        return max(steps, 1)
+    context = model.context
+    if cfg.chunk_size is None:
+        return DEFAULT_CHUNK_SIZE if context is None else min(DEFAULT_CHUNK_SIZE, context)
+    if context is not None and cfg.chunk_size > context:
+        raise ValueError(f"chunk_size {cfg.chunk_size} exceeds the model's attention context of {context} tokens")
+    return cfg.chunk_size
+
+
+def _check_model(model: LMModel) -> None:
+    if not isinstance(model, LMModel):
+        raise TypeError(f"score expects a moshi LMModel, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("score needs the model in eval mode; call model.eval() first")
+    if model.is_streaming or model.transformer.is_streaming:
+        raise ValueError("the model is already streaming; scoring opens its own streaming session")
+    if model.fuser is not None:
+        raise ValueError("conditioned models (with a fuser) are not supported by scoring")
+    if model.depformer is None:
+        raise ValueError("scoring needs a model with a depth transformer (dep_q > 0)")
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """logits [B, K, n, V], target [B, K, n] long -> [B, K, n] float32 (targets outside [0, V) give garbage)."""
+    V = logits.shape[-1]
+    flat = logits.float().reshape(-1, V).nan_to_num()  # [B * K * n, V]
+    loss = F.cross_entropy(flat, target.clamp(0, V - 1).reshape(-1), reduction="none")
+    return loss.view(target.shape)
+
+
+def iter_score(
+    model: LMModel,
+    audio_codes: torch.Tensor,
+    mode: str = "chunked",
+    chunk_size: int | None = None,
+    *,
+    mini_batch_size: int | None = None,
+    persistent_states: bool | None = None,
+    telemetry: bool = True,
+    record_every: int = 250,
+    config: ScoreConfig | None = None,
+) -> tp.Iterator[ScoreResult]:
+    """Scores `audio_codes` step by step, yielding partial results for live plots.
+
+    Args:
+        model: a moshi LMModel in eval mode (with or without TTT layers), not streaming.
+        audio_codes: [B, K, T] long Moshi-stream audio codes (K = model.dep_q = 8), on the model's device.
+        mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every: see ScoreConfig.
+        config: a ScoreConfig instead of the separate options (then leave those at their defaults).
+    Yields:
+        ScoreResult with the first `tokens_done` steps every `record_every` tokens (at chunk boundaries; the loss
+        and mask tensors are views that later steps do not change) and a last one with all T steps: the same
+        numbers as `score`.
+    Raises:
+        ValueError: for a bad mode, chunk size, option, codes or a model that cannot be scored.
+    """
+    cfg = _resolve_config(config, mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every)
+    _check_model(model)
+    codes = model_codes(model, audio_codes)  # [B, 1 + n_q, T]
+    B, _, T = codes.shape
+    if T == 0:
+        raise ValueError("there are no audio codes to score (T = 0)")
+    chunk = _chunk_size(model, cfg, T)
+    audio = slice(model.audio_offset, model.audio_offset + model.dep_q)
+    delays = model.delays[audio]
+    max_delay = max(delays)
+    loss = torch.full((B, model.dep_q, T), float("nan"), dtype=torch.float32, device=codes.device)
+    valid = codes[:, audio] != model.zero_token_id  # [B, K, T]
+    steps = torch.arange(T, device=codes.device)
+    mask = valid & torch.stack([steps < T - d for d in delays])[None]  # moshi's _undelay_sequence mask
+    start_time = time.perf_counter()
+    use_telemetry = cfg.telemetry and bool(ttt_blocks(model))
+
+    with ExitStack() as stack:
+        stack.enter_context(exact_streaming(model.transformer, B, chunk))
+        set_streaming_options(model, mini_batch_size=cfg.mini_batch_size, persistent_states=cfg.persistent_states)
+        recorder = stack.enter_context(record(model)) if use_telemetry else None
+        if cfg.mode == "full":
+            with torch.no_grad():
+                out = model(codes)  # LMOutput, logits [B, K, T, V] already undelayed
+                loss.copy_(torch.where(mask, _cross_entropy(out.logits, codes[:, audio]), loss))
+            del out
+        else:
+            inputs = delayed_input(model, codes)  # [B, 1 + n_q, T]: step s predicts delayed step s
+            targets = depformer_targets(model, codes)  # [B, 1 + n_q, T]
+            next_record = cfg.record_every
+            group = max(chunk, DEPTH_GROUP)  # delayed steps per depth-transformer call
+            pending, scored = [], 0  # temporal outputs of delayed steps [scored, stop) not yet through the depformer
+            for start in range(0, T, chunk):
+                stop = min(start + chunk, T)
+                with torch.no_grad():
+                    pending.append(model.forward_text(inputs[:, :, start:stop])[0])  # [B, n, dim]
+                if stop - scored < group and stop < T and stop - max_delay < next_record:
+                    continue
+                with torch.no_grad():
+                    _score_depth(model, targets, torch.cat(pending, dim=1), loss, scored, stop)
+                pending, scored = [], stop
+                done = T if stop == T else max(0, stop - max_delay)  # steps whose every codebook is scored
+                if next_record <= done < T:
+                    next_record = (done // cfg.record_every + 1) * cfg.record_every
+                    yield _result(loss, mask, recorder, done, T, start_time)
+        loss.masked_fill_(~mask, float("nan"))
+        final = _result(loss, mask, recorder, T, T, start_time)
+    yield final
+
+
+def _score_depth(model: LMModel, targets, transformer_out: torch.Tensor, loss: torch.Tensor, start: int, stop: int):
+    """Depth transformer and cross-entropy for delayed steps [start, stop); writes them, undelayed, into `loss`.
+
+    Args:
+        targets: [B, 1 + n_q, T] depformer targets (delayed codes); transformer_out: [B, stop - start, dim].
+        loss: [B, K, T] float32, written in place.
+    """
+    audio = slice(model.audio_offset, model.audio_offset + model.dep_q)
+    logits = model.forward_depformer_training(targets[:, :, start:stop], transformer_out)  # [B, K, n, V]
+    chunk_loss = _cross_entropy(logits, targets[:, audio, start:stop])  # [B, K, n]
+    # Undelay (moshi's _undelay_sequence): delayed step p of codebook k predicts step p - d_k of the codes.
+    for k, d in enumerate(model.delays[audio]):
+        lo = max(start, d)
+        if lo < stop:
+            loss[:, k, lo - d : stop - d] = chunk_loss[:, k, lo - start :]
+
+
+def _result(loss, mask, recorder, done: int, total: int, start_time: float) -> ScoreResult:
+    return ScoreResult(
+        loss=loss[:, :, :done],
+        mask=mask[:, :, :done],
+        telemetry=None if recorder is None else recorder.snapshot(),
+        tokens_done=done,
+        total_tokens=total,
+        elapsed_s=time.perf_counter() - start_time,
+    )
+
+
+def score(
+    model: LMModel,
+    audio_codes: torch.Tensor,
+    mode: str = "chunked",
+    chunk_size: int | None = None,
+    *,
+    mini_batch_size: int | None = None,
+    persistent_states: bool | None = None,
+    telemetry: bool = True,
+    config: ScoreConfig | None = None,
+) -> ScoreResult:
+    """Per-token teacher-forced cross-entropy of audio codes (DESIGN.md contract), from fresh TTT state.
+
+    Args:
+        model: a moshi LMModel in eval mode (with or without TTT layers), not streaming.
+        audio_codes: [B, K, T] long Moshi-stream audio codes (K = model.dep_q = 8), on the model's device.
+        mode: "full", "chunked" or "stream" (same numbers, different speed and memory).
+        chunk_size: tokens per chunk in "chunked" mode (None: min(250, context)).
+        mini_batch_size, persistent_states: TTT options for this run only (None: the layers' own).
+        telemetry: record drift and inner-loop losses of the TTT layers.
+        config: a ScoreConfig instead of the separate options.
+    Returns:
+        ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T] and telemetry.
+    """
+    *_, result = iter_score(
+        model,
+        audio_codes,
+        mode,
+        chunk_size,
+        mini_batch_size=mini_batch_size,
+        persistent_states=persistent_states,
+        telemetry=telemetry,
+        record_every=1 << 62,
+        config=None if config is None else _replace_record_every(config),
+    )
+    return result
+
+
+def _replace_record_every(cfg: ScoreConfig) -> ScoreConfig:
+    return replace(cfg, record_every=1 << 62)
+
+
+def _resolve_config(config, mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every):
+    if config is None:
+        return ScoreConfig(mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every)
+    if not isinstance(config, ScoreConfig):
+        raise TypeError(f"config must be a ScoreConfig, got {type(config).__name__}")
+    given = (mode, chunk_size, mini_batch_size, persistent_states, telemetry)
+    if given != ("chunked", None, None, None, True):
+        raise ValueError("pass either a ScoreConfig or separate options, not both")
+    return config

@@ -1,0 +1,93 @@
+"""Sweeps the researchers asked for, each returned as a table (a list of row dicts, one per setting).
+
+- mini-batch size of the inner loop (1, 4, 8, 16, 32 by default), per run, without changing the model;
+- persistent_states on and off;
+- context length: the mean loss over the first L tokens of one run (scoring is causal, so this equals scoring the
+  L-token prefix, without running the model again).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from moshi.models.lm import LMModel
+
+from .report import least_squares_slope, summarize
+from .scoring import ScoreResult, score
+
+DEFAULT_MINI_BATCH_SIZES = (1, 4, 8, 16, 32)
+
+
+def _row(result: ScoreResult, **setting) -> dict:
+    summary = summarize(result.loss[0])
+    return {
+        **setting,
+        "mean_loss": summary.mean_loss,
+        "perplexity": summary.perplexity,
+        "slope_per_1k_tokens": summary.slope_per_1k_tokens,
+        "tokens_per_s": result.tokens_per_s,
+    }
+
+
+def sweep_mini_batch_size(
+    model: LMModel,
+    audio_codes: torch.Tensor,
+    sizes: tuple[int, ...] = DEFAULT_MINI_BATCH_SIZES,
+    mode: str = "chunked",
+    chunk_size: int | None = None,
+) -> list[dict]:
+    """One row per inner-loop mini-batch size (batch row 0 of `audio_codes` [B, 8, T])."""
+    return [
+        _row(score(model, audio_codes, mode, chunk_size, mini_batch_size=b, telemetry=False), mini_batch_size=b)
+        for b in sizes
+    ]
+
+
+def sweep_persistent_states(
+    model: LMModel, audio_codes: torch.Tensor, mode: str = "chunked", chunk_size: int | None = None
+) -> list[dict]:
+    """Rows for persistent_states on (fast weights carried across chunks) and off (reset at every chunk)."""
+    return [
+        _row(score(model, audio_codes, mode, chunk_size, persistent_states=p, telemetry=False), persistent_states=p)
+        for p in (True, False)
+    ]
+
+
+def sweep_context_length(result: ScoreResult, lengths: tuple[int, ...] | None = None, window: int = 250) -> list[dict]:
+    """Mean loss over the first L tokens, and over the last `window` of them, for each L (batch row 0).
+
+    Args:
+        result: a complete ScoreResult.
+        lengths: prefix lengths in tokens (None: 250, 500, 1000, 2000, ... up to T, and T).
+    """
+    loss = result.loss[0].float()  # [K, T]
+    T = loss.shape[-1]
+    if lengths is None:
+        lengths, length = [], 250
+        while length < T:
+            lengths.append(length)
+            length *= 2
+        lengths.append(T)
+    per_token = loss.nanmean(dim=0)  # [T]
+    rows = []
+    for length in lengths:
+        if not 0 < length <= T:
+            raise ValueError(f"context lengths must lie in [1, {T}], got {length}")
+        prefix = loss[:, :length]
+        tail = per_token[max(0, length - window) : length]
+        rows.append(
+            {
+                "context_tokens": length,
+                "context_s": length / 12.5,
+                "mean_loss": _nanmean(prefix),
+                "mean_loss_last_window": _nanmean(tail),
+                "slope_per_1k_tokens": least_squares_slope(per_token[:length]),
+            }
+        )
+    return rows
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    finite = x[torch.isfinite(x)]
+    return float(finite.mean()) if finite.numel() else math.nan

@@ -1,0 +1,224 @@
+"""What the fast weights did while scoring: drift from W_base and inner-loop losses, per TTT layer and batch row.
+
+Notation: B batch rows, H heads, n tokens, D head dim, U mini-batch updates recorded so far.
+
+Recorded at every completed inner-loop mini-batch (DESIGN.md, "Telemetry"; the three curves of ttt-lm-jax's TTT
+stats):
+- drift ||W - W_base||_F / ||W_base||_F of W1, b1, W2, b2 after the update (absolute norm where W_base is zero);
+- the reconstruction loss l(W) = mean over heads and tokens of 1/2 |LN(f_W(k_s)) - target_s|^2 on the keys of that
+  mini-batch, at W_base, at the mini-batch's start W0 and after its update.
+
+The recorder only observes: forward hooks on the TTT blocks recompute the keys and targets from the block input, and
+the state's `on_update` hook (chunks of several tokens) or the position wrapping to 0 (single-token calls) marks an
+update. The numbers do not depend on how the sequence was chunked.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from moshi.models.lm import LMModel
+
+from .ttt.apply import ttt_blocks, ttt_states
+from .ttt.layer import TTTBlock, TTTState
+from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_target
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_NAMES = FastWeights._fields  # ("W1", "b1", "W2", "b2")
+
+
+@dataclass(frozen=True)
+class LayerTelemetry:
+    """Telemetry of one TTT layer; tensors are float32 on the CPU."""
+
+    update_step: torch.Tensor  # [U] long: transformer steps read when each update happened (a multiple of b)
+    drift: dict[str, torch.Tensor]  # name -> [B, U], drift of W1, b1, W2, b2 after each update
+    loss_base: torch.Tensor  # [B, U] inner loss of each mini-batch at W_base
+    loss_start: torch.Tensor  # [B, U] ... at the mini-batch's start weights W0
+    loss_after: torch.Tensor  # [B, U] ... after the mini-batch's update
+    final_drift: dict[str, torch.Tensor]  # name -> [B], drift of the fast weights at the end
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """Per-layer telemetry of one scoring run (layer index -> LayerTelemetry)."""
+
+    layers: dict[int, LayerTelemetry]
+    mini_batch_size: int
+
+
+def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Tensor]:
+    """||W - W_base||_F / ||W_base||_F per batch row for each weight; the absolute norm where W_base is zero.
+
+    Args:
+        weights: FastWeights with [B, H, ...] tensors; base: the same shapes (or broadcastable).
+    Returns:
+        name -> [B] float32 (float64 for float64 weights).
+    """
+    result = {}
+    for name, w, w0 in zip(WEIGHT_NAMES, weights, base, strict=True):
+        w0 = w0.expand_as(w)
+        diff = (w - w0).flatten(1).norm(dim=1)  # [B]
+        ref = w0.flatten(1).norm(dim=1)  # [B]
+        result[name] = torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny), diff)
+    return result
+
+
+def reconstruction_loss(
+    weights: FastWeights, xk: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor
+) -> torch.Tensor:
+    """Inner-loop loss mean_{h, s} 1/2 |LN(f_W(k_s)) - target_s|^2 per batch row (Sun et al. 2024, eq. 1).
+
+    Args:
+        weights: FastWeights [B, H, ...]; xk, target: [B, H, n, D]; ln_weight, ln_bias: [H, D].
+    Returns:
+        [B]
+    """
+    act = gelu_tanh(xk @ weights.W1 + weights.b1)  # [B, H, n, D] @ [B, H, D, F] -> [B, H, n, F]
+    pred = head_layer_norm(act @ weights.W2 + weights.b2, ln_weight, ln_bias)  # [B, H, n, F] @ [B, H, F, D]
+    return 0.5 * (pred - target).pow(2).sum(dim=-1).mean(dim=(1, 2))  # [B, H, n] -> [B]
+
+
+class _LayerRecorder:
+    """Follows one TTT block through a streaming session (all batch rows at the same position)."""
+
+    def pre_hook(self, block: TTTBlock, args: tuple) -> None:
+        # Hooks must return None (a forward pre-hook's return value would replace the block's input).
+        if block._streaming_state is self.state:
+            self.before(args[0])
+
+    def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
+        if block._streaming_state is self.state:
+            self.after()
+
+    def __init__(self, block: TTTBlock, state: TTTState):
+        self.block = block
+        self.state = state
+        self.keys: list[torch.Tensor] = []  # [B, H, n, D] pieces of the current mini-batch's keys
+        self.targets: list[torch.Tensor] = []
+        self.buffered = 0  # tokens in keys/targets
+        self.buffer_start = 0  # transformer step of the first buffered token
+        self.steps_read = 0  # transformer steps read so far in this session
+        self.single_start: FastWeights | None = None  # W0 before a single-token call that completes a mini-batch
+        self.update_step: list[int] = []
+        self.drift: dict[str, list[torch.Tensor]] = {name: [] for name in WEIGHT_NAMES}
+        self.loss_base: list[torch.Tensor] = []
+        self.loss_start: list[torch.Tensor] = []
+        self.loss_after: list[torch.Tensor] = []
+
+    def before(self, x: torch.Tensor) -> None:
+        """Forward pre-hook: buffers the chunk's keys and targets, as the block computes them."""
+        state, block = self.state, self.block
+        _, xk, xv, _ = block._project(block.norm(x))  # [B, H, n, D] in float32, exactly the block's inputs
+        target = reconstruction_target(xk, xv, block.ttt_norm_weight, block.ttt_norm_bias, block.cfg.target)
+        positions = state.position.unique()
+        if positions.numel() != 1:
+            raise ValueError("telemetry needs every batch row at the same inner-loop position")
+        position = 0 if not state.persistent else int(positions[0])
+        if not state.persistent:  # the block resets to W_base at the start of this call
+            self.keys, self.targets, self.buffered, self.buffer_start = [], [], 0, self.steps_read
+        if self.buffered != position:
+            raise ValueError(f"telemetry lost track of the inner loop: {self.buffered} tokens buffered at {position}")
+        self.keys.append(xk)
+        self.targets.append(target)
+        self.buffered += xk.shape[2]
+        self.steps_read += xk.shape[2]
+        self.single_start = None
+        if xk.shape[2] == 1 and position == state.mini_batch_size - 1:
+            start = state.fast_weights if state.persistent else state.base_weights(state.batch_size)
+            self.single_start = FastWeights(*(w.clone() for w in start))
+
+    def after(self) -> None:
+        """Forward hook: a single-token call that completed its mini-batch has no on_update call."""
+        if self.single_start is not None:
+            self.on_update(self.single_start, self.state.fast_weights)
+            self.single_start = None
+
+    def on_update(self, w_start: FastWeights, w_end: FastWeights) -> None:
+        """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update."""
+        b = self.state.mini_batch_size
+        keys, targets = torch.cat(self.keys, dim=2), torch.cat(self.targets, dim=2)  # [B, H, buffered, D]
+        xk, tgt = keys[:, :, :b], targets[:, :, :b]
+        self.keys, self.targets = [keys[:, :, b:]], [targets[:, :, b:]]
+        self.buffered -= b
+        self.buffer_start += b
+        block = self.block
+        ln = (block.ttt_norm_weight.to(xk.dtype), block.ttt_norm_bias.to(xk.dtype))
+        B = xk.shape[0]
+        base = self.state.base_weights(B).to(xk.dtype)
+        w_start, w_end = w_start.to(xk.dtype), w_end.to(xk.dtype)
+        # One batched call for the three losses: rows [W_base | W0 | W after the update].
+        triples = zip(base, w_start, w_end, strict=True)
+        stacked = FastWeights(*(torch.cat([w0.expand_as(w1), w1, w2]) for w0, w1, w2 in triples))
+        losses = reconstruction_loss(stacked, xk.repeat(3, 1, 1, 1), tgt.repeat(3, 1, 1, 1), *ln)  # [3B]
+        drifts = weight_drift(w_end, base)
+        values = torch.cat([losses, *drifts.values()]).float().cpu()  # one device-to-host copy
+        self.update_step.append(self.buffer_start)
+        self.loss_base.append(values[:B])
+        self.loss_start.append(values[B : 2 * B])
+        self.loss_after.append(values[2 * B : 3 * B])
+        for i, name in enumerate(drifts):
+            self.drift[name].append(values[(3 + i) * B : (4 + i) * B])
+
+    def snapshot(self) -> LayerTelemetry:
+        B = self.state.batch_size
+
+        def stack(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(values, dim=1) if values else torch.zeros(B, 0)  # [B, U]
+
+        state = self.state
+        final = weight_drift(state.fast_weights, state.base_weights(B).to(state.fast_weights.W1.dtype))
+        return LayerTelemetry(
+            update_step=torch.tensor(self.update_step, dtype=torch.long),
+            drift={name: stack(values) for name, values in self.drift.items()},
+            loss_base=stack(self.loss_base),
+            loss_start=stack(self.loss_start),
+            loss_after=stack(self.loss_after),
+            final_drift={name: value.float().cpu() for name, value in final.items()},
+        )
+
+
+class TelemetryRecorder:
+    """Records telemetry of every TTT layer of a model during one streaming session (see `record`)."""
+
+    def __init__(self, model: LMModel):
+        blocks, states = ttt_blocks(model), ttt_states(model)
+        self.layers = {i: _LayerRecorder(blocks[i], states[i]) for i in blocks}
+
+    def snapshot(self) -> Telemetry:
+        """The telemetry so far (copies: later steps do not change it)."""
+        sizes = {rec.state.mini_batch_size for rec in self.layers.values()}
+        return Telemetry(
+            layers={i: rec.snapshot() for i, rec in self.layers.items()},
+            mini_batch_size=sizes.pop() if len(sizes) == 1 else 0,
+        )
+
+
+@contextmanager
+def record(model: LMModel):
+    """Inside a streaming session of `model.transformer`: hooks that record telemetry until the block exits.
+
+    The hooks and `on_update` callbacks are removed on exit, so a shared model is left as it was.
+
+    Yields:
+        TelemetryRecorder; call `snapshot()` for the numbers.
+    """
+    recorder = TelemetryRecorder(model)
+    handles = []
+    try:
+        for rec in recorder.layers.values():
+            # A shared model may run other sessions between this one's steps (the app swaps streaming states in
+            # and out): the hooks only record forwards that run on this session's own state.
+            handles.append(rec.block.register_forward_pre_hook(rec.pre_hook))
+            handles.append(rec.block.register_forward_hook(rec.post_hook))
+            rec.state.on_update = rec.on_update
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+        for rec in recorder.layers.values():
+            rec.state.on_update = None

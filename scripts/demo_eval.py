@@ -1,0 +1,177 @@
+"""Evaluation of the demo assets and demo_assets/MANIFEST.md (used by scripts/build_demo_assets.py).
+
+Losses are teacher-forced cross-entropies (nats, mean over moshi's valid codebook positions) from
+`moshi_ttt.score(mode="full")`, which gives the same numbers as chunked and streaming scoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from demo_corpus import FRAME
+from safetensors.torch import load_file
+
+from moshi_ttt import score
+from moshi_ttt.checkpoints import load
+from moshi_ttt.codec import load_codec
+
+MODELS = ("fair_baseline", "ttt")  # in demo_assets/
+TARGET_GAIN, MAX_PLAIN_LOSS = 0.10, 0.02
+
+
+def _mean(loss: torch.Tensor, start: int = 0, stop: int | None = None) -> float:
+    """Mean of loss [K, T] over valid entries of steps [start, stop)."""
+    return float(loss[:, start:stop].nanmean())
+
+
+def _score_clips(model, codes: dict[str, torch.Tensor], index: dict) -> dict:
+    out = {}
+    for name, clip_codes in codes.items():
+        result = score(model, clip_codes[None], mode="full")
+        loss = result.loss[0]  # [K, T]
+        entry = {"all": _mean(loss), "tokens": clip_codes.shape[1]}
+        readings = index[name]["readings"]
+        for i, (start, stop) in enumerate(readings):
+            entry[f"reading{i + 1}"] = _mean(loss, start // FRAME, stop // FRAME)
+        if readings:
+            frames = [(s // FRAME, e // FRAME) for s, e in readings[1:]]
+            entry["readings23"] = float(torch.cat([loss[:, s:e] for s, e in frames], dim=1).nanmean())
+        if result.telemetry is not None:
+            entry["final_drift_W1"] = {
+                str(i): float(t.final_drift["W1"][0]) for i, t in result.telemetry.layers.items()
+            }
+        out[name] = entry
+    return out
+
+
+def evaluate(work: Path, out: Path) -> dict:
+    """Scores the held-out clips with the saved assets (and the work dir's baseline, for reference)."""
+    index = json.loads((work / "corpus" / "index.json").read_text())
+    all_codes = load_file(str(work / "codes.safetensors"))
+    codes = {n: all_codes[n].long() for n, v in index.items() if v["split"] == "heldout"}
+    start = time.time()
+    mimi = load_codec(out / "codec")
+    loaded = {name: load(str(out / name)).model for name in MODELS}
+    load_s = time.time() - start
+    loaded["baseline"] = load(str(work / "baseline")).model
+    results = {"load_assets_s": load_s, "models": {}}
+    for name, model in loaded.items():
+        with torch.no_grad():
+            results["models"][name] = _score_clips(model, codes, index)
+    repeat = [n for n in codes if index[n]["kind"] == "repeat"]
+    plain = [n for n in codes if index[n]["kind"] == "plain"]
+
+    def avg(model: str, names: list[str], key: str) -> float:
+        return sum(results["models"][model][n][key] for n in names) / len(names)
+
+    summary = {}
+    for model in results["models"]:
+        summary[model] = {
+            "repeat_reading1": avg(model, repeat, "reading1"),
+            "repeat_readings23": avg(model, repeat, "readings23"),
+            "plain": avg(model, plain, "all"),
+        }
+    fair, ttt = summary["fair_baseline"], summary["ttt"]
+    summary["ttt_gain_readings23"] = 1 - ttt["repeat_readings23"] / fair["repeat_readings23"]
+    summary["ttt_gain_plain"] = 1 - ttt["plain"] / fair["plain"]
+    demo = "heldout_repeat_00"
+    summary["ttt_gain_demo_repeat_readings23"] = 1 - (
+        results["models"]["ttt"][demo]["readings23"] / results["models"]["fair_baseline"][demo]["readings23"]
+    )
+    summary["pass_repeat"] = summary["ttt_gain_readings23"] >= TARGET_GAIN
+    summary["pass_plain"] = summary["ttt_gain_plain"] >= -MAX_PLAIN_LOSS
+    results["summary"] = summary
+    results["codec_frame_check"] = mimi.frame_size == FRAME
+    (work / "eval.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(summary, indent=1))
+    return results
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(work: Path, out: Path, results: dict) -> None:
+    """demo_assets/MANIFEST.md: how each file was made, sizes, checksums, the evaluation numbers."""
+    s = results["summary"]
+    codec = json.loads((work / "codec_report.json").read_text())
+    timings = {}
+    for path in sorted(work.glob("timings*.json")):
+        suffix = path.stem.removeprefix("timings").lstrip("_")
+        timings.update({f"{k} ({suffix})" if suffix else k: v for k, v in json.loads(path.read_text()).items()})
+    extra = {m: json.loads((work / f"extra_losses_{m}.json").read_text()) for m in MODELS}
+    commands_path = work / "commands.json"
+    commands = json.loads(commands_path.read_text()) if commands_path.exists() else {}
+    ttt_cfg = json.loads((out / "ttt" / "config.json").read_text())["ttt"]
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in ("MANIFEST.md", "SHA256SUMS"))
+    rows = [f"| `{p.relative_to(out)}` | {p.stat().st_size:,} | `{_sha256(p)[:16]}` |" for p in files]
+    total_mb = sum(p.stat().st_size for p in files) / 2**20
+    lines = [
+        "# demo_assets",
+        "",
+        "Built by `scripts/build_demo_assets.py` (seeded, CPU only; needs `espeak-ng`). Everything here is small and",
+        "synthetic: it shows the mechanism, not the quality of a real Moshi.",
+        "",
+        "## Files",
+        "",
+        "| file | bytes | sha256 (first 16 hex) |",
+        "|---|---:|---|",
+        *rows,
+        "",
+        f"Total: {total_mb:.1f} MB. Full checksums: `sha256sum` of the files; `SHA256SUMS` in this directory.",
+        "",
+        "## How they were made",
+        "",
+        "- `demo_repeat.wav` / `.txt`: a held-out clip (never trained on): a ~12 s passage read three times by one",
+        "  espeak-ng voice, with different filler sentences between the readings. The readings are sample-identical",
+        "  and start on codec-frame boundaries, so their codes repeat almost exactly: the easiest case of memory.",
+        "  `demo_plain.wav` / `.txt`: held-out speech that never repeats. 24 kHz mono, 16-bit PCM.",
+        "- `codec/`: a Mimi-architecture codec from moshi's own classes (SEANet encoder/decoder with Mimi's ratios",
+        "  8,6,5,4, one projected transformer layer each side, conv downsampling to 12.5 Hz,",
+        "  SplitResidualVectorQuantizer with 1 + 7 codebooks of 256 entries). The encoder, decoder and projections",
+        "  are *random* (not trained); only the codebooks are fit, with moshi's k-means init and EMA updates",
+        f"  ({codec['passes']} training-mode passes over the training corpus). The decoder is untrained, so decoded",
+        "  audio is noise; the codes are what matter.",
+        "  Load with `moshi_ttt.codec.load_codec('demo_assets/codec')`.",
+        "- `fair_baseline/`, `ttt/`: our checkpoint format (`moshi_ttt.checkpoints.load`). Both start from the same",
+        "  baseline LM (moshi `LMModel`, dim 128, 4 layers, attention context 50 tokens = 4 s, 8 codebooks), trained",
+        "  on the corpus codes, then get the same extra outer-loop training (`moshi_ttt.train.Trainer`, all weights,",
+        "  chunks read in order with the TTT state carried): `ttt/` with TTT layers, `fair_baseline/` without.",
+        f"  TTT: layers {ttt_cfg['layers']} of 4, mini-batch {ttt_cfg['mini_batch_size']} tokens, base_lr "
+        f"{ttt_cfg['base_lr']}, gate alpha init {ttt_cfg['gating_alpha_init']} (all in `ttt/config.json`).",
+        f"  Extra steps: {len(extra['ttt'])}; last-50-step mean training loss: ttt "
+        f"{sum(extra['ttt'][-50:]) / 50:.4f}, fair baseline {sum(extra['fair_baseline'][-50:]) / 50:.4f}.",
+        "",
+        "## Evaluation (held-out clips; nats per codebook entry)",
+        "",
+        f"- Codebook usage on {codec['heldout_frames']} held-out frames: "
+        + ", ".join(f"{u:.0%}" for u in codec["usage_heldout"]),
+        "",
+        "| model | repeat clips: 1st reading | repeat clips: 2nd+3rd readings | non-repeating clips |",
+        "|---|---:|---:|---:|",
+    ]
+    for model in ("baseline", "fair_baseline", "ttt"):
+        m = s[model]
+        lines.append(f"| {model} | {m['repeat_reading1']:.4f} | {m['repeat_readings23']:.4f} | {m['plain']:.4f} |")
+    lines += [
+        "",
+        f"- TTT vs fair baseline, 2nd+3rd readings: {s['ttt_gain_readings23']:+.1%} lower loss "
+        f"(target >= {TARGET_GAIN:.0%}: {'met' if s['pass_repeat'] else 'NOT met'}); on `demo_repeat.wav` alone: "
+        f"{s['ttt_gain_demo_repeat_readings23']:+.1%}.",
+        f"- Non-repeating speech: TTT {s['ttt_gain_plain']:+.1%} lower loss than the fair baseline "
+        f"(allowed: no worse than {MAX_PLAIN_LOSS:.0%}: {'met' if s['pass_plain'] else 'NOT met'}).",
+        f"- Loading codec + both checkpoints: {results['load_assets_s']:.2f} s on this CPU.",
+        f"- Build time per stage (s, on 2 cores shared with other jobs): "
+        f"{json.dumps({k: round(v) for k, v in timings.items()})}.",
+        "",
+        "## Commands that built these files (NO_TORCH_COMPILE=1; work dir outside the repo)",
+        "",
+        *(f"- `{c}`" for c in commands.values()),
+        "",
+    ]
+    (out / "MANIFEST.md").write_text("\n".join(lines))
+    (out / "SHA256SUMS").write_text("".join(f"{_sha256(p)}  {p.relative_to(out)}\n" for p in files))

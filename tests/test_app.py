@@ -1,0 +1,137 @@
+"""The app: figure builder, handlers without a server, and the real server through gradio_client."""
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+
+import app
+from moshi_ttt.live import LiveConfig, compare_file
+from moshi_ttt.live_plots import live_figure
+from moshi_ttt.registry import ModelCache, build_allow_list
+
+
+def run_handler_to_end(cache, clip, mode="chunked", mini_batch_size=4):
+    outputs = list(app.run_handler(cache)(str(clip), "baseline", "ttt", mini_batch_size, True, mode, 60))
+    return outputs
+
+
+def test_allow_list_names_checkpoints_and_skips_the_codec(assets):
+    entries = build_allow_list([assets / "checkpoints", assets / "other"], use_env=False)
+    assert sorted(entries) == ["baseline", "ttt", "wide_vocab"]
+    with pytest.raises(ValueError, match="unknown checkpoint"):
+        ModelCache(entries).get("/etc/passwd")
+
+
+def test_live_figure_has_two_panels_with_traces_per_run_and_layer():
+    fig = live_figure(
+        {"baseline": [2.0, 1.9, float("nan"), 1.7], "ttt": [2.0, 1.8, 1.6, 1.5]},
+        {"1": {"W1": [0.1, 0.2], "W2": [0.05, 0.1], "t": [2, 4]}, "2": {"W1": [0.3], "W2": [0.2], "t": [2]}},
+        total_tokens=10,
+    )
+    loss_traces = [t for t in fig.data if t.xaxis == "x"]
+    drift_traces = [t for t in fig.data if t.xaxis == "x2"]
+    assert {t.name for t in loss_traces if t.showlegend is not False} == {"baseline", "TTT"}
+    assert len(loss_traces) == 4  # raw (faint) and smoothed (bold) for each run
+    assert {t.name for t in drift_traces} == {"layer 1 W1", "layer 1 W2", "layer 2 W1", "layer 2 W2"}
+    assert fig.layout.xaxis.title.text.startswith("time (s)") and fig.layout.yaxis2.title.text == "relative drift"
+    assert fig.layout.uirevision == "moshi-ttt-live"
+    assert list(fig.layout.xaxis.range) == [0, 10 / 12.5]
+
+
+def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
+    outputs = run_handler_to_end(cache, assets / "a.wav")
+    assert len(outputs) >= 2  # at least one live update before the final one
+    figure, rows, files, notes = outputs[-1]
+    assert [r[0] for r in rows] == ["baseline", "ttt"]
+    names = sorted(Path(f).name for f in files)
+    assert names == ["report.html", "results.csv", "results.json"]
+    doc = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    assert doc["version"] == 1 and set(doc["runs"]) == {"baseline", "ttt"}
+    run = doc["runs"]["ttt"]
+    assert run["tokens"] == len(run["loss_per_token"]) == math.ceil(3.0 * 12.5)
+    assert run["drift"] and all(len(d["W1"]) == len(d["t"]) > 0 for d in run["drift"].values())
+    ttt_drift = [t for t in figure.data if t.xaxis == "x2"]
+    assert len(ttt_drift) == 4
+
+
+def test_live_and_chunked_modes_give_the_same_losses(assets, cache):
+    def losses(mode):
+        cfg = LiveConfig(mode=mode, mini_batch_size=4)
+        *_, last = compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", cfg, 60)
+        return {k: np.array(v["loss_per_token"], dtype=float) for k, v in last.document["runs"].items()}
+
+    a, b = losses("chunked"), losses("stream")
+    for run in a:
+        np.testing.assert_allclose(a[run], b[run], atol=1e-4, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("clip", "baseline", "message"),
+    [
+        ("garbage.wav", "baseline", "could not be read as audio"),
+        ("missing.wav", "baseline", "does not exist"),
+        ("a.wav", "wide_vocab", "do not read the same audio codes"),
+    ],
+    ids=["garbage", "missing", "incompatible"],
+)
+def test_bad_input_is_one_readable_error(assets, cache, clip, baseline, message):
+    handler = app.run_handler(cache)
+    with pytest.raises(gr.Error, match=message):
+        list(handler(str(assets / clip), baseline, "ttt", 4, True, "chunked", 60))
+    with pytest.raises(gr.Error, match="Upload or record"):
+        list(handler(None, "baseline", "ttt", 4, True, "chunked", 60))
+
+
+def _predict(client, clip):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(clip)), "baseline", "ttt", 4, True, "chunked", 60, api_name="/run")
+
+
+def _losses(result) -> dict:
+    files = result[2]
+    path = next(f["path"] if isinstance(f, dict) else f for f in files if str(f).endswith("json") or "json" in str(f))
+    doc = json.loads(Path(path).read_text())
+    return {run: rec["loss_per_token"] for run, rec in doc["runs"].items()}
+
+
+def test_end_to_end_through_gradio_client(server, assets):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    result = _predict(client, assets / "a.wav")
+    assert result[1]["data"][0][0] == "baseline"
+    assert set(_losses(result)) == {"baseline", "ttt"}
+    with pytest.raises(Exception, match="could not be read as audio"):
+        _predict(client, assets / "garbage.wav")
+    again = _predict(client, assets / "b.wav")  # the app keeps serving
+    assert set(_losses(again)) == {"baseline", "ttt"}
+
+
+def test_two_concurrent_jobs_get_their_solo_results(server, assets):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    solo = {clip: _losses(_predict(client, assets / clip)) for clip in ("a.wav", "b.wav")}
+    results, errors = {}, []
+
+    def job(clip):
+        try:
+            results[clip] = _losses(_predict(Client(server, verbose=False), assets / clip))
+        except Exception as e:  # noqa: BLE001 - collected and re-raised by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(clip,)) for clip in ("a.wav", "b.wav")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for clip in ("a.wav", "b.wav"):
+        for run in ("baseline", "ttt"):
+            np.testing.assert_array_equal(np.array(results[clip][run], float), np.array(solo[clip][run], float))

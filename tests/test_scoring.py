@@ -1,0 +1,142 @@
+"""Scoring: full == chunked == stream past the attention window, == LMModel.forward, and no state leak."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import CONTEXT, random_audio_codes, tiny_lm
+
+from moshi_ttt import ScoreConfig, TTTConfig, apply_ttt, iter_score, score, ttt_blocks
+from moshi_ttt.sequence import model_codes
+
+T = 45  # longer than the 16-token attention window of the tiny models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny per-token ops: one thread avoids OpenMP hand-offs that dominate on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ttt_lm(b: int, seed: int = 0, n_q: int = 8, **cfg):
+    cfg = {"layers": "1,2", "base_lr": 1.0, "gating_alpha_init": 0.5, **cfg}
+    return apply_ttt(tiny_lm(seed, n_q=n_q), TTTConfig(mini_batch_size=b, **cfg))
+
+
+MODELS = {
+    "baseline": lambda: tiny_lm(0),
+    "baseline_16cb": lambda: tiny_lm(0, n_q=16),
+    "ttt_b1": lambda: ttt_lm(1),
+    "ttt_b4": lambda: ttt_lm(4),
+    "ttt_b16": lambda: ttt_lm(16),
+    "ttt_b4_16cb": lambda: ttt_lm(4, n_q=16),
+}
+
+
+def forward_loss(model, audio_codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy [B, 8, T] straight from a non-streaming LMModel.forward, NaN where moshi's mask is False."""
+    with torch.no_grad():
+        out = model(model_codes(model, audio_codes))
+    loss = F.cross_entropy(out.logits.flatten(0, 2).nan_to_num(), audio_codes.flatten(), reduction="none")
+    return torch.where(out.mask, loss.view(audio_codes.shape), torch.nan)
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_three_modes_agree_past_the_window_and_match_lm_forward(name):
+    model = MODELS[name]()
+    codes = random_audio_codes(2, T, seed=1)
+    reference = forward_loss(model, codes)
+    full = score(model, codes, "full")
+    assert full.loss.shape == (2, 8, T) and full.loss.dtype == torch.float32
+    assert_same(full.loss, reference)
+    assert torch.equal(full.mask, ~reference.isnan())
+    assert full.mask[:, 1:, -1].logical_not().all() and full.mask[:, 0].all()  # the delayed codebooks lose a step
+    for chunk_size in (7, CONTEXT):
+        assert_same(score(model, codes, "chunked", chunk_size).loss, full.loss)
+    assert_same(score(model, codes, "stream").loss, full.loss)
+
+
+@pytest.mark.parametrize("b", [1, 4, 16], ids=lambda b: f"b{b}")
+def test_per_run_mini_batch_size_equals_a_model_built_with_it_and_leaves_the_model_alone(b):
+    shared = ttt_lm(16)  # same seed: the same weights whatever the mini-batch size
+    built = ttt_lm(b)
+    codes = random_audio_codes(1, T, seed=2)
+    before = score(shared, codes, "chunked", 7).loss
+    for mode in ("full", "chunked", "stream"):
+        assert_same(score(shared, codes, mode, 7 if mode == "chunked" else None, mini_batch_size=b).loss,
+                    score(built, codes, "full").loss)  # fmt: skip
+    assert all(block.cfg.mini_batch_size == 16 for block in ttt_blocks(shared).values())
+    assert_same(score(shared, codes, "chunked", 7).loss, before, atol=0)
+
+
+def test_scoring_a_then_b_gives_b_its_solo_losses():
+    model = ttt_lm(4)
+    a, b = random_audio_codes(1, T, seed=3), random_audio_codes(1, 30, seed=4)
+    for mode in ("chunked", "stream", "full"):
+        solo = score(model, b, mode, 7 if mode == "chunked" else None).loss
+        score(model, a, mode, 7 if mode == "chunked" else None)
+        after = score(model, b, mode, 7 if mode == "chunked" else None).loss
+        assert_same(after, solo, atol=0), mode
+
+
+def test_rows_of_a_batch_are_scored_independently():
+    model = ttt_lm(4)
+    codes = random_audio_codes(3, T, seed=5)
+    batch = score(model, codes, "chunked", 8).loss
+    for row in range(3):
+        assert_same(score(model, codes[row : row + 1], "chunked", 8).loss, batch[row : row + 1], atol=1e-5)
+
+
+def test_persistent_states_off_resets_the_fast_weights_every_chunk():
+    model = ttt_lm(4)
+    codes = random_audio_codes(1, T, seed=6)
+    on = score(model, codes, "chunked", 8).loss
+    off = score(model, codes, "chunked", 8, persistent_states=False).loss
+    assert_same(off[..., :7], on[..., :7])  # the first chunk (steps 0-7, delays 0/1) is the same
+    assert not torch.allclose(off.nan_to_num(), on.nan_to_num())
+
+
+def test_iter_score_yields_growing_prefixes_that_end_with_the_score():
+    model = ttt_lm(4)
+    codes = random_audio_codes(2, T, seed=7)
+    results = list(iter_score(model, codes, "stream", record_every=10))
+    done = [r.tokens_done for r in results]
+    assert done == [10, 20, 30, 40, T]
+    final = results[-1]
+    assert final.complete and final.loss.shape == (2, 8, T)
+    assert_same(final.loss, score(model, codes, "stream").loss, atol=0)
+    for partial in results[:-1]:
+        assert not partial.complete
+        assert_same(partial.loss, final.loss[..., : partial.tokens_done], atol=0)
+        assert len(partial.telemetry.layers[1].update_step) <= len(final.telemetry.layers[1].update_step)
+    chunked = list(iter_score(model, codes, config=ScoreConfig(mode="chunked", chunk_size=16, record_every=10)))
+    assert [r.tokens_done for r in chunked] == [15, 31, T]  # at chunk ends, minus the one-step delay
+    assert_same(chunked[-1].loss, final.loss)
+    assert final.loss_per_token.shape == (2, T) and final.tokens_per_s > 0
+
+
+def test_bad_requests_are_clear_value_errors():
+    model = tiny_lm(0)
+    codes = random_audio_codes(1, 10)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        score(model, codes, "fast")
+    with pytest.raises(ValueError, match="exceeds the model's attention context of 16"):
+        score(model, codes, "chunked", 17)
+    with pytest.raises(ValueError, match="no audio codes"):
+        score(model, codes[..., :0])
+    with pytest.raises(ValueError, match="audio codebooks"):
+        score(model, codes[:, :4])
+    with pytest.raises(ValueError, match="either a ScoreConfig or separate options"):
+        score(model, codes, "full", config=ScoreConfig())
+    with pytest.raises(ValueError, match="eval mode"):
+        score(model.train(), codes)
+    model.eval()
+    with model.streaming(1), pytest.raises(ValueError, match="already streaming"):
+        score(model, codes)
+    assert score(model, codes).telemetry is None  # no TTT layers: nothing to record
