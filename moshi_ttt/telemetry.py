@@ -86,15 +86,6 @@ def reconstruction_loss(
 class _LayerRecorder:
     """Follows one TTT block through a streaming session (all batch rows at the same position)."""
 
-    def pre_hook(self, block: TTTBlock, args: tuple) -> None:
-        # Hooks must return None (a forward pre-hook's return value would replace the block's input).
-        if block._streaming_state is self.state:
-            self.before(args[0])
-
-    def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
-        if block._streaming_state is self.state:
-            self.after()
-
     def __init__(self, block: TTTBlock, state: TTTState):
         self.block = block
         self.state = state
@@ -109,6 +100,15 @@ class _LayerRecorder:
         self.loss_base: list[torch.Tensor] = []
         self.loss_start: list[torch.Tensor] = []
         self.loss_after: list[torch.Tensor] = []
+
+    def pre_hook(self, block: TTTBlock, args: tuple) -> None:
+        # Hooks must return None (a forward pre-hook's return value would replace the block's input).
+        if block._streaming_state is self.state:
+            self.before(args[0])
+
+    def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
+        if block._streaming_state is self.state:
+            self.after()
 
     def before(self, x: torch.Tensor) -> None:
         """Forward pre-hook: buffers the chunk's keys and targets, as the block computes them."""
@@ -187,7 +187,10 @@ class TelemetryRecorder:
 
     def __init__(self, model: LMModel):
         blocks, states = ttt_blocks(model), ttt_states(model)
-        self.layers = {i: _LayerRecorder(blocks[i], states[i]) for i in blocks}
+        # Legacy blocks (older checkpoints, ttt/legacy.py) keep another state layout: no telemetry for them.
+        self.layers = {i: _LayerRecorder(b, states[i]) for i, b in blocks.items() if isinstance(b, TTTBlock)}
+        if len(self.layers) < len(blocks):
+            logger.info("no telemetry for the %d legacy TTT layers", len(blocks) - len(self.layers))
 
     def snapshot(self) -> Telemetry:
         """The telemetry so far (copies: later steps do not change it)."""

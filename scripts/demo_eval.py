@@ -137,10 +137,15 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         f"  ({codec['passes']} training-mode passes over the training corpus). The decoder is untrained, so decoded",
         "  audio is noise; the codes are what matter.",
         "  Load with `moshi_ttt.codec.load_codec('demo_assets/codec')`.",
+        "- Corpus: seeded sentences from a small word list, six espeak-ng speakers; 100 clips of ~20 s that never",
+        "  repeat (the baseline's data), 80 clips of ~45 s where a ~10 s passage comes back twice (the extra",
+        "  training's data), and held-out clips of both kinds (never trained on; the evaluation below).",
         "- `fair_baseline/`, `ttt/`: our checkpoint format (`moshi_ttt.checkpoints.load`). Both start from the same",
-        "  baseline LM (moshi `LMModel`, dim 128, 4 layers, attention context 50 tokens = 4 s, 8 codebooks), trained",
-        "  on the corpus codes, then get the same extra outer-loop training (`moshi_ttt.train.Trainer`, all weights,",
-        "  chunks read in order with the TTT state carried): `ttt/` with TTT layers, `fair_baseline/` without.",
+        "  baseline LM (moshi `LMModel`, dim 128, 4 layers, attention context 50 tokens = 4 s, 8 codebooks, random",
+        "  crops of 100 tokens of the non-repeating clips), then get the same extra outer-loop training",
+        "  (`moshi_ttt.train.Trainer`, all weights, same steps, data, order and learning rates; the clips with",
+        "  repeated passages read in chunks, in order, with the TTT state carried): `ttt/` with TTT layers,",
+        "  `fair_baseline/` without.",
         f"  TTT: layers {ttt_cfg['layers']} of 4, mini-batch {ttt_cfg['mini_batch_size']} tokens, base_lr "
         f"{ttt_cfg['base_lr']}, gate alpha init {ttt_cfg['gating_alpha_init']} (all in `ttt/config.json`).",
         f"  Extra steps: {len(extra['ttt'])}; last-50-step mean training loss: ttt "

@@ -13,7 +13,7 @@ from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
-from moshi_ttt import exact_streaming, load, save
+from moshi_ttt import exact_streaming, load, save, score, ttt_blocks
 from moshi_ttt.checkpoints import common
 from moshi_ttt.sequence import delayed_input, model_codes
 
@@ -336,3 +336,21 @@ def test_ttt_only_checkpoint_without_base_names_the_hub_base(tmp_path, monkeypat
     write_fork_checkpoint(tmp_path / "c", layout="flat", depth=2, full=False, use_rope=False)
     with pytest.raises(FileNotFoundError, match="huggingface-cli download kyutai/moshiko-pytorch-bf16"):
         load(tmp_path / "c")
+
+
+def test_legacy_models_score_and_refuse_another_mini_batch_size(tmp_path, base_dir):
+    """Scoring runs on legacy layers (no telemetry for them). Non-causal mini-batches see their whole mini-batch,
+    so chunks made of whole mini-batches reproduce "full" while token-by-token reading cannot (it never sees ahead).
+    """
+    write_fork_checkpoint(tmp_path / "c", layout="ttt_layer", depth=2, full=False, use_rope=False)
+    leaky = load(tmp_path / "c", base=str(base_dir)).model
+    causal = load(tmp_path / "c", base=str(base_dir), legacy_causal=True).model
+    codes = random_audio_codes(1, 12, seed=5)
+    b = next(iter(ttt_blocks(leaky).values())).cfg.mini_batch_size
+    full = score(leaky, codes, "full").loss
+    torch.testing.assert_close(score(leaky, codes, "chunked", chunk_size=b).loss, full, equal_nan=True)
+    assert not torch.allclose(score(leaky, codes, "stream").loss, full, equal_nan=True)
+    causal_full = score(causal, codes, "full").loss
+    torch.testing.assert_close(score(causal, codes, "stream").loss, causal_full, equal_nan=True, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="legacy TTT layer"):
+        score(leaky, codes, "full", mini_batch_size=b + 1)

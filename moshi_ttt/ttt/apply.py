@@ -97,7 +97,12 @@ def set_streaming_options(
 
     Several users can share one model: each streaming session holds its own mini-batch size and persistence.
     """
-    for state in ttt_states(model).values():
+    for layer, state in ttt_states(model).items():
+        if mini_batch_size is not None and not isinstance(state, TTTState) and mini_batch_size != state.mini_batch_size:
+            raise ValueError(
+                f"layer {layer} is a legacy TTT layer: its mini-batch size ({state.mini_batch_size}) is part of the "
+                "checkpoint's math and cannot change"
+            )
         if mini_batch_size is not None:
             if mini_batch_size < 1:
                 raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
