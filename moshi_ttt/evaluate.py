@@ -33,7 +33,9 @@ from .ttt.apply import ttt_blocks
 
 logger = logging.getLogger(__name__)
 
-DEMO_CHECKPOINTS = {"baseline": Path("demo_assets/baseline"), "ttt": Path("demo_assets/ttt")}
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_assets"
+# The demo's baseline is the fair one: the same extra training as the TTT model, without TTT.
+DEMO_CHECKPOINTS = {"baseline": DEMO_DIR / "fair_baseline", "ttt": DEMO_DIR / "ttt"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--audio", nargs="+", type=Path, help="audio files (anything libsndfile reads)")
     src.add_argument("--manifest", type=Path, help='JSONL with one {"path": ..., "duration": ...} per line')
-    p.add_argument("--baseline", help="baseline checkpoint (default: demo_assets/baseline when it exists)")
+    p.add_argument("--baseline", help="baseline checkpoint (default: demo_assets/fair_baseline when it exists)")
     p.add_argument("--ttt", help="TTT checkpoint (default: demo_assets/ttt when it exists)")
     p.add_argument("--mode", choices=MODES, default="chunked")
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: min(250, context))")

@@ -188,7 +188,7 @@ def stage_baseline(work: Path, seed: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     rng = random.Random(seed)
     weights = [f.shape[1] for f in files]
-    losses = []
+    losses, heldout_losses = [], {}
     for step in range(cfg["steps"]):
         crops = []
         for f in rng.choices(files, weights=weights, k=cfg["batch_size"]):
@@ -208,10 +208,11 @@ def stage_baseline(work: Path, seed: int) -> None:
                 model.eval()
                 val = [audio_loss(model, model_codes(model, c[None])).item() for c in heldout]
                 model.train()
+            heldout_losses[step + 1] = float(np.mean(val))
             train_loss = np.mean(losses[-50:])
             log(f"baseline step {step + 1}/{cfg['steps']}: loss {train_loss:.4f}, held out {np.mean(val):.4f}")
     save(work / "baseline", model, lm_config=LM_CONFIG, overwrite=True)
-    (work / "baseline_losses.json").write_text(json.dumps(losses))
+    (work / "baseline_losses.json").write_text(json.dumps({"train": losses, "heldout": heldout_losses}))
 
 
 # ---------------------------------------------------------------- ttt + fair baseline

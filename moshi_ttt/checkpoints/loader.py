@@ -66,7 +66,9 @@ def load(
         # A relative codec path in a local checkpoint is relative to the checkpoint's directory; resolved, so that
         # two checkpoints naming the same codec compare equal.
         local = Path(ref) if Path(ref).is_dir() else Path(ref).parent
-        ckpt = dataclasses.replace(ckpt, mimi_ref=str((local / ckpt.mimi_ref).resolve()))
+        candidate = local / ckpt.mimi_ref
+        codec = candidate if not Path(ckpt.mimi_ref).is_absolute() and candidate.exists() else Path(ckpt.mimi_ref)
+        ckpt = dataclasses.replace(ckpt, mimi_ref=str(codec.resolve()))
     if load_mimi and ckpt.mimi_ref is not None:
         mimi = load_mimi_codec(ckpt.mimi_ref, ckpt.lm_config, device=device)
         ckpt = dataclasses.replace(ckpt, mimi=mimi)
