@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -26,16 +27,10 @@ from moshi.models.lm import LMModel  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, score  # noqa: E402
 
-DEMO_LM = {
-    "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1], "n_q": 8, "dep_q": 8, "card": 256, "text_card": 8,
-    "existing_text_padding_id": 3, "dim": 128, "num_heads": 4, "num_layers": 4, "hidden_scale": 4.0,
-    "causal": True, "context": 50, "max_period": 10000, "gating": "silu", "norm": "rms_norm_f32",
-    "positional_embedding": "rope", "depformer_dim": 64, "depformer_dim_feedforward": 128,
-    "depformer_num_heads": 2, "depformer_num_layers": 1, "depformer_context": 8, "depformer_max_period": 10000,
-    "depformer_gating": "silu", "depformer_pos_emb": "none", "depformer_weights_per_step": True,
-    "depformer_multi_linear": True,
-}  # fmt: skip
-DEMO_TTT = TTTConfig(layers="1,2,3", mini_batch_size=16, base_lr=1.0, gating_alpha_init=0.1)
+# The demo checkpoints' shapes, read from the shipped configs (scripts/build_demo_assets.py writes them).
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_assets"
+DEMO_LM = json.loads((DEMO_DIR / "fair_baseline" / "config.json").read_text())["lm_config"]
+DEMO_TTT = TTTConfig.from_dict(json.loads((DEMO_DIR / "ttt" / "config.json").read_text())["ttt"])
 
 
 def demo_model(ttt: bool) -> LMModel:

@@ -10,15 +10,6 @@ from tiny_models import tiny_lm
 from moshi_ttt import TTTConfig, apply_ttt, score
 from moshi_ttt.audio import FRAME_SIZE, SAMPLE_RATE, encode, encode_streaming, load_audio
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 NEEDS_MP3 = pytest.mark.skipif("MP3" not in sf.available_formats(), reason="this libsndfile has no mp3")
 
 

@@ -18,14 +18,6 @@ from moshi_ttt import TTTConfig, apply_ttt, evaluate, score
 from moshi_ttt.audio import encode, load_audio
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fake_load(ref, device, dtype):
     """Stands in for moshi_ttt.checkpoints.load: "base" and "ttt" refs give tiny models, anything else fails."""
     if ref == "missing":

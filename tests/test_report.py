@@ -25,14 +25,6 @@ from moshi_ttt.report import (
 from moshi_ttt.sweeps import sweep_context_length, sweep_mini_batch_size, sweep_persistent_states
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_slope_of_a_line_with_gaps_is_exact():
     steps = np.arange(3000, dtype=np.float64)
     loss = 5.0 - 0.4 * steps / 1000  # -0.4 nats per 1k tokens

@@ -11,15 +11,6 @@ from moshi_ttt.sequence import model_codes
 T = 45  # longer than the 16-token attention window of the tiny models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny per-token ops: one thread avoids OpenMP hand-offs that dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ttt_lm(b: int, seed: int = 0, n_q: int = 8, **cfg):
     cfg = {"layers": "1,2", "base_lr": 1.0, "gating_alpha_init": 0.5, **cfg}
     return apply_ttt(tiny_lm(seed, n_q=n_q), TTTConfig(mini_batch_size=b, **cfg))

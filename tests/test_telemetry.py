@@ -12,14 +12,6 @@ from moshi_ttt.ttt.ops import FastWeights, gelu_tanh, head_layer_norm
 T = 45
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ttt_lm(b: int, **cfg):
     cfg = {"layers": "1,2", "base_lr": 1.0, "gating_alpha_init": 0.5, **cfg}
     return apply_ttt(tiny_lm(0), TTTConfig(mini_batch_size=b, **cfg))

@@ -38,6 +38,25 @@ FLOAT32_PARAMS = (
 )
 
 
+def keep_float32(param: torch.nn.Parameter, fn) -> None:
+    """Applies a module conversion `fn` to `param` for its device only, and for its dtype never below float32."""
+    probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
+    param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
+
+
+def apply_keeping_float32(module: nn.Module, super_apply, fn, recurse: bool, names: tp.Iterable[str]) -> nn.Module:
+    """`nn.Module._apply` that leaves the named parameters in float32 (float64 allowed): `model.to(torch.bfloat16)`
+    must not round the fast weights."""
+    kept = {name: module._parameters.pop(name) for name in names}
+    try:
+        super_apply(fn, recurse)
+    finally:
+        for name, param in kept.items():
+            keep_float32(param, fn)
+            module._parameters[name] = param
+    return module
+
+
 @dataclass
 class TTTState(State):
     """Streaming state of one TTT block; one row per batch element, float32 (float64 for a float64 model)."""
@@ -110,17 +129,7 @@ class TTTBlock(StreamingModule[TTTState]):
         self.carry: tuple[TTTCarry, int] | None = None
 
     def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` must not round the fast-weight parameters: they follow the device, and the
-        # dtype only up to float64, never below float32.
-        kept = {name: self._parameters.pop(name) for name in FLOAT32_PARAMS}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, param in kept.items():
-                probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
-                param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
-                self._parameters[name] = param
-        return self
+        return apply_keeping_float32(self, super()._apply, fn, recurse, FLOAT32_PARAMS)
 
     def base_weights(self, batch_size: int) -> FastWeights:
         """W_base expanded to [B, H, ...] (a view: gradients flow to the parameters)."""

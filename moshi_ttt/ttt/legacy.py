@@ -33,6 +33,7 @@ from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
 from ..config import TTTConfig
+from .layer import apply_keeping_float32, keep_float32
 from .ops import gelu_tanh, head_layer_norm, ln_l2_grad, reconstruction_target
 
 logger = logging.getLogger(__name__)
@@ -202,8 +203,7 @@ class Float32ParameterList(nn.ParameterList):
 
     def _apply(self, fn, recurse=True):
         for param in self._parameters.values():
-            probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
-            param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
+            keep_float32(param, fn)
         return self
 
 
@@ -267,15 +267,7 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
         self.biases = Float32ParameterList(nn.Parameter(torch.zeros(H, 1, d_out, **f32)) for d_out in widths[1:])
 
     def _apply(self, fn, recurse=True):
-        kept = {name: self._parameters.pop(name) for name in FLOAT32_PARAMS}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, param in kept.items():
-                probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
-                param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
-                self._parameters[name] = param
-        return self
+        return apply_keeping_float32(self, super()._apply, fn, recurse, FLOAT32_PARAMS)
 
     def base_weights(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """W0 of every layer expanded to [B, H, ...] (views: gradients flow to the parameters)."""
