@@ -101,9 +101,19 @@ class ModelCache:
                 loaded = load(entry.ref, device=self.device, dtype=self.dtype, load_mimi=True)
                 for param in loaded.model.parameters():
                     param.requires_grad_(False)
+                self._share_with_loaded(loaded)
                 self._loaded[name] = loaded
                 self._locks[id(loaded.model)] = threading.Lock()
             return self._loaded[name]
+
+    def _share_with_loaded(self, new: LoadedCheckpoint) -> None:
+        """A TTT checkpoint that only adds TTT weights to a loaded baseline (or the reverse) shares its base tensors."""
+        for other in self._loaded.values():
+            if other.lm_config != new.lm_config or bool(ttt_blocks(other.model)) == bool(ttt_blocks(new.model)):
+                continue
+            ttt, base = (new, other) if ttt_blocks(new.model) else (other, new)
+            shared = share_base_weights(ttt.model, base.model)
+            logger.info("%s shares %d base tensors with %s", ttt.ref, shared, base.ref)
 
     def lock(self, model: LMModel) -> threading.Lock:
         return self._locks[id(model)]

@@ -27,6 +27,14 @@ def test_allow_list_names_checkpoints_and_skips_the_codec(assets):
         ModelCache(entries).get("/etc/passwd")
 
 
+def test_one_copy_of_the_base_weights_serves_both_models(cache):
+    base, ttt = cache.get("baseline").model, cache.get("ttt").model
+    a = base.transformer.layers[0].self_attn.in_projs[0].weight
+    b = ttt.transformer.layers[0].self_attn.in_projs[0].weight
+    assert a.data_ptr() == b.data_ptr()
+    assert ttt.transformer.layers[1].ttt.W1.data_ptr() not in {p.data_ptr() for p in base.parameters()}
+
+
 def test_live_figure_has_two_panels_with_traces_per_run_and_layer():
     fig = live_figure(
         {"baseline": [2.0, 1.9, float("nan"), 1.7], "ttt": [2.0, 1.8, 1.6, 1.5]},
