@@ -8,7 +8,7 @@ stats):
 - the reconstruction loss l(W) = mean over heads and tokens of 1/2 |LN(f_W(k_s)) - target_s|^2 on the keys of that
   mini-batch, at W_base, at the mini-batch's start W0 and after its update.
 
-The recorder only observes: forward hooks on the TTT blocks recompute the keys and targets from the block input, and
+The recorder only observes: the state's `on_inputs` hook hands it the keys and values the block computed, and
 the state's `on_update` hook (chunks of several tokens) or the position wrapping to 0 (single-token calls) marks an
 update. The numbers do not depend on how the sequence was chunked.
 """
@@ -101,19 +101,13 @@ class _LayerRecorder:
         self.loss_start: list[torch.Tensor] = []
         self.loss_after: list[torch.Tensor] = []
 
-    def pre_hook(self, block: TTTBlock, args: tuple) -> None:
-        # Hooks must return None (a forward pre-hook's return value would replace the block's input).
-        if block._streaming_state is self.state:
-            self.before(args[0])
-
     def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
         if block._streaming_state is self.state:
             self.after()
 
-    def before(self, x: torch.Tensor) -> None:
-        """Forward pre-hook: buffers the chunk's keys and targets, as the block computes them."""
+    def before(self, xk: torch.Tensor, xv: torch.Tensor) -> None:
+        """The state's on_inputs hook: buffers the chunk's keys and targets [B, H, n, D], the block's own."""
         state, block = self.state, self.block
-        _, xk, xv, _ = block._project(block.norm(x))  # [B, H, n, D] in float32, exactly the block's inputs
         target = reconstruction_target(xk, xv, block.ttt_norm_weight, block.ttt_norm_bias, block.cfg.target)
         positions = state.position.unique()
         if positions.numel() != 1:
@@ -216,8 +210,8 @@ def record(model: LMModel):
         for rec in recorder.layers.values():
             # A shared model may run other sessions between this one's steps (the app swaps streaming states in
             # and out): the hooks only record forwards that run on this session's own state.
-            handles.append(rec.block.register_forward_pre_hook(rec.pre_hook))
             handles.append(rec.block.register_forward_hook(rec.post_hook))
+            rec.state.on_inputs = rec.before
             rec.state.on_update = rec.on_update
         yield recorder
     finally:
@@ -225,3 +219,4 @@ def record(model: LMModel):
             handle.remove()
         for rec in recorder.layers.values():
             rec.state.on_update = None
+            rec.state.on_inputs = None

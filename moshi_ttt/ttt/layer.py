@@ -69,6 +69,9 @@ class TTTState(State):
     mini_batch_size: int  # b for this streaming session (set_streaming_options may change it before the first call)
     persistent: bool  # False: every forward call starts from W_base
     on_update: UpdateHook | None = None  # telemetry hook, called at each completed mini-batch of chunked calls
+    # Telemetry hook, called with the call's keys and values [B, H, T, D] before the inner loop runs (so that an
+    # observer need not recompute the projections).
+    on_inputs: tp.Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
@@ -167,6 +170,8 @@ class TTTBlock(StreamingModule[TTTState]):
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
         xq, xk, xv, lr = self._project(self.norm(x))
         state = self._streaming_state
+        if state is not None and state.on_inputs is not None:
+            state.on_inputs(xk, xv)
         if state is None:
             out = self._forward_fresh(xq, xk, xv, lr)
         else:
