@@ -121,7 +121,7 @@ def _named(keys: tp.Iterable[str]) -> str:
 
 
 def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
-    """Unknown, missing or mis-shaped keys are an error that names them (never a silent strict=False).
+    """Unknown, missing or mis-shaped keys are an error that names them (never silently ignored).
 
     Raises:
         ValueError: listing each kind of problem with the key names.
