@@ -16,7 +16,7 @@ import torch
 
 from . import report
 from .registry import ModelCache, StreamingSession
-from .scoring import ScoreResult, iter_score
+from .scoring import ScoreResult, iter_score, non_causal_mini_batch
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ def compare_live(
     for run, ckpt in loaded.items():
         context = ckpt.model.context
         size = min(chunk, context) if context is not None else chunk
+        whole = non_causal_mini_batch(ckpt.model)
+        if whole is not None:  # legacy non-causal layers: whole mini-batches per chunk
+            size = max(whole, size - size % whole)
         scores = iter_score(
             ckpt.model,
             audio_codes.to(ckpt.model.device),

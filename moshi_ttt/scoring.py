@@ -93,16 +93,37 @@ class ScoreResult:
         return self.tokens_done / self.elapsed_s if self.elapsed_s > 0 else float("nan")
 
 
+def non_causal_mini_batch(model: LMModel) -> int | None:
+    """b of the model's non-causal (legacy) TTT layers, which read whole mini-batches at once; None if none."""
+    sizes = {block.cfg.mini_batch_size for block in ttt_blocks(model).values() if not block.cfg.causal}
+    if len(sizes) > 1:
+        raise ValueError(f"non-causal TTT layers with different mini-batch sizes {sorted(sizes)} cannot be scored")
+    return sizes.pop() if sizes else None
+
+
 def _chunk_size(model: LMModel, cfg: ScoreConfig, steps: int) -> int:
+    whole = non_causal_mini_batch(model)
+    if cfg.mode == "stream" and whole is not None and whole > 1:
+        raise ValueError(
+            "this checkpoint's TTT layers are non-causal (every token sees its whole mini-batch), which token-by-token "
+            "reading cannot reproduce; score it in 'full' or 'chunked' mode"
+        )
     if cfg.mode == "stream":
         return 1
     if cfg.mode == "full":
         return max(steps, 1)
     context = model.context
     if cfg.chunk_size is None:
-        return DEFAULT_CHUNK_SIZE if context is None else min(DEFAULT_CHUNK_SIZE, context)
+        chunk = DEFAULT_CHUNK_SIZE if context is None else min(DEFAULT_CHUNK_SIZE, context)
+        # Non-causal mini-batches must not be cut: whole mini-batches per chunk reproduce "full".
+        return chunk if whole is None else max(whole, chunk - chunk % whole)
     if context is not None and cfg.chunk_size > context:
         raise ValueError(f"chunk_size {cfg.chunk_size} exceeds the model's attention context of {context} tokens")
+    if whole is not None and cfg.chunk_size % whole:
+        raise ValueError(
+            f"chunk_size {cfg.chunk_size} cuts the non-causal TTT mini-batches of {whole} tokens; use a multiple of "
+            f"{whole} so that chunked scoring reproduces 'full'"
+        )
     return cfg.chunk_size
 
 

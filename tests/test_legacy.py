@@ -340,7 +340,7 @@ def test_ttt_only_checkpoint_without_base_names_the_hub_base(tmp_path, monkeypat
 
 def test_legacy_models_score_and_refuse_another_mini_batch_size(tmp_path, base_dir):
     """Scoring runs on legacy layers (no telemetry for them). Non-causal mini-batches see their whole mini-batch,
-    so chunks made of whole mini-batches reproduce "full" while token-by-token reading cannot (it never sees ahead).
+    so chunks made of whole mini-batches reproduce "full"; token-by-token reading cannot and is refused.
     """
     write_fork_checkpoint(tmp_path / "c", layout="ttt_layer", depth=2, full=False, use_rope=False)
     leaky = load(tmp_path / "c", base=str(base_dir)).model
@@ -349,7 +349,11 @@ def test_legacy_models_score_and_refuse_another_mini_batch_size(tmp_path, base_d
     b = next(iter(ttt_blocks(leaky).values())).cfg.mini_batch_size
     full = score(leaky, codes, "full").loss
     torch.testing.assert_close(score(leaky, codes, "chunked", chunk_size=b).loss, full, equal_nan=True)
-    assert not torch.allclose(score(leaky, codes, "stream").loss, full, equal_nan=True)
+    with pytest.raises(ValueError, match="non-causal"):
+        score(leaky, codes, "stream")
+    with pytest.raises(ValueError, match="cuts the non-causal"):
+        score(leaky, codes, "chunked", chunk_size=b + 1)
+    torch.testing.assert_close(score(leaky, codes, "chunked").loss, full, equal_nan=True)  # default chunk: whole
     causal_full = score(causal, codes, "full").loss
     torch.testing.assert_close(score(causal, codes, "stream").loss, causal_full, equal_nan=True, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="legacy TTT layer"):
