@@ -4,7 +4,8 @@ Each file is read in chunks, in order; the TTT state is carried from chunk to ch
 the *current* W_base at file boundaries (`moshi_ttt.ttt.carry`). Attention sees one chunk at a time, so whatever
 the model remembers across chunks, it remembers through the fast weights.
 
-CLI: python -m moshi_ttt.train --init CKPT --audio FILE... --out DIR [--steps N] [--resume]
+CLI: python -m moshi_ttt.train --init CKPT (--audio FILE... | --manifest JSONL | --codes F...) --out DIR
+     [--ttt-layers middle] [--steps N] [--resume]
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .train_data import CodeBatcher, training_codes
-from .ttt.apply import ttt_blocks
+from .checkpoints import LoadedCheckpoint, load, save
+from .config import TTTConfig
+from .evaluate import UsageError, read_manifest
+from .train_data import CodeBatcher, cached_codes, training_codes
+from .ttt.apply import apply_ttt, ttt_blocks
 from .ttt.carry import TTTCarry, carry_ttt_state
 from .ttt.ops import FastWeights, InnerState
 
@@ -200,8 +204,15 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moshi_ttt.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--init", required=True, help="checkpoint to start from (ours, moshi's or hf://...)")
-    parser.add_argument("--codes", nargs="+", required=True, help="safetensors files of audio codes [8, T] ('codes')")
-    parser.add_argument("--out", required=True, help="output directory (checkpoints and training state)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--audio", nargs="+", type=Path, help="audio files (encoded once with the checkpoint's codec)")
+    data.add_argument("--manifest", type=Path, help='moshi-finetune JSONL: one {"path": ..., "duration": ...} a line')
+    data.add_argument("--codes", nargs="+", help="safetensors files of audio codes [8, T] (key 'codes')")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (checkpoint, state, code cache)")
+    parser.add_argument("--ttt-layers", help="apply TTT to these layers first (when --init has none), e.g. middle")
+    parser.add_argument("--mini-batch-size", type=int, default=TTTConfig.mini_batch_size)
+    parser.add_argument("--base-lr", type=float, default=TTTConfig.base_lr)
+    parser.add_argument("--gating-alpha-init", type=float, default=TTTConfig.gating_alpha_init)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size)
@@ -211,31 +222,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
     parser.add_argument("--train-all", action="store_true")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint and state in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from .checkpoints import load, save
-
-        loaded = load(args.init)
-        files = [load_file(path)["codes"].long() for path in args.codes]
-        cfg = TrainConfig(
-            steps=args.steps, batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr,
-            weight_lr_multiplier=args.weight_lr_multiplier, alpha_lr_multiplier=args.alpha_lr_multiplier,
-            grad_clip=args.grad_clip, train_all=args.train_all, seed=args.seed,
-        )  # fmt: skip
-        trainer = Trainer(loaded.model, files, cfg)
-        out = Path(args.out)
-        if args.resume:
-            trainer.load_state(out / "state")
+        trainer, loaded = _build(args)
         losses = trainer.run(progress=True)
-        save(out / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref, overwrite=True)
-        trainer.save_state(out / "state")
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        save(args.out / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref,
+             overwrite=True)  # fmt: skip
+        trainer.save_state(args.out / "state")
+    except (ValueError, FileNotFoundError, KeyError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"steps": trainer.step_count, "last_loss": losses[-1] if losses else None}))
     return 0
+
+
+def _build(args) -> tuple[Trainer, LoadedCheckpoint]:
+    """The trainer of the CLI: model from --init (or the saved checkpoint on --resume), data, config."""
+    resume_ckpt = args.out / "checkpoint"
+    loaded = load(resume_ckpt if args.resume else args.init, load_mimi=args.codes is None)
+    if args.ttt_layers and not ttt_blocks(loaded.model) and not args.resume:
+        cfg = TTTConfig(layers=args.ttt_layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
+                        gating_alpha_init=args.gating_alpha_init)  # fmt: skip
+        apply_ttt(loaded.model, cfg)
+    if args.codes is not None:
+        files = [load_file(path)["codes"].long() for path in args.codes]
+    else:
+        if loaded.mimi is None:
+            raise ValueError(f"{args.init} names no codec to encode audio with; pass --codes instead")
+        paths = args.audio if args.audio is not None else read_manifest(args.manifest)
+        files = cached_codes(paths, loaded.mimi, str(loaded.mimi_ref), args.out / "codes_cache")
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr,
+        weight_lr_multiplier=args.weight_lr_multiplier, alpha_lr_multiplier=args.alpha_lr_multiplier,
+        grad_clip=args.grad_clip, train_all=args.train_all, seed=args.seed,
+    )  # fmt: skip
+    trainer = Trainer(loaded.model, files, cfg)
+    if args.resume:
+        trainer.load_state(args.out / "state")
+    return trainer, loaded
 
 
 if __name__ == "__main__":

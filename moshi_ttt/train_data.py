@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from .audio import encode, load_audio
 from .sequence import model_codes
 
 
@@ -88,3 +94,22 @@ def training_codes(model: LMModel, audio_codes: torch.Tensor) -> torch.Tensor:
     padded = audio_codes < 0
     codes = model_codes(model, audio_codes.clamp_min(0))
     return codes.masked_fill(padded.any(dim=1, keepdim=True), model.zero_token_id)
+
+
+def cached_codes(paths: list[Path], mimi: MimiModel, codec_ref: str, cache_dir: Path) -> list[torch.Tensor]:
+    """Audio codes [8, T] of each file, encoded once with `mimi` and cached by file content and codec.
+
+    The cache key is sha256(codec_ref, file bytes): editing a file or changing the codec re-encodes it.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for path in tqdm(paths, desc="codes", unit="file", disable=len(paths) < 2):
+        digest = hashlib.sha256(codec_ref.encode() + b"\0" + Path(path).read_bytes()).hexdigest()[:32]
+        cached = cache_dir / f"{digest}.safetensors"
+        if cached.is_file():
+            codes = load_file(str(cached))["codes"]
+        else:
+            codes = encode(mimi, load_audio(path, max_seconds=None))[0].cpu()  # [8, T]
+            save_file({"codes": codes.contiguous()}, str(cached), metadata={"source": Path(path).name})
+        files.append(codes.long())
+    return files

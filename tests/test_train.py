@@ -83,3 +83,22 @@ def test_resume_continues_bit_identically(tmp_path):
 def test_chunk_size_must_be_a_multiple_of_the_mini_batch():
     with pytest.raises(ValueError, match="multiple of the TTT mini_batch_size"):
         Trainer(ttt_lm(), [random_audio_codes(1, 8)[0]], TrainConfig(chunk_size=6))
+
+
+def test_cli_encodes_audio_once_trains_ttt_and_resumes(assets, tmp_path, capsys):
+    from moshi_ttt import load
+    from moshi_ttt.train import main
+
+    out = tmp_path / "run"
+    common = ["--audio", str(assets / "a.wav"), str(assets / "b.wav"), "--out", str(out), "--batch-size", "2",
+              "--chunk-size", "8"]  # fmt: skip
+    args = ["--init", str(assets / "checkpoints" / "baseline"), "--ttt-layers", "1", "--mini-batch-size", "4"]
+    assert main([*args, *common, "--steps", "2"]) == 0
+    cache = sorted((out / "codes_cache").iterdir())
+    assert len(cache) == 2
+    assert load(out / "checkpoint").ttt_config.layers == "1"
+    assert main(["--init", "unused", *common, "--steps", "3", "--resume"]) == 0
+    assert sorted((out / "codes_cache").iterdir()) == cache  # no re-encoding
+    assert '"steps": 3' in capsys.readouterr().out
+    assert main(["--init", str(assets / "checkpoints" / "baseline"), "--manifest", str(tmp_path / "no.jsonl"),
+                 "--out", str(out)]) == 2  # fmt: skip
