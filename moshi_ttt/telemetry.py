@@ -29,6 +29,7 @@ from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_tar
 logger = logging.getLogger(__name__)
 
 WEIGHT_NAMES = FastWeights._fields  # ("W1", "b1", "W2", "b2")
+FLUSH_EVERY = 8  # pending updates computed together (bounds the memory held for them)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class _LayerRecorder:
         self.loss_base: list[torch.Tensor] = []
         self.loss_start: list[torch.Tensor] = []
         self.loss_after: list[torch.Tensor] = []
+        # Updates not yet computed: (step, keys, targets, w_start, w_end); see `flush`.
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, FastWeights, FastWeights]] = []
 
     def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
         if block._streaming_state is self.state:
@@ -127,38 +130,58 @@ class _LayerRecorder:
             self.single_start = FastWeights(*(w.clone() for w in start))
 
     def after(self) -> None:
-        """Forward hook: a single-token call that completed its mini-batch has no on_update call."""
+        """Forward hook: a single-token call that completed its mini-batch has no on_update call; then flush (the
+        state's fast weights change in place at the next call)."""
         if self.single_start is not None:
             self.on_update(self.single_start, self.state.fast_weights)
             self.single_start = None
+        self.flush()
 
     def on_update(self, w_start: FastWeights, w_end: FastWeights) -> None:
-        """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update."""
+        """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
+
+        The numbers are computed in batches (`flush`) at the end of each forward call, or every FLUSH_EVERY updates,
+        so that a chunk of many mini-batches costs a few batched ops instead of dozens per mini-batch.
+        """
         b = self.state.mini_batch_size
         keys, targets = torch.cat(self.keys, dim=2), torch.cat(self.targets, dim=2)  # [B, H, buffered, D]
-        xk, tgt = keys[:, :, :b], targets[:, :, :b]
         self.keys, self.targets = [keys[:, :, b:]], [targets[:, :, b:]]
         self.buffered -= b
         self.buffer_start += b
+        self.pending.append((self.buffer_start, keys[:, :, :b], targets[:, :, :b], w_start, w_end))
+        if len(self.pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Computes drift and the three inner losses of the pending updates in one batched call."""
+        if not self.pending:
+            return
+        steps, xks, tgts, starts, ends = zip(*self.pending, strict=True)
+        self.pending = []
+        xk, tgt = torch.cat(xks), torch.cat(tgts)  # [U * B, H, b, D]
         block = self.block
         ln = (block.ttt_norm_weight.to(xk.dtype), block.ttt_norm_bias.to(xk.dtype))
-        B = xk.shape[0]
-        base = self.state.base_weights(B).to(xk.dtype)
-        w_start, w_end = w_start.to(xk.dtype), w_end.to(xk.dtype)
-        # One batched call for the three losses: rows [W_base | W0 | W after the update].
-        triples = zip(base, w_start, w_end, strict=True)
-        stacked = FastWeights(*(torch.cat([w0.expand_as(w1), w1, w2]) for w0, w1, w2 in triples))
-        losses = reconstruction_loss(stacked, xk.repeat(3, 1, 1, 1), tgt.repeat(3, 1, 1, 1), *ln)  # [3B]
-        drifts = weight_drift(w_end, base)
+        B, U = self.state.batch_size, len(steps)
+        base = self.state.base_weights(U * B).to(xk.dtype)
+        start = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*starts, strict=True)))
+        end = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*ends, strict=True)))
+        # Rows [W_base | W0 | W after the update], U updates of B rows each.
+        stacked = FastWeights(*(torch.cat([w0, w1, w2]) for w0, w1, w2 in zip(base, start, end, strict=True)))
+        losses = reconstruction_loss(stacked, xk.repeat(3, 1, 1, 1), tgt.repeat(3, 1, 1, 1), *ln)  # [3 U B]
+        drifts = weight_drift(end, base)  # name -> [U B]
         values = torch.cat([losses, *drifts.values()]).float().cpu()  # one device-to-host copy
-        self.update_step.append(self.buffer_start)
-        self.loss_base.append(values[:B])
-        self.loss_start.append(values[B : 2 * B])
-        self.loss_after.append(values[2 * B : 3 * B])
-        for i, name in enumerate(drifts):
-            self.drift[name].append(values[(3 + i) * B : (4 + i) * B])
+        n = U * B
+        for u, step in enumerate(steps):
+            rows = slice(u * B, (u + 1) * B)
+            self.update_step.append(step)
+            self.loss_base.append(values[:n][rows])
+            self.loss_start.append(values[n : 2 * n][rows])
+            self.loss_after.append(values[2 * n : 3 * n][rows])
+            for i, name in enumerate(drifts):
+                self.drift[name].append(values[(3 + i) * n : (4 + i) * n][rows])
 
     def snapshot(self) -> LayerTelemetry:
+        self.flush()
         B = self.state.batch_size
 
         def stack(values: list[torch.Tensor]) -> torch.Tensor:
