@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000  # Mimi's sample rate, Hz
 FRAME_SIZE = 1920  # samples per Mimi frame (80 ms at 24 kHz, 12.5 Hz)
+FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # Mimi tokens per second (12.5)
 DEFAULT_MAX_SECONDS = 600.0  # longest file accepted by default (the app's cap; the CLI can raise it)
 SILENCE_THRESHOLD = 1e-4  # peak |sample| below which a file counts as silent (-80 dBFS)
 

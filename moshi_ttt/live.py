@@ -21,7 +21,6 @@ from .scoring import ScoreResult, iter_score, non_causal_mini_batch
 logger = logging.getLogger(__name__)
 
 LIVE_MODES = {"live token by token": "stream", "chunked": "chunked"}
-FRAME_RATE = 12.5  # Mimi tokens per second
 
 
 @dataclass(frozen=True)

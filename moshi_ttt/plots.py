@@ -7,7 +7,7 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-FRAME_RATE = 12.5  # Mimi tokens per second
+from .audio import FRAME_RATE
 
 
 def moving_average(values, window: int) -> np.ndarray:

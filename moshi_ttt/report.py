@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .audio import FRAME_RATE
 from .scoring import ScoreResult
 from .telemetry import Telemetry
 
 RESULTS_VERSION = 1
-FRAME_RATE = 12.5  # Mimi tokens per second
 DEFAULT_BIN_SIZE = 250  # tokens per position bin (20 s)
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 from moshi.models.lm import LMModel
 
+from .audio import FRAME_RATE
 from .report import least_squares_slope, summarize
 from .scoring import ScoreResult, score
 
@@ -79,7 +80,7 @@ def sweep_context_length(result: ScoreResult, lengths: tuple[int, ...] | None = 
         rows.append(
             {
                 "context_tokens": length,
-                "context_s": length / 12.5,
+                "context_s": length / FRAME_RATE,
                 "mean_loss": _nanmean(prefix),
                 "mean_loss_last_window": _nanmean(tail),
                 "slope_per_1k_tokens": least_squares_slope(per_token[:length]),

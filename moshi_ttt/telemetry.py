@@ -24,7 +24,7 @@ from moshi.models.lm import LMModel
 
 from .ttt.apply import ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState
-from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_target
+from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_target, weight_drift
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +50,6 @@ class Telemetry:
 
     layers: dict[int, LayerTelemetry]
     mini_batch_size: int
-
-
-def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Tensor]:
-    """||W - W_base||_F / ||W_base||_F per batch row for each weight; the absolute norm where W_base is zero.
-
-    Args:
-        weights: FastWeights with [B, H, ...] tensors; base: the same shapes (or broadcastable).
-    Returns:
-        name -> [B] float32 (float64 for float64 weights).
-    """
-    result = {}
-    for name, w, w0 in zip(WEIGHT_NAMES, weights, base, strict=True):
-        w0 = w0.expand_as(w)
-        diff = (w - w0).flatten(1).norm(dim=1)  # [B]
-        ref = w0.flatten(1).norm(dim=1)  # [B]
-        result[name] = torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny), diff)
-    return result
 
 
 def reconstruction_loss(

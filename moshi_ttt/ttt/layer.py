@@ -17,7 +17,7 @@ from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
 from ..config import TTTConfig
-from .ops import FastWeights, InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token
+from .ops import FastWeights, InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token, weight_drift
 
 if tp.TYPE_CHECKING:
     from .carry import TTTCarry
@@ -268,14 +268,6 @@ class TTTBlock(StreamingModule[TTTState]):
 
 
 def drift(state: TTTState) -> dict[str, torch.Tensor]:
-    """||W - W_base||_F / ||W_base||_F per batch row for W1, b1, W2, b2 of the current fast weights.
-
-    Where W_base is exactly zero (biases at initialisation) the absolute norm ||W||_F is returned instead.
-    """
-    base = state.base_weights(state.batch_size)
-    result = {}
-    for name, w, w0 in zip(FastWeights._fields, state.fast_weights, base, strict=True):
-        diff = (w - w0).flatten(1).norm(dim=1)  # [B]
-        ref = w0.flatten(1).norm(dim=1)  # [B]
-        result[name] = torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny), diff)
-    return result
+    """||W - W_base||_F / ||W_base||_F per batch row for W1, b1, W2, b2 of the state's current fast weights
+    (the absolute norm where W_base is exactly zero, as for the biases at initialisation)."""
+    return weight_drift(state.fast_weights, state.base_weights(state.batch_size))

@@ -225,6 +225,23 @@ def _check_inputs(weights: FastWeights, xq, xk, xv, lr, ln_weight, ln_bias, mini
         raise ValueError(f"fast weights must have shapes {expected} (W1, b1, W2, b2), got {got}")
 
 
+def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Tensor]:
+    """||W - W_base||_F / ||W_base||_F per batch row for each weight; the absolute norm where W_base is zero.
+
+    Args:
+        weights: FastWeights with [B, H, ...] tensors; base: the same shapes (or broadcastable).
+    Returns:
+        name -> [B] float32 (float64 for float64 weights).
+    """
+    result = {}
+    for name, w, w0 in zip(FastWeights._fields, weights, base, strict=True):
+        w0 = w0.expand_as(w)
+        diff = (w - w0).flatten(1).norm(dim=1)  # [B]
+        ref = w0.flatten(1).norm(dim=1)  # [B]
+        result[name] = torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny), diff)
+    return result
+
+
 def ttt_mlp_chunk(
     state: InnerState,
     xq: torch.Tensor,
