@@ -57,10 +57,6 @@ class LiveUpdate:
         return self.document is not None
 
 
-def _loss_per_token(result: ScoreResult) -> list[float]:
-    return result.loss[0].float().nanmean(dim=0).tolist()
-
-
 def compare_live(
     cache: ModelCache,
     baseline_name: str,
@@ -127,7 +123,7 @@ def _update(latest: dict[str, ScoreResult], start: float) -> LiveUpdate:
     return LiveUpdate(
         tokens_done=done,
         total_tokens=next(iter(latest.values())).total_tokens,
-        loss_per_token={run: _loss_per_token(r)[:done] for run, r in latest.items()},
+        loss_per_token={run: r.loss_per_token[0, :done].tolist() for run, r in latest.items()},
         drift=_drift(latest["ttt"]) if "ttt" in latest else {},
         tokens_per_s={run: r.tokens_per_s for run, r in latest.items()},
         elapsed_s=time.perf_counter() - start,
