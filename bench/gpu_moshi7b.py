@@ -70,7 +70,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--small", action="store_true", help="small widths (for a CPU dry run)")
-    p.add_argument("--chunk-size", type=int, default=250)
+    p.add_argument(
+        "--chunk-size", type=int, help="default: score's (250 tokens; 240 = whole mini-batches of 16 for TTT models)"
+    )
     p.add_argument("--mini-batch-size", type=int, default=16)
     p.add_argument("--tokens", type=int, default=3000, help="tokens for full and chunked timing")
     p.add_argument("--stream-tokens", type=int, default=200)

@@ -36,6 +36,12 @@ class TTTConfig:
     target: str = "difference"
     # Std of the normal initialisation of W1 and W2 (biases start at zero), as in ttt-lm-pytorch.
     init_std: float = 0.02
+    # ttt-lm-pytorch's `share_qk`: one projection makes both q and k, each through its own causal depthwise
+    # convolution over the last `conv_kernel` tokens (`conv_q`, `conv_k`). Keys and queries can then look at
+    # different tokens (the key of token t at token t-1, the query at token t), which is what recalling "what came
+    # next last time" needs. False: separate q and k projections of the current token (wq, wk).
+    share_qk: bool = False
+    conv_kernel: int = 4
     # --- Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork. ---
     # True: gate x + tanh(clamp(alpha, -3, 3)) * TTT(x) without a pre-norm, L2-normalised q and k, per-token rate
     # base_lr * sigmoid(.) / (head_dim * mini_batch_size) without the 1/i factor, no output projection. Set by
@@ -63,12 +69,16 @@ class TTTConfig:
             raise ValueError(f"base_lr must be >= 0, got {self.base_lr}")
         if self.target not in TARGET_MODES:
             raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
+        if self.conv_kernel < 1:
+            raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.num_heads is not None and self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1 or None, got {self.num_heads}")
         parse_layers(self.layers, 1_000_000)  # validates the syntax; the range is checked against the model
         if self.mlp_hidden_dims is not None:
             # JSON gives lists; keep the frozen config hashable.
             object.__setattr__(self, "mlp_hidden_dims", tuple(int(d) for d in self.mlp_hidden_dims))
+        if self.legacy and self.share_qk:
+            raise ValueError("share_qk is not part of the legacy TTT layout")
         if not self.legacy:
             extras = {"causal": not self.causal, "mlp_layers": self.mlp_layers != 2, "use_rope": self.use_rope}
             extras["mlp_hidden_dims"] = self.mlp_hidden_dims is not None

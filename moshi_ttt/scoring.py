@@ -17,6 +17,7 @@ options (`set_streaming_options`), never changes to the shared model.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import typing as tp
 from contextlib import ExitStack
@@ -37,7 +38,7 @@ MODES = ("full", "chunked", "stream")
 DEFAULT_CHUNK_SIZE = 250  # tokens per chunk in "chunked" mode (20 s of audio), capped at the model's context
 # The depth transformer has no state across time steps (each step's 8 codebooks only), so "stream" mode runs it
 # over up to this many buffered steps at once: the same numbers, without its per-call overhead at every token.
-DEPTH_GROUP = 32
+DEPTH_GROUP = 256
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class ScoreConfig:
 
     # "full" (one LMModel.forward), "chunked" (chunks of chunk_size tokens) or "stream" (one token at a time).
     mode: str = "chunked"
-    # Tokens per chunk in "chunked" mode; None: min(250, model context). Must not exceed the model's context.
+    # Tokens per chunk in "chunked" mode; None: min(250, model context), rounded down to whole TTT mini-batches.
+    # Must not exceed the model's context.
     chunk_size: int | None = None
     # Inner-loop mini-batch size for this run; None: each TTT layer's own (its TTTConfig).
     mini_batch_size: int | None = None
@@ -116,7 +118,12 @@ def _chunk_size(model: LMModel, cfg: ScoreConfig, steps: int) -> int:
     if cfg.chunk_size is None:
         chunk = DEFAULT_CHUNK_SIZE if context is None else min(DEFAULT_CHUNK_SIZE, context)
         # Non-causal mini-batches must not be cut: whole mini-batches per chunk reproduce "full".
-        return chunk if whole is None else max(whole, chunk - chunk % whole)
+        if whole is not None:
+            return max(whole, chunk - chunk % whole)
+        # Causal TTT: any chunk gives the same numbers, whole mini-batches are faster (no partial inner-loop steps).
+        sizes = {cfg.mini_batch_size or block.cfg.mini_batch_size for block in ttt_blocks(model).values()}
+        step = math.lcm(*sizes) if sizes else 1
+        return chunk - chunk % step if chunk >= step else chunk
     if context is not None and cfg.chunk_size > context:
         raise ValueError(f"chunk_size {cfg.chunk_size} exceeds the model's attention context of {context} tokens")
     if whole is not None and cfg.chunk_size % whole:
@@ -269,7 +276,7 @@ def score(
         model: a moshi LMModel in eval mode (with or without TTT layers), not streaming.
         audio_codes: [B, K, T] long Moshi-stream audio codes (K = model.dep_q = 8), on the model's device.
         mode: "full", "chunked" or "stream" (same numbers, different speed and memory).
-        chunk_size: tokens per chunk in "chunked" mode (None: min(250, context)).
+        chunk_size: tokens per chunk in "chunked" mode (None: min(250, context), in whole TTT mini-batches).
         mini_batch_size, persistent_states: TTT options for this run only (None: the layers' own).
         telemetry: record drift and inner-loop losses of the TTT layers.
         config: a ScoreConfig instead of the separate options.

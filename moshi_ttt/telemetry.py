@@ -29,7 +29,7 @@ from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_tar
 logger = logging.getLogger(__name__)
 
 WEIGHT_NAMES = FastWeights._fields  # ("W1", "b1", "W2", "b2")
-FLUSH_EVERY = 8  # pending updates computed together (bounds the memory held for them)
+FLUSH_EVERY = 32  # pending updates computed together (bounds the memory held for them)
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,26 @@ def reconstruction_loss(
     Returns:
         [B]
     """
+    return _token_losses(weights, xk, target, ln_weight, ln_bias).mean(dim=(1, 2))  # [B, H, n] -> [B]
+
+
+def _token_losses(weights: FastWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
+    """1/2 |LN(f_W(k_s)) - target_s|^2 per row, head and token: [B, H, n]."""
     act = gelu_tanh(xk @ weights.W1 + weights.b1)  # [B, H, n, D] @ [B, H, D, F] -> [B, H, n, F]
     pred = head_layer_norm(act @ weights.W2 + weights.b2, ln_weight, ln_bias)  # [B, H, n, F] @ [B, H, F, D]
-    return 0.5 * (pred - target).pow(2).sum(dim=-1).mean(dim=(1, 2))  # [B, H, n] -> [B]
+    return 0.5 * (pred - target).pow(2).sum(dim=-1)
+
+
+def _base_loss(base: FastWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
+    """reconstruction_loss at the one W_base [1, H, ...] for many rows [R, H, n, D]: the rows are folded into the
+    token axis, so that the weights are not copied R times. Returns [R]."""
+    R, H, n, _ = xk.shape
+
+    def fold(x: torch.Tensor) -> torch.Tensor:  # [R, H, n, D] -> [1, H, R n, D]
+        return x.transpose(0, 1).reshape(1, H, R * n, x.shape[-1])
+
+    tok = _token_losses(base, fold(xk), fold(target), ln_weight, ln_bias)  # [1, H, R n]
+    return tok.view(H, R, n).mean(dim=(0, 2))
 
 
 class _LayerRecorder:
@@ -73,8 +90,9 @@ class _LayerRecorder:
     def __init__(self, block: TTTBlock, state: TTTState):
         self.block = block
         self.state = state
-        self.keys: list[torch.Tensor] = []  # [B, H, n, D] pieces of the current mini-batch's keys
-        self.targets: list[torch.Tensor] = []
+        # Keys and targets [B, H, buffered, D] read since the last completed mini-batch.
+        self.keys: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
         self.buffered = 0  # tokens in keys/targets
         self.buffer_start = 0  # transformer step of the first buffered token
         self.steps_read = 0  # transformer steps read so far in this session
@@ -100,11 +118,13 @@ class _LayerRecorder:
             raise ValueError("telemetry needs every batch row at the same inner-loop position")
         position = 0 if not state.persistent else int(positions[0])
         if not state.persistent:  # the block resets to W_base at the start of this call
-            self.keys, self.targets, self.buffered, self.buffer_start = [], [], 0, self.steps_read
+            self.keys, self.targets, self.buffered, self.buffer_start = None, None, 0, self.steps_read
         if self.buffered != position:
             raise ValueError(f"telemetry lost track of the inner loop: {self.buffered} tokens buffered at {position}")
-        self.keys.append(xk)
-        self.targets.append(target)
+        if self.buffered == 0:
+            self.keys, self.targets = xk, target
+        else:  # one copy per call: on_update then takes views
+            self.keys, self.targets = torch.cat([self.keys, xk], dim=2), torch.cat([self.targets, target], dim=2)
         self.buffered += xk.shape[2]
         self.steps_read += xk.shape[2]
         self.single_start = None
@@ -113,27 +133,33 @@ class _LayerRecorder:
             self.single_start = FastWeights(*(w.clone() for w in start))
 
     def after(self) -> None:
-        """Forward hook: a single-token call that completed its mini-batch has no on_update call; then flush (the
-        state's fast weights change in place at the next call)."""
+        """Forward hook: a single-token call that completed its mini-batch has no on_update call."""
         if self.single_start is not None:
             self.on_update(self.single_start, self.state.fast_weights)
             self.single_start = None
-        self.flush()
 
     def on_update(self, w_start: FastWeights, w_end: FastWeights) -> None:
         """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
 
-        The numbers are computed in batches (`flush`) at the end of each forward call, or every FLUSH_EVERY updates,
-        so that a chunk of many mini-batches costs a few batched ops instead of dozens per mini-batch.
+        The numbers are computed in batches (`flush`) every FLUSH_EVERY updates and at each snapshot,
+        so that a chunk of many mini-batches costs a few batched ops instead of dozens per mini-batch. Weights
+        that are the state's own tensors (changed in place by later calls) are copied first.
         """
+        w_start, w_end = self._keep(w_start), self._keep(w_end)
         b = self.state.mini_batch_size
-        keys, targets = torch.cat(self.keys, dim=2), torch.cat(self.targets, dim=2)  # [B, H, buffered, D]
-        self.keys, self.targets = [keys[:, :, b:]], [targets[:, :, b:]]
+        keys, targets = self.keys, self.targets  # [B, H, buffered, D]
+        self.keys, self.targets = keys[:, :, b:], targets[:, :, b:]
         self.buffered -= b
         self.buffer_start += b
         self.pending.append((self.buffer_start, keys[:, :, :b], targets[:, :, :b], w_start, w_end))
         if len(self.pending) >= FLUSH_EVERY:
             self.flush()
+
+    def _keep(self, weights: FastWeights) -> FastWeights:
+        own = self.state.fast_weights
+        if any(w is o for w, o in zip(weights, own, strict=True)):
+            return FastWeights(*(w.clone() for w in weights))
+        return weights
 
     def flush(self) -> None:
         """Computes drift and the three inner losses of the pending updates in one batched call."""
@@ -145,14 +171,13 @@ class _LayerRecorder:
         block = self.block
         ln = (block.ttt_norm_weight.to(xk.dtype), block.ttt_norm_bias.to(xk.dtype))
         B, U = self.state.batch_size, len(steps)
-        base = self.state.base_weights(U * B).to(xk.dtype)
+        base = self.state.base_weights(1).to(xk.dtype)  # [1, H, ...], broadcast over the U * B rows
         start = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*starts, strict=True)))
         end = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*ends, strict=True)))
-        # Rows [W_base | W0 | W after the update], U updates of B rows each.
-        stacked = FastWeights(*(torch.cat([w0, w1, w2]) for w0, w1, w2 in zip(base, start, end, strict=True)))
-        losses = reconstruction_loss(stacked, xk.repeat(3, 1, 1, 1), tgt.repeat(3, 1, 1, 1), *ln)  # [3 U B]
+        # [U B] each: at W_base, at W0, after the update; U updates of B rows each.
+        losses = [_base_loss(base, xk, tgt, *ln), *(reconstruction_loss(w, xk, tgt, *ln) for w in (start, end))]
         drifts = weight_drift(end, base)  # name -> [U B]
-        values = torch.cat([losses, *drifts.values()]).float().cpu()  # one device-to-host copy
+        values = torch.cat([*losses, *drifts.values()]).float().cpu()  # one device-to-host copy
         n = U * B
         for u, step in enumerate(steps):
             rows = slice(u * B, (u + 1) * B)

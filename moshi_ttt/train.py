@@ -162,6 +162,10 @@ class Trainer:
                     tensors[f"carry.{layer}.grad_sums.{name}"] = w.contiguous()
         for layer, mask in self.carry.pending_reset.items():
             tensors[f"carry.{layer}.pending_reset"] = mask.to(torch.uint8)
+        for layer, history in self.carry.histories.items():
+            tensors[f"carry.{layer}.qk_history"] = history.contiguous()
+        for layer, mask in self.carry.pending_history_reset.items():
+            tensors[f"carry.{layer}.pending_history_reset"] = mask.to(torch.uint8)
         save_file(tensors, str(directory / STATE_TENSORS))
         meta = {
             "step": self.step_count,
@@ -197,6 +201,11 @@ class Trainer:
             self.carry.states[layer] = InnerState(get("weights"), sums, position)
             if f"carry.{layer}.pending_reset" in tensors:
                 self.carry.pending_reset[layer] = tensors[f"carry.{layer}.pending_reset"].bool().to(device)
+        for key, value in tensors.items():
+            if key.startswith("carry.") and key.endswith((".qk_history", ".pending_history_reset")):
+                _, layer_str, kind = key.split(".")
+                target = self.carry.histories if kind == "qk_history" else self.carry.pending_history_reset
+                target[int(layer_str)] = value.to(device) if kind == "qk_history" else value.bool().to(device)
         self.batcher.load_state(meta["batcher"])
         self.step_count = meta["step"]
 
@@ -213,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mini-batch-size", type=int, default=TTTConfig.mini_batch_size)
     parser.add_argument("--base-lr", type=float, default=TTTConfig.base_lr)
     parser.add_argument("--gating-alpha-init", type=float, default=TTTConfig.gating_alpha_init)
+    parser.add_argument("--share-qk", action="store_true", help="q and k from one projection + causal convolutions")
+    parser.add_argument("--conv-kernel", type=int, default=TTTConfig.conv_kernel, help="with --share-qk")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size)
@@ -244,7 +255,8 @@ def _build(args) -> tuple[Trainer, LoadedCheckpoint]:
     loaded = load(resume_ckpt if args.resume else args.init, load_mimi=args.codes is None)
     if args.ttt_layers and not ttt_blocks(loaded.model) and not args.resume:
         cfg = TTTConfig(layers=args.ttt_layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
-                        gating_alpha_init=args.gating_alpha_init)  # fmt: skip
+                        gating_alpha_init=args.gating_alpha_init, share_qk=args.share_qk,
+                        conv_kernel=args.conv_kernel)  # fmt: skip
         apply_ttt(loaded.model, cfg)
     if args.codes is not None:
         files = [load_file(path)["codes"].long() for path in args.codes]

@@ -35,18 +35,20 @@ from demo_eval import evaluate, write_manifest  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from moshi_ttt import TTTConfig, apply_ttt  # noqa: E402
+from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
 from moshi_ttt.checkpoints import load, save  # noqa: E402
 from moshi_ttt.codec import build_codec, load_codec, save_codec  # noqa: E402
 from moshi_ttt.sequence import model_codes  # noqa: E402
 from moshi_ttt.train import TrainConfig, Trainer, audio_loss  # noqa: E402
+from moshi_ttt.train_data import CodeBatcher, training_codes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("corpus", "codec", "baseline", "ttt", "eval")
 
 # --- corpus: (name prefix, count, kind, split). Durations in seconds. ---
-# The baseline learns from the plain clips only; the extra training (TTT and fair baseline) reads the repeat clips,
-# each passage seen only a few times, so that a passage is remembered from the clip, not from the weights.
+# The baseline learns from every training clip (crops shorter than a passage and its next reading); the TTT
+# training reads the repeat clips whole, each passage seen only a few times, so that a passage is remembered from
+# the clip, not from the weights.
 CORPUS = [("train_plain", 100, "plain", "train"), ("train_repeat", 80, "repeat", "train")]
 CORPUS += [("heldout_plain", 4, "plain", "heldout"), ("heldout_repeat", 3, "repeat", "heldout")]
 PLAIN_S, PASSAGE_S, FILLER_S = 20.0, 10.0, 5.0
@@ -84,15 +86,16 @@ LM_CONFIG = {
     "depformer_gating": "silu", "depformer_pos_emb": "none", "depformer_weights_per_step": True,
     "depformer_multi_linear": True,
 }  # fmt: skip
-BASELINE = {"steps": 400, "batch_size": 12, "seq_len": 100, "lr": 3e-3, "warmup": 30}
-# base_lr 4: on 160 random associations one pass of the inner loop lowers the reconstruction loss 32 -> 27 at
-# base_lr 1 and -> 26 at 4 (-> 24 at 16, but 64 overshoots): a faster memory, still stable.
-TTT = TTTConfig(layers="1,2,3", mini_batch_size=16, base_lr=4.0, gating_alpha_init=0.1)
-# Chunks of 256 tokens (~20 s): attention still sees 50 (moshi's context mask), the TTT inner loop spans the whole
-# chunk, which often holds a passage and the start of its next reading; the fast weights are carried (detached) from
-# chunk to chunk of a file. The new TTT weights learn faster (W_base at 3x lr, the gate at 10x lr).
+BASELINE = {"steps": 150, "batch_size": 12, "seq_len": 100, "lr": 3e-3, "warmup": 30}
+# share_qk (ttt-lm-pytorch's causal convolutions on one q/k projection), started as a one-token shift: the key of
+# token t is made from token t - 1 and its query from token t, so the fast weights store "what followed" and a query
+# can recall it (see MANIFEST.md, "What was tried", for the runs without them).
+TTT = TTTConfig(layers="1,2,3", mini_batch_size=16, base_lr=4.0, gating_alpha_init=0.1, share_qk=True)
+# Only the TTT weights train (the baseline's weights stay frozen: training them too overfits the 80 clips within
+# ~100 steps), so the fair baseline is the baseline itself. Chunks of 864 tokens hold a whole clip (every clip is
+# < 69 s): a passage and its readings sit in one backpropagation graph. W_base at 3x lr, the gate at 10x lr.
 EXTRA = TrainConfig(
-    steps=140, batch_size=4, chunk_size=256, lr=1e-3, weight_lr_multiplier=3.0, alpha_lr_multiplier=10.0, train_all=True
+    steps=300, batch_size=2, chunk_size=864, lr=3e-3, weight_lr_multiplier=3.0, alpha_lr_multiplier=10.0
 )
 
 
@@ -180,7 +183,9 @@ def read_codes(work: Path, split: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- baseline
 def stage_baseline(work: Path, seed: int) -> None:
     index = json.loads((work / "corpus" / "index.json").read_text())
-    files = [c for n, c in read_codes(work, "train").items() if index[n]["kind"] == "plain"]
+    # All training clips, so that the TTT model's extra training adds no data the baseline has not seen: random
+    # crops of 100 tokens, where a 50-token attention window cannot reach an earlier reading of a passage.
+    files = list(read_codes(work, "train").values())
     heldout = [c for n, c in read_codes(work, "heldout").items() if index[n]["kind"] == "plain"]
     torch.manual_seed(seed)
     model = LMModel(device="cpu", dtype=torch.float32, **LM_CONFIG).train()
@@ -219,17 +224,37 @@ def stage_baseline(work: Path, seed: int) -> None:
 VARIANTS = ("ttt", "fair_baseline")
 
 
+def shift_init(model: LMModel) -> None:
+    """share_qk convolutions as a one-token shift: query of token t = its own projection, key = token t - 1's."""
+    with torch.no_grad():
+        for block in ttt_blocks(model).values():
+            K = block.cfg.conv_kernel
+            for conv, tap in ((block.conv_q, K - 1), (block.conv_k, K - 2)):
+                conv.weight.zero_()
+                conv.weight[:, 0, tap] = 1.0
+                conv.bias.zero_()
+
+
 def stage_ttt(work: Path, out: Path, seed: int, variants: tuple[str, ...] = VARIANTS) -> None:
-    """The same extra training from the baseline, with TTT layers ("ttt") and without ("fair_baseline")."""
+    """The TTT model: the baseline plus TTT layers, only those trained ("ttt"); the fair baseline: the baseline,
+    whose weights that training leaves unchanged, with its loss on the same training batches ("fair_baseline")."""
     index = json.loads((work / "corpus" / "index.json").read_text())
     files = [c for n, c in read_codes(work, "train").items() if index[n]["kind"] == "repeat"]
+    cfg = dataclasses.replace(EXTRA, seed=seed)
     for name in variants:
         torch.manual_seed(seed)
         model = load(str(work / "baseline")).model
         if name == "ttt":
             apply_ttt(model, TTT)
-        trainer = Trainer(model, files, dataclasses.replace(EXTRA, seed=seed))
-        losses = trainer.run(on_step=lambda s, v, n=name: s % 20 == 0 and log(f"{n} step {s}: loss {v:.4f}"))
+            shift_init(model)
+            trainer = Trainer(model, files, cfg)
+            losses = trainer.run(on_step=lambda s, v: s % 20 == 0 and log(f"ttt step {s}: loss {v:.4f}"))
+        else:  # frozen: the loss of the same batches in the same order
+            batcher = CodeBatcher(files, cfg.batch_size, cfg.chunk_size, cfg.seed)
+            with torch.no_grad():
+                losses = [
+                    audio_loss(model, training_codes(model, batcher.next_batch()[0])).item() for _ in range(cfg.steps)
+                ]
         save(out / name, model.eval(), lm_config=LM_CONFIG, mimi_ref="../codec", overwrite=True)
         (work / f"extra_losses_{name}.json").write_text(json.dumps(losses))
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from demo_corpus import FRAME
+from demo_corpus import FRAME, SAMPLE_RATE
 from safetensors.torch import load_file
 
 from moshi_ttt import score
@@ -26,24 +26,37 @@ TRIED = [
     "data, extra training 160 steps x 4 x 192 tokens, lr 5e-4, TTT base_lr 4, gate 0.1: the baseline memorised the "
     "training clips (train 2.24 nats, held out 6.6, worse than uniform 5.55) and TTT changed nothing (-0.04% on "
     "2nd+3rd readings, +0.6% on plain speech).",
-    "These assets: six fixed speakers, baseline on non-repeating clips only, extra training on 80 unseen "
-    "repeat clips (each seen ~2.5 times): TTT = fair baseline to 0.01%; the gate alpha fell from 0.1 to ~0.07.",
-    "Same, with gate init 0.5, base_lr 16, mini-batch 8: +0.03% on 2nd+3rd readings, +0.03% on plain speech; "
-    "the fast weights drift far (||dW1|| / ||W1|| ~ 3-4.6) but the gate still falls (0.5 -> 0.44).",
-    "Reading: to recall the token after a context it saw, the TTT layer needs keys built from the previous "
-    "tokens and queries from the current ones (an induction-like circuit). 140 outer steps on ~75 minutes of "
-    "audio do not teach that; the outer loop treats the TTT branch as noise and closes its gate. Next things to "
-    "try: far longer extra training (thousands of steps), a trained codec encoder, TTT-only training at a higher lr.",
+    "Six fixed speakers, baseline on non-repeating clips only (400 steps, overfitted after ~100: held out 5.64), "
+    "then 140 extra steps of *all* weights on the repeat clips in 256-token chunks, for both models: TTT = fair "
+    "baseline to 0.01%; the gate alpha fell from 0.1 to ~0.07. Same with gate init 0.5, base_lr 16, mini-batch 8: "
+    "+0.03% on 2nd+3rd readings; the fast weights drift far (||dW1|| / ||W1|| ~ 3-4.6) but the gate still falls.",
+    "Whole clips per chunk (864 tokens), 2nd+3rd readings / plain speech in nats. From a 150-step baseline on the "
+    "plain clips (4.668 / 4.707): all weights trained, separate wq/wk or share_qk, 100 steps: 4.663 / 4.665 with "
+    "the gate closing (0.1 -> 0.05-0.06); share_qk with the shift start, all weights: overfits (train 4.33, held "
+    "out 4.717 / 4.739 at step 200); TTT only, lr 3e-3, base_lr 4, 300 steps: 4.655 / 4.661, gate opening to ~0.5; "
+    "lr 1e-2, base_lr 16: no better at step 100. From these assets' baseline (all clips, 4.653 / 4.688): one TTT "
+    "head of width 128 on layers 1-3, 100 steps: 4.653 / 4.654; one TTT layer at layer 0, one head, base_lr 1, 150 "
+    "steps: 4.655 / 4.655. TTT helps plain speech by ~0.7-1% (it adapts to the clip), never the repeated readings.",
+    "Why, measured with scripts/probe_inner_recall.py (the inner loop alone, one head of width 128, hand-set keys "
+    "k_t = h_{t-1}, values v_t = h_t, queries h_t: the best case of a shifted key/query pair; cosine between the "
+    "fast weights' answer and the true next step, readings 1 / 2 / 3, at b 16 and base_lr 1): with h the input "
+    "embeddings 0.02 / 0.50 / 0.63 (a real memory); with h the residual stream after layer 0's attention -0.18 / "
+    "-0.06 / 0.02, after layer 1 -0.08 / 0.00 / 0.02, and at most 0.16 / 0.22 on the 2nd / 3rd reading over b 1 "
+    "or 16 and base_lr 0.1, 1 or 4. After attention the frames look alike (mean pairwise cosine 0.75, against 0.13 "
+    "for the embeddings; the attention output's norm is 9.2 against 3.2 for the embedding), so the inner loop fits "
+    "their shared part and keeps little of each frame. Next to try: a TTT branch that reads the layer's input "
+    "before attention (a DESIGN change), keys and values with the per-clip mean removed, or far longer training of "
+    "the projections (thousands of steps).",
 ]
 TARGET_GAIN, MAX_PLAIN_LOSS = 0.10, 0.02
 
 
 # Checked by running each stage a second time into other directories (same machine, same --threads).
 REPRODUCIBILITY = (
-    "Every stage was run twice (corpus, codec and baseline with --threads 2, the two extra trainings with "
-    "--threads 1): the corpus WAVs, the codec, the codes of every clip, the baseline and both final checkpoints "
-    "came out bit-identical (same sha256). Other thread counts, CPUs or torch builds may change float sums and so "
-    "the trained weights; the corpus depends only on espeak-ng's version."
+    "Every stage was run twice with --threads 2 (the corpus and codec in an earlier build, the baseline and TTT "
+    "stages again for these assets): the corpus WAVs, the codec, the codes of every clip, the baseline and both "
+    "final checkpoints came out bit-identical (same sha256). Other thread counts, CPUs or torch builds may change "
+    "float sums and so the trained weights; the corpus depends only on espeak-ng's version."
 )
 
 
@@ -153,6 +166,9 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
     commands_path = work / "commands.json"
     commands = json.loads(commands_path.read_text()) if commands_path.exists() else {}
     ttt_cfg = json.loads((out / "ttt" / "config.json").read_text())["ttt"]
+    index = json.loads((work / "corpus" / "index.json").read_text())
+    seconds = [(e - s) / SAMPLE_RATE for v in index.values() for s, e in v["readings"]]
+    passage = f"{min(seconds):.0f}-{max(seconds):.0f}"
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in ("MANIFEST.md", "SHA256SUMS"))
     rows = [f"| `{p.relative_to(out)}` | {p.stat().st_size:,} | `{_sha256(p)[:16]}` |" for p in files]
     total_mb = sum(p.stat().st_size for p in files) / 2**20
@@ -172,9 +188,10 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         "",
         "## How they were made",
         "",
-        "- `demo_repeat.wav` / `.txt`: a held-out clip (never trained on): a ~10 s passage read three times by one",
-        "  espeak-ng voice, with different filler sentences between the readings. The readings are sample-identical",
-        "  and start on codec-frame boundaries, so their codes repeat almost exactly: the easiest case of memory.",
+        f"- `demo_repeat.wav` / `.txt`: a held-out clip (never trained on): a {passage} s passage read three times",
+        "  by one espeak-ng voice, with different filler sentences between the readings. The readings are",
+        "  sample-identical and start on codec-frame boundaries, so their codes repeat almost exactly (80-99% of",
+        "  the entries per codebook): the easiest case of memory.",
         "  `demo_plain.wav` / `.txt`: held-out speech that never repeats. 24 kHz mono, 16-bit PCM.",
         "- `codec/`: a Mimi-architecture codec from moshi's own classes (SEANet encoder/decoder with Mimi's ratios",
         "  8,6,5,4, one projected transformer layer each side, conv downsampling to 12.5 Hz,",
@@ -184,17 +201,19 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         "  audio is noise; the codes are what matter.",
         "  Load with `moshi_ttt.codec.load_codec('demo_assets/codec')`.",
         "- Corpus: seeded sentences from a small word list, six espeak-ng speakers; 100 clips of ~20 s that never",
-        "  repeat (the baseline's data), 80 clips of ~45 s where a ~10 s passage comes back twice (the extra",
-        "  training's data), and held-out clips of both kinds (never trained on; the evaluation below).",
-        "- `fair_baseline/`, `ttt/`: our checkpoint format (`moshi_ttt.checkpoints.load`). Both start from the same",
-        "  baseline LM (moshi `LMModel`, dim 128, 4 layers, attention context 50 tokens = 4 s, 8 codebooks, random",
-        "  crops of 100 tokens of the non-repeating clips), then get the same extra outer-loop training",
-        "  (`moshi_ttt.train.Trainer`, all weights, same steps, data, order and learning rates; the clips with",
-        "  repeated passages read in chunks, in order, with the TTT state carried): `ttt/` with TTT layers,",
-        "  `fair_baseline/` without.",
+        f"  repeat, 80 clips of ~45 s where a {passage} s passage comes back twice, and held-out clips of both",
+        "  kinds (never trained on; the evaluation below).",
+        "- `fair_baseline/`: the baseline LM (moshi `LMModel`, dim 128, 4 layers, attention context 50 tokens = 4 s,",
+        "  8 codebooks), trained on random crops of 100 tokens of every training clip (150 AdamW steps: it",
+        "  overfits after that).",
+        "- `ttt/`: the same baseline plus TTT layers, and only the TTT weights trained (`moshi_ttt.train.Trainer`;",
+        "  the base weights stay frozen, so the fair baseline for the same extra steps is the baseline itself; the",
+        "  clips with repeated passages read whole, one per batch row, the TTT state reset at each new clip).",
         f"  TTT: layers {ttt_cfg['layers']} of 4, mini-batch {ttt_cfg['mini_batch_size']} tokens, base_lr "
-        f"{ttt_cfg['base_lr']}, gate alpha init {ttt_cfg['gating_alpha_init']} (all in `ttt/config.json`).",
-        f"  Extra steps: {len(extra['ttt'])}; last-50-step mean training loss: ttt "
+        f"{ttt_cfg['base_lr']}, gate alpha init {ttt_cfg['gating_alpha_init']}, share_qk {ttt_cfg['share_qk']}",
+        f"  (q and k from one projection through causal convolutions of {ttt_cfg['conv_kernel']} tokens, started as a",
+        "  one-token shift: key from the previous token, query from the current one); all in `ttt/config.json`.",
+        f"  Extra steps: {len(extra['ttt'])}; last-50-step mean training loss on the same batches: ttt "
         f"{sum(extra['ttt'][-50:]) / 50:.4f}, fair baseline {sum(extra['fair_baseline'][-50:]) / 50:.4f}.",
         "",
         "## Evaluation (held-out clips; nats per codebook entry)",

@@ -45,12 +45,12 @@ def test_tiny_lm_config_builds_tiny_lm():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("with_ttt", [False, True], ids=["baseline", "ttt"])
+@pytest.mark.parametrize("with_ttt", [False, True, "share_qk"], ids=["baseline", "ttt", "ttt_share_qk"])
 def test_round_trip_gives_identical_outputs(tmp_path, with_ttt, dtype):
     model = tiny_lm(0, dtype=dtype)
     cfg = None
     if with_ttt:
-        cfg = TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5)
+        cfg = TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5, share_qk=with_ttt == "share_qk")
         apply_ttt(model, cfg)
         randomise_ttt(model)
     save(

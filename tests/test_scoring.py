@@ -131,3 +131,15 @@ def test_bad_requests_are_clear_value_errors():
     with model.streaming(1), pytest.raises(ValueError, match="already streaming"):
         score(model, codes)
     assert score(model, codes).telemetry is None  # no TTT layers: nothing to record
+
+
+def test_default_chunks_hold_whole_ttt_mini_batches():
+    """Chunked TTT scoring defaults to the largest multiple of the mini-batch that fits the attention window
+    (whole inner-loop steps are faster; any chunking gives the same numbers)."""
+    from moshi_ttt.scoring import _chunk_size
+
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=5)).eval()
+    assert _chunk_size(model, ScoreConfig(mode="chunked"), 100) == CONTEXT - CONTEXT % 5
+    assert _chunk_size(model, ScoreConfig(mode="chunked", mini_batch_size=3), 100) == CONTEXT - CONTEXT % 3
+    assert _chunk_size(model, ScoreConfig(mode="chunked", chunk_size=7), 100) == 7  # an explicit size is kept
+    assert _chunk_size(tiny_lm(0).eval(), ScoreConfig(mode="chunked"), 100) == CONTEXT

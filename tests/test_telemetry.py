@@ -71,7 +71,7 @@ def test_drift_and_losses_match_a_manual_streaming_run():
         for name in WEIGHT_NAMES:
             torch.testing.assert_close(layer.drift[name][:, u], expected[name], rtol=1e-5, atol=1e-6)
         with torch.no_grad():
-            _, xk, xv, _ = block._project(block.norm(captured[u]))
+            _, xk, xv, _, _ = block._project(block.norm(captured[u]), None)
         target = head_layer_norm(xv - xk, *ln)
         for field, weights in (("loss_base", base), ("loss_start", starts[u]), ("loss_after", ends[u])):
             expected_loss = reconstruction_loss(weights, xk, target, *ln)

@@ -12,8 +12,9 @@ from moshi_ttt.train import TrainConfig, Trainer
 from moshi_ttt.train_data import CodeBatcher
 
 
-def ttt_lm(seed=0):
-    return apply_ttt(tiny_lm(seed), TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5))
+def ttt_lm(seed=0, share_qk=False):
+    cfg = TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5, share_qk=share_qk)
+    return apply_ttt(tiny_lm(seed), cfg)
 
 
 def test_batcher_reads_files_in_order_and_flags_new_files():
@@ -60,17 +61,20 @@ def test_w_base_gets_gradients_after_a_file_boundary_and_rows_restart_from_curre
     assert (carried[0] - w1_now).abs().max() < (carried[0] - ttt_lm().transformer.layers[1].ttt.W1).abs().max()
 
 
-def test_resume_continues_bit_identically(tmp_path):
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_resume_continues_bit_identically(tmp_path, share_qk):
     files = [random_audio_codes(1, 20, seed=s)[0] for s in range(3)]
     cfg = TrainConfig(steps=3, batch_size=2, chunk_size=8, lr=1e-2)
-    reference = Trainer(ttt_lm(), files, cfg)
+    reference = Trainer(ttt_lm(share_qk=share_qk), files, cfg)
     reference.step()
     reference.step()
     saved_model = copy.deepcopy(reference.model.state_dict())
     reference.save_state(tmp_path / "state")
     reference.step()
 
-    resumed_model = ttt_lm()
+    if share_qk:  # the convolutions' history crossed the saved step: it must be in the state
+        assert sorted(reference.carry.histories) == [1, 2]
+    resumed_model = ttt_lm(share_qk=share_qk)
     resumed_model.load_state_dict(saved_model)
     resumed = Trainer(resumed_model, files, cfg)
     resumed.load_state(tmp_path / "state")

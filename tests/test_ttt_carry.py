@@ -9,12 +9,14 @@ from moshi_ttt.sequence import model_codes
 from moshi_ttt.ttt.carry import TTTCarry, carry_ttt_state
 
 
-def make(b=4):
-    return apply_ttt(tiny_lm(0), TTTConfig(layers="1,2", mini_batch_size=b, gating_alpha_init=0.5))
+def make(b=4, share_qk=False):
+    cfg = TTTConfig(layers="1,2", mini_batch_size=b, gating_alpha_init=0.5, share_qk=share_qk)
+    return apply_ttt(tiny_lm(0), cfg)
 
 
-def test_carried_chunks_equal_one_call_and_plain_calls_start_from_w_base():
-    model = make()
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_carried_chunks_equal_one_call_and_plain_calls_start_from_w_base(share_qk):
+    model = make(share_qk=share_qk)
     block = ttt_blocks(model)[1]  # attention does not carry across separate forwards: test the TTT blocks
     x = torch.randn(2, 12, model.dim)
     with torch.no_grad():
@@ -38,8 +40,9 @@ def test_carry_through_the_whole_model_runs_and_stores_every_layer():
     assert all(s.position == 0 for s in carry.states.values())  # 8 tokens = two whole mini-batches
 
 
-def test_reset_rows_restart_from_the_current_w_base_and_it_gets_gradients():
-    model = make()
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_reset_rows_restart_from_the_current_w_base_and_it_gets_gradients(share_qk):
+    model = make(share_qk=share_qk)
     block = ttt_blocks(model)[1]
     x = torch.randn(2, 16, model.dim)
     carry = TTTCarry()

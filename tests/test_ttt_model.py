@@ -66,8 +66,10 @@ def test_later_tokens_do_not_change_earlier_outputs(b, t0):
     torch.testing.assert_close(loss_b[..., : t0 - 1], loss_a[..., : t0 - 1], rtol=0, atol=0, equal_nan=True)
 
 
-def test_resetting_one_row_mid_stream_gives_it_a_fresh_stream():
-    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5))
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_resetting_one_row_mid_stream_gives_it_a_fresh_stream(share_qk):
+    cfg = TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5, share_qk=share_qk)
+    model = apply_ttt(tiny_lm(0), cfg)
     seq_a = delayed_input(model, model_codes(model, random_audio_codes(2, 30, seed=5)))
     seq_new = delayed_input(model, model_codes(model, random_audio_codes(1, 20, seed=6)))
     chunks_before, chunks_after = [3, 1, 6], [5, 1, 7, 7]  # 10 tokens, then 20; chunks cross mini-batches
@@ -96,22 +98,28 @@ def test_resetting_one_row_mid_stream_gives_it_a_fresh_stream():
     torch.testing.assert_close(after[1], full[1, 10:], rtol=1e-5, atol=1e-5)
 
 
-def test_exec_mask_freezes_a_row():
-    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4)).eval()
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_exec_mask_freezes_a_row(share_qk):
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4, share_qk=share_qk)).eval()
     seq = delayed_input(model, model_codes(model, random_audio_codes(2, 6, seed=7)))
     with torch.no_grad(), exact_streaming(model, 2, 3):
         model.forward_text(seq[:, :, :3])
         before = [w.clone() for w in ttt_states(model)[1].fast_weights]
         pos_before = ttt_states(model)[1].position.clone()
+        history = None if not share_qk else ttt_states(model)[1].qk_history.clone()
         model.set_exec_mask(torch.tensor([False, True]))
         model.forward_text(seq[:, :, 3:6])
         state = ttt_states(model)[1]
     assert torch.equal(state.fast_weights.W1[0], before[0][0]) and state.position[0] == pos_before[0]
     assert not torch.equal(state.fast_weights.W1[1], before[0][1])
+    if share_qk:
+        assert torch.equal(state.qk_history[0], history[0]) and not torch.equal(state.qk_history[1], history[1])
 
 
-def test_non_persistent_streaming_starts_every_call_from_w_base():
-    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4, persistent_states=False))
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_non_persistent_streaming_starts_every_call_from_w_base(share_qk):
+    cfg = TTTConfig(layers="1", mini_batch_size=4, persistent_states=False, share_qk=share_qk)
+    model = apply_ttt(tiny_lm(0), cfg)
     block = ttt_blocks(model)[1]
     x = torch.randn(2, 22, model.dim)
     bounds = [(0, 9), (9, 10), (10, 15), (15, 22)]

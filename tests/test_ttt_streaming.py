@@ -47,9 +47,10 @@ def patterns(total: int) -> dict[str, list[int]]:
     }
 
 
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
 @pytest.mark.parametrize("b", [1, 4, 16], ids=lambda b: f"b{b}")
-def test_whole_token_by_token_and_uneven_chunks_agree(b):
-    model = ttt_model(b)
+def test_whole_token_by_token_and_uneven_chunks_agree(b, share_qk):
+    model = ttt_model(b, share_qk=share_qk)
     codes = model_codes(model, random_audio_codes(2, T, seed=1))
     seq = delayed_input(model, codes)
     with torch.no_grad():

@@ -72,9 +72,14 @@ class TTTState(State):
     # Telemetry hook, called with the call's keys and values [B, H, T, D] before the inner loop runs (so that an
     # observer need not recompute the projections).
     on_inputs: tp.Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    # share_qk only: the shared q/k projections of the last conv_kernel - 1 tokens, [B, conv_kernel - 1, dim]
+    # (zeros before the first token), so that the causal convolutions see across forward calls.
+    qk_history: torch.Tensor | None = None
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
+        if self.qk_history is not None:
+            self.qk_history.masked_fill_(reset_mask[:, None, None], 0.0)
         base = self.base_weights(self.batch_size)
         _assign(self.fast_weights, base.where(reset_mask, self.fast_weights))
         _assign(self.grad_sums, self.grad_sums.zeros_like().where(reset_mask, self.grad_sums))
@@ -113,7 +118,13 @@ class TTTBlock(StreamingModule[TTTState]):
 
         self.norm = create_norm_fn(cfg.norm, dim, **factory)
         self.wq = nn.Linear(dim, dim, bias=True, **factory)
-        self.wk = nn.Linear(dim, dim, bias=True, **factory)
+        if cfg.share_qk:
+            # Depthwise causal convolutions over time of the shared projection (ttt-lm-pytorch's conv_q, conv_k).
+            conv = {"kernel_size": cfg.conv_kernel, "groups": dim, "bias": True, **factory}
+            self.conv_q = nn.Conv1d(dim, dim, **conv)
+            self.conv_k = nn.Conv1d(dim, dim, **conv)
+        else:
+            self.wk = nn.Linear(dim, dim, bias=True, **factory)
         self.wv = nn.Linear(dim, dim, bias=True, **factory)
         self.wo = nn.Linear(dim, dim, bias=True, **factory)
         self.gating_alpha = nn.Parameter(torch.full((dim,), cfg.gating_alpha_init, **factory))
@@ -142,6 +153,10 @@ class TTTBlock(StreamingModule[TTTState]):
         with torch.no_grad():
             base = FastWeights(*(w.detach().clone() for w in self.base_weights(batch_size)))
         device = self.W1.device
+        history = None
+        if self.cfg.share_qk:
+            dtype = torch.promote_types(self.wq.weight.dtype, torch.float32)
+            history = torch.zeros(batch_size, self.cfg.conv_kernel - 1, self.dim, device=device, dtype=dtype)
         return TTTState(
             batch_size,
             device,
@@ -152,30 +167,67 @@ class TTTBlock(StreamingModule[TTTState]):
             base_weights=lambda b: FastWeights(*(w.detach() for w in self.base_weights(b))),
             mini_batch_size=self.cfg.mini_batch_size,
             persistent=self.cfg.persistent_states,
+            qk_history=history,
         )
 
-    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """h [B, T, dim] -> xq, xk, xv [B, H, T, D] and lr [B, H, T], in float32 (float64 for a float64 model)."""
+    def _project(self, h: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """h [B, T, dim] -> xq, xk, xv [B, H, T, D], lr [B, H, T] in float32 (float64 for a float64 model), and
+        (share_qk) the new q/k history [B, conv_kernel - 1, dim]; `history` is the previous one (None: zeros)."""
         H = self.num_heads
         dtype = torch.promote_types(h.dtype, torch.float32)
-        xq, xk, xv = (rearrange(proj(h), "b t (h d) -> b h t d", h=H).to(dtype) for proj in (self.wq, self.wk, self.wv))
+        heads = "b t (h d) -> b h t d"
+        if self.cfg.share_qk:
+            xq, xk, history = self._conv_qk(self.wq(h).to(dtype), history)
+            xq, xk = (rearrange(x, heads, h=H) for x in (xq, xk))
+        else:
+            xq, xk = (rearrange(proj(h), heads, h=H).to(dtype) for proj in (self.wq, self.wk))
+        xv = rearrange(self.wv(h), heads, h=H).to(dtype)
         # [B, T, dim] . [H, dim] -> [B, H, T]
         gate = (
             torch.einsum("bti,hi->bht", h.to(dtype), self.lr_weight.to(dtype)) + self.lr_bias.to(dtype)[None, :, None]
         )
         lr = self.cfg.base_lr * torch.sigmoid(gate) / self.head_dim
-        return xq, xk, xv, lr
+        return xq, xk, xv, lr, history
+
+    def _conv_qk(self, xqk: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Causal depthwise convolutions of xqk [B, T, dim] after `history` [B, K - 1, dim] (None: zeros).
+
+        Written as a sum of K shifted products in a fixed order, so that any split of a sequence into calls gives
+        the same numbers as one call."""
+        K = self.cfg.conv_kernel
+        if history is None:
+            history = xqk.new_zeros(xqk.shape[0], K - 1, xqk.shape[2])
+        padded = torch.cat([history.to(xqk.dtype), xqk], dim=1)  # [B, K - 1 + T, dim]
+        T = xqk.shape[1]
+        outs = []
+        for conv in (self.conv_q, self.conv_k):
+            weight = conv.weight.to(xqk.dtype)[:, 0]  # [dim, K]
+            out = conv.bias.to(xqk.dtype).expand_as(xqk)
+            for j in range(K):
+                out = out + padded[:, j : j + T] * weight[:, j]
+            outs.append(out)
+        return outs[0], outs[1], padded[:, padded.shape[1] - (K - 1) :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
-        xq, xk, xv, lr = self._project(self.norm(x))
         state = self._streaming_state
+        if state is not None:
+            if not state.persistent:
+                state.reset(torch.ones(x.shape[0], dtype=torch.bool, device=state.position.device))
+            history = state.qk_history
+        else:
+            history = None if self.carry is None else self.carry[0].start_history(self.carry[1], x.shape[0])
+        xq, xk, xv, lr, history = self._project(self.norm(x), history)
         if state is not None and state.on_inputs is not None:
             state.on_inputs(xk, xv)
         if state is None:
             out = self._forward_fresh(xq, xk, xv, lr)
+            if self.carry is not None and history is not None:
+                self.carry[0].store_history(self.carry[1], history)
         else:
             out = self._forward_streaming(state, xq, xk, xv, lr)
+            if history is not None:
+                self._store_history(state, history)
         y = self.wo(rearrange(out, "b h t d -> b t (h d)").to(x.dtype))  # [B, T, dim]
         return x + torch.tanh(self.gating_alpha).to(y.dtype) * y
 
@@ -198,10 +250,18 @@ class TTTBlock(StreamingModule[TTTState]):
             self.carry[0].store(self.carry[1], end)
         return out
 
+    @staticmethod
+    def _store_history(state: TTTState, history: torch.Tensor) -> None:
+        rebind = torch.is_grad_enabled()  # autograd may still hold the old tensor: rebind instead of writing into it
+        with torch.no_grad():
+            history = history.where(state.exec_mask[:, None, None], state.qk_history)
+            if rebind:
+                state.qk_history = history
+            else:
+                state.qk_history.copy_(history)  # in place: CUDA graphs (LMGen on GPU) captured this tensor
+
     def _forward_streaming(self, state: TTTState, xq, xk, xv, lr) -> torch.Tensor:
-        B, _, T, _ = xq.shape
-        if not state.persistent:
-            state.reset(torch.ones(B, dtype=torch.bool, device=state.position.device))
+        _, _, T, _ = xq.shape
         kwargs = self._ops_kwargs(state.mini_batch_size)
         if T == 1:
             # Branch-free primal step, rows at any positions (CUDA-graph safe: LMGen steps one token at a time).
