@@ -291,3 +291,14 @@ def test_hub_references_use_the_same_loaders(fake_hub, checkpoint_info_calls):
     assert ours.kind == "ours" and ours.mimi_ref == str(repo / loaders.MIMI_NAME)
     for a, b in zip(outputs(model), outputs(ours.model), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+
+
+def test_small_cpu_models_are_built_on_the_cpu_and_large_ones_on_meta():
+    """Building on meta runs torch's Python reference kernels (the first call imports torch._dynamo, ~1 s): the
+    demo models are built on the CPU directly; a large model or another device still goes through meta."""
+    build_lm = common.build_lm
+    small = build_lm(tiny_lm_config(), "cpu", torch.float32)
+    assert all(p.device.type == "cpu" for p in small.parameters())
+    large_config = {**tiny_lm_config(), "dim": 2048, "num_heads": 16}
+    assert all(p.is_meta for p in build_lm(large_config, "cpu", torch.float32).parameters())
+    assert all(p.is_meta for p in build_lm(tiny_lm_config(), "cuda", torch.float32).parameters())

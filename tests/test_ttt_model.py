@@ -232,3 +232,23 @@ def test_bfloat16_model_keeps_fast_weights_in_float32():
             assert all(w.dtype == torch.float32 for w in (*state.fast_weights, *state.grad_sums))
     assert abs(loss16.nanmean() - loss32.nanmean()) < 2e-2
     torch.testing.assert_close(loss16, loss32, rtol=0, atol=0.1, equal_nan=True)
+
+
+def test_share_qk_keys_see_earlier_tokens_and_bad_options_are_refused():
+    """With share_qk, a key mixes the last conv_kernel tokens: started as a one-token shift, token t's key is token
+    t - 1's query."""
+    model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", share_qk=True, conv_kernel=3))
+    block = ttt_blocks(model)[1]
+    assert "wk" not in dict(block.named_children()) and block.conv_q.weight.shape == (model.dim, 1, 3)
+    with torch.no_grad():
+        for conv, tap in ((block.conv_q, 2), (block.conv_k, 1)):
+            conv.weight.zero_()
+            conv.weight[:, 0, tap] = 1.0
+            conv.bias.zero_()
+        xq, xk, _, _, history = block._project(torch.randn(2, 6, model.dim), None)
+    torch.testing.assert_close(xk[:, :, 1:], xq[:, :, :-1], rtol=0, atol=0)
+    assert torch.equal(xk[:, :, 0], torch.zeros_like(xk[:, :, 0])) and history.shape == (2, 2, model.dim)
+    with pytest.raises(ValueError, match="share_qk"):
+        TTTConfig(legacy=True, share_qk=True)
+    with pytest.raises(ValueError, match="conv_kernel"):
+        TTTConfig(share_qk=True, conv_kernel=0)

@@ -152,6 +152,21 @@ def ttt_prefixes(model: LMModel) -> list[str]:
     return [f"transformer.layers.{i}.ttt." for i in ttt_blocks(model)]
 
 
+# Below this many parameters (about; see `build_lm`), a model loaded onto the CPU is built there directly.
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype) -> LMModel:
+    """A moshi LMModel to fill with `load_full`: built on the meta device (no memory, no random initialisation),
+    except a small model bound for the CPU, which is built there directly: initialising meta tensors runs
+    torch's Python reference kernels, whose first call imports torch._dynamo (~1 s, more than the whole load of
+    the demo models)."""
+    dim, layers = int(lm_config["dim"]), int(lm_config["num_layers"])
+    approx = 12 * dim * dim * layers + 2 * (int(lm_config.get("n_q", 8)) + 1) * int(lm_config.get("card", 2048)) * dim
+    small = approx < SMALL_MODEL_PARAMS and torch.device(device).type == "cpu"
+    return LMModel(device="cpu" if small else "meta", dtype=dtype, **lm_config)
+
+
 def _cast_like(tensor: torch.Tensor, ref: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """The model tensor's dtype: the model's for most, float32 for TTT fast weights (the blocks keep those)."""
     dtype = ref.dtype if tensor.dtype.is_floating_point else tensor.dtype

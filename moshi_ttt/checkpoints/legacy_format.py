@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 from moshi.models import loaders
-from moshi.models.lm import LMModel
 
 from ..config import TTTConfig, parse_layers
 from ..ttt.apply import apply_ttt
 from .common import (
     HF_PREFIX,
     LoadedCheckpoint,
+    build_lm,
     legacy_notes,
     lm_kwargs,
     load_full,
@@ -221,7 +221,7 @@ def load_legacy(
             raise FileNotFoundError(f"{directory} has no config.json with the moshi LM config")
         lm_config = lm_kwargs(raw)
         _check_declared_layers(section, keys.ttt_layers, int(lm_config["num_layers"]))
-        model = LMModel(device="meta", dtype=dtype, **lm_config)
+        model = build_lm(lm_config, device, dtype)
         apply_ttt(model, cfg)
         tensors = read_tensors(path, keys.ours.values())
         load_full(model, {ours: tensors[k] for ours, k in keys.ours.items()}, str(path), device)

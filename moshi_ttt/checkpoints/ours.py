@@ -21,6 +21,7 @@ from ..config import TTTConfig, parse_layers
 from ..ttt.apply import apply_ttt, ttt_blocks
 from .common import (
     LoadedCheckpoint,
+    build_lm,
     fast_weight_keys,
     legacy_notes,
     load_full,
@@ -166,7 +167,7 @@ def load_ours(
     notes: list[str] = []
     if "lm_config" in config:
         lm_config = dict(config["lm_config"])
-        model = LMModel(device="meta", dtype=dtype, **lm_config)
+        model = build_lm(lm_config, device, dtype)
         if ttt is not None:
             apply_ttt(model, ttt)
         load_full(model, read_tensors(weights), str(weights), device)

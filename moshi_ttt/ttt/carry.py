@@ -82,7 +82,7 @@ class TTTCarry:
         return history.masked_fill(mask.to(history.device)[:, None, None], 0.0)
 
     def store_history(self, layer: int, history: torch.Tensor) -> None:
-        self.histories[layer] = history.detach()
+        self.histories[layer] = history.detach().clone()  # a copy: the slice would keep its whole chunk alive
 
     def store(self, layer: int, end: InnerState) -> None:
         sums = None if end.grad_sums is None else FastWeights(*(s.detach() for s in end.grad_sums))
