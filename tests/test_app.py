@@ -143,3 +143,38 @@ def test_two_concurrent_jobs_get_their_solo_results(server, assets):
     for clip in ("a.wav", "b.wav"):
         for run in ("baseline", "ttt"):
             np.testing.assert_array_equal(np.array(results[clip][run], float), np.array(solo[clip][run], float))
+
+
+def test_stop_cancels_a_running_job_and_frees_the_models(server, assets, cache, tmp_path):
+    """The Stop button's mechanism (Gradio's cancel of the run event, here through gradio_client): the job ends
+    early, its streaming sessions are closed (the shared models are no longer streaming, their locks are free)
+    and the next run works."""
+    import time
+
+    import soundfile as sf
+    from conftest import SR, speechlike
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    long_clip = tmp_path / "long.wav"
+    sf.write(long_clip, speechlike(90.0, 3), SR)
+    client = Client(server, verbose=False)
+    job = client.submit(
+        handle_file(str(long_clip)), "baseline", "ttt", 4, True, "live token by token", 120, api_name="/run"
+    )
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:  # the first live update arrived
+        time.sleep(0.05)
+    assert job.outputs(), "no live update within 60 s"
+    job.cancel()
+    models = [cache.get(name).model for name in ("baseline", "ttt")]
+    while time.monotonic() < deadline and (not job.done() or any(m.is_streaming for m in models)):
+        time.sleep(0.05)
+    assert job.done() and job.status().code in (Status.CANCELLED, Status.FINISHED)
+    assert len(job.outputs()) < 90 * 12.5 / 25 / 2  # ended early: a whole run gives one update per 25 tokens
+    assert not any(m.is_streaming for m in models)
+    for name in ("baseline", "ttt"):
+        lock = cache.lock(cache.get(name).model)
+        assert lock.acquire(timeout=5)
+        lock.release()
+    assert set(_losses(_predict(client, assets / "b.wav"))) == {"baseline", "ttt"}
