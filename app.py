@@ -17,7 +17,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from moshi_ttt import report  # noqa: E402
-from moshi_ttt.live import LIVE_MODES, LiveConfig, compare_file  # noqa: E402
+from moshi_ttt.live import LIVE_MODES, LiveConfig, compare_file, threads_per_run  # noqa: E402
 from moshi_ttt.live_plots import live_figure  # noqa: E402
 from moshi_ttt.registry import ModelCache, build_allow_list  # noqa: E402
 
@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", action="append", default=[], help="hf://owner/repo checkpoint (repeatable)")
     parser.add_argument("--device", default=os.environ.get("MOSHI_TTT_DEVICE"), help="cpu or cuda (default: auto)")
     parser.add_argument("--concurrency", type=int, default=2, help="runs at once per process")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores shared by the runs)")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(args.threads or threads_per_run(args.concurrency))
     dirs = args.checkpoint_dir or ([DEMO_DIR] if DEMO_DIR.is_dir() else [])
     cache = ModelCache(build_allow_list(dirs, args.checkpoint), device=device)
     if not cache.names():

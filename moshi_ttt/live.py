@@ -7,6 +7,7 @@ This is the engine of the app: it knows nothing of Gradio. Each run has its own 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -201,3 +202,13 @@ def compare_file(
     info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
             "tokens": int(codes.shape[-1])}  # fmt: skip
     yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info)
+
+
+def threads_per_run(concurrency: int, cpus: int | None = None) -> int:
+    """Torch CPU threads for each of `concurrency` simultaneous runs: the cores shared out, at least one.
+
+    More threads than cores (two runs of 2 threads on 2 cores) make OpenMP's threads wait on each other.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    return max(1, (cpus if cpus is not None else os.cpu_count() or 1) // concurrency)

@@ -178,3 +178,12 @@ def test_stop_cancels_a_running_job_and_frees_the_models(server, assets, cache, 
         assert lock.acquire(timeout=5)
         lock.release()
     assert set(_losses(_predict(client, assets / "b.wav"))) == {"baseline", "ttt"}
+
+
+def test_cpu_threads_are_shared_out_between_concurrent_runs():
+    from moshi_ttt.live import threads_per_run
+
+    assert [threads_per_run(c, cpus=2) for c in (1, 2, 3)] == [2, 1, 1]
+    assert threads_per_run(2, cpus=16) == 8
+    with pytest.raises(ValueError, match="concurrency"):
+        threads_per_run(0, cpus=2)
