@@ -15,10 +15,11 @@ if "cuda" not in os.environ.get("MOSHI_TTT_DEVICE", ""):
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+from gradio.components.plot import PlotData  # noqa: E402
 
 from moshi_ttt import report  # noqa: E402
 from moshi_ttt.live import LIVE_MODES, LiveConfig, compare_file, threads_per_run  # noqa: E402
-from moshi_ttt.live_plots import live_figure  # noqa: E402
+from moshi_ttt.live_plots import figure_json  # noqa: E402
 from moshi_ttt.registry import ModelCache, build_allow_list  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_assets"
@@ -55,7 +56,8 @@ def run_handler(cache: ModelCache):
         try:
             for update in compare_file(cache, audio_path, baseline, ttt, cfg, float(max_seconds)):
                 progress(update.tokens_done / max(update.total_tokens, 1), desc="scoring both models")
-                figure = live_figure(update.loss_per_token, update.drift, total_tokens=update.total_tokens)
+                figure = PlotData(type="plotly", plot=figure_json(update.loss_per_token, update.drift,
+                                                                  total_tokens=update.total_tokens))  # fmt: skip
                 if not update.complete:
                     yield figure, gr.skip(), gr.skip(), gr.skip()
                     continue

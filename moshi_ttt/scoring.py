@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 MODES = ("full", "chunked", "stream")
 DEFAULT_CHUNK_SIZE = 250  # tokens per chunk in "chunked" mode (20 s of audio), capped at the model's context
-# The depth transformer has no state across time steps (each step's 8 codebooks only), so "stream" mode runs it
-# over up to this many buffered steps at once: the same numbers, without its per-call overhead at every token.
+# The depth transformer has no state across time steps (each step's 8 codebooks only), so "stream" and "chunked"
+# modes run it over up to this many buffered steps at once: the same numbers, without its per-call overhead at every
+# token or chunk.
 DEPTH_GROUP = 256
 
 

@@ -63,7 +63,8 @@ def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     run = doc["runs"]["ttt"]
     assert run["tokens"] == len(run["loss_per_token"]) == math.ceil(3.0 * 12.5)
     assert run["drift"] and all(len(d["W1"]) == len(d["t"]) > 0 for d in run["drift"].values())
-    ttt_drift = [t for t in figure.data if t.xaxis == "x2"]
+    assert figure.type == "plotly"
+    ttt_drift = [t for t in json.loads(figure.plot)["data"] if t["xaxis"] == "x2"]
     assert len(ttt_drift) == 4
 
 
@@ -187,3 +188,15 @@ def test_cpu_threads_are_shared_out_between_concurrent_runs():
     assert threads_per_run(2, cpus=16) == 8
     with pytest.raises(ValueError, match="concurrency"):
         threads_per_run(0, cpus=2)
+
+
+def test_the_live_json_is_the_validated_figure():
+    """The app sends figure_json at every update: exactly the JSON of plotly's validated live_figure, built without
+    plotly's objects."""
+    from moshi_ttt.live_plots import figure_json
+
+    loss = {"baseline": list(np.linspace(3, 2, 400)), "ttt": [float("nan")] + list(np.linspace(3, 1.5, 399))}
+    record = {"W1": list(np.linspace(0, 1, 25)), "W2": list(np.linspace(0, 2, 25)), "t": list(range(16, 401, 16))}
+    drift = {str(i): record for i in (1, 2, 3)}
+    sent = json.loads(figure_json(loss, drift, total_tokens=500))
+    assert sent == json.loads(live_figure(loss, drift, total_tokens=500).to_json())
