@@ -164,8 +164,6 @@ class Trainer:
             tensors[f"carry.{layer}.pending_reset"] = mask.to(torch.uint8)
         for layer, history in self.carry.histories.items():
             tensors[f"carry.{layer}.qk_history"] = history.contiguous()
-        for layer, mask in self.carry.pending_history_reset.items():
-            tensors[f"carry.{layer}.pending_history_reset"] = mask.to(torch.uint8)
         save_file(tensors, str(directory / STATE_TENSORS))
         meta = {
             "step": self.step_count,
@@ -201,11 +199,8 @@ class Trainer:
             self.carry.states[layer] = InnerState(get("weights"), sums, position)
             if f"carry.{layer}.pending_reset" in tensors:
                 self.carry.pending_reset[layer] = tensors[f"carry.{layer}.pending_reset"].bool().to(device)
-        for key, value in tensors.items():
-            if key.startswith("carry.") and key.endswith((".qk_history", ".pending_history_reset")):
-                _, layer_str, kind = key.split(".")
-                target = self.carry.histories if kind == "qk_history" else self.carry.pending_history_reset
-                target[int(layer_str)] = value.to(device) if kind == "qk_history" else value.bool().to(device)
+            if f"carry.{layer}.qk_history" in tensors:
+                self.carry.histories[layer] = tensors[f"carry.{layer}.qk_history"].to(device)
         self.batcher.load_state(meta["batcher"])
         self.step_count = meta["step"]
 

@@ -224,17 +224,6 @@ def stage_baseline(work: Path, seed: int) -> None:
 VARIANTS = ("ttt", "fair_baseline")
 
 
-def shift_init(model: LMModel) -> None:
-    """share_qk convolutions as a one-token shift: query of token t = its own projection, key = token t - 1's."""
-    with torch.no_grad():
-        for block in ttt_blocks(model).values():
-            K = block.cfg.conv_kernel
-            for conv, tap in ((block.conv_q, K - 1), (block.conv_k, K - 2)):
-                conv.weight.zero_()
-                conv.weight[:, 0, tap] = 1.0
-                conv.bias.zero_()
-
-
 def stage_ttt(work: Path, out: Path, seed: int, variants: tuple[str, ...] = VARIANTS) -> None:
     """The TTT model: the baseline plus TTT layers, only those trained ("ttt"); the fair baseline: the baseline,
     whose weights that training leaves unchanged, with its loss on the same training batches ("fair_baseline")."""
@@ -246,7 +235,8 @@ def stage_ttt(work: Path, out: Path, seed: int, variants: tuple[str, ...] = VARI
         model = load(str(work / "baseline")).model
         if name == "ttt":
             apply_ttt(model, TTT)
-            shift_init(model)
+            for block in ttt_blocks(model).values():
+                block.init_qk_shift()
             trainer = Trainer(model, files, cfg)
             losses = trainer.run(on_step=lambda s, v: s % 20 == 0 and log(f"ttt step {s}: loss {v:.4f}"))
         else:  # frozen: the loss of the same batches in the same order

@@ -240,15 +240,14 @@ def test_share_qk_keys_see_earlier_tokens_and_bad_options_are_refused():
     model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", share_qk=True, conv_kernel=3))
     block = ttt_blocks(model)[1]
     assert "wk" not in dict(block.named_children()) and block.conv_q.weight.shape == (model.dim, 1, 3)
+    block.init_qk_shift()
     with torch.no_grad():
-        for conv, tap in ((block.conv_q, 2), (block.conv_k, 1)):
-            conv.weight.zero_()
-            conv.weight[:, 0, tap] = 1.0
-            conv.bias.zero_()
         xq, xk, _, _, history = block._project(torch.randn(2, 6, model.dim), None)
     torch.testing.assert_close(xk[:, :, 1:], xq[:, :, :-1], rtol=0, atol=0)
     assert torch.equal(xk[:, :, 0], torch.zeros_like(xk[:, :, 0])) and history.shape == (2, 2, model.dim)
     with pytest.raises(ValueError, match="share_qk"):
         TTTConfig(legacy=True, share_qk=True)
+    with pytest.raises(ValueError, match="share_qk"):
+        ttt_blocks(apply_ttt(tiny_lm(0), TTTConfig(layers="1")))[1].init_qk_shift()
     with pytest.raises(ValueError, match="conv_kernel"):
         TTTConfig(share_qk=True, conv_kernel=0)

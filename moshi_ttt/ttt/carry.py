@@ -28,7 +28,6 @@ class TTTCarry:
     pending_reset: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B] bool
     # share_qk blocks: the q/k projections of the last conv_kernel - 1 tokens (detached), layer -> [B, K - 1, dim]
     histories: dict[int, torch.Tensor] = field(default_factory=dict)
-    pending_history_reset: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B] bool
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Rows where `mask` [B] is True (all rows if None) restart from the current W_base at their next forward."""
@@ -36,57 +35,41 @@ class TTTCarry:
             self.states.clear()
             self.pending_reset.clear()
             self.histories.clear()
-            self.pending_history_reset.clear()
             return
         for layer in self.states:
             previous = self.pending_reset.get(layer)
             self.pending_reset[layer] = mask if previous is None else previous | mask
-        for layer in self.histories:
-            previous = self.pending_history_reset.get(layer)
-            self.pending_history_reset[layer] = mask if previous is None else previous | mask
 
-    def start_state(self, layer: int, base: FastWeights) -> InnerState:
-        """Where a block's forward starts; `base` is W_base expanded to the batch (live, differentiable)."""
+    def start(self, layer: int, base: FastWeights) -> tuple[InnerState, torch.Tensor | None]:
+        """Where a block's forward starts, and its share_qk history (None: zeros); `base` is W_base expanded to
+        the batch (live, differentiable). Restarted rows take W_base and a zero history."""
         carried = self.states.get(layer)
         if carried is None:
-            return InnerState(base, None, 0)
+            return InnerState(base, None, 0), None
         if carried.weights.W1.shape != base.W1.shape:
             raise ValueError(
                 f"the carried TTT state has {carried.weights.W1.shape[0]} rows but this forward has "
                 f"{base.W1.shape[0]}; call carry.reset() when the batch changes"
             )
+        history = self.histories.get(layer)
         mask = self.pending_reset.pop(layer, None)
         if mask is None:
-            return carried
+            return carried, history
         mask = mask.to(base.W1.device)
         if carried.position != 0 and bool(mask.any()):
             raise ValueError(
                 f"rows can restart only at a mini-batch boundary, but the carried state is {carried.position} "
                 "tokens into a mini-batch; use chunk lengths that are multiples of mini_batch_size"
             )
-        return InnerState(base.where(mask, carried.weights), carried.grad_sums, carried.position)
+        if history is not None:
+            history = history.masked_fill(mask[:, None, None], 0.0)
+        return InnerState(base.where(mask, carried.weights), carried.grad_sums, carried.position), history
 
-    def start_history(self, layer: int, batch_size: int) -> torch.Tensor | None:
-        """The q/k history a share_qk block starts from (None: zeros), with restarted rows zeroed."""
-        history = self.histories.get(layer)
-        if history is None:
-            return None
-        if history.shape[0] != batch_size:
-            raise ValueError(
-                f"the carried TTT state has {history.shape[0]} rows but this forward has {batch_size}; "
-                "call carry.reset() when the batch changes"
-            )
-        mask = self.pending_history_reset.pop(layer, None)
-        if mask is None:
-            return history
-        return history.masked_fill(mask.to(history.device)[:, None, None], 0.0)
-
-    def store_history(self, layer: int, history: torch.Tensor) -> None:
-        self.histories[layer] = history.detach().clone()  # a copy: the slice would keep its whole chunk alive
-
-    def store(self, layer: int, end: InnerState) -> None:
+    def store(self, layer: int, end: InnerState, history: torch.Tensor | None = None) -> None:
         sums = None if end.grad_sums is None else FastWeights(*(s.detach() for s in end.grad_sums))
         self.states[layer] = InnerState(FastWeights(*(w.detach() for w in end.weights)), sums, end.position)
+        if history is not None:
+            self.histories[layer] = history.detach().clone()  # a copy: the slice would keep its whole chunk alive
 
 
 @contextmanager

@@ -142,6 +142,20 @@ class TTTBlock(StreamingModule[TTTState]):
         # (TTTCarry, layer index) while inside carry_ttt_state; None otherwise.
         self.carry: tuple[TTTCarry, int] | None = None
 
+    def init_qk_shift(self) -> None:
+        """share_qk only: the convolutions start as a one-token shift, the query of token t its own projection and
+        the key token t - 1's, so that the fast weights learn "what came next" and a query can recall it."""
+        if not self.cfg.share_qk:
+            raise ValueError("init_qk_shift needs a TTT block with share_qk")
+        K = self.cfg.conv_kernel
+        if K < 2:
+            raise ValueError(f"a one-token shift needs conv_kernel >= 2, got {K}")
+        with torch.no_grad():
+            for conv, tap in ((self.conv_q, K - 1), (self.conv_k, K - 2)):
+                conv.weight.zero_()
+                conv.weight[:, 0, tap] = 1.0
+                conv.bias.zero_()
+
     def _apply(self, fn, recurse=True):
         return apply_keeping_float32(self, super()._apply, fn, recurse, FLOAT32_PARAMS)
 
@@ -211,23 +225,24 @@ class TTTBlock(StreamingModule[TTTState]):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
         state = self._streaming_state
-        if state is not None:
+        if state is None:
+            # Outside streaming (training, plain `LMModel.forward`): every call starts from W_base, unless the
+            # caller carries state between calls with `moshi_ttt.ttt.carry.carry_ttt_state`.
+            base = self.base_weights(x.shape[0])
+            start, history = (
+                (InnerState(base, None, 0), None) if self.carry is None else self.carry[0].start(self.carry[1], base)
+            )
+            xq, xk, xv, lr, history = self._project(self.norm(x), history)
+            out, end = ttt_mlp_chunk(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
+            if self.carry is not None:
+                self.carry[0].store(self.carry[1], end, history)
+        else:
             if not state.persistent:
                 state.reset(torch.ones(x.shape[0], dtype=torch.bool, device=state.position.device))
-            history = state.qk_history
-        else:
-            history = None if self.carry is None else self.carry[0].start_history(self.carry[1], x.shape[0])
-        xq, xk, xv, lr, history = self._project(self.norm(x), history)
-        if state is not None and state.on_inputs is not None:
-            state.on_inputs(xk, xv)
-        if state is None:
-            out = self._forward_fresh(xq, xk, xv, lr)
-            if self.carry is not None and history is not None:
-                self.carry[0].store_history(self.carry[1], history)
-        else:
-            out = self._forward_streaming(state, xq, xk, xv, lr)
-            if history is not None:
-                self._store_history(state, history)
+            xq, xk, xv, lr, history = self._project(self.norm(x), state.qk_history)
+            if state.on_inputs is not None:
+                state.on_inputs(xk, xv)
+            out = self._forward_streaming(state, xq, xk, xv, lr, history)
         y = self.wo(rearrange(out, "b h t d -> b t (h d)").to(x.dtype))  # [B, T, dim]
         return x + torch.tanh(self.gating_alpha).to(y.dtype) * y
 
@@ -240,27 +255,8 @@ class TTTBlock(StreamingModule[TTTState]):
             "target": self.cfg.target,
         }
 
-    def _forward_fresh(self, xq, xk, xv, lr) -> torch.Tensor:
-        """Outside streaming (training, plain `LMModel.forward`): every call starts from W_base, unless the
-        caller carries state between calls with `moshi_ttt.ttt.carry.carry_ttt_state`."""
-        base = self.base_weights(xq.shape[0])
-        start = InnerState(base, None, 0) if self.carry is None else self.carry[0].start_state(self.carry[1], base)
-        out, end = ttt_mlp_chunk(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
-        if self.carry is not None:
-            self.carry[0].store(self.carry[1], end)
-        return out
-
-    @staticmethod
-    def _store_history(state: TTTState, history: torch.Tensor) -> None:
-        rebind = torch.is_grad_enabled()  # autograd may still hold the old tensor: rebind instead of writing into it
-        with torch.no_grad():
-            history = history.where(state.exec_mask[:, None, None], state.qk_history)
-            if rebind:
-                state.qk_history = history
-            else:
-                state.qk_history.copy_(history)  # in place: CUDA graphs (LMGen on GPU) captured this tensor
-
-    def _forward_streaming(self, state: TTTState, xq, xk, xv, lr) -> torch.Tensor:
+    def _forward_streaming(self, state: TTTState, xq, xk, xv, lr, history: torch.Tensor | None) -> torch.Tensor:
+        """One streaming call; `history` is the share_qk convolutions' new input history (None without them)."""
         _, _, T, _ = xq.shape
         kwargs = self._ops_kwargs(state.mini_batch_size)
         if T == 1:
@@ -277,16 +273,22 @@ class TTTBlock(StreamingModule[TTTState]):
                 weights = weights.where(keep, state.fast_weights)
                 sums = sums.where(keep, state.grad_sums)
                 position = torch.where(keep, position, state.position)
+                if history is not None:
+                    history = history.where(keep[:, None, None], state.qk_history)
         if torch.is_grad_enabled():
             # Autograd may still need the old tensors: rebind (detached) instead of writing into them.
             state.fast_weights = FastWeights(*(w.detach() for w in weights))
             state.grad_sums = FastWeights(*(w.detach() for w in sums))
             state.position = position
+            if history is not None:
+                state.qk_history = history.detach().clone()  # a copy: the slice would keep its whole chunk alive
         else:
             # In place, so that tensors captured by a CUDA graph (LMGen on GPU) see the new values.
             _assign(state.fast_weights, weights)
             _assign(state.grad_sums, sums)
             state.position.copy_(position)
+            if history is not None:
+                state.qk_history.copy_(history)
         state.offset.add_(torch.where(keep, T, 0))
         return out
 
