@@ -231,8 +231,8 @@ def stage_ttt(work: Path, out: Path, seed: int, variants: tuple[str, ...] = VARI
     files = [c for n, c in read_codes(work, "train").items() if index[n]["kind"] == "repeat"]
     cfg = dataclasses.replace(EXTRA, seed=seed)
     for name in variants:
-        torch.manual_seed(seed)
         model = load(str(work / "baseline")).model
+        torch.manual_seed(seed)  # after the load: the TTT initialisation must not depend on how loading works
         if name == "ttt":
             apply_ttt(model, TTT)
             for block in ttt_blocks(model).values():

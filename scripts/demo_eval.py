@@ -49,7 +49,7 @@ TRIED = [
     "attention 0.04 / 0.49 / 0.62 at b 16. A TTT model whose shared q/k and v projections start as that whitening "
     "(one head of width 128 on layers 1-3, base_lr 2, TTT only, lr 3e-3) still did not use it: 2nd+3rd readings / "
     "plain 4.654 / 4.655 at step 300, 4.654 / 4.657 at step 500 (fair baseline 4.653 / 4.688), with no trend. "
-    "These assets' recipe and seed run longer: 2nd+3rd readings / plain 4.650 / "
+    "These assets' recipe run longer: 2nd+3rd readings / plain 4.650 / "
     "4.651 at step 250, 4.650 / 4.651 at step 500, 4.658 / 4.659 at step 750 (stopped: it starts to overfit the 80 "
     "clips). Next to try: a TTT branch that reads the layer's input before attention (a DESIGN change), keys and "
     "values with the per-clip mean removed, or far more (and more varied) training data.",

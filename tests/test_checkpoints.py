@@ -297,8 +297,10 @@ def test_small_cpu_models_are_built_on_the_cpu_and_large_ones_on_meta():
     """Building on meta runs torch's Python reference kernels (the first call imports torch._dynamo, ~1 s): the
     demo models are built on the CPU directly; a large model or another device still goes through meta."""
     build_lm = common.build_lm
+    rng = torch.random.get_rng_state()
     small = build_lm(tiny_lm_config(), "cpu", torch.float32)
     assert all(p.device.type == "cpu" for p in small.parameters())
+    assert torch.equal(torch.random.get_rng_state(), rng)  # loading leaves the caller's seed alone, as meta did
     large_config = {**tiny_lm_config(), "dim": 2048, "num_heads": 16}
     assert all(p.is_meta for p in build_lm(large_config, "cpu", torch.float32).parameters())
     assert all(p.is_meta for p in build_lm(tiny_lm_config(), "cuda", torch.float32).parameters())

@@ -164,7 +164,10 @@ def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype) ->
     dim, layers = int(lm_config["dim"]), int(lm_config["num_layers"])
     approx = 12 * dim * dim * layers + 2 * (int(lm_config.get("n_q", 8)) + 1) * int(lm_config.get("card", 2048)) * dim
     small = approx < SMALL_MODEL_PARAMS and torch.device(device).type == "cpu"
-    return LMModel(device="cpu" if small else "meta", dtype=dtype, **lm_config)
+    if not small:
+        return LMModel(device="meta", dtype=dtype, **lm_config)
+    with torch.random.fork_rng(devices=[]):  # the random initialisation must not move the caller's RNG
+        return LMModel(device="cpu", dtype=dtype, **lm_config)
 
 
 def _cast_like(tensor: torch.Tensor, ref: torch.Tensor, device: torch.device | str) -> torch.Tensor:
