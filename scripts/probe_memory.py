@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=6, help="repeat clips of the split to read")
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--json", type=Path, help="write every row here")
+    for name in ("point", "inner", "qk", "heads", "b", "base_lr", "init_std"):
+        parser.add_argument(f"--{name.replace('_', '-')}", nargs="+", help="only these values of the grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     index = json.loads((args.work / "corpus" / "index.json").read_text())
@@ -173,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     if args.quick:
         grid.update(heads=(1,), b=(4, 16), base_lr=(0.0, 4.0, 16.0), init_std=(0.02,))
+    kinds = {"heads": int, "b": int, "base_lr": float, "init_std": float}
+    for name in grid:
+        if getattr(args, name) is not None:
+            grid[name] = tuple(kinds.get(name, str)(v) for v in getattr(args, name))
     rows = []
     print("point              inner  qk     H  b   base_lr init   acc reading 1 / 2 / 3   (2+3) - 1")
     for point, inner, qk, heads, b, base_lr, init_std in itertools.product(*grid.values()):

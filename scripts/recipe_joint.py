@@ -26,13 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from build_demo_assets import LM_CONFIG  # noqa: E402
+from demo_corpus import FRAME  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
+from probe_memory import next_frame_accuracy  # noqa: E402
 from recipe_search import PreAttentionTTTLayer, evaluate  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
+from moshi_ttt.sequence import delayed_input, model_codes  # noqa: E402
 from moshi_ttt.train import audio_loss  # noqa: E402
 from moshi_ttt.train_data import training_codes  # noqa: E402
+from moshi_ttt.ttt.ops import InnerState, head_layer_norm, ttt_mlp_chunk  # noqa: E402
 
 
 def read(work: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -60,6 +64,37 @@ def build(kind: str, args) -> LMModel:
                         lin.weight.copy_(torch.eye(lin.weight.shape[0]))
                         lin.bias.zero_()
     return model.train()
+
+
+def memory_accuracy(model, clips: dict[str, torch.Tensor], index: dict, layer: int = 0) -> tuple[list[float], float]:
+    """The probe's next-frame accuracy (readings 1 / 2 / 3) of a trained TTT block's own answers, and the mean norm
+    of its gated branch over the norm of the residual stream it reads (share_qk shift: key t from token t - 1)."""
+    block = ttt_blocks(model)[layer]
+    captured = {}
+    hook = block.register_forward_pre_hook(lambda _m, a: captured.__setitem__("x", a[0]))
+    per, ratios = torch.zeros(3), []
+    try:
+        for name, codes in clips.items():
+            inputs = delayed_input(model, model_codes(model, codes[None]))
+            with torch.no_grad():
+                model.forward_text(inputs)
+                x = captured["x"]
+                xq, xk, xv, lr, _ = block._project(block.norm(x), None)
+                ln = (block.ttt_norm_weight, block.ttt_norm_bias)
+                start = InnerState(block.base_weights(1), None, 0)
+                out, _ = ttt_mlp_chunk(start, xq, xk, xv, lr, *ln, block.cfg.mini_batch_size, block.learnable_token_idx)
+                answers = (out - xq)[0].transpose(0, 1).flatten(1)  # [T, dim]
+                targets = head_layer_norm(xv - xk, *ln)[0]
+                targets = targets.transpose(0, 1).flatten(1)
+                branch = torch.tanh(block.gating_alpha) * block.wo(out[0].transpose(0, 1).flatten(1))
+                ratios.append(float(branch.norm(dim=-1).mean() / x[0].norm(dim=-1).mean()))
+            # Token t holds key t - 1 and value t: the probe's row s is token s + 1.
+            acc = next_frame_accuracy(answers[1:], targets[1:], inputs[0])
+            readings = [(s // FRAME, e // FRAME) for s, e in index[name]["readings"]]
+            per += torch.stack([acc[max(s - 2, 0) : e - 2].mean() for s, e in readings])
+    finally:
+        hook.remove()
+    return (per / len(clips)).tolist(), sum(ratios) / len(ratios)
 
 
 def batches(args, short: list[torch.Tensor], long: list[torch.Tensor]):
@@ -145,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{json.dumps({k: round(v, 4) for k, v in history[s].items()})} gate {gates} "
                   f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "val": history, "train_losses": losses}
+    if args.kind == "ttt":
+        repeats = {n: c for n, c in val.items() if index[n]["readings"]}
+        result["memory_accuracy"], result["branch_norm_ratio"] = memory_accuracy(model.eval(), repeats, index)
+        print(f"[{args.tag}] in-model next-frame accuracy {result['memory_accuracy']}, branch / residual norm "
+              f"{result['branch_norm_ratio']:.3f}", flush=True)  # fmt: skip
     if args.heldout:
         held = {n: codes[n] for n, v in index.items() if v["split"] == "heldout"}
         result["heldout"] = evaluate(model, held, index)
