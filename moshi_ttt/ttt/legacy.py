@@ -44,6 +44,8 @@ padding above). Full mini-batches always end with the same weight update.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import typing as tp
 from dataclasses import dataclass
@@ -475,3 +477,22 @@ def set_legacy_contexts(model: tp.Any, ttt_layers: list[int], cfg: TTTConfig) ->
             if context < 1:
                 raise ValueError(f"attention context must be >= 1 token, got {context} for layer {i}")
             layer.self_attn.context = context
+
+
+@contextlib.contextmanager
+def causal_reading(model: tp.Any) -> tp.Iterator[int]:
+    """Inside the block, the model's non-causal legacy TTT layers read causally (`TTTConfig.causal=True`: each
+    token sees only itself and the earlier tokens of its mini-batch), with the same weights; restored on exit.
+
+    Yields the number of layers switched (0: nothing was non-causal). Not thread-safe: hold the model's lock.
+    """
+    switched = []
+    for module in model.modules():
+        if isinstance(module, LegacyTTTBlock) and not module.cfg.causal:
+            switched.append((module, module.cfg))
+            module.cfg = dataclasses.replace(module.cfg, causal=True)
+    try:
+        yield len(switched)
+    finally:
+        for module, cfg in switched:
+            module.cfg = cfg
