@@ -17,7 +17,8 @@ import torch
 
 from . import report
 from .registry import ModelCache, StreamingSession
-from .scoring import ScoreResult, iter_score, non_causal_mini_batch
+from .scoring import ScoreResult, iter_score, non_causal_mini_batch, score
+from .ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def compare_live(
     if len(codecs) > 1:
         raise ValueError(f"the baseline and TTT checkpoints use different codecs: {sorted(map(str, codecs))}")
     chunk = cfg.update_every if cfg.mode == "chunked" else 1
-    sessions = {}
+    sessions, sizes = {}, {}
     for run, ckpt in loaded.items():
         context = ckpt.model.context
         size = min(chunk, context) if context is not None else chunk
@@ -95,6 +96,7 @@ def compare_live(
             record_every=cfg.update_every,
         )
         sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
+        sizes[run] = size
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
     try:
@@ -108,7 +110,16 @@ def compare_live(
             if finished == len(sessions):
                 break
             yield _update(latest, start)
-        yield _final(latest, loaded, names, cfg, audio_info or {}, start)
+        causal = {}  # older non-causal TTT checkpoints: the same weights scored causally (report.causal_comparison)
+        for run, ckpt in loaded.items():
+            b = non_causal_mini_batch(ckpt.model)
+            if b is not None:
+                with cache.lock(ckpt.model), causal_reading(ckpt.model):
+                    chunk = sizes[run] if cfg.mode == "chunked" else None
+                    options = {"mini_batch_size": cfg.mini_batch_size, "persistent_states": cfg.persistent_states}
+                    result = score(ckpt.model, audio_codes.to(ckpt.model.device), cfg.mode, chunk, **options)
+                causal[run] = (result, b)
+        yield _final(latest, loaded, names, cfg, audio_info or {}, start, causal)
     finally:
         for session in sessions.values():
             session.close()
@@ -131,8 +142,10 @@ def _update(latest: dict[str, ScoreResult], start: float) -> LiveUpdate:
     )
 
 
-def _final(latest, loaded, names, cfg: LiveConfig, audio_info: dict, start: float) -> LiveUpdate:
+def _final(latest, loaded, names, cfg: LiveConfig, audio_info: dict, start: float, causal=None) -> LiveUpdate:
     runs = {run: report.run_record(r, checkpoint=names[run]) for run, r in latest.items()}
+    for run, (result, b) in (causal or {}).items():
+        runs[run]["causal_comparison"] = report.causal_comparison(runs[run], result, b)
     config = {
         "mode": cfg.mode,
         "mini_batch_size": cfg.mini_batch_size,

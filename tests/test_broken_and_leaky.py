@@ -3,6 +3,7 @@ non-causal TTT checkpoints are also scored causally, with the difference in resu
 
 import json
 import math
+import threading
 import types
 
 import numpy as np
@@ -16,6 +17,7 @@ from tiny_mimi import tiny_mimi
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import evaluate, load, score
+from moshi_ttt.live import LiveConfig, compare_live
 from moshi_ttt.report import non_finite_message, run_record
 from moshi_ttt.scoring import _cross_entropy
 from moshi_ttt.ttt.legacy import causal_reading
@@ -140,3 +142,21 @@ def test_causal_reading_switches_only_inside_the_block(legacy_dirs):
     torch.testing.assert_close(inside, causal, rtol=0, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(score(model, codes, "full").loss, leaky, rtol=0, atol=0, equal_nan=True)
     assert not torch.allclose(leaky.nan_to_num(), causal.nan_to_num())
+
+
+def test_app_comparison_scores_legacy_checkpoints_causally_too(legacy_dirs):
+    """The app's live comparison (moshi_ttt.live) adds the causal comparison and its note to the results document."""
+    directory, base = legacy_dirs["legacy"]
+    loaded = {"base": load(base), "legacy": load(directory, base=str(base))}
+    locks = {id(c.model): threading.Lock() for c in loaded.values()}
+    cache = types.SimpleNamespace(get=loaded.__getitem__, lock=lambda model: locks[id(model)])
+    codes = random_audio_codes(1, 14, seed=6)
+    updates = list(compare_live(cache, "base", "legacy", codes, LiveConfig(mode="chunked", update_every=8)))
+    doc = updates[-1].document
+    comp = doc["runs"]["ttt"]["causal_comparison"]
+    expected = score(load(directory, base=str(base), legacy_causal=True).model, codes, "chunked").loss[0]
+    got = torch.tensor([np.nan if v is None else v for v in comp["loss_per_token_causal"]])
+    torch.testing.assert_close(got, expected.nanmean(dim=0), rtol=0, atol=1e-5, equal_nan=True)
+    assert "causal_comparison" not in doc["runs"]["baseline"]
+    assert any("scored causally" in note for note in doc["config"]["notes"]["ttt"])
+    assert not any(locks[k].locked() for k in locks)
