@@ -16,12 +16,13 @@ ttt_layer.py` `TTTWrapper` -> `models/ssm/ops/ttt_mlp.py`); paths below are rela
 - every other per-head LayerNorm (in the inner loss, its hand-written gradient and on the output) uses
   sqrt(biased var + 1e-8) (`models/ssm/ops/utils.py` `ln_fwd`, `ln_fused_l2_bwd`), and gelu's derivative is the
   fork's `gelu_bwd` formula;
-- lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / (D * b), with no 1/i position factor (`get_eta`, `process_input`);
+- lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / (D * b), with no 1/i position factor
+  (`models/ssm/ttt_layer.py` `get_eta`, `process_input`);
 - the inner MLP has 2 to 10 layers, gelu_tanh between them, the per-head LayerNorm after the last;
 - NON-CAUSAL mini-batches: token i of a mini-batch reads with W0 - sum_{s in mini-batch} lr_s grad l_s(W0), so
-  it sees the keys and values of the later tokens of its mini-batch (`ops/ttt_mlp.py` `compute_mini_batch`: its
-  eta matrix is not masked). `causal=True` gives the same weights the causal reading W0 - sum_{s<=i} lr_s grad;
-- 3 or more MLP layers (`ops/ttt_mlp.py` `compute_multi_layer_mini_batch`): each token reads with the
+  it sees the keys and values of the later tokens of its mini-batch (`models/ssm/ops/ttt_mlp.py` `compute_mini_batch`:
+  its eta matrix is not masked). `causal=True` gives the same weights the causal reading W0 - sum_{s<=i} lr_s grad;
+- 3 or more MLP layers (`models/ssm/ops/ttt_mlp.py` `compute_multi_layer_mini_batch`): each token reads with the
   end-of-mini-batch weights AND still subtracts the per-token correction terms, i.e. with W0 - 2 sum_s lr_s grad
   l_s(W0), an update applied twice (a bug of the fork, but its checkpoints were trained with it); the weights
   carried to the next mini-batch take the step once. Its 2-layer path (`compute_mini_batch`) takes it once;
