@@ -212,8 +212,9 @@ def test_disk_returns_to_where_it_started_after_many_runs(api, assets, gradio_di
     while time.monotonic() < deadline and folders[-1].is_dir():
         time.sleep(0.2)
     grown_mb = folder_mb(gradio_dir) - start_mb
-    assert not folders[-1].is_dir() and set(runs.iterdir()) == start_folders
-    assert abs(grown_mb) < 0.1, grown_mb
+    # Nothing new stays (older folders of session-less callers may have gone: the cap counts every folder).
+    assert not folders[-1].is_dir() and set(runs.iterdir()) <= start_folders
+    assert grown_mb < 0.1, grown_mb
     assert 0.01 < one_run_mb < 10
     audio = upload(api, assets / "b.wav")
     for _ in range(8):  # raw calls without a session: bounded by KEEP_RUNS
