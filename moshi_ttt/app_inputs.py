@@ -56,12 +56,13 @@ class Number:
         # bool is an int subclass in Python, and JSON true is not a number the user meant.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{self.label} must be a number, got {_shown(value)}.")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (JSON ints are exact, of any size)
             raise InputError(f"{self.label} must be a finite number, got {value}.")
         if self.integer and value != int(value):
             raise InputError(f"{self.label} must be a whole number, got {value:g}.")
         if not self.minimum <= value <= self.maximum:
-            raise InputError(f"{self.label} must be between {self.minimum:g} and {self.maximum:g}, got {value:g}.")
+            shown = f"{value:g}" if isinstance(value, float) or abs(value) < 10**15 else "a huge number"
+            raise InputError(f"{self.label} must be between {self.minimum:g} and {self.maximum:g}, got {shown}.")
         return int(value) if self.integer else float(value)
 
 

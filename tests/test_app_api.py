@@ -104,6 +104,7 @@ BAD_VALUES = [
     ("max_seconds", math.inf, "Max duration (s) must be a finite number"),
     ("max_seconds", -1, "Max duration (s) must be between 5 and 60"),
     ("max_seconds", 10_000, "Max duration (s) must be between 5 and 60"),
+    ("max_seconds", 10**400, "Max duration (s) must be between 5 and 60"),
     ("mini_batch_size", 2.5, "TTT mini_batch_size must be a whole number"),
     ("mini_batch_size", 0, "TTT mini_batch_size must be between 1 and 64"),
     ("mini_batch_size", "abc", "TTT mini_batch_size must be a number"),

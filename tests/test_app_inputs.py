@@ -34,12 +34,13 @@ def test_good_values_come_back_clean(spec, value, clean):
      (MINI_BATCH, 2.5, "must be a whole number, got 2.5"), (MINI_BATCH, 0, "between 1 and 64, got 0"),
      (MINI_BATCH, "abc", "must be a number, got 'abc'"), (MINI_BATCH, True, "must be a number"),
      (MINI_BATCH, [4], "must be a number"), (MINI_BATCH, 1e300, "between 1 and 64"),
+     (SECONDS, 10**400, "between 5 and 600, got a huge number"),
      (Choice("Baseline checkpoint", ("a", "b")), ["a"], "must be one of: a, b; got ['a']"),
      (Choice("Baseline checkpoint", ("a", "b")), "../a", "must be one of"),
      (Choice("Baseline checkpoint", ("a", "b")), "x" * 500, "got 'xxxxx"),
      (Flag("persistent_states"), "false", "must be true or false"), (Flag("persistent_states"), 1, "true or false")],
     ids=["nan", "-inf", "negative", "over-cap", "string-number", "null", "2.5", "0", "abc", "bool", "list", "huge",
-         "list-choice", "path-choice", "long-choice", "string-flag", "int-flag"],
+         "huge-int", "list-choice", "path-choice", "long-choice", "string-flag", "int-flag"],
 )  # fmt: skip
 def test_bad_values_get_one_sentence(spec, value, message):
     with pytest.raises(InputError, match="^" + spec.label.replace("(", r"\(").replace(")", r"\)")) as e:
