@@ -77,7 +77,7 @@ def compare_live(
     check_compatible(loaded["baseline"].lm_config, loaded["ttt"].lm_config)
     codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
     if len(codecs) > 1:
-        raise ValueError(f"the baseline and TTT checkpoints use different codecs: {sorted(map(str, codecs))}")
+        raise ValueError(f"the baseline {baseline_name!r} and TTT {ttt_name!r} checkpoints use different codecs")
     chunk = cfg.update_every if cfg.mode == "chunked" else 1
     sessions, sizes = {}, {}
     for run, ckpt in loaded.items():
@@ -200,12 +200,15 @@ def compare_file(
 ) -> Iterator[LiveUpdate]:
     """Reads and encodes an uploaded file with the baseline's codec, then `compare_live`.
 
+    Only the first `max_seconds` of a longer file are read and scored; the results' "audio" record then holds
+    "trimmed_from_s", the file's whole duration (`trim_note` words it for the user).
+
     Raises:
         ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
     """
     from .audio import encode, load_audio
 
-    audio = load_audio(audio_path, max_seconds=max_seconds)
+    audio = load_audio(audio_path, max_seconds=max_seconds, trim=True)
     baseline = cache.get(baseline_name)
     if baseline.mimi is None:
         raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
@@ -214,6 +217,8 @@ def compare_file(
         raise ValueError(f"{audio.name} is too short to score ({audio.duration_s:.2f} s)")
     info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
             "tokens": int(codes.shape[-1])}  # fmt: skip
+    if audio.trimmed_from_s is not None:
+        info["trimmed_from_s"] = audio.trimmed_from_s
     yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info)
 
 
@@ -225,3 +230,11 @@ def threads_per_run(concurrency: int, cpus: int | None = None) -> int:
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     return max(1, (cpus if cpus is not None else os.cpu_count() or 1) // concurrency)
+
+
+def trim_note(audio_info: dict) -> str | None:
+    """The note "Scored the first N s of M s." for a trimmed file (see `compare_file`), else None."""
+    whole = audio_info.get("trimmed_from_s")
+    if whole is None:
+        return None
+    return f"Scored the first {audio_info['duration_s']:.1f} s of {whole:.1f} s (the duration limit)."
