@@ -17,7 +17,8 @@ import torch
 
 from . import report
 from .registry import ModelCache, StreamingSession
-from .scoring import ScoreResult, iter_score, non_causal_mini_batch
+from .scoring import ScoreResult, iter_score, non_causal_mini_batch, score
+from .ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ def compare_live(
     check_compatible(loaded["baseline"].lm_config, loaded["ttt"].lm_config)
     codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
     if len(codecs) > 1:
-        raise ValueError(f"the baseline and TTT checkpoints use different codecs: {sorted(map(str, codecs))}")
+        raise ValueError(f"the baseline {baseline_name!r} and TTT {ttt_name!r} checkpoints use different codecs")
     chunk = cfg.update_every if cfg.mode == "chunked" else 1
-    sessions = {}
+    sessions, sizes = {}, {}
     for run, ckpt in loaded.items():
         context = ckpt.model.context
         size = min(chunk, context) if context is not None else chunk
@@ -95,6 +96,7 @@ def compare_live(
             record_every=cfg.update_every,
         )
         sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
+        sizes[run] = size
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
     try:
@@ -108,7 +110,16 @@ def compare_live(
             if finished == len(sessions):
                 break
             yield _update(latest, start)
-        yield _final(latest, loaded, names, cfg, audio_info or {}, start)
+        causal = {}  # older non-causal TTT checkpoints: the same weights scored causally (report.causal_comparison)
+        for run, ckpt in loaded.items():
+            b = non_causal_mini_batch(ckpt.model)
+            if b is not None:
+                with cache.lock(ckpt.model), causal_reading(ckpt.model):
+                    chunk = sizes[run] if cfg.mode == "chunked" else None
+                    options = {"mini_batch_size": cfg.mini_batch_size, "persistent_states": cfg.persistent_states}
+                    result = score(ckpt.model, audio_codes.to(ckpt.model.device), cfg.mode, chunk, **options)
+                causal[run] = (result, b)
+        yield _final(latest, loaded, names, cfg, audio_info or {}, start, causal)
     finally:
         for session in sessions.values():
             session.close()
@@ -131,8 +142,10 @@ def _update(latest: dict[str, ScoreResult], start: float) -> LiveUpdate:
     )
 
 
-def _final(latest, loaded, names, cfg: LiveConfig, audio_info: dict, start: float) -> LiveUpdate:
+def _final(latest, loaded, names, cfg: LiveConfig, audio_info: dict, start: float, causal=None) -> LiveUpdate:
     runs = {run: report.run_record(r, checkpoint=names[run]) for run, r in latest.items()}
+    for run, (result, b) in (causal or {}).items():
+        runs[run]["causal_comparison"] = report.causal_comparison(runs[run], result, b)
     config = {
         "mode": cfg.mode,
         "mini_batch_size": cfg.mini_batch_size,
@@ -187,12 +200,15 @@ def compare_file(
 ) -> Iterator[LiveUpdate]:
     """Reads and encodes an uploaded file with the baseline's codec, then `compare_live`.
 
+    Only the first `max_seconds` of a longer file are read and scored; the results' "audio" record then holds
+    "trimmed_from_s", the file's whole duration (`trim_note` words it for the user).
+
     Raises:
         ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
     """
     from .audio import encode, load_audio
 
-    audio = load_audio(audio_path, max_seconds=max_seconds)
+    audio = load_audio(audio_path, max_seconds=max_seconds, trim=True)
     baseline = cache.get(baseline_name)
     if baseline.mimi is None:
         raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
@@ -201,6 +217,8 @@ def compare_file(
         raise ValueError(f"{audio.name} is too short to score ({audio.duration_s:.2f} s)")
     info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
             "tokens": int(codes.shape[-1])}  # fmt: skip
+    if audio.trimmed_from_s is not None:
+        info["trimmed_from_s"] = audio.trimmed_from_s
     yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info)
 
 
@@ -212,3 +230,11 @@ def threads_per_run(concurrency: int, cpus: int | None = None) -> int:
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     return max(1, (cpus if cpus is not None else os.cpu_count() or 1) // concurrency)
+
+
+def trim_note(audio_info: dict) -> str | None:
+    """The note "Scored the first N s of M s." for a trimmed file (see `compare_file`), else None."""
+    whole = audio_info.get("trimmed_from_s")
+    if whole is None:
+        return None
+    return f"Scored the first {audio_info['duration_s']:.1f} s of {whole:.1f} s (the duration limit)."
