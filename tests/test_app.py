@@ -59,7 +59,7 @@ def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     names = sorted(Path(f).name for f in files)
     assert names == ["report.html", "results.csv", "results.json"]
     doc = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
-    assert doc["version"] == 1 and set(doc["runs"]) == {"baseline", "ttt"}
+    assert doc["version"] == 2 and set(doc["runs"]) == {"baseline", "ttt"}
     run = doc["runs"]["ttt"]
     assert run["tokens"] == len(run["loss_per_token"]) == math.ceil(3.0 * 12.5)
     assert run["drift"] and all(len(d["W1"]) == len(d["t"]) > 0 for d in run["drift"].values())
