@@ -11,6 +11,7 @@ reaches (DESIGN.md, "Results": `mean_loss_past_context`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -61,6 +62,25 @@ def readings_for(audio_path: str | Path) -> list[Reading]:
     """Readings of the transcript next to an audio file (same stem, .txt); [] when there is none."""
     text = Path(audio_path).with_suffix(".txt")
     return parse_readings(text.read_text(encoding="utf-8")) if text.is_file() else []
+
+
+def readings_of_known_clip(audio_path: str | Path, known_clips: list[str | Path]) -> list[Reading]:
+    """Readings of an uploaded copy of a known clip: the transcript next to the file itself, else that of the known
+    clip with the same bytes (an upload or an example is a renamed copy); [] when neither names readings."""
+    own = readings_for(audio_path)
+    if own:
+        return own
+    path = Path(audio_path)
+    if not path.is_file():
+        return []
+    size, digest = path.stat().st_size, None
+    for clip in map(Path, known_clips):
+        if not clip.is_file() or clip.stat().st_size != size or not clip.with_suffix(".txt").is_file():
+            continue
+        digest = digest or hashlib.sha256(path.read_bytes()).hexdigest()
+        if hashlib.sha256(clip.read_bytes()).hexdigest() == digest:
+            return readings_for(clip)
+    return []
 
 
 def span_tokens(start_s: float, end_s: float, frame_rate: float = FRAME_RATE) -> tuple[int, int]:

@@ -38,10 +38,11 @@ def test_one_copy_of_the_base_weights_serves_both_models(cache):
 def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     outputs = run_handler_to_end(cache, assets / "a.wav")
     assert len(outputs) >= 2  # at least one live update before the final one
-    figure, rows, files, notes = outputs[-1]
-    assert [r[0] for r in rows] == ["baseline", "ttt"]
+    figure, status, headline_md, rows, readings, files, notes = outputs[-1]
+    assert [r[0] for r in rows] == ["baseline", "ttt"] and status.startswith("✅ Done")
+    assert "TTT vs baseline, whole clip" in headline_md and "shorter than" in headline_md  # a 3 s clip: caveat
     names = sorted(Path(f).name for f in files)
-    assert names == ["report.html", "results.csv", "results.json"]
+    assert names == ["a_report.html", "a_results.csv", "a_results.json"]
     doc = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
     assert doc["version"] == 2 and set(doc["runs"]) == {"baseline", "ttt"}
     run = doc["runs"]["ttt"]
@@ -87,7 +88,7 @@ def _predict(client, clip):
 
 
 def _losses(result) -> dict:
-    files = result[2]
+    files = result[5]
     path = next(f["path"] if isinstance(f, dict) else f for f in files if str(f).endswith("json") or "json" in str(f))
     doc = json.loads(Path(path).read_text())
     return {run: rec["loss_per_token"] for run, rec in doc["runs"].items()}
@@ -98,7 +99,7 @@ def test_end_to_end_through_gradio_client(server, assets):
 
     client = Client(server, verbose=False)
     result = _predict(client, assets / "a.wav")
-    assert result[1]["data"][0][0] == "baseline"
+    assert result[3]["data"][0][0] == "baseline"
     assert set(_losses(result)) == {"baseline", "ttt"}
     with pytest.raises(Exception, match="could not be read as audio"):
         _predict(client, assets / "garbage.wav")
