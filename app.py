@@ -151,7 +151,7 @@ def build_demo(cache: ModelCache, examples: list[str] | None = None, allow_hub: 
                     stop_button = gr.Button("Stop")
             with gr.Column(scale=3):
                 status = gr.Markdown("Choose a clip and press Run.", elem_id="run-status")
-                plot = gr.Plot(label="Loss, TTT − baseline, drift, inner loop", elem_id="live-plot")
+                plot = gr.Plot(label="Loss, TTT − baseline, drift, inner loop", show_label=False, elem_id="live-plot")
                 headline_md = gr.Markdown(elem_id="headline")
                 table = gr.Dataframe(headers=SUMMARY_COLUMNS, label="Summary", interactive=False)
                 readings = gr.Dataframe(headers=READING_COLUMNS, label="Per reading of the repeated passage",

@@ -37,14 +37,14 @@ def persistence_help(mode: str, chunk_tokens: int) -> str:
 def status_text(update: LiveUpdate | None, phase: str = "") -> str:
     """The progress line shown beside the plot (never over it)."""
     if update is None:
-        return f"⏳ {phase}"
+        return f"Working: {phase}"
     done, total = update.tokens_done, update.total_tokens
     where = f"{done} / {total} tokens ({done / FRAME_RATE:.1f} s of {total / FRAME_RATE:.1f} s of audio)"
     if update.stopped:
-        return f"⏹ Stopped after {where}, {update.elapsed_s:.1f} s: the table and downloads cover that part only."
+        return f"Stopped after {where}, {update.elapsed_s:.1f} s: the table and downloads cover that part only."
     if update.complete:
-        return f"✅ Done: {where} in {update.elapsed_s:.1f} s."
-    return f"⏳ Scoring both models: {where}, {update.elapsed_s:.1f} s elapsed."
+        return f"Done: {where} in {update.elapsed_s:.1f} s."
+    return f"Scoring both models: {where}, {update.elapsed_s:.1f} s elapsed."
 
 
 def headline_for(update: LiveUpdate) -> str:

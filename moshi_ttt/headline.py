@@ -234,7 +234,7 @@ def headline_markdown(h: Headline) -> str:
     elif h.context is not None:
         lines.append(f"The clip never gets past the first attention window ({h.context / FRAME_RATE:.1f} s).")
     if h.caveat:
-        lines.append(f"⚠ {h.caveat}")
+        lines.append(f"**Caveat:** {h.caveat}")
     return "\n\n".join(lines)
 
 

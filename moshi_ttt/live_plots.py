@@ -82,7 +82,8 @@ def figure_dict(
                      "line": {"color": color, "width": 1}, "opacity": 0.3, "showlegend": False})  # fmt: skip
         data.append({**common, "y": _finite_or_none(moving_average(y, smooth)), "name": label,
                      "line": {"color": color, "width": 2.5, "dash": dash}})  # fmt: skip
-    data += _difference_traces(loss_per_token, smooth, step)
+    difference = _difference_traces(loss_per_token, smooth, step)
+    data += difference
     layers = sorted(drift, key=int)
     for i, layer in enumerate(layers):
         record = drift[layer]
@@ -108,7 +109,24 @@ def figure_dict(
                 "line": {"color": color, "dash": dash, "width": 1.5}, "showlegend": i == 0 or key == "after",
                 "hovertemplate": "%{y:.4f} at %{x:.2f} s", "xaxis": "x4", "yaxis": "y4",
             })  # fmt: skip
-    return {"data": data, "layout": _layout(total_tokens, has_ttt=bool(layers or inner_loss))}
+    layout = _layout(total_tokens, has_ttt=bool(layers or inner_loss))
+    if difference:
+        layout["yaxis2"]["range"] = _difference_range([difference[0]["y"][smooth:], difference[1]["y"][smooth:]])
+    return {"data": data, "layout": layout}
+
+
+def _difference_range(curves: list[list]) -> list[float]:
+    """Row 2's y range: 1st to 99th percentile of the curves after their first smoothing window, 0 included.
+
+    The first tokens' differences (a window of a few tokens, often several nats) would otherwise flatten the rest
+    of the row (zooming out on the axis still shows them).
+    """
+    values = np.asarray([v for curve in curves for v in curve if v is not None], dtype=np.float64)
+    if values.size == 0:
+        return [-0.1, 0.1]
+    lo, hi = min(float(np.quantile(values, 0.01)), 0.0), max(float(np.quantile(values, 0.99)), 0.0)
+    pad = max(0.15 * (hi - lo), 0.01)
+    return [round(lo - pad, DECIMALS), round(hi + pad, DECIMALS)]
 
 
 def _difference_traces(loss_per_token: dict[str, list[float]], smooth: int, step: float) -> list[dict]:

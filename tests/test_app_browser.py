@@ -29,7 +29,7 @@ COUNT_TRACES = """() => {
   const plot = document.querySelector('.js-plotly-plot');
   if (!plot || !plot.data) return null;
   const loss = plot.data.filter(t => (t.xaxis || 'x') === 'x').length;
-  const drift = plot.data.filter(t => t.xaxis === 'x2').length;
+  const drift = plot.data.filter(t => t.xaxis === 'x3').length;
   const tables = document.querySelectorAll('table').length;
   return {loss, drift, tables};
 }"""
@@ -41,18 +41,139 @@ def test_upload_run_and_read_the_plot_in_chromium(server, assets):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server, wait_until="networkidle")
+            page.goto(server, wait_until="load")  # not networkidle: the session heartbeat stays open
+            page.get_by_role("button", name="Run", exact=True).wait_for()
             page.locator("input[type=file]").first.set_input_files(str(assets / "a.wav"))
+            page.wait_for_selector("audio", state="attached", timeout=60_000)  # the upload finished
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_function(
                 "() => { const p = document.querySelector('.js-plotly-plot');"
-                " return p && p.data && p.data.some(t => t.xaxis === 'x2'); }",
+                " return p && p.data && p.data.some(t => t.xaxis === 'x3'); }",
                 timeout=90_000,
             )
-            page.wait_for_selector("text=results.json", timeout=90_000)
-            counts = page.evaluate(COUNT_TRACES)
+            page.wait_for_function("() => document.querySelector('#run-status').innerText.startsWith('Done')",
+                                   timeout=90_000)  # fmt: skip
             page.screenshot(path=str(OUTPUT / "app_browser.png"), full_page=True)
+            page.wait_for_selector("text=a_results.json", timeout=30_000)
+            counts = page.evaluate(COUNT_TRACES)
         finally:
             browser.close()
     assert counts["loss"] == 4  # baseline and TTT, each raw (faint) and smoothed (bold)
     assert counts["drift"] == 4  # two TTT layers, W1 and W2 each
+
+
+DEMO = Path(__file__).resolve().parent.parent / "demo_assets"
+
+# In-page recorder: every 20 ms, notes when the plot's data grows (a frame), whether the plot is visible and not
+# covered (the element at its centre belongs to it), the status line, and how many subplot rows are drawn.
+RECORDER = """() => {
+  window.__frames = []; window.__seen = -1; window.__t0 = performance.now();
+  window.__timer = setInterval(() => {
+    const p = document.querySelector('#live-plot .js-plotly-plot');
+    if (!p || !p.data || !p.data.length) return;
+    const n = (p.data[0].y || []).length;
+    if (n === window.__seen) return;
+    window.__seen = n;
+    const r = p.getBoundingClientRect();
+    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 3);
+    const rows = new Set(p.data.map(t => t.yaxis || 'y')).size;
+    const drawn = p.querySelectorAll('.cartesianlayer .subplot').length;
+    window.__frames.push({t: performance.now() - window.__t0, n, visible: r.height > 200 && !!hit && p.contains(hit),
+                          rows, drawn, status: (document.querySelector('#run-status') || {}).innerText || ''});
+  }, 20);
+}"""
+
+
+def _tokens(status: str) -> tuple[int, int] | None:
+    import re
+
+    match = re.search(r"(\d+) / (\d+) tokens", status)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    if not (DEMO / "ttt").is_dir():
+        pytest.skip("demo_assets/ is not built")
+    import app
+    from moshi_ttt.registry import ModelCache, build_allow_list
+
+    cache = ModelCache(build_allow_list([DEMO], use_env=False))
+    demo = app.build_demo(cache, app.example_clips(DEMO))
+    demo.queue(default_concurrency_limit=2)
+    from conftest import free_port
+
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    yield url
+    demo.close()
+
+
+def _run_demo_clip(page, mode: str, shots: dict[str, float]) -> dict:
+    """Selects `mode`, presses Run, takes the screenshots in `shots` (name -> fraction of the clip scored) and
+    returns what the recorder saw, with the wall times (ms from the click)."""
+    import time
+
+    page.get_by_label(mode, exact=True).check()
+    page.evaluate(RECORDER)
+    page.get_by_role("button", name="Run", exact=True).click()
+    start = time.monotonic()
+    pending = dict(sorted(shots.items(), key=lambda kv: kv[1]))
+    while time.monotonic() - start < 240:
+        status = page.locator("#run-status").inner_text()
+        progress = _tokens(status)
+        for name, fraction in list(pending.items()):
+            if progress and progress[0] >= fraction * progress[1] and fraction < 1:
+                page.screenshot(path=str(OUTPUT / f"demo_{name}.png"), full_page=True)
+                del pending[name]
+        if status.startswith("Done"):
+            break
+        time.sleep(0.05)
+    end_ms = (time.monotonic() - start) * 1000
+    page.wait_for_timeout(300)  # the recorder's last tick
+    frames = page.evaluate("() => { clearInterval(window.__timer); return window.__frames; }")
+    for name in pending:
+        page.screenshot(path=str(OUTPUT / f"demo_{name}.png"), full_page=True)
+    return {"frames": frames, "end_ms": end_ms, "status": page.locator("#run-status").inner_text()}
+
+
+def test_demo_clip_live_plot_is_visible_at_once_and_grows(demo_server):
+    """Upload demo_repeat.wav, run it live token by token: the plot is visible (not covered) within 2 s of the first
+    update, has >= 3 rows, grows through many frames; then the per-reading table appears. Chunked mode too. The
+    measurements land in test-output/demo_timings.json, the screenshots next to it."""
+    import json
+
+    OUTPUT.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1300})
+            page.goto(demo_server, wait_until="load")
+            page.get_by_role("button", name="Run", exact=True).wait_for()
+            page.locator("input[type=file]").first.set_input_files(str(DEMO / "demo_repeat.wav"))
+            page.wait_for_selector("audio", state="attached", timeout=60_000)  # the upload finished
+            live = _run_demo_clip(page, "live token by token", {"live_25pct": 0.25, "live_50pct": 0.5, "live_end": 1})
+            page.wait_for_selector("#readings table", timeout=30_000)
+            reading_rows = page.locator("#readings tbody tr").count()
+            headline = page.locator("#headline").inner_text()
+            chunked = _run_demo_clip(page, "chunked", {"chunked_end": 1})
+        finally:
+            browser.close()
+    assert live["status"].startswith("Done") and chunked["status"].startswith("Done"), live["status"]
+    frames = live["frames"]
+    first = frames[0]
+    visible = next(f for f in frames if f["visible"])
+    assert visible["t"] - first["t"] <= 2000, (first, visible)
+    assert max(f["rows"] for f in frames) >= 3 and max(f["drawn"] for f in frames) >= 3
+    assert reading_rows == 3 and "TTT vs baseline" in headline
+    timings = {
+        mode: {
+            "first_visible_plot_s": round(next(f["t"] for f in run["frames"] if f["visible"]) / 1000, 2),
+            "frames": len(run["frames"]),
+            "end_to_end_s": round(run["end_ms"] / 1000, 2),
+            "frames_per_minute": round(len(run["frames"]) / (run["end_ms"] / 60_000), 1),
+        }
+        for mode, run in (("live", live), ("chunked", chunked))
+    }
+    (OUTPUT / "demo_timings.json").write_text(json.dumps(timings, indent=1))
+    print(json.dumps(timings))
+    assert timings["live"]["frames"] >= 10 and timings["chunked"]["frames"] >= 5

@@ -34,7 +34,7 @@ def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(ass
     control = {}
     outputs = _run(cache, long_clip, mode="live token by token", control=control, stop_after=3)
     last = outputs[-1]
-    assert len(outputs) < 20 and last["status"].startswith("⏹ Stopped after")
+    assert len(outputs) < 20 and last["status"].startswith("Stopped after")
     assert all(row[0].endswith("(partial)") for row in last["table"])
     assert "Partial (stopped)" in last["headline"]
     names = sorted(Path(f).name for f in last["files"])
@@ -80,7 +80,7 @@ def test_allow_silence_scores_a_silent_clip_that_is_refused_otherwise(cache, tmp
     sf.write(silent, np.zeros(int(2 * SR), dtype=np.float32), SR)
     with pytest.raises(gr.Error, match="is silent"):
         _run(cache, silent)
-    assert _run(cache, silent, allow_silence=True)[-1]["status"].startswith("✅ Done")
+    assert _run(cache, silent, allow_silence=True)[-1]["status"].startswith("Done")
 
 
 def test_live_updates_are_paced_without_losing_the_last_one(assets, cache):

@@ -80,7 +80,7 @@ def test_a_short_clip_gets_the_caveat_instead_of_a_bold_percentage():
     h = hl.headline(_document(base, ttt))
     assert h.improvement_pct == pytest.approx(61.44)
     text = hl.headline_markdown(h)
-    assert "+61.44%" in text and "**" not in text and "0.3 s long" in text
+    assert "+61.44%" in text and "**+61.44%**" not in text and "0.3 s long" in text
     assert "never gets past the first attention window" in text
     assert "caveat" in hl.headline_text(h)
 

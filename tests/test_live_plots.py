@@ -76,3 +76,10 @@ def test_the_json_is_plotlys_own_and_has_no_nan():
     sent = figure_json(*args)
     assert "NaN" not in sent
     assert json.loads(sent) == json.loads(live_figure(*args).to_json())
+
+
+def test_difference_row_range_is_not_flattened_by_the_first_tokens():
+    base = [5.0] * 200
+    ttt = [1.0] * 5 + [4.9] * 195  # a 4-nat difference on the first 5 tokens, then 0.1 nats
+    lo, hi = figure_dict({"baseline": base, "ttt": ttt}, {}, smooth=25)["layout"]["yaxis2"]["range"]
+    assert -0.2 < lo < -0.1 and 0 <= hi < 0.05
