@@ -41,9 +41,10 @@ class LiveConfig:
     mini_batch_size: int | None = None  # TTT inner mini-batch for this run; None: the checkpoint's
     persistent_states: bool = True  # keep fast weights from chunk to chunk
     update_every: int = 25  # chunked mode: tokens per chunk, one update per chunk (25 tokens = 2 s of audio)
-    # Stream mode: tokens between recorded updates (0.4 s of audio; recording at every token doubles the scoring time
-    # on the demo models, every 5 tokens costs nothing measurable).
-    stream_update_every: int = 5
+    # Stream mode: tokens between recorded updates (0.8 s of audio; recording at every token doubles the scoring time
+    # on the demo models, every 5 or 10 tokens costs nothing measurable; on 2 cores shared with the browser, every 10
+    # leaves the browser time to draw each update).
+    stream_update_every: int = 10
     min_interval_s: float = 0.05  # at most ~20 updates a second reach the UI; the scoring never waits for them
 
     def __post_init__(self) -> None:

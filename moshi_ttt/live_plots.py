@@ -111,12 +111,13 @@ def figure_dict(
             })  # fmt: skip
     layout = _layout(total_tokens, has_ttt=bool(layers or inner_loss))
     if difference:
-        layout["yaxis2"]["range"] = _difference_range([difference[0]["y"][smooth:], difference[1]["y"][smooth:]])
+        # The smoothed curve after its first window, the running mean after four (it settles more slowly).
+        layout["yaxis2"]["range"] = _difference_range([difference[0]["y"][smooth:], difference[1]["y"][4 * smooth :]])
     return {"data": data, "layout": layout}
 
 
 def _difference_range(curves: list[list]) -> list[float]:
-    """Row 2's y range: 1st to 99th percentile of the curves after their first smoothing window, 0 included.
+    """Row 2's y range: 1st to 99th percentile of the curves' values (0 included).
 
     The first tokens' differences (a window of a few tokens, often several nats) would otherwise flatten the rest
     of the row (zooming out on the axis still shows them).

@@ -91,7 +91,7 @@ def test_live_updates_are_paced_without_losing_the_last_one(assets, cache):
         return len(updates)
 
     every = count(0.0)
-    assert every == 38 // 5 + 1  # one per 5 tokens recorded, and the final one
+    assert every == 38 // 10 + 1  # one per 10 tokens recorded, and the final one
     assert count(1e9) == 2  # the first update, then nothing until the final one
 
 
