@@ -3,8 +3,6 @@ server; app.py only places these strings and rows into components."""
 
 from __future__ import annotations
 
-import re
-
 from . import headline
 from .audio import FRAME_RATE
 from .live import PERSISTENCE_HELP, LiveUpdate
@@ -26,7 +24,6 @@ the loss over the clip, per 1,000 tokens (80 s): negative means the model predic
 **Modes** give the same numbers: *live token by token* reads one token per call as in real-time use, *chunked* \
 reads chunks of 2 s, *whole sequence* reads the clip in one call (fastest; one update at the end).
 """
-HUB_REF = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,80})?$")
 
 
 def persistence_help(mode: str, chunk_tokens: int) -> str:
@@ -63,10 +60,3 @@ def table_rows(rows: list[dict], columns: list[str], partial: bool) -> list[list
         for row in out:
             row[0] = f"{row[0]} (partial)"
     return out
-
-
-def check_hub_ref(text: object) -> str:
-    """An hf://owner/repo[@revision] reference, stripped; ValueError with one sentence for anything else."""
-    if not isinstance(text, str) or not HUB_REF.match(text.strip()):
-        raise ValueError("A Hub checkpoint must look like hf://owner/repo (optionally @revision); no other paths.")
-    return text.strip()

@@ -35,6 +35,7 @@ class Audio:
     source_channels: int  # channels mixed down to mono
     silent: bool  # every sample below SILENCE_THRESHOLD (only with allow_silence=True)
     name: str  # file name, for messages and reports
+    trimmed_from_s: float | None = None  # the file's whole duration when only its start was read (trim=True)
 
     @property
     def duration_s(self) -> float:
@@ -51,6 +52,7 @@ def load_audio(
     *,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     allow_silence: bool = False,
+    trim: bool = False,
 ) -> Audio:
     """Reads an audio file (wav, flac, ogg, mp3, ...: whatever libsndfile reads), mixes it to mono, resamples it.
 
@@ -58,6 +60,7 @@ def load_audio(
         path: the file.
         max_seconds: longest duration accepted (None: no cap).
         allow_silence: accept a file whose every sample is below SILENCE_THRESHOLD (it can still be scored).
+        trim: read only the first `max_seconds` of a longer file (Audio.trimmed_from_s says so) instead of refusing it.
     Returns:
         Audio at 24 kHz.
     Raises:
@@ -75,10 +78,15 @@ def load_audio(
     if info.frames == 0 or info.samplerate <= 0:
         raise ValueError(f"{name} contains no audio samples.")
     duration_s = info.frames / info.samplerate
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a positive finite number, got {max_seconds}.")
+    frames, trimmed_from_s = -1, None  # -1: the whole file
     if max_seconds is not None and duration_s > max_seconds:
-        raise ValueError(f"{name} lasts {duration_s:.1f} s, longer than the limit of {max_seconds:g} s.")
+        if not trim:
+            raise ValueError(f"{name} lasts {duration_s:.1f} s, longer than the limit of {max_seconds:g} s.")
+        frames, trimmed_from_s = math.floor(max_seconds * info.samplerate), duration_s
     try:
-        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, channels]
+        data, sample_rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)  # [N, channels]
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{name} could not be decoded: the audio data is damaged or truncated.") from e
     if data.shape[0] == 0:
@@ -92,7 +100,8 @@ def load_audio(
     if silent and not allow_silence:
         raise ValueError(f"{name} is silent (no sample above -80 dBFS); allow silence to score it anyway.")
     logger.info("loaded %s: %.1f s, %d Hz, %d channel(s)", name, duration_s, sample_rate, data.shape[1])
-    return Audio(torch.from_numpy(np.ascontiguousarray(mono)), sample_rate, data.shape[1], silent, name)
+    samples = torch.from_numpy(np.ascontiguousarray(mono))
+    return Audio(samples, sample_rate, data.shape[1], silent, name, trimmed_from_s)
 
 
 def _mimi_input(mimi: MimiModel, samples: torch.Tensor) -> torch.Tensor:

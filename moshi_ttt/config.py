@@ -31,8 +31,8 @@ class TTTConfig:
     num_heads: int | None = None
     # moshi norm type (moshi.modules.transformer.create_norm_fn) applied before the TTT branch.
     norm: str = "rms_norm_f32"
-    # Reconstruction target: "difference" = LN(XV - XK) (correct); "legacy" = LN(XV) - XK, the older bug, kept only
-    # to evaluate checkpoints that were trained with it.
+    # Reconstruction target: "difference" = LN(XV - XK) (correct); "legacy" = the older fork's: XV - XK normalised
+    # with the unbiased std + 1e-5 (ops.reconstruction_target), kept only to evaluate its checkpoints.
     target: str = "difference"
     # Std of the normal initialisation of W1 and W2 (biases start at zero), as in ttt-lm-pytorch.
     init_std: float = 0.02

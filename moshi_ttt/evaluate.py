@@ -5,6 +5,8 @@
     torchrun --nproc_per_node 2 -m moshi_ttt.evaluate --manifest files.jsonl --out results/   # sharded
 
 Each file gets OUT/<nnnn>_<stem>/ with results.json (DESIGN.md contract), results.csv and report.html;
+older non-causal TTT checkpoints are also scored causally (results.json `causal_comparison`, moshi_ttt.report), and
+a run whose loss went NaN/inf at valid tokens gets a one-sentence warning naming it and the codebooks;
 OUT/index.json lists every file with its mean losses (rank 0 merges it under torchrun). Bad input ends with a
 one-line message and a non-zero exit status, never a traceback.
 """
@@ -27,9 +29,10 @@ from tqdm import tqdm
 from . import audio as audio_io
 from . import headline, sweeps
 from .memory import PeakMemory
-from .report import results_document, run_record, write_json, write_report
-from .scoring import MODES, ScoreConfig, score
+from .report import causal_comparison, non_finite_message, results_document, run_record, write_json, write_report
+from .scoring import MODES, ScoreConfig, non_causal_mini_batch, score
 from .ttt.apply import ttt_blocks
+from .ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +127,14 @@ def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfi
             result, checkpoint=ref, peak_memory_mb=memory.peak_mb, bin_size=args.bin_size,
             context_tokens=model.context, readings=readings,
         )  # fmt: skip
+        leaky_b = non_causal_mini_batch(model)
+        if leaky_b is not None:  # an older non-causal TTT checkpoint: the same weights, scored causally, next to it
+            with causal_reading(model):
+                causal = score(model, codes.to(device), config=dataclasses.replace(cfg, telemetry=False))
+            runs[name]["causal_comparison"] = causal_comparison(runs[name], causal, leaky_b)
+        message = non_finite_message(name, runs[name])
+        if message:
+            tqdm.write(f"warning: {file}: {message}", file=sys.stderr)
         if args.sweep:
             tables.update(_sweep_tables(name, model, codes.to(device), result, cfg))
     info = {

@@ -18,7 +18,8 @@ import torch
 from . import report
 from .memory import PeakMemory
 from .registry import ModelCache, StreamingSession
-from .scoring import ScoreResult, iter_score, non_causal_mini_batch
+from .scoring import ScoreResult, iter_score, non_causal_mini_batch, score
+from .ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,10 @@ def compare_live(
     check_compatible(loaded["baseline"].lm_config, loaded["ttt"].lm_config)
     codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
     if len(codecs) > 1:
-        raise ValueError(f"the baseline and TTT checkpoints use different codecs: {sorted(map(str, codecs))}")
+        raise ValueError(f"the baseline {baseline_name!r} and TTT {ttt_name!r} checkpoints use different codecs")
     chunk = cfg.update_every if cfg.mode == "chunked" else 1
     record_every = cfg.stream_update_every if cfg.mode == "stream" else cfg.update_every
-    sessions = {}
+    sessions, sizes = {}, {}
     for run, ckpt in loaded.items():
         context = ckpt.model.context
         size = min(chunk, context) if context is not None else chunk
@@ -122,6 +123,7 @@ def compare_live(
             record_every=record_every,
         )
         sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
+        sizes[run] = size
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
     last_sent = -float("inf")
@@ -144,9 +146,19 @@ def compare_live(
                 if now - last_sent >= cfg.min_interval_s and not all(r.complete for r in latest.values()):
                     last_sent = now
                     yield _update(latest, start)
+        causal = {}  # older non-causal TTT checkpoints: the same weights scored causally (report.causal_comparison)
+        for run, ckpt in loaded.items():
+            b = non_causal_mini_batch(ckpt.model)
+            if b is not None and not stopped:
+                with cache.lock(ckpt.model), causal_reading(ckpt.model):
+                    chunk = sizes[run] if cfg.mode == "chunked" else None
+                    options = {"mini_batch_size": cfg.mini_batch_size, "persistent_states": cfg.persistent_states}
+                    result = score(ckpt.model, audio_codes.to(ckpt.model.device), cfg.mode, chunk, **options)
+                causal[run] = (result, b)
         context = {run: ckpt.model.context for run, ckpt in loaded.items()}
         notes = {run: list(ckpt.notes) for run, ckpt in loaded.items()}
-        yield _final(latest, names, notes, cfg, audio_info or {}, start, context, readings, memory.peak_mb, stopped)
+        yield _final(latest, names, notes, cfg, audio_info or {}, start, context, readings, memory.peak_mb, stopped,
+                     causal)  # fmt: skip
     finally:
         for session in sessions.values():
             session.close()
@@ -173,7 +185,7 @@ def _scored_part(result: ScoreResult, done: int) -> ScoreResult:
 
 
 def _final(latest, names, notes, cfg: LiveConfig, audio_info: dict, start: float, context: dict, readings, peak_mb,
-           stopped: bool) -> LiveUpdate:  # fmt: skip
+           stopped: bool, causal=None) -> LiveUpdate:  # fmt: skip
     update = _update(latest, start)
     done = update.tokens_done
     runs = {
@@ -181,6 +193,8 @@ def _final(latest, names, notes, cfg: LiveConfig, audio_info: dict, start: float
                                context_tokens=context[run], readings=readings)
         for run, r in latest.items()
     }  # fmt: skip
+    for run, (result, b) in (causal or {}).items():
+        runs[run]["causal_comparison"] = report.causal_comparison(runs[run], result, b)
     config = {
         "mode": cfg.mode,
         "mini_batch_size": cfg.mini_batch_size,
@@ -252,6 +266,9 @@ def compare_file(
 ) -> Iterator[LiveUpdate]:
     """Reads and encodes an uploaded file with the baseline's codec, then `compare_live`.
 
+    Only the first `max_seconds` of a longer file are read and scored; the results' "audio" record then holds
+    "trimmed_from_s", the file's whole duration (`trim_note` words it for the user).
+
     Args:
         allow_silence: score a silent file instead of refusing it.
         readings, stop_requested: see `compare_live`.
@@ -260,7 +277,7 @@ def compare_file(
     """
     from .audio import encode, load_audio
 
-    audio = load_audio(audio_path, max_seconds=max_seconds, allow_silence=allow_silence)
+    audio = load_audio(audio_path, max_seconds=max_seconds, trim=True, allow_silence=allow_silence)
     baseline = cache.get(baseline_name)
     if baseline.mimi is None:
         raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
@@ -269,6 +286,8 @@ def compare_file(
         raise ValueError(f"{audio.name} is too short to score ({audio.duration_s:.2f} s)")
     info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
             "tokens": int(codes.shape[-1]), "silent": audio.silent}  # fmt: skip
+    if audio.trimmed_from_s is not None:
+        info["trimmed_from_s"] = audio.trimmed_from_s
     yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info, readings, stop_requested)
 
 
@@ -280,3 +299,11 @@ def threads_per_run(concurrency: int, cpus: int | None = None) -> int:
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     return max(1, (cpus if cpus is not None else os.cpu_count() or 1) // concurrency)
+
+
+def trim_note(audio_info: dict) -> str | None:
+    """The note "Scored the first N s of M s." for a trimmed file (see `compare_file`), else None."""
+    whole = audio_info.get("trimmed_from_s")
+    if whole is None:
+        return None
+    return f"Scored the first {audio_info['duration_s']:.1f} s of {whole:.1f} s (the duration limit)."

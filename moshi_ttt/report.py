@@ -2,6 +2,18 @@
 
 Notation: T steps (tokens at 12.5 Hz), K = 8 audio codebooks, U inner-loop updates.
 Everything here takes plain arrays or ScoreResults and returns numbers, dicts or files; nothing is printed.
+
+Fields of a run beyond the DESIGN.md contract:
+- `non_finite_tokens`: [K] counts of valid (moshi-masked-in) tokens whose loss is NaN or infinite (the model's
+  logits were NaN or inf there). When any is non-zero, `mean_loss` and `perplexity` are NaN: a broken model never
+  reports a healthy mean. `non_finite_message` turns it into one sentence naming the run and the codebooks.
+- `causal_comparison` (older, non-causal TTT checkpoints only; `causal_comparison` below): the same weights
+  scored causally next to the legacy (leaky) scoring, {"mini_batch_size": b, "mean_loss_leaky": the run's
+  mean_loss, "mean_loss_causal": mean loss with every token seeing only its past, "difference": causal - leaky
+  (nats; > 0 is the part of the legacy result that came from up to b - 1 future tokens of each mini-batch),
+  "loss_per_token_causal": [T]}.
+`results_document` adds one plain-language note per such finding to `config["notes"][run]` (the list the app shows),
+and report.html shows the notes, a causal-vs-leaky table and a loss figure per compared run.
 """
 
 from __future__ import annotations
@@ -149,13 +161,16 @@ def run_record(
     loss = result.loss[row].float().cpu()  # [K, T]
     summary = summarize(loss, bin_size)
     drift, inner = telemetry_record(result.telemetry, row)
+    broken = (result.mask[row].cpu() & ~torch.isfinite(loss)).sum(dim=-1).tolist()  # [K] valid but non-finite
+    mean = float("nan") if any(broken) else summary.mean_loss
     return {
         "checkpoint": checkpoint,
         "tokens": result.total_tokens,
         "loss_per_token": _nanmean(_as_array(loss), axis=0).tolist(),
         "loss_per_codebook": loss.tolist(),
-        "mean_loss": summary.mean_loss,
-        "perplexity": summary.perplexity,
+        "mean_loss": mean,
+        "perplexity": math.exp(mean) if math.isfinite(mean) else float("nan"),
+        "non_finite_tokens": [int(n) for n in broken],
         "slope_per_1k_tokens": summary.slope_per_1k_tokens,
         "loss_per_bin": {"bin_size": bin_size, "start": summary.bin_starts, "loss": summary.bin_loss},
         "drift": drift,
@@ -182,8 +197,59 @@ def past_context_fields(loss, context_tokens: int | None, readings: list | None 
     return fields
 
 
+def non_finite_message(name: str, run: dict) -> str | None:
+    """One sentence naming the run and the codebooks whose loss went NaN/inf at valid tokens; None if none did."""
+    counts = run.get("non_finite_tokens") or []
+    bad = [k for k, n in enumerate(counts) if n]
+    if not bad:
+        return None
+    books = ", ".join(str(k) for k in bad)
+    return (
+        f"Run '{name}' went non-finite: codebook{'s' if len(bad) > 1 else ''} {books} "
+        f"{'have' if len(bad) > 1 else 'has'} NaN or infinite losses at {sum(counts)} valid token(s) (the model's "
+        "logits are NaN or inf there), so its mean loss is reported as NaN."
+    )
+
+
+def causal_comparison(leaky_run: dict, causal: ScoreResult, mini_batch_size: int, row: int = 0) -> dict:
+    """The `causal_comparison` field (module docstring) of a non-causal legacy run from its causal scoring."""
+    causal_run = run_record(causal, checkpoint=leaky_run["checkpoint"], row=row)
+    leaky, causal_mean = leaky_run["mean_loss"], causal_run["mean_loss"]
+    return {
+        "mini_batch_size": int(mini_batch_size),
+        "mean_loss_leaky": leaky,
+        "mean_loss_causal": causal_mean,
+        "difference": causal_mean - leaky,
+        "loss_per_token_causal": causal_run["loss_per_token"],
+    }
+
+
+def causal_comparison_message(name: str, comparison: dict) -> str:
+    """One sentence on how much of a legacy run's loss came from the future-token leak."""
+    b = comparison["mini_batch_size"]
+    return (
+        f"Run '{name}' (older non-causal TTT checkpoint): scored causally, with the same weights, its mean loss is "
+        f"{_fmt(comparison['mean_loss_causal'])} nats instead of {_fmt(comparison['mean_loss_leaky'])} "
+        f"(difference {_fmt(comparison['difference'])} nats: the part of the legacy result that came from seeing up "
+        f"to {b - 1} future tokens of each {b}-token mini-batch)."
+    )
+
+
 def results_document(audio: dict, config: dict, runs: dict[str, dict], bin_size: int = DEFAULT_BIN_SIZE) -> dict:
-    """The results.json document; with a "baseline" run and others, adds each one's improvement per bin."""
+    """The results.json document; with a "baseline" run and others, adds each one's improvement per bin.
+
+    Non-finite runs and causal comparisons each add a sentence to `config["notes"][run]` (module docstring).
+    """
+    config = dict(config)
+    notes = {run: list(values) for run, values in (config.get("notes") or {}).items()}
+    for name, run in runs.items():
+        found = [non_finite_message(name, run)]
+        if run.get("causal_comparison"):
+            found.append(causal_comparison_message(name, run["causal_comparison"]))
+        for note in filter(None, found):
+            notes.setdefault(name, []).append(note)
+    if notes or "notes" in config:
+        config["notes"] = notes
     doc = {"version": RESULTS_VERSION, "audio": audio, "config": config, "versions": versions(), "runs": runs}
     if "baseline" in runs:
         comparisons = {}
@@ -368,6 +434,28 @@ def write_report(
         if run.get("drift"):
             figures.append(plots.drift_figure(run["drift"]).update_layout(title=f"{name}: fast-weight drift"))
             figures.append(plots.inner_loss_figure(run["inner_loss"]).update_layout(title=f"{name}: inner-loop loss"))
+    comparisons = {name: run["causal_comparison"] for name, run in runs.items() if run.get("causal_comparison")}
+    for name, comp in comparisons.items():
+        curves = {f"{name} (legacy, leaky)": runs[name]["loss_per_token"]}
+        curves[f"{name} (causal)"] = comp["loss_per_token_causal"]
+        figures.append(plots.loss_figure(curves).update_layout(title=f"{name}: legacy (leaky) vs causal scoring"))
+    tables = {}
+    if comparisons:
+        tables["Legacy checkpoints: causal vs leaky scoring"] = [
+            {
+                "run": name,
+                "mini-batch": c["mini_batch_size"],
+                "mean loss (leaky)": c["mean_loss_leaky"],
+                "mean loss (causal)": c["mean_loss_causal"],
+                "difference (causal - leaky)": c["difference"],
+            }
+            for name, c in comparisons.items()
+        ]
+    all_notes = (document["config"].get("notes") or {}).items()
+    notes = [{"run": run, "note": note} for run, items in all_notes for note in items]
+    if notes:
+        tables["Notes"] = notes
+    tables.update(document.get("tables", {}))
     header = {"Clip, settings, checkpoints and versions": metadata_rows(document), "Summary": summary_rows(document)}
     comparison = headline.headline(document)
     if comparison is not None:
@@ -375,7 +463,6 @@ def write_report(
         header["Per position bin"] = headline.bin_rows(document)
         if headline.reading_rows(document):
             header["Per reading of the repeated passage"] = headline.reading_rows(document)
-    tables = document.get("tables", {})
     return {
         "json": write_json(out_dir / f"{prefix}results.json", document),
         "csv": write_csv(out_dir / f"{prefix}results.csv", runs),

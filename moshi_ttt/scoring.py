@@ -149,10 +149,18 @@ def _check_model(model: LMModel) -> None:
 
 
 def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """logits [B, K, n, V], target [B, K, n] long -> [B, K, n] float32 (targets outside [0, V) give garbage)."""
+    """logits [B, K, n, V], target [B, K, n] long -> [B, K, n] float32.
+
+    Only invalid positions are masked: a target outside [0, V) (moshi's zero token, no prediction) gives NaN. A
+    NaN or infinite logit at a valid position gives a NaN loss, so a broken model cannot score as a healthy one
+    (no nan_to_num: it turned an all-NaN head into exactly log V).
+    """
     V = logits.shape[-1]
-    flat = logits.float().reshape(-1, V).nan_to_num()  # [B * K * n, V]
-    loss = F.cross_entropy(flat, target.clamp(0, V - 1).reshape(-1), reduction="none")
+    flat = logits.float().reshape(-1, V)  # [B * K * n, V]
+    flat_target = target.reshape(-1)
+    valid = (flat_target >= 0) & (flat_target < V)
+    loss = F.cross_entropy(flat, flat_target.clamp(0, V - 1), reduction="none")
+    loss = torch.where(valid & torch.isfinite(flat).all(dim=-1), loss, float("nan"))
     return loss.view(target.shape)
 
 

@@ -15,9 +15,14 @@ from moshi_ttt.live_plots import live_figure
 from moshi_ttt.registry import ModelCache, build_allow_list
 
 
+def handler(cache, assets):
+    """The Run handler called directly (no server), reading the test's clips as if they were uploads."""
+    specs = app.run_specs(cache.names(), [str(assets)], [])
+    return app.run_handler(cache, specs, app.RunFolders(assets / "runs"))
+
+
 def run_handler_to_end(cache, clip, mode="chunked", mini_batch_size=4):
-    outputs = list(app.run_handler(cache)(str(clip), "baseline", "ttt", mini_batch_size, True, mode, 60))
-    return outputs
+    return list(handler(cache, clip.parent)(str(clip), "baseline", "ttt", mini_batch_size, True, mode, 60))
 
 
 def test_allow_list_names_checkpoints_and_skips_the_codec(assets):
@@ -68,17 +73,17 @@ def test_live_and_chunked_modes_give_the_same_losses(assets, cache):
     ("clip", "baseline", "message"),
     [
         ("garbage.wav", "baseline", "could not be read as audio"),
-        ("missing.wav", "baseline", "does not exist"),
+        ("missing.wav", "baseline", "no longer on the server"),
         ("a.wav", "wide_vocab", "do not read the same audio codes"),
     ],
     ids=["garbage", "missing", "incompatible"],
 )
 def test_bad_input_is_one_readable_error(assets, cache, clip, baseline, message):
-    handler = app.run_handler(cache)
+    run = handler(cache, assets)
     with pytest.raises(gr.Error, match=message):
-        list(handler(str(assets / clip), baseline, "ttt", 4, True, "chunked", 60))
+        list(run(str(assets / clip), baseline, "ttt", 4, True, "chunked", 60))
     with pytest.raises(gr.Error, match="Upload or record"):
-        list(handler(None, "baseline", "ttt", 4, True, "chunked", 60))
+        list(run(None, "baseline", "ttt", 4, True, "chunked", 60))
 
 
 def _predict(client, clip):

@@ -41,9 +41,11 @@ def test_upload_run_and_read_the_plot_in_chromium(server, assets):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server, wait_until="load")  # not networkidle: the session heartbeat stays open
-            page.get_by_role("button", name="Run", exact=True).wait_for()
-            page.locator("input[type=file]").first.set_input_files(str(assets / "a.wav"))
+            # Not "networkidle": the app's session heartbeat (for demo.unload) keeps a stream open.
+            page.goto(server, wait_until="load")
+            upload = page.locator("input[type=file]").first
+            upload.wait_for(state="attached", timeout=30_000)
+            upload.set_input_files(str(assets / "a.wav"))
             page.wait_for_selector("audio", state="attached", timeout=60_000)  # the upload finished
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_function(

@@ -3,6 +3,7 @@ of a known clip, allow silence, pacing, the per-mode persistence note, and the H
 
 import json
 import shutil
+import types
 from pathlib import Path
 
 import gradio as gr
@@ -12,27 +13,32 @@ import soundfile as sf
 from conftest import SR
 
 import app
-from moshi_ttt import app_view
+from moshi_ttt.app_inputs import HubReference, InputError
 from moshi_ttt.live import LiveConfig, compare_file
 
 OUTPUTS = ("figure", "status", "headline", "table", "readings", "files", "notes")
 
 
-def _run(cache, clip, mode="chunked", known=(), control=None, allow_silence=False, stop_after=None):
-    handler = app.run_handler(cache, list(known))
+def _run(cache, clip, mode="chunked", known=(), allow_silence=False, stop_after=None):
+    """The Run handler called directly (no server), reading `clip` as if it were an upload; the session's Stop
+    button is pressed after `stop_after` updates."""
+    specs = app.run_specs(cache.names(), [str(Path(clip).parent)], [str(k) for k in known])
+    stops, session = app.StopRequests(), types.SimpleNamespace(session_hash="session-1")
+    runs = app.RunFolders(Path(clip).parent / "runs")
+    handler = app.run_handler(cache, specs, runs, [str(k) for k in known], stops)
     outputs = []
-    for out in handler(str(clip), "baseline", "ttt", 4, True, mode, 60, allow_silence, control):
+    for out in handler(str(clip), "baseline", "ttt", 4, True, mode, 60, allow_silence, request=session):
         outputs.append(dict(zip(OUTPUTS, out, strict=True)))
         if stop_after is not None and len(outputs) == stop_after:
-            control["stop"] = True
+            stops.request(types.SimpleNamespace(session_hash="other-session"))  # another user's Stop: no effect
+            stops.request(session)
     return outputs
 
 
 def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(assets, cache, tmp_path):
     long_clip = tmp_path / "long talk.wav"
     sf.write(long_clip, np.random.default_rng(0).uniform(-0.3, 0.3, int(12 * SR)).astype(np.float32), SR)
-    control = {}
-    outputs = _run(cache, long_clip, mode="live token by token", control=control, stop_after=3)
+    outputs = _run(cache, long_clip, mode="live token by token", stop_after=3)
     last = outputs[-1]
     assert len(outputs) < 20 and last["status"].startswith("Stopped after")
     assert all(row[0].endswith("(partial)") for row in last["table"])
@@ -109,10 +115,12 @@ def test_the_persistence_note_says_what_resets_in_each_mode(mode, text):
 
 
 def test_hub_references_only_with_allow_hub(cache):
-    assert app_view.check_hub_ref(" hf://kyutai/moshiko-pytorch-bf16 ") == "hf://kyutai/moshiko-pytorch-bf16"
-    for bad in ("/etc/passwd", "hf://../../etc", "hf://a/b/c", "file:///x", 3, None, "hf://kyutai/x; rm"):
-        with pytest.raises(ValueError, match="hf://owner/repo"):
-            app_view.check_hub_ref(bad)
+    spec = HubReference("Hub checkpoint")
+    assert spec.check(" hf://kyutai/moshiko-pytorch-bf16 ") == "hf://kyutai/moshiko-pytorch-bf16"
+    assert spec.check("hf://kyutai/moshiko-pytorch-bf16@main") == "hf://kyutai/moshiko-pytorch-bf16@main"
+    for bad in ("/etc/passwd", "hf://../../etc", "hf://a/b/c", "file:///x", 3, None, "hf://kyutai/x; rm", "hf://a/.."):
+        with pytest.raises(InputError, match="hf://owner/repo"):
+            spec.check(bad)
     closed, opened = app.build_demo(cache), app.build_demo(cache, allow_hub=True)
 
     def labels(demo):

@@ -196,7 +196,7 @@ def test_moshi_finetune_lora_checkpoint_matches_merged_weights(tmp_path, checkpo
     assert checkpoint_info_calls[0].lora_weights == out / "lora.safetensors"
     assert loaded.lm_config == tiny_lm_config()
     for a, b in zip(outputs(expected), outputs(loaded.model), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, equal_nan=True)  # W + s·BA vs Wx + s·B(Ax): round-off
 
 
 def test_moshi_lora_with_a_missing_adapter_is_named(tmp_path):

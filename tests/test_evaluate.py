@@ -131,7 +131,7 @@ def test_torchrun_with_two_ranks_shards_the_manifest_and_rank_0_merges(tmp_path,
     model = fake_load("ttt", "cpu", torch.float32).model
     solo = score(model, encode(tiny_mimi(), load_audio(third)), "chunked").loss[0]
     got = torch.tensor([[np.nan if v is None else v for v in cb] for cb in doc["runs"]["ttt"]["loss_per_codebook"]])
-    torch.testing.assert_close(got, solo, rtol=0, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got, solo, rtol=0, atol=1e-4, equal_nan=True)  # float32 round-off; a leak is > 1e-2
 
 
 def test_summary_has_the_headline_and_the_readings_a_transcript_names(tmp_path, audio_files, capsys):

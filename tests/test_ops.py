@@ -34,6 +34,15 @@ def random_problem(B=2, H=2, T=11, D=4, b=4, dtype=torch.float64, seed=0, learna
     return weights, xq, xk, xv, lr, ln_w, ln_b, token_idx
 
 
+def fork_target(v, k, ln_w, ln_b):
+    """The older fork's target: the difference normalised with the unbiased std + 1e-5 (see test_legacy.py)."""
+    d = v - k
+    n = d.shape[-1]
+    mean = d.sum(-1, keepdim=True) / n
+    std = (((d - mean) ** 2).sum(-1, keepdim=True) / (n - 1)).sqrt()
+    return ln_w[None, :, None, :] * (d - mean) / (std + 1e-5) + ln_b[None, :, None, :]
+
+
 def slow_reference(weights, xq, xk, xv, lr, ln_w, ln_b, b, token_idx, target="difference"):
     """Token by token, gradients by autograd, straight from the definition."""
     B, H, T, D = xq.shape
@@ -53,7 +62,7 @@ def slow_reference(weights, xq, xk, xv, lr, ln_w, ln_b, b, token_idx, target="di
             i = s - start  # 0-based position
             wg = FastWeights(*(w.detach().clone().requires_grad_(True) for w in w0))
             k, v = xk[:, :, s : s + 1], xv[:, :, s : s + 1]
-            tgt = head_layer_norm(v - k, ln_w, ln_b) if target == "difference" else head_layer_norm(v, ln_w, ln_b) - k
+            tgt = head_layer_norm(v - k, ln_w, ln_b) if target == "difference" else fork_target(v, k, ln_w, ln_b)
             loss = 0.5 * ((head_layer_norm(f(wg, k), ln_w, ln_b) - tgt) ** 2).sum()
             g = torch.autograd.grad(loss, list(wg))
             scaled = [lr[:, :, s].view(B, H, 1, 1) * gi for gi in g]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from tiny_models import CONTEXT, random_audio_codes, tiny_lm
+from tolerances import FLOAT32, FLOAT64
 
 from moshi_ttt import TTTConfig, apply_ttt, exact_streaming, ttt_states
 from moshi_ttt.sequence import delayed_input, model_codes
@@ -47,22 +48,24 @@ def patterns(total: int) -> dict[str, list[int]]:
     }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
 @pytest.mark.parametrize("b", [1, 4, 16], ids=lambda b: f"b{b}")
-def test_whole_token_by_token_and_uneven_chunks_agree(b, share_qk):
-    model = ttt_model(b, share_qk=share_qk)
+def test_whole_token_by_token_and_uneven_chunks_agree(b, share_qk, dtype):
+    tol = FLOAT64 if dtype == torch.float64 else FLOAT32  # the invariant in float64; round-off bounded in float32
+    model = ttt_model(b, share_qk=share_qk, dtype=dtype)
     codes = model_codes(model, random_audio_codes(2, T, seed=1))
     seq = delayed_input(model, codes)
     with torch.no_grad():
         reference, _ = model.forward_text(seq)  # plain non-streaming forward
         results = {name: stream(model, seq, chunks) for name, chunks in patterns(T).items()}
     whole_out, whole_w = results["whole"]
-    torch.testing.assert_close(whole_out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole_out, reference, **tol)
     for name, (out, weights) in results.items():
-        torch.testing.assert_close(out, whole_out, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(out, whole_out, **tol, msg=lambda m, n=name: f"{n}: {m}")
         for layer, ws in weights.items():
             for w, w_ref in zip(ws, whole_w[layer], strict=True):
-                torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(w, w_ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
     # The fast weights really moved, and the rows (different audio) moved differently.
     w1 = whole_w[1][0]
     assert not torch.allclose(w1[0], w1[1])

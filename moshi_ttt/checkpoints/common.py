@@ -286,9 +286,10 @@ def legacy_notes(cfg: TTTConfig | None) -> list[str]:
         return []
     notes = [
         "Older TTT checkpoint (moshi-finetune TTT fork), evaluated in legacy mode with the fork's own TTT math: "
-        "L2-normalised q and k, reconstruction target LN(v) - k, learning rate without the 1/i position factor, gate "
-        "tanh(clamp(alpha, -3, 3)) with no norm before the TTT branch. Its post_norm and wo weights are loaded but "
-        "not applied, as in the fork."
+        "L2-normalised q and k, reconstruction target v - k normalised with the unbiased std + 1e-5, LayerNorm eps "
+        "1e-8, learning rate without the 1/i position factor, the doubled inner step of 3+-layer MLPs, zero padding "
+        "of a partial last mini-batch, gate tanh(clamp(alpha, -3, 3)) with no norm before the TTT branch. Its "
+        "post_norm and wo weights are loaded but not applied, as in the fork."
     ]
     b = cfg.mini_batch_size
     if not cfg.causal:

@@ -3,25 +3,50 @@
 Notation: B batch, H heads, T tokens, D head dim, L layers of the inner MLP, b mini-batch size, n tokens of one
 segment (a piece of one mini-batch), d_l the width of layer l of the inner MLP (d_0 = d_L = D).
 
-What differs from the core math of `ops.py` (DESIGN.md, "TTT-MLP math"), all as the older fork did it:
-- the branch reads the residual stream directly (no norm before it) and is gated by tanh(clamp(alpha, -3, 3));
-- q and k are L2-normalised per head, then optionally rotated (RoPE) with positions modulo the mini-batch;
-- the reconstruction target is LN(v) - k (`target="legacy"` of ops.reconstruction_target);
-- lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / (D * b), with no 1/i position factor;
+What differs from the core math of `ops.py` (DESIGN.md, "TTT-MLP math"), all as the older fork's active code
+does it. It was checked by running the fork (AlufRon/claude-web, `moshi_ttt_try/moshi-finetune/`, the path that
+`finetune/ttt_integration.py` `apply_ttt_to_model` builds: `moshi_ttt/hybrid_layer.py` -> `moshi_ttt/models/ssm/
+ttt_layer.py` `TTTWrapper` -> `models/ssm/ops/ttt_mlp.py`); paths below are relative to its `moshi_ttt/`:
+- the branch reads the self-attention output directly (no norm before it) and is gated by tanh(clamp(alpha, -3, 3))
+  (`hybrid_layer.py` `_ttt_forward`, `ssm_gating.py`);
+- q and k are L2-normalised per head, then optionally rotated (RoPE) with positions modulo the mini-batch and the
+  fork's "audio" frequency scaling (`models/ssm/ttt_layer.py` `process_input`, `models/ssm/utils.py`);
+- the reconstruction target normalises v - k with the unbiased std + 1e-5 (`target="legacy"` of
+  ops.reconstruction_target, from `models/ssm/ttt_layer.py` `ln_reconstruction_target`);
+- every other per-head LayerNorm (in the inner loss, its hand-written gradient and on the output) uses
+  sqrt(biased var + 1e-8) (`models/ssm/ops/utils.py` `ln_fwd`, `ln_fused_l2_bwd`), and gelu's derivative is the
+  fork's `gelu_bwd` formula;
+- lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / (D * b), with no 1/i position factor
+  (`models/ssm/ttt_layer.py` `get_eta`, `process_input`);
 - the inner MLP has 2 to 10 layers, gelu_tanh between them, the per-head LayerNorm after the last;
 - NON-CAUSAL mini-batches: token i of a mini-batch reads with W0 - sum_{s in mini-batch} lr_s grad l_s(W0), so
-  it sees the keys and values of the later tokens of its mini-batch. `causal=True` gives the same weights the
-  causal reading W0 - sum_{s<=i} lr_s grad l_s(W0);
-- the module's `wo` and `post_norm` are trained parameters of the fork that its forward never applied: they are
-  loaded (the checkpoint holds them) and deliberately unused here.
+  it sees the keys and values of the later tokens of its mini-batch (`models/ssm/ops/ttt_mlp.py` `compute_mini_batch`:
+  its eta matrix is not masked). `causal=True` gives the same weights the causal reading W0 - sum_{s<=i} lr_s grad;
+- 3 or more MLP layers (`models/ssm/ops/ttt_mlp.py` `compute_multi_layer_mini_batch`): each token reads with the
+  end-of-mini-batch weights AND still subtracts the per-token correction terms, i.e. with W0 - 2 sum_s lr_s grad
+  l_s(W0), an update applied twice (a bug of the fork, but its checkpoints were trained with it); the weights
+  carried to the next mini-batch take the step once. Its 2-layer path (`compute_mini_batch`) takes it once;
+  `causal=True` keeps the doubled read and drops only the later tokens;
+- zero padding: the fork's forward (`hybrid_layer.py` `_apply_ttt_processing_impl`) appends zero hidden states up
+  to a multiple of b before q/k/v/lr, so the padded tokens (q, k, v = the projection biases) join the gradient of
+  the last, non-causal mini-batch and change the real tokens' outputs. Here a call whose last mini-batch is
+  partial adds those zero tokens to it for its outputs (never to the state), so whole-mini-batch chunks still give
+  the same numbers as one call. With `causal=True` they come after every real token and change nothing;
+- the module's `wo` and `post_norm` are trained parameters of the fork that its forward never applied
+  (`TTTWrapper.forward` calls `ttt.ttt`, not `ttt.forward`): they are loaded and deliberately unused here.
+Not reproduced: in eval mode the fork's 3+-layer module writes the final fast weights of batch row 0 back into its
+parameters after every forward call (`models/ssm/ttt_layer.py` `TTTMLPMultiLayer.ttt`), so its later calls start
+from the previous file's state; here every file starts from the checkpoint's weights.
 
 In streaming, a token can only see the tokens read so far: a non-causal mini-batch split over several calls
-reads with the gradient of the tokens of its mini-batch read up to the end of the current call (one-token calls
-therefore give the causal outputs). Full mini-batches always end with the same weight update.
+reads with the gradient of the tokens of its mini-batch read up to the end of the current call (plus the zero
+padding above). Full mini-batches always end with the same weight update.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import typing as tp
 from dataclasses import dataclass
@@ -34,11 +59,14 @@ from torch import nn
 
 from ..config import TTTConfig
 from .layer import apply_keeping_float32, keep_float32
-from .ops import gelu_tanh, head_layer_norm, ln_l2_grad, reconstruction_target
+from .ops import gelu_tanh, reconstruction_target
 
 logger = logging.getLogger(__name__)
 
 GATE_CLAMP = 3.0  # |alpha| bound of the fork's gate, tanh(clamp(alpha, -3, 3))
+FORK_LN_EPS = 1e-8  # the fork's per-head LayerNorm: sqrt(biased var + 1e-8) (models/ssm/ops/utils.py ln_fwd)
+# The fork's gelu_tanh derivative constants (models/ssm/ops/utils.py gelu_bwd): sqrt(2/pi) and 3 * 0.044715 * it.
+GELU_C, GELU_C3 = 0.79788456, 0.1070322243
 # Parameters of LegacyTTTBlock kept in float32 whatever dtype the model is moved to.
 FLOAT32_PARAMS = ("ttt_norm_weight", "ttt_norm_bias", "learnable_ttt_lr_weight", "learnable_ttt_lr_bias")
 
@@ -58,12 +86,46 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=-1)
 
 
+def fork_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The fork's per-head LayerNorm (models/ssm/ops/utils.py `ln_fwd`): gamma (x - mean) / sqrt(var + 1e-8) + beta
+    with the biased variance. x: [B, H, n, D]; weight, bias: [H, D]."""
+    x_hat = F.layer_norm(x, x.shape[-1:], eps=FORK_LN_EPS)
+    return weight[None, :, None, :] * x_hat + bias[None, :, None, :]
+
+
+def fork_ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """d/dz of 1/2 |LN(z) - target|^2 with the fork's LayerNorm (models/ssm/ops/utils.py `ln_fused_l2_bwd`).
+
+    z, target: [B, H, n, D]; weight, bias: [H, D]. Written out (differentiable for the outer loop).
+    """
+    D = z.shape[-1]
+    mean = z.mean(dim=-1, keepdim=True)
+    std = torch.sqrt(z.var(dim=-1, keepdim=True, unbiased=False) + FORK_LN_EPS)
+    z_hat = (z - mean) / std
+    gamma = weight[None, :, None, :]
+    grad_hat = (gamma * z_hat + bias[None, :, None, :] - target) * gamma  # dL/dz_hat
+    inner = D * grad_hat - grad_hat.sum(dim=-1, keepdim=True) - z_hat * (grad_hat * z_hat).sum(dim=-1, keepdim=True)
+    return inner / (D * std)
+
+
+def fork_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad * gelu_tanh'(x) with the fork's formula and constants (models/ssm/ops/utils.py `gelu_bwd`)."""
+    tanh_out = torch.tanh(GELU_C * x * (1 + 0.044715 * x * x))
+    slope = 0.5 * x * ((1 - tanh_out * tanh_out) * (GELU_C + GELU_C3 * x * x)) + 0.5 * (1 + tanh_out)
+    return grad * slope
+
+
 def rope_modulo(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x [B, H, T, D] at positions [B, T]: pairs (x_2j, x_2j+1) turn by pos * theta^(-2j/D)."""
+    """Rotary embedding of x [B, H, T, D] at positions [B, T]: pairs (x_2j, x_2j+1) turn by pos * f_j.
+
+    f_j = theta^(-2j/D) * (0.5 + 1.5 exp(-j/D)), the fork's `precompute_audio_rope_1d(..., audio_scaling=True)`
+    (models/ssm/utils.py), which `process_input` uses with positions modulo the mini-batch.
+    """
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"RoPE needs an even head dim, got {D}")
-    freqs = theta ** (-torch.arange(0, D, 2, dtype=x.dtype, device=x.device) / D)  # [D/2]
+    even = torch.arange(0, D, 2, dtype=x.dtype, device=x.device)  # 2j
+    freqs = theta ** (-even / D) * (0.5 + 1.5 * torch.exp(-even / (2 * D)))  # [D/2]
     angles = positions.to(x.dtype)[:, None, :, None] * freqs  # [B, 1, T, D/2]
     cos, sin = torch.cos(angles), torch.sin(angles)
     pairs = rearrange(x, "b h t (j two) -> b h t j two", two=2)
@@ -95,11 +157,11 @@ def _inner_grads(
         pre_acts.append(z)
         if i < len(weights) - 1:
             inputs.append(gelu_tanh(z))
-    grads = [ln_l2_grad(pre_acts[-1], target, ln_weight, ln_bias)]  # [B, H, n, D]
+    grads = [fork_ln_l2_grad(pre_acts[-1], target, ln_weight, ln_bias)]  # [B, H, n, D]
     for i in range(len(weights) - 1, 0, -1):
         # [B, H, n, d_{i+1}] @ [B, H, d_{i+1}, d_i] -> [B, H, n, d_i], times gelu' of layer i - 1's pre-activation
         back = grads[0] @ weights[i].transpose(-1, -2)
-        grads.insert(0, torch.ops.aten.gelu_backward(back, pre_acts[i - 1], approximate="tanh"))
+        grads.insert(0, fork_gelu_backward(back, pre_acts[i - 1]))
     return inputs, grads
 
 
@@ -118,9 +180,10 @@ def legacy_segment(
     """Dual form over the n tokens of one (piece of a) mini-batch, every gradient at W0.
 
     Args:
-        xk, target: [B, H, n, D] and lr [B, H, n] of all the tokens of the mini-batch read so far.
-        xq: [B, H, m, D] queries of the tokens n - m .. n - 1 (`query_start` = n - m): the earlier ones were
-            output by an earlier call.
+        xk, target: [B, H, n, D] and lr [B, H, n] of all the tokens of the mini-batch read so far (with the zero
+            padding of a non-causal partial mini-batch, if any, at the end).
+        xq: [B, H, m, D] queries of the tokens query_start .. query_start + m - 1: the earlier ones were output by
+            an earlier call, the later ones (padding) are never output.
         causal: False (the fork) lets query i use the gradients of all n tokens; True only those of tokens <= i.
     Returns:
         out [B, H, m, D], and the weights and biases after the step of all n tokens.
@@ -129,21 +192,32 @@ def legacy_segment(
     inputs, grads = _inner_grads(weights, biases, xk, target, ln_weight, ln_bias)
     eta = lr[..., None, :].expand(*lr.shape[:2], m, n)  # [B, H, m, n]: eta[i, s] = lr_s
     if causal:
-        rows = torch.arange(query_start, n, device=xq.device)[:, None]  # [m, 1]
+        rows = torch.arange(query_start, query_start + m, device=xq.device)[:, None]  # [m, 1]
         eta = eta * (torch.arange(n, device=xq.device)[None, :] <= rows).to(eta.dtype)
-    # Layer l reads with W_l - sum_s eta[i, s] X_l[s]^T G_l[s] and b_l - sum_s eta[i, s] G_l[s].
+    # Layer l reads with W_l - sum_s eta[i, s] X_l[s]^T G_l[s] and b_l - sum_s eta[i, s] G_l[s] (2 layers, the
+    # fork's compute_mini_batch). With 3 or more layers the fork's compute_multi_layer_mini_batch
+    # (models/ssm/ops/ttt_mlp.py) reads with the end-of-mini-batch weights and subtracts the same terms again.
+    steps = 1.0 if len(weights) == 2 else 2.0
     x = xq
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         attn = x @ inputs[i].transpose(-1, -2) + 1.0  # [B, H, m, d_l] @ [B, H, d_l, n] -> [B, H, m, n]
-        z = x @ w + b - (eta * attn) @ grads[i]  # [B, H, m, d_{l+1}]
+        z = x @ w + b - steps * ((eta * attn) @ grads[i])  # [B, H, m, d_{l+1}]
         x = gelu_tanh(z) if i < len(weights) - 1 else z
-    out = xq + head_layer_norm(x, ln_weight, ln_bias)
+    out = xq + fork_layer_norm(x, ln_weight, ln_bias)
     new_weights = tuple(
         w - inputs[i].transpose(-1, -2) @ (lr[..., None] * grads[i])  # [B, H, d_l, n] @ [B, H, n, d_{l+1}]
         for i, w in enumerate(weights)
     )
     new_biases = tuple(b - (lr[..., None] * g).sum(dim=-2, keepdim=True) for b, g in zip(biases, grads, strict=True))
     return out, new_weights, new_biases
+
+
+class LegacyPad(tp.NamedTuple):
+    """Zero-hidden-state tokens that follow the call's last token (the fork's padding), at least b - 1 of them."""
+
+    keys: torch.Tensor  # [B, H, P, D]
+    targets: torch.Tensor  # [B, H, P, D]
+    lrs: torch.Tensor  # [B, H, P]
 
 
 def legacy_ttt_chunk(
@@ -156,9 +230,12 @@ def legacy_ttt_chunk(
     ln_bias: torch.Tensor,
     mini_batch_size: int,
     causal: bool,
+    pad: LegacyPad | None = None,
 ) -> tuple[torch.Tensor, LegacyInner]:
     """Runs T new tokens (xq, xk, target [B, H, T, D], lr [B, H, T]) from `state`, which may be inside a mini-batch.
 
+    `pad`: when given, a trailing partial mini-batch is completed with its first tokens for the outputs (the
+    fork's zero padding); they never enter the returned state.
     Returns out [B, H, T, D] in float32 (float64 for float64 inputs) and the new state; full mini-batches update
     the weights, a trailing partial one stays in the state.
     """
@@ -176,18 +253,14 @@ def legacy_ttt_chunk(
     while start < total:
         end = min(start + mini_batch_size, total)
         q0 = max(start, p)  # first token of this segment not output yet
-        seg = slice(start, end)
+        seg_k, seg_t, seg_lr = keys[:, :, start:end], targets[:, :, start:end], lrs[:, :, start:end]
+        missing = mini_batch_size - (end - start)
+        if missing and pad is not None:  # a partial mini-batch, padded with zero tokens as the fork's forward
+            seg_k = torch.cat([seg_k, pad.keys[:, :, :missing].to(dtype)], dim=2)
+            seg_t = torch.cat([seg_t, pad.targets[:, :, :missing].to(dtype)], dim=2)
+            seg_lr = torch.cat([seg_lr, pad.lrs[:, :, :missing].to(dtype)], dim=2)
         out, new_weights, new_biases = legacy_segment(
-            weights,
-            biases,
-            xq[:, :, q0 - p : end - p],
-            keys[:, :, seg],
-            targets[:, :, seg],
-            lrs[:, :, seg],
-            q0 - start,
-            causal,
-            ln_weight,
-            ln_bias,
+            weights, biases, xq[:, :, q0 - p : end - p], seg_k, seg_t, seg_lr, q0 - start, causal, ln_weight, ln_bias
         )
         outs.append(out)
         if end - start < mini_batch_size:
@@ -302,36 +375,42 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
             state.reset(torch.ones(B, dtype=torch.bool, device=state.position.device))
         b = self.cfg.mini_batch_size if state is None else state.mini_batch_size
         dtype = torch.promote_types(x.dtype, torch.float32)
+        # The fork's zero padding (hybrid_layer.py _apply_ttt_processing_impl): b - 1 zero hidden states after the
+        # call's tokens cover any partial last mini-batch; only non-causal reading can see them.
+        n_pad = b - 1 if (not self.cfg.causal and T > 0) else 0
+        h = torch.cat([x, x.new_zeros(B, n_pad, x.shape[-1])], dim=1)  # [B, T + n_pad, dim]
         xq, xk, xv = (
-            rearrange(p(x), "b t (h d) -> b h t d", h=self.num_heads).to(dtype) for p in (self.wq, self.wk, self.wv)
+            rearrange(p(h), "b t (h d) -> b h t d", h=self.num_heads).to(dtype) for p in (self.wq, self.wk, self.wv)
         )
         xq, xk = l2_normalize(xq), l2_normalize(xk)
         if self.cfg.use_rope:
             start = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.position
-            positions = (start[:, None] + torch.arange(T, device=x.device)) % b  # [B, T]
+            positions = (start[:, None] + torch.arange(T + n_pad, device=x.device)) % b  # [B, T + n_pad]
             xq = rope_modulo(xq, positions, self.cfg.rope_theta)
             xk = rope_modulo(xk, positions, self.cfg.rope_theta)
         ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
         target = reconstruction_target(xk, xv, ln_w.to(dtype), ln_b.to(dtype), self.cfg.target)
         lr = legacy_lr(
-            x.to(dtype),
+            h.to(dtype),
             self.learnable_ttt_lr_weight.to(dtype),
             self.learnable_ttt_lr_bias.to(dtype),
             self.cfg.base_lr,
             b,
         )
+        pad = LegacyPad(xk[:, :, T:], target[:, :, T:], lr[:, :, T:]) if n_pad else None
+        xq, xk, target, lr = xq[:, :, :T], xk[:, :, :T], target[:, :, :T], lr[:, :, :T]
         if state is None:
             weights, biases = self.base_weights(B)
             empty = xk[:, :, :0]
             start_state = LegacyInner(tuple(weights), tuple(biases), empty, empty, lr[:, :, :0])
-            out, _ = legacy_ttt_chunk(start_state, xq, xk, target, lr, ln_w, ln_b, b, self.cfg.causal)
+            out, _ = legacy_ttt_chunk(start_state, xq, xk, target, lr, ln_w, ln_b, b, self.cfg.causal, pad)
         else:
-            out = self._forward_streaming(state, xq, xk, target, lr)
+            out = self._forward_streaming(state, xq, xk, target, lr, pad)
         y = rearrange(out, "b h t d -> b t (h d)").to(x.dtype)  # [B, T, dim]; no wo, no post_norm (the fork)
         gate = torch.tanh(self.gating_alpha.clamp(-GATE_CLAMP, GATE_CLAMP)).to(y.dtype)
         return x + gate * y
 
-    def _forward_streaming(self, state: LegacyTTTState, xq, xk, target, lr) -> torch.Tensor:
+    def _forward_streaming(self, state: LegacyTTTState, xq, xk, target, lr, pad: LegacyPad | None) -> torch.Tensor:
         """Rows at the same position of their mini-batch run together; the state keeps each partial mini-batch."""
         T = xq.shape[2]
         if state.keys.shape[2] != state.mini_batch_size:  # set_streaming_options changed b before the first call
@@ -363,6 +442,7 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
                 self.ttt_norm_bias,
                 state.mini_batch_size,
                 self.cfg.causal,
+                None if pad is None else LegacyPad(*(t[idx] for t in pad)),
             )
             out[idx] = o.to(out.dtype)
             run = idx[keep[idx]]  # rows whose exec_mask is set
@@ -398,3 +478,22 @@ def set_legacy_contexts(model: tp.Any, ttt_layers: list[int], cfg: TTTConfig) ->
             if context < 1:
                 raise ValueError(f"attention context must be >= 1 token, got {context} for layer {i}")
             layer.self_attn.context = context
+
+
+@contextlib.contextmanager
+def causal_reading(model: tp.Any) -> tp.Iterator[int]:
+    """Inside the block, the model's non-causal legacy TTT layers read causally (`TTTConfig.causal=True`: each
+    token sees only itself and the earlier tokens of its mini-batch), with the same weights; restored on exit.
+
+    Yields the number of layers switched (0: nothing was non-causal). Not thread-safe: hold the model's lock.
+    """
+    switched = []
+    for module in model.modules():
+        if isinstance(module, LegacyTTTBlock) and not module.cfg.causal:
+            switched.append((module, module.cfg))
+            module.cfg = dataclasses.replace(module.cfg, causal=True)
+    try:
+        yield len(switched)
+    finally:
+        for module, cfg in switched:
+            module.cfg = cfg

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 LN_EPS = 1e-6  # per-head LayerNorm epsilon, as in ttt-lm-pytorch
+FORK_TARGET_EPS = 1e-5  # added to the std in the older fork's reconstruction target (`reconstruction_target`)
 
 
 class FastWeights(tp.NamedTuple):
@@ -105,11 +106,21 @@ def _ln_l2_grad(z: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> t
 def reconstruction_target(
     xk: torch.Tensor, xv: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, mode: str = "difference"
 ) -> torch.Tensor:
-    """The value the inner MLP learns to produce from k: LN(v - k); "legacy" reproduces the older LN(v) - k."""
+    """The value the inner MLP learns to produce from k: LN(v - k).
+
+    "legacy" is the older moshi-finetune TTT fork's target, as its active code computes it: its
+    `moshi_ttt/models/ssm/ttt_layer.py` `ln_reconstruction_target` normalises the difference d = v - k with the mean
+    and torch's *unbiased* std over D, eps added to the std: gamma * (d - mean) / (std + 1e-5) + beta, then adds k
+    back, which its inner loss (`models/ssm/ops/ttt_mlp.py`, `reconstruction_target = XV - XK`) subtracts again; both
+    roundings are kept.
+    """
     if mode == "difference":
         return head_layer_norm(xv - xk, ln_weight, ln_bias)
     if mode == "legacy":
-        return head_layer_norm(xv, ln_weight, ln_bias) - xk
+        diff = xv - xk  # [B, H, T, D]
+        mean, std = diff.mean(dim=-1, keepdim=True), diff.std(dim=-1, keepdim=True)  # unbiased std, as the fork
+        normed = ln_weight[None, :, None, :] * (diff - mean) / (std + FORK_TARGET_EPS) + ln_bias[None, :, None, :]
+        return (normed + xk) - xk
     raise ValueError(f"unknown reconstruction target mode {mode!r}; expected 'difference' or 'legacy'")
 
 

@@ -1,0 +1,142 @@
+"""The app's validation layer without a server, and the app's settings for Spaces and containers."""
+
+import inspect
+import math
+
+import pytest
+import soundfile as sf
+from conftest import SR, speechlike
+
+import app
+from moshi_ttt.app_inputs import AudioFile, Choice, Flag, InputError, Number, validate
+from moshi_ttt.audio import load_audio
+
+MINI_BATCH = Number("TTT mini_batch_size", 1, 64, integer=True)
+SECONDS = Number("Max duration (s)", 5, 600)
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "clean"),
+    [(MINI_BATCH, 16, 16), (MINI_BATCH, 16.0, 16), (MINI_BATCH, 1, 1), (MINI_BATCH, 64, 64), (SECONDS, 7.5, 7.5),
+     (Choice("Mode", ("chunked", "stream")), "stream", "stream"), (Flag("persistent_states"), False, False)],
+    ids=["int", "int-as-float", "low-bound", "high-bound", "float", "choice", "flag"],
+)  # fmt: skip
+def test_good_values_come_back_clean(spec, value, clean):
+    got = spec.check(value)
+    assert got == clean and type(got) is type(clean)
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "message"),
+    [(SECONDS, math.nan, "must be a finite number, got nan"), (SECONDS, -math.inf, "finite"),
+     (SECONDS, -1, "between 5 and 600, got -1"), (SECONDS, 601, "between 5 and 600"),
+     (SECONDS, "120", "must be a number, got '120'"), (SECONDS, None, "must be a number"),
+     (MINI_BATCH, 2.5, "must be a whole number, got 2.5"), (MINI_BATCH, 0, "between 1 and 64, got 0"),
+     (MINI_BATCH, "abc", "must be a number, got 'abc'"), (MINI_BATCH, True, "must be a number"),
+     (MINI_BATCH, [4], "must be a number"), (MINI_BATCH, 1e300, "between 1 and 64"),
+     (SECONDS, 10**400, "between 5 and 600, got a huge number"),
+     (Choice("Baseline checkpoint", ("a", "b")), ["a"], "must be one of: a, b; got ['a']"),
+     (Choice("Baseline checkpoint", ("a", "b")), "../a", "must be one of"),
+     (Choice("Baseline checkpoint", ("a", "b")), "x" * 500, "got 'xxxxx"),
+     (Flag("persistent_states"), "false", "must be true or false"), (Flag("persistent_states"), 1, "true or false")],
+    ids=["nan", "-inf", "negative", "over-cap", "string-number", "null", "2.5", "0", "abc", "bool", "list", "huge",
+         "huge-int", "list-choice", "path-choice", "long-choice", "string-flag", "int-flag"],
+)  # fmt: skip
+def test_bad_values_get_one_sentence(spec, value, message):
+    with pytest.raises(InputError, match="^" + spec.label.replace("(", r"\(").replace(")", r"\)")) as e:
+        spec.check(value)
+    text = str(e.value)
+    assert message in text and text.endswith(".") and "\n" not in text and len(text) < 200
+
+
+def test_audio_only_from_the_upload_folder_or_the_demo_clips(tmp_path):
+    uploads, other = tmp_path / "uploads", tmp_path / "other"
+    (uploads / "abc").mkdir(parents=True)
+    other.mkdir()
+    uploaded, demo, secret = uploads / "abc" / "clip.wav", other / "demo.wav", other / "secret.wav"
+    for f in (uploaded, demo, secret):
+        f.write_bytes(b"x")
+    (uploads / "link.wav").symlink_to(secret)
+    spec = AudioFile("Audio", roots=(str(uploads),), files=(str(demo),))
+    assert spec.check(str(uploaded)) == str(uploaded.resolve())
+    assert spec.check({"path": str(uploaded), "meta": {"_type": "gradio.FileData"}}) == str(uploaded.resolve())
+    assert spec.check(str(demo)) == str(demo.resolve())
+    refused = [str(secret), str(uploads / ".." / "other" / "secret.wav"), str(uploads / "link.wav"), "/etc/passwd",
+               {"path": str(secret)}, {"url": "http://x"}, ["a"], 3, "a\x00b"]  # fmt: skip
+    for value in refused:
+        with pytest.raises(InputError, match="^Audio must be") as e:
+            spec.check(value)
+        assert str(tmp_path) not in str(e.value)
+    with pytest.raises(InputError, match="no longer on the server; upload it again"):
+        spec.check(str(uploads / "gone.wav"))
+    with pytest.raises(InputError, match="Upload or record a clip first"):
+        spec.check(None)
+
+
+def test_validate_checks_every_value_in_order():
+    specs = {"n": MINI_BATCH, "s": SECONDS}
+    assert validate(specs, [4, 10]) == {"n": 4, "s": 10.0}
+    with pytest.raises(InputError, match="Max duration"):
+        validate(specs, [4, math.nan])
+    with pytest.raises(InputError, match="expected 2 input values, got 3"):
+        validate(specs, [4, 10, 1])
+
+
+def test_the_run_handler_takes_the_specs_inputs_in_order(cache, tmp_path):
+    specs = app.run_specs(cache.names(), [str(tmp_path)], [])
+    run = app.run_handler(cache, specs, app.RunFolders(tmp_path / "runs"))
+    params = list(inspect.signature(run).parameters)
+    assert params[: len(specs)] == list(specs) and params[len(specs) :] == ["request", "progress"]
+    assert specs["mini_batch_size"].maximum == 64 and specs["max_seconds"].maximum == app.MAX_SECONDS
+
+
+def test_a_long_file_is_trimmed_to_the_limit_and_says_so(tmp_path):
+    clip = tmp_path / "long.wav"
+    sf.write(clip, speechlike(7.0, 1), SR)
+    audio = load_audio(clip, max_seconds=5, trim=True)
+    assert audio.duration_s == 5.0 and audio.trimmed_from_s == pytest.approx(7.0)
+    assert load_audio(clip, max_seconds=10, trim=True).trimmed_from_s is None
+    with pytest.raises(ValueError, match="longer than the limit of 5 s"):
+        load_audio(clip, max_seconds=5)
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="max_seconds must be a positive finite number"):
+            load_audio(clip, max_seconds=bad, trim=True)
+
+
+def test_server_address_honours_the_gradio_variables_unless_flags_are_given():
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7879"}
+    assert app.server_address(None, None, env) == ("0.0.0.0", 7879)
+    assert app.server_address("127.0.0.2", 8000, env) == ("127.0.0.2", 8000)
+    assert app.server_address(None, None, {}) == ("127.0.0.1", 7860)
+    with pytest.raises(ValueError, match="GRADIO_SERVER_PORT must be a port number"):
+        app.server_address(None, None, {"GRADIO_SERVER_PORT": "http"})
+
+
+def test_zerogpu_duration_grows_with_the_clip_and_stays_small_for_refused_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
+    sf.write(short, speechlike(2.0, 1), SR)
+    sf.write(long, speechlike(20.0, 1), SR)
+
+    def seconds(clip, mode="chunked", max_seconds=600):
+        return app.gpu_seconds({"path": str(clip)}, "baseline", "ttt", 16, True, mode, max_seconds, None, None)
+
+    assert seconds(short) < seconds(long) < seconds(long, "live token by token")
+    assert seconds(long, max_seconds=5) < seconds(long)  # the duration limit bounds it too
+    refused = [seconds("/etc/passwd"), seconds(long, max_seconds=math.nan), seconds(long, max_seconds="9")]
+    assert refused == [int(app.GPU_START_S + 5 * 12.5 * app.GPU_S_PER_TOKEN["chunked"])] * 3
+    assert seconds(long, mode=["x"]) == seconds(long)  # any JSON: no crash before the handler refuses it
+
+
+def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(app, "build_demo", lambda cache, examples, max_seconds: seen.update(
+        cache=cache, max_seconds=max_seconds) or pytest.fail("stop"))  # fmt: skip
+    with pytest.raises(pytest.fail.Exception):
+        app.main(["--device", "cpu", "--dtype", "bfloat16", "--max-seconds", "30", "--threads", "1"])
+    assert seen["max_seconds"] == 30 and seen["cache"].dtype == app.torch.bfloat16
+    with pytest.raises(pytest.fail.Exception):
+        app.main(["--device", "cpu", "--threads", "1"])
+    assert seen["cache"].dtype == app.torch.float32
+    with pytest.raises(SystemExit):
+        app.main(["--max-seconds", "nan"])
