@@ -42,10 +42,11 @@ class LiveConfig:
     mini_batch_size: int | None = None  # TTT inner mini-batch for this run; None: the checkpoint's
     persistent_states: bool = True  # keep fast weights from chunk to chunk
     update_every: int = 25  # chunked mode: tokens per chunk, one update per chunk (25 tokens = 2 s of audio)
-    # Stream mode: tokens between recorded updates (0.8 s of audio; recording at every token doubles the scoring time
-    # on the demo models, every 5 or 10 tokens costs nothing measurable; on 2 cores shared with the browser, every 10
-    # leaves the browser time to draw each update).
-    stream_update_every: int = 10
+    # Stream mode: tokens between recorded updates (1.6 s of audio). Recording at every token doubles the scoring time
+    # on the demo models; every 5-20 tokens costs the scoring nothing. But each update costs the browser ~0.2-0.4 s
+    # of drawing (Gradio redraws and resizes the 4-row figure): on 2 cores shared with the browser, every 10 tokens
+    # made the page fall behind and the run take 52 s instead of 26 s for demo_repeat.wav.
+    stream_update_every: int = 20
     min_interval_s: float = 0.05  # at most ~20 updates a second reach the UI; the scoring never waits for them
 
     def __post_init__(self) -> None:

@@ -125,13 +125,14 @@ def demo_server():
 
 
 def _screenshot(page, name: str) -> None:
-    """A full-page PNG through the DevTools protocol: Playwright's own screenshot waits for document.fonts, which
-    can take longer than its timeout while the page redraws the plot 20 times a second on a busy 2-core machine."""
+    """A PNG of the (tall) viewport through the DevTools protocol: Playwright's own screenshot waits for
+    document.fonts, which can take longer than its timeout while the page redraws the plot on a busy 2-core machine,
+    and a full-page capture resizes the page, which makes the responsive plot redraw again."""
     import base64
 
     cdp = page.context.new_cdp_session(page)
     try:
-        shot = cdp.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        shot = cdp.send("Page.captureScreenshot", {"format": "png"})
     finally:
         cdp.detach()
     (OUTPUT / f"demo_{name}.png").write_bytes(base64.b64decode(shot["data"]))
@@ -177,7 +178,7 @@ def test_demo_clip_live_plot_is_visible_at_once_and_grows(demo_server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1300})
+            page = browser.new_page(viewport={"width": 1500, "height": 1800})  # the whole app, for the screenshots
             page.add_init_script(RECORDER)
             page.goto(demo_server, wait_until="load")
             page.get_by_role("button", name="Run", exact=True).wait_for()

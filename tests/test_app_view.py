@@ -91,13 +91,13 @@ def test_allow_silence_scores_a_silent_clip_that_is_refused_otherwise(cache, tmp
 
 def test_live_updates_are_paced_without_losing_the_last_one(assets, cache):
     def count(interval):
-        cfg = LiveConfig(mode="stream", mini_batch_size=4, min_interval_s=interval)
+        cfg = LiveConfig(mode="stream", mini_batch_size=4, stream_update_every=5, min_interval_s=interval)
         updates = list(compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", cfg, 60))
         assert updates[-1].complete and updates[-1].tokens_done == 38
         return len(updates)
 
     every = count(0.0)
-    assert every == 38 // 10 + 1  # one per 10 tokens recorded, and the final one
+    assert every == 38 // 5 + 1  # one per 5 tokens recorded, and the final one
     assert count(1e9) == 2  # the first update, then nothing until the final one
 
 
