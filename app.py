@@ -209,7 +209,10 @@ def run_handler(
                                allow_silence=args["allow_silence"], readings=readings,
                                stop_requested=stop_requested)  # fmt: skip
         skip = gr.skip()
-        yield skip, app_view.status_text(None, "reading and encoding the audio…"), "", skip, skip, skip, skip
+        phase = "reading and encoding the audio, then scoring" + (
+            " the whole clip in one call (the figure comes at the end)…" if cfg.mode == "full" else "…"
+        )
+        yield skip, app_view.status_text(None, phase), "", skip, skip, skip, skip
         try:
             for update in updates:
                 figure = PlotData(type="plotly", plot=figure_json(update.loss_per_token, update.drift,

@@ -189,6 +189,17 @@ def test_demo_clip_live_plot_is_visible_at_once_and_grows(demo_server):
             readings_text = page.locator("#readings").inner_text()
             headline = page.locator("#headline").inner_text()
             chunked = _run_demo_clip(page, "chunked", {"chunked_end": 1})
+            # Stop mid-run: the figure stays, the table says "(partial)", the downloads are the partial ones.
+            page.get_by_label("live token by token", exact=True).check()
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.wait_for_function("() => document.querySelector('#run-status').innerText.startsWith('Scoring')",
+                                   timeout=60_000)  # fmt: skip
+            page.get_by_role("button", name="Stop", exact=True).click()
+            page.wait_for_function("() => document.querySelector('#run-status').innerText.startsWith('Stopped')",
+                                   timeout=60_000)  # fmt: skip
+            page.wait_for_selector("text=demo_repeat_partial_results", timeout=30_000)
+            stopped_table = page.get_by_text("(partial)").count()
+            _screenshot(page, "stopped")
         finally:
             browser.close()
     assert live["status"].startswith("Done") and chunked["status"].startswith("Done"), live["status"]
@@ -199,6 +210,7 @@ def test_demo_clip_live_plot_is_visible_at_once_and_grows(demo_server):
     assert max(f["rows"] for f in frames) >= 3 and max(f["drawn"] for f in frames) >= 3
     assert all(span in readings_text for span in ("0.6-15.3", "21.3-35.9", "45.2-59.8")), readings_text
     assert "TTT vs baseline" in headline
+    assert stopped_table >= 2  # both runs' rows
     timings = {
         mode: {
             "first_visible_plot_s": round(next(f["t"] for f in run["frames"] if f["visible"]) / 1000, 2),
