@@ -1,6 +1,7 @@
 """moshi-ttt app: upload audio, watch per-token loss and TTT fast-weight drift of two models grow side by side.
 
 Run: python app.py [--host 127.0.0.1] [--port 7860] [--share] [--checkpoint-dir DIR]... [--checkpoint hf://...]...
+     [--allow-hub]   (adds a field where users may add hf:// checkpoints; off by default)
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from gradio.components.plot import PlotData  # noqa: E402
 
-from moshi_ttt import report  # noqa: E402
-from moshi_ttt.app_inputs import AudioFile, Choice, Flag, InputError, Number, validate  # noqa: E402
+from moshi_ttt import app_view, headline, report  # noqa: E402
+from moshi_ttt.app_inputs import AudioFile, Choice, Flag, HubReference, InputError, Number, validate  # noqa: E402
 from moshi_ttt.audio import FRAME_RATE  # noqa: E402
 from moshi_ttt.live import LIVE_MODES, LiveConfig, compare_file, threads_per_run, trim_note  # noqa: E402
 from moshi_ttt.live_plots import figure_json  # noqa: E402
@@ -33,7 +34,9 @@ logger = logging.getLogger("moshi_ttt.app")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_assets"
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
-SUMMARY_COLUMNS = ["run", "checkpoint", "mean loss", "improvement %", "slope / 1k tokens", "tokens/s"]
+SUMMARY_COLUMNS = ["run", "checkpoint", "mean loss", "improvement %", "mean loss past context",
+                   "improvement % past context", "slope / 1k tokens", "tokens/s", "peak MB"]  # fmt: skip
+READING_COLUMNS = ["reading", "span (s)", "baseline loss", "TTT loss", "improvement %"]
 MAX_SECONDS = 600.0  # hard server cap on the scored duration (--max-seconds lowers it); the slider's maximum
 QUEUE_SIZE = 16  # runs waiting at most (--queue-size); the next user is told the queue is full
 MAX_FILE_SIZE = "200mb"  # largest upload (10 min of 48 kHz stereo 16-bit WAV is 115 MB)
@@ -79,6 +82,7 @@ def run_specs(
         "persistent_states": Flag("persistent_states"),
         "mode": Choice("Mode", tuple(LIVE_MODES)),
         "max_seconds": Number("Max duration (s)", 5, max_seconds),
+        "allow_silence": Flag("allow silence"),
     }
 
 
@@ -124,6 +128,32 @@ class RunFolders:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class StopRequests:
+    """The Stop button's flags, one per browser session: Stop sets its session's flag, the session's run polls it
+    between steps and ends with the results of what it scored so far (Gradio's cancel would end the generator
+    before it could write them). Kept per session hash, like RunFolders; a session-less caller has no Stop button."""
+
+    def __init__(self):
+        self._stopped: set[str] = set()
+        self._lock = threading.Lock()
+
+    def request(self, request: gr.Request) -> None:
+        """The Stop button."""
+        if request is not None and request.session_hash:
+            with self._lock:
+                self._stopped.add(request.session_hash)
+
+    def start(self, session: str | None):
+        """A new run of `session`: clears its flag and returns the poll for compare_file's stop_requested."""
+        with self._lock:
+            self._stopped.discard(session)
+        return lambda: session is not None and session in self._stopped
+
+    def end_session(self, request: gr.Request) -> None:
+        with self._lock:
+            self._stopped.discard(request.session_hash)
+
+
 def gpu_seconds(audio, baseline, ttt, mini_batch_size, persistent_states, mode, max_seconds, *_, **__) -> int:
     """ZeroGPU's `duration` for one run: computed from the clip's length (its raw inputs, checked here too)."""
     seconds = MAX_SECONDS
@@ -143,15 +173,26 @@ def refuse(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def run_handler(cache: ModelCache, specs: dict[str, object], runs: RunFolders):
-    """The Run button: validates its raw inputs, then yields (figure, summary table, downloads, notes) updates."""
+def run_handler(
+    cache: ModelCache,
+    specs: dict[str, object],
+    runs: RunFolders,
+    known_clips: list[str] | None = None,
+    stops: StopRequests | None = None,
+):
+    """The Run button: validates its raw inputs, then yields (figure, status, headline, summary, readings,
+    downloads, notes) updates. Progress goes to the status line beside the plot, never over it; a Stop (`stops`)
+    ends the run with partial results."""
+    known = list(known_clips or [])
+    stops = stops or StopRequests()
 
-    # Gradio injects the request (for the session) and the progress tracker through these annotations/defaults.
+    # Gradio injects the request (for the session) through this annotation.
     @on_gpu(gpu_seconds)
-    def run(audio, baseline, ttt, mini_batch_size, persistent_states, mode, max_seconds,
-            request: gr.Request = None, progress=gr.Progress()):  # noqa: B008  # fmt: skip
+    def run(audio, baseline, ttt, mini_batch_size, persistent_states, mode, max_seconds, allow_silence=False,
+            request: gr.Request = None):  # fmt: skip
+        values = [audio, baseline, ttt, mini_batch_size, persistent_states, mode, max_seconds, allow_silence]
         try:
-            args = validate(specs, [audio, baseline, ttt, mini_batch_size, persistent_states, mode, max_seconds])
+            args = validate(specs, values)
         except InputError as e:
             raise refuse(str(e)) from None
         for name in (args["baseline"], args["ttt"]):
@@ -161,21 +202,37 @@ def run_handler(cache: ModelCache, specs: dict[str, object], runs: RunFolders):
             mini_batch_size=args["mini_batch_size"],
             persistent_states=args["persistent_states"],
         )
-        updates = compare_file(cache, args["audio"], args["baseline"], args["ttt"], cfg, args["max_seconds"])
+        session = request.session_hash if request is not None else None
+        stop_requested = stops.start(session)
+        readings = headline.readings_of_known_clip(args["audio"], known)
+        updates = compare_file(cache, args["audio"], args["baseline"], args["ttt"], cfg, args["max_seconds"],
+                               allow_silence=args["allow_silence"], readings=readings,
+                               stop_requested=stop_requested)  # fmt: skip
+        skip = gr.skip()
+        phase = "reading and encoding the audio, then scoring" + (
+            " the whole clip in one call (the figure comes at the end)…" if cfg.mode == "full" else "…"
+        )
+        yield skip, app_view.status_text(None, phase), "", skip, skip, skip, skip
         try:
             for update in updates:
-                progress(update.tokens_done / max(update.total_tokens, 1), desc="scoring both models")
                 figure = PlotData(type="plotly", plot=figure_json(update.loss_per_token, update.drift,
-                                                                  total_tokens=update.total_tokens))  # fmt: skip
+                                                                  total_tokens=update.total_tokens,
+                                                                  inner_loss=update.inner_loss))  # fmt: skip
+                status = app_view.status_text(update)
                 if not update.complete:
-                    yield figure, gr.skip(), gr.skip(), gr.skip()
+                    yield figure, status, skip, skip, skip, skip, skip
                     continue
-                folder = runs.new(request.session_hash if request is not None else None)
-                files = report.write_report(folder, update.document)
+                folder = runs.new(session)
+                prefix = report.file_stem(update.document) + ("_partial_" if update.stopped else "_")
+                files = report.write_report(folder, update.document, prefix=prefix)
                 notes = [trim_note(update.document["audio"])]
                 notes += [n for run_notes in update.document["config"]["notes"].values() for n in run_notes]
-                rows = [[row[c] for c in SUMMARY_COLUMNS] for row in update.summary]
-                yield figure, rows, [str(p) for p in files.values()], "\n\n".join(n for n in notes if n)
+                rows = app_view.table_rows(update.summary, SUMMARY_COLUMNS, update.stopped)
+                per_reading = headline.reading_rows(update.document)
+                readings_table = gr.update(value=app_view.table_rows(per_reading, READING_COLUMNS, False),
+                                           visible=bool(per_reading))  # fmt: skip
+                yield (figure, status, app_view.headline_for(update), rows, readings_table,
+                       [str(p) for p in files.values()], "\n\n".join(n for n in notes if n))  # fmt: skip
         except FileNotFoundError:
             raise refuse("The audio file is no longer on the server; upload it again.") from None
         except ValueError as e:  # the library's one-sentence errors about the audio and the checkpoints' fit
@@ -184,8 +241,32 @@ def run_handler(cache: ModelCache, specs: dict[str, object], runs: RunFolders):
     return run
 
 
+def add_hub_checkpoint(cache: ModelCache):
+    """The "Add" button next to the Hub field (only with --allow-hub): puts an hf:// reference on the allow-list."""
+    spec = {"hub": HubReference("Hub checkpoint")}
+
+    def add(text):
+        try:
+            ref = validate(spec, [text])["hub"]
+        except InputError as e:
+            raise refuse(str(e)) from None
+        cache.allow_list.update(build_allow_list([], [ref], use_env=False))
+        names = cache.names()
+        return gr.update(choices=names), gr.update(choices=names), f"Added {ref}: choose it in the dropdowns."
+
+    return add
+
+
+def _persistence_note(mode: str) -> str:
+    return "persistent_states: " + app_view.persistence_help(LIVE_MODES.get(mode, "chunked"), LiveConfig.update_every)
+
+
 def build_demo(
-    cache: ModelCache, examples: list[str] | None = None, max_seconds: float = MAX_SECONDS, keep_runs: int = KEEP_RUNS
+    cache: ModelCache,
+    examples: list[str] | None = None,
+    max_seconds: float = MAX_SECONDS,
+    keep_runs: int = KEEP_RUNS,
+    allow_hub: bool = False,
 ) -> gr.Blocks:
     """The UI; the Run handler validates every input itself (its event skips Gradio's preprocessing)."""
     names = cache.names()
@@ -195,12 +276,15 @@ def build_demo(
     demo = gr.Blocks(title="moshi-ttt: what Test-Time Training does inside Moshi", delete_cache=DELETE_CACHE)
     specs = run_specs(names, [demo.GRADIO_CACHE], examples, max_seconds)
     runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", keep=keep_runs)
+    stops = StopRequests()
     with demo:
         gr.Markdown(
-            "# moshi-ttt\nUpload or record speech. Both models read it teacher-forced, in lockstep: the per-token "
-            "loss (left) and the drift of the TTT fast weights from W_base (right) grow as they read. "
+            "# moshi-ttt\nUpload or record speech. Both models read it teacher-forced, in lockstep; the figure grows "
+            "as they read: their per-token loss, TTT − baseline, the drift of the fast weights and the inner loop. "
             f"A clip longer than the duration limit (at most {max_seconds:g} s) is scored up to the limit."
         )
+        with gr.Accordion("What is TTT, mini_batch_size, slope?", open=False):
+            gr.Markdown(app_view.EXPLANATION)
         with gr.Row():
             with gr.Column(scale=1):
                 audio = gr.Audio(type="filepath", sources=["upload", "microphone"], label=specs["audio"].label)
@@ -208,22 +292,38 @@ def build_demo(
                     gr.Examples(examples=[[e] for e in examples], inputs=[audio], label="Demo clips")
                 baseline = _dropdown(specs["baseline"], baseline_default)
                 ttt = _dropdown(specs["ttt"], ttt_default)
+                if allow_hub:
+                    with gr.Row():
+                        hub = gr.Textbox(label="Add a checkpoint from the Hub", placeholder="hf://owner/repo")
+                        add = gr.Button("Add", size="sm")
+                    hub_note = gr.Markdown()
                 mini_batch = _slider(specs["mini_batch_size"], 16, step=1)
-                persistent = gr.Checkbox(value=True, label="persistent_states (keep fast weights between chunks)")
                 mode = gr.Radio(list(specs["mode"].choices), value="chunked", label=specs["mode"].label)
+                persistent = gr.Checkbox(value=True, label="persistent_states (keep the fast weights between calls)")
+                persistent_note = gr.Markdown(_persistence_note("chunked"))
+                allow_silence = gr.Checkbox(value=False, label="allow silence (score a silent clip anyway)")
                 duration = _slider(specs["max_seconds"], min(120, max_seconds), step=5)
                 with gr.Row():
                     run_button = gr.Button("Run", variant="primary")
                     stop_button = gr.Button("Stop")
             with gr.Column(scale=3):
-                plot = gr.Plot(label="Loss and drift")
+                status = gr.Markdown("Choose a clip and press Run.", elem_id="run-status")
+                plot = gr.Plot(label="Loss, TTT − baseline, drift, inner loop", show_label=False, elem_id="live-plot")
+                headline_md = gr.Markdown(elem_id="headline")
                 table = gr.Dataframe(headers=SUMMARY_COLUMNS, label="Summary", interactive=False)
+                readings = gr.Dataframe(headers=READING_COLUMNS, label="Per reading of the repeated passage",
+                                        interactive=False, visible=False, elem_id="readings")  # fmt: skip
                 downloads = gr.File(label="results.json, results.csv, report.html", file_count="multiple")
                 notes = gr.Markdown()
-        inputs = [audio, baseline, ttt, mini_batch, persistent, mode, duration]
-        handler = run_handler(cache, specs, runs)
-        event = run_button.click(handler, inputs, [plot, table, downloads, notes], api_name="run", preprocess=False)
-        stop_button.click(None, None, None, cancels=[event])
+        mode.change(_persistence_note, mode, persistent_note, queue=False, show_progress="hidden")
+        inputs = [audio, baseline, ttt, mini_batch, persistent, mode, duration, allow_silence]
+        outputs = [plot, status, headline_md, table, readings, downloads, notes]
+        handler = run_handler(cache, specs, runs, examples, stops)
+        run_button.click(handler, inputs, outputs, api_name="run", preprocess=False, show_progress="hidden")
+        stop_button.click(stops.request, None, None, queue=False, show_progress="hidden")
+        demo.unload(stops.end_session)
+        if allow_hub:
+            add.click(add_hub_checkpoint(cache), hub, [baseline, ttt, hub_note], queue=False, preprocess=False)
         demo.unload(runs.end_session)
     return demo
 
@@ -261,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="runs waiting at most")
     parser.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="longest duration scored (s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores shared by the runs)")
+    parser.add_argument("--allow-hub", action="store_true", help="let users add hf:// checkpoints (downloads them)")
     args = parser.parse_args(argv)
     if not 5 <= args.max_seconds <= MAX_SECONDS:
         parser.error(f"--max-seconds must be between 5 and {MAX_SECONDS:g}")
@@ -274,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cache.names():
         parser.error("no checkpoint to serve: build demo_assets/ or pass --checkpoint-dir / --checkpoint")
     host, port = server_address(args.host, args.port)
-    demo = build_demo(cache, example_clips(), max_seconds=args.max_seconds)
+    demo = build_demo(cache, example_clips(), max_seconds=args.max_seconds, allow_hub=args.allow_hub)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     demo.launch(server_name=host, server_port=port, share=args.share, max_file_size=MAX_FILE_SIZE)
 

@@ -1,5 +1,7 @@
 """moshi-ttt: Test-Time Training layers inside Kyutai's Moshi, with exact streaming, chunked and full scoring."""
 
+__version__ = "0.1.0"  # as in pyproject.toml
+
 from .checkpoints import LoadedCheckpoint, load, save
 from .config import TTTConfig
 from .streaming import exact_streaming, widen_kv_caches

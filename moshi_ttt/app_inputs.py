@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import typing as tp
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,6 +119,27 @@ class AudioFile:
         if not resolved.is_file():
             raise InputError(f"{self.label}: the file is no longer on the server; upload it again.")
         return str(resolved)
+
+
+# hf://owner/repo[@revision]: Hub names only (no "..", no further path), so a reference never names a server file.
+_HUB_REF = re.compile(
+    r"^hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,80})?$"
+)
+
+
+@dataclass(frozen=True)
+class HubReference:
+    """An hf://owner/repo reference (optionally @revision), stripped of surrounding spaces."""
+
+    label: str
+
+    def check(self, value: object) -> str:
+        text = value.strip() if isinstance(value, str) else None
+        if text is None or not _HUB_REF.match(text) or ".." in text:
+            raise InputError(
+                f"{self.label} must look like hf://owner/repo (optionally @revision); got {_shown(value)}."
+            )
+        return text
 
 
 class Spec(tp.Protocol):

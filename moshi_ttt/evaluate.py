@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from . import audio as audio_io
-from . import sweeps
+from . import headline, sweeps
+from .memory import PeakMemory
 from .report import causal_comparison, non_finite_message, results_document, run_record, write_json, write_report
 from .scoring import MODES, ScoreConfig, non_causal_mini_batch, score
 from .ttt.apply import ttt_blocks
@@ -108,12 +108,6 @@ def _out_name(index: int, file: Path) -> str:
     return f"{index:04d}_{stem}"
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
-
-
 def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfig) -> dict:
     """Scores one file under every model, writes its reports; returns its index.json entry."""
     out_dir = args.out / _out_name(index, file)
@@ -124,12 +118,15 @@ def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfi
     dep_q = next(iter(models.values()))[1].dep_q
     codes = audio_io.encode(mimi, audio)[:, :dep_q]  # [1, 8, T]
     device = torch.device(args.device)
+    readings = headline.readings_for(file)  # from FILE.txt when it names the readings of a repeated passage
     runs, tables = {}, {}
     for name, (ref, model) in models.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        result = score(model, codes.to(device), config=cfg)
-        runs[name] = run_record(result, checkpoint=ref, peak_memory_mb=_peak_memory_mb(device), bin_size=args.bin_size)
+        with PeakMemory(device) as memory:
+            result = score(model, codes.to(device), config=cfg)
+        runs[name] = run_record(
+            result, checkpoint=ref, peak_memory_mb=memory.peak_mb, bin_size=args.bin_size,
+            context_tokens=model.context, readings=readings,
+        )  # fmt: skip
         leaky_b = non_causal_mini_batch(model)
         if leaky_b is not None:  # an older non-causal TTT checkpoint: the same weights, scored causally, next to it
             with causal_reading(model):
@@ -160,7 +157,12 @@ def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfi
         "tokens": info["tokens"],
         "mean_loss": {name: run["mean_loss"] for name, run in runs.items()},
         "slope_per_1k_tokens": {name: run["slope_per_1k_tokens"] for name, run in runs.items()},
+        "mean_loss_past_context": {name: run["mean_loss_past_context"] for name, run in runs.items()},
     }
+    comparison = headline.headline(document)
+    if comparison is not None:
+        entry["headline"] = headline.headline_text(comparison)
+        entry["readings"] = headline.reading_rows(document)
     write_json(out_dir / "summary.json", entry)
     return entry
 
@@ -211,6 +213,11 @@ def run(args) -> int:
         for entry in entries:
             losses = ", ".join(f"{k} {v:.4f}" for k, v in entry["mean_loss"].items() if v is not None)
             print(f"{entry['path']}: {losses}{' (already scored)' if entry.get('skipped') else ''}")
+            if entry.get("headline"):
+                print(f"  {entry['headline']}")
+            for row in entry.get("readings") or []:
+                print(f"  reading {row['reading']} ({row['span (s)']} s): baseline {row['baseline loss']}, "
+                      f"TTT {row['TTT loss']}, {row['improvement %']:+.2f}%")  # fmt: skip
         print(f"{len(entries)} file(s) scored into {args.out}, {len(failures)} failed")
     return 1 if failures else 0
 

@@ -9,36 +9,53 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from . import report
+from .memory import PeakMemory
 from .registry import ModelCache, StreamingSession
 from .scoring import ScoreResult, iter_score, non_causal_mini_batch, score
 from .ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
-LIVE_MODES = {"live token by token": "stream", "chunked": "chunked"}
+LIVE_MODES = {"live token by token": "stream", "chunked": "chunked", "whole sequence": "full"}
+# What persistent_states=False resets, per mode: the UI shows it next to the checkbox.
+PERSISTENCE_HELP = {
+    "stream": "Off: the fast weights go back to W_base at every token (each token is its own call), so each token "
+    "sees only its own inner-loop step. On: they carry through the whole clip.",
+    "chunked": "Off: the fast weights go back to W_base at the start of every chunk of {chunk} tokens "
+    "({seconds:.0f} s). On: they carry through the whole clip.",
+    "full": "No effect: the whole clip is one call, so the fast weights carry through it either way.",
+}
 
 
 @dataclass(frozen=True)
 class LiveConfig:
     """Options of one live comparison (the app's controls)."""
 
-    mode: str = "chunked"  # "chunked" or "stream"
+    mode: str = "chunked"  # "chunked", "stream" or "full" (the whole sequence in one call)
     mini_batch_size: int | None = None  # TTT inner mini-batch for this run; None: the checkpoint's
     persistent_states: bool = True  # keep fast weights from chunk to chunk
-    update_every: int = 25  # tokens between updates (25 tokens = 2 s of audio)
+    update_every: int = 25  # chunked mode: tokens per chunk, one update per chunk (25 tokens = 2 s of audio)
+    # Stream mode: tokens between recorded updates (1.6 s of audio). Recording at every token doubles the scoring time
+    # on the demo models; every 5-20 tokens costs the scoring nothing. But each update costs the browser ~0.2-0.4 s
+    # of drawing (Gradio redraws and resizes the 4-row figure): on 2 cores shared with the browser, every 10 tokens
+    # made the page fall behind and the run take 52 s instead of 26 s for demo_repeat.wav.
+    stream_update_every: int = 20
+    min_interval_s: float = 0.05  # at most ~20 updates a second reach the UI; the scoring never waits for them
 
     def __post_init__(self) -> None:
-        if self.mode not in ("chunked", "stream"):
-            raise ValueError(f"mode must be 'chunked' or 'stream', got {self.mode!r}")
-        if self.update_every < 1:
-            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
+        if self.mode not in ("chunked", "stream", "full"):
+            raise ValueError(f"mode must be 'chunked', 'stream' or 'full', got {self.mode!r}")
+        if self.update_every < 1 or self.stream_update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {self.update_every} / {self.stream_update_every}")
+        if not self.min_interval_s >= 0:
+            raise ValueError(f"min_interval_s must be >= 0, got {self.min_interval_s}")
 
 
 @dataclass
@@ -51,8 +68,10 @@ class LiveUpdate:
     drift: dict[str, dict]  # TTT layer -> {"W1": [...], "W2": [...], "t": [...]} as in results.json
     tokens_per_s: dict[str, float]
     elapsed_s: float
-    document: dict | None = None
+    inner_loss: dict[str, dict] = field(default_factory=dict)  # TTT layer -> results.json "inner_loss" record
+    document: dict | None = None  # set on the last update: the whole clip, or what was scored before a stop
     summary: list[dict] = field(default_factory=list)
+    stopped: bool = False  # the run was stopped: `document` covers the first `tokens_done` tokens only
 
     @property
     def complete(self) -> bool:
@@ -66,9 +85,17 @@ def compare_live(
     audio_codes: torch.Tensor,
     cfg: LiveConfig,
     audio_info: dict | None = None,
+    readings: list | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> Iterator[LiveUpdate]:
-    """Scores `audio_codes` [1, 8, T] with both models, yielding a LiveUpdate every `cfg.update_every` tokens.
+    """Scores `audio_codes` [1, 8, T] with both models, yielding a LiveUpdate per chunk (chunked), every
+    `cfg.stream_update_every` tokens (stream) or once (full), at most one per `cfg.min_interval_s`, then a last one
+    with the results document.
 
+    Args:
+        readings: `headline.Reading`s of a passage the clip repeats (results.json "readings").
+        stop_requested: polled between steps; when it returns True, the last update holds the results of the
+            tokens scored so far (`stopped=True`) and the run ends.
     Raises:
         ValueError: for unknown names or models that cannot be compared (see `check_compatible`).
     """
@@ -79,6 +106,7 @@ def compare_live(
     if len(codecs) > 1:
         raise ValueError(f"the baseline {baseline_name!r} and TTT {ttt_name!r} checkpoints use different codecs")
     chunk = cfg.update_every if cfg.mode == "chunked" else 1
+    record_every = cfg.stream_update_every if cfg.mode == "stream" else cfg.update_every
     sessions, sizes = {}, {}
     for run, ckpt in loaded.items():
         context = ckpt.model.context
@@ -93,90 +121,120 @@ def compare_live(
             size if cfg.mode == "chunked" else None,
             mini_batch_size=cfg.mini_batch_size,
             persistent_states=cfg.persistent_states,
-            record_every=cfg.update_every,
+            record_every=record_every,
         )
         sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
         sizes[run] = size
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
+    last_sent = -float("inf")
+    stopped = False
     try:
-        while True:
-            finished = 0
-            for run, session in sessions.items():
-                if run in latest and latest[run].complete:
-                    finished += 1
-                    continue
-                latest[run] = next(session)
-            if finished == len(sessions):
-                break
-            yield _update(latest, start)
+        with PeakMemory(loaded["ttt"].model.device) as memory:
+            while True:
+                if stop_requested is not None and stop_requested() and latest:
+                    stopped = True
+                    break
+                finished = 0
+                for run, session in sessions.items():
+                    if run in latest and latest[run].complete:
+                        finished += 1
+                        continue
+                    latest[run] = next(session)
+                if finished == len(sessions):
+                    break
+                now = time.perf_counter()
+                if now - last_sent >= cfg.min_interval_s and not all(r.complete for r in latest.values()):
+                    last_sent = now
+                    yield _update(latest, start)
         causal = {}  # older non-causal TTT checkpoints: the same weights scored causally (report.causal_comparison)
         for run, ckpt in loaded.items():
             b = non_causal_mini_batch(ckpt.model)
-            if b is not None:
+            if b is not None and not stopped:
                 with cache.lock(ckpt.model), causal_reading(ckpt.model):
                     chunk = sizes[run] if cfg.mode == "chunked" else None
                     options = {"mini_batch_size": cfg.mini_batch_size, "persistent_states": cfg.persistent_states}
                     result = score(ckpt.model, audio_codes.to(ckpt.model.device), cfg.mode, chunk, **options)
                 causal[run] = (result, b)
-        yield _final(latest, loaded, names, cfg, audio_info or {}, start, causal)
+        context = {run: ckpt.model.context for run, ckpt in loaded.items()}
+        notes = {run: list(ckpt.notes) for run, ckpt in loaded.items()}
+        yield _final(latest, names, notes, cfg, audio_info or {}, start, context, readings, memory.peak_mb, stopped,
+                     causal)  # fmt: skip
     finally:
         for session in sessions.values():
             session.close()
 
 
-def _drift(result: ScoreResult) -> dict[str, dict]:
-    drift, _ = report.telemetry_record(result.telemetry, 0)
-    return drift
-
-
 def _update(latest: dict[str, ScoreResult], start: float) -> LiveUpdate:
     done = min(r.tokens_done for r in latest.values())
+    drift, inner = report.telemetry_record(latest["ttt"].telemetry, 0) if "ttt" in latest else ({}, {})
     return LiveUpdate(
         tokens_done=done,
         total_tokens=next(iter(latest.values())).total_tokens,
         loss_per_token={run: r.loss_per_token[0, :done].tolist() for run, r in latest.items()},
-        drift=_drift(latest["ttt"]) if "ttt" in latest else {},
+        drift=drift,
         tokens_per_s={run: r.tokens_per_s for run, r in latest.items()},
         elapsed_s=time.perf_counter() - start,
+        inner_loss=inner,
     )
 
 
-def _final(latest, loaded, names, cfg: LiveConfig, audio_info: dict, start: float, causal=None) -> LiveUpdate:
-    runs = {run: report.run_record(r, checkpoint=names[run]) for run, r in latest.items()}
+def _scored_part(result: ScoreResult, done: int) -> ScoreResult:
+    """The first `done` tokens of a (partial) result as a complete result of `done` tokens."""
+    return replace(result, loss=result.loss[..., :done], mask=result.mask[..., :done], tokens_done=done,
+                   total_tokens=done)  # fmt: skip
+
+
+def _final(latest, names, notes, cfg: LiveConfig, audio_info: dict, start: float, context: dict, readings, peak_mb,
+           stopped: bool, causal=None) -> LiveUpdate:  # fmt: skip
+    update = _update(latest, start)
+    done = update.tokens_done
+    runs = {
+        run: report.run_record(_scored_part(r, done), checkpoint=names[run], peak_memory_mb=peak_mb,
+                               context_tokens=context[run], readings=readings)
+        for run, r in latest.items()
+    }  # fmt: skip
     for run, (result, b) in (causal or {}).items():
         runs[run]["causal_comparison"] = report.causal_comparison(runs[run], result, b)
     config = {
         "mode": cfg.mode,
         "mini_batch_size": cfg.mini_batch_size,
         "persistent_states": cfg.persistent_states,
-        "notes": {run: list(ckpt.notes) for run, ckpt in loaded.items()},
+        "peak_memory": "both runs together (they run interleaved): GPU max_memory_allocated or CPU RSS growth",
+        "notes": notes,
     }
-    document = report.results_document(audio_info, config, runs)
-    update = _update(latest, start)
-    update.document = document
-    update.summary = summary_table(document)
+    if stopped:
+        audio_info = {**audio_info, "partial": {"tokens_scored": done, "total_tokens": update.total_tokens}}
+    update.document = report.results_document(audio_info, config, runs)
+    update.summary = summary_table(update.document)
+    update.stopped = stopped
     return update
 
 
 def summary_table(document: dict) -> list[dict]:
-    """Rows for the app's table: mean loss, improvement of TTT over the baseline, slope, tokens/s."""
+    """Rows for the app's table: mean loss (whole clip, past the context), improvement of TTT over the baseline on
+    both, slope, tokens/s, peak memory."""
+    from .headline import improvement_pct
+
     runs = document["runs"]
-    base = runs.get("baseline", {}).get("mean_loss")
+    base = runs.get("baseline", {})
     rows = []
     for run, rec in runs.items():
-        mean = rec["mean_loss"]
-        gain = None
-        if run != "baseline" and base is not None and mean is not None and np.isfinite(base) and base > 0:
-            gain = 100.0 * (base - mean) / base
+        gain = gain_past = None
+        if run != "baseline" and base:
+            gain = improvement_pct(base.get("mean_loss"), rec["mean_loss"])
+            gain_past = improvement_pct(base.get("mean_loss_past_context"), rec.get("mean_loss_past_context"))
         rows.append(
             {
                 "run": run,
                 "checkpoint": rec["checkpoint"],
-                "mean loss": _round(mean, 4),
+                "mean loss": _round(rec["mean_loss"], 4),
                 "improvement %": _round(gain, 2),
+                "mean loss past context": _round(rec.get("mean_loss_past_context"), 4),
+                "improvement % past context": _round(gain_past, 2),
                 "slope / 1k tokens": _round(rec["slope_per_1k_tokens"], 4),
                 "tokens/s": _round(rec["tokens_per_s"], 1),
+                "peak MB": _round(rec.get("peak_memory_mb"), 1),
             }
         )
     return rows
@@ -196,19 +254,31 @@ def check_compatible(baseline_config: dict, ttt_config: dict) -> None:
 
 
 def compare_file(
-    cache: ModelCache, audio_path: str, baseline_name: str, ttt_name: str, cfg: LiveConfig, max_seconds: float
+    cache: ModelCache,
+    audio_path: str,
+    baseline_name: str,
+    ttt_name: str,
+    cfg: LiveConfig,
+    max_seconds: float,
+    *,
+    allow_silence: bool = False,
+    readings: list | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> Iterator[LiveUpdate]:
     """Reads and encodes an uploaded file with the baseline's codec, then `compare_live`.
 
     Only the first `max_seconds` of a longer file are read and scored; the results' "audio" record then holds
     "trimmed_from_s", the file's whole duration (`trim_note` words it for the user).
 
+    Args:
+        allow_silence: score a silent file instead of refusing it.
+        readings, stop_requested: see `compare_live`.
     Raises:
         ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
     """
     from .audio import encode, load_audio
 
-    audio = load_audio(audio_path, max_seconds=max_seconds, trim=True)
+    audio = load_audio(audio_path, max_seconds=max_seconds, trim=True, allow_silence=allow_silence)
     baseline = cache.get(baseline_name)
     if baseline.mimi is None:
         raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
@@ -216,10 +286,10 @@ def compare_file(
     if codes.shape[-1] < 2:
         raise ValueError(f"{audio.name} is too short to score ({audio.duration_s:.2f} s)")
     info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
-            "tokens": int(codes.shape[-1])}  # fmt: skip
+            "tokens": int(codes.shape[-1]), "silent": audio.silent}  # fmt: skip
     if audio.trimmed_from_s is not None:
         info["trimmed_from_s"] = audio.trimmed_from_s
-    yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info)
+    yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info, readings, stop_requested)
 
 
 def threads_per_run(concurrency: int, cpus: int | None = None) -> int:

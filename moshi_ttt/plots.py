@@ -40,12 +40,23 @@ def loss_figure(runs: dict[str, list[float]], smooth: int = 25, frame_rate: floa
     return fig
 
 
-def bins_figure(bins: dict[str, tuple[list[int], list[float]]], title: str, yaxis: str) -> go.Figure:
-    """Bars per position bin: name -> (bin starts, values); e.g. loss per bin or TTT improvement per bin."""
+def bins_figure(
+    bins: dict[str, tuple[list[int], list[float]]], title: str, yaxis: str, bin_size: int | None = None
+) -> go.Figure:
+    """Bars per position bin: name -> (bin starts, values); e.g. loss per bin or TTT improvement per bin.
+
+    Each bar spans its bin (centred on it, `bin_size` tokens wide: the starts' spacing when not given), so the time
+    axis starts at 0 s, as the loss plot's does.
+    """
     fig = go.Figure()
+    end = 0.0
     for name, (starts, values) in bins.items():
-        fig.add_trace(go.Bar(x=[s / FRAME_RATE for s in starts], y=_nullable(values), name=name))
-    fig.update_layout(title=title, xaxis_title="bin start (s)", yaxis_title=yaxis, barmode="group")
+        size = bin_size or (starts[1] - starts[0] if len(starts) > 1 else 1)
+        centers = [(s + size / 2) / FRAME_RATE for s in starts]
+        end = max([end, *((s + size) / FRAME_RATE for s in starts)])
+        fig.add_trace(go.Bar(x=centers, y=_nullable(values), name=name, hovertemplate="%{y:.4f} at %{x:.1f} s"))
+    fig.update_layout(title=title, xaxis_title="position in the clip (s; each bar spans its bin)", yaxis_title=yaxis,
+                      barmode="group", xaxis={"range": [0, end or 1]})  # fmt: skip
     return fig
 
 
@@ -60,17 +71,27 @@ def drift_figure(drift: dict[str, dict], weights: tuple[str, ...] = ("W1", "W2")
     return fig
 
 
+INNER_CURVES = {  # results.json inner_loss key -> (legend, dash): the four TTT stats of ttt-lm-jax
+    "base": ("at W_base", "dot"),
+    "start": ("at the mini-batch start", "dash"),
+    "after": ("after the update", "solid"),
+    "target_variance": ("target variance ||E[Y] - Y||^2", "dashdot"),
+}
+
+
 def inner_loss_figure(inner: dict[str, dict]) -> go.Figure:
-    """Inner-loop reconstruction loss per mini-batch at W_base, at its start and after its update, per layer."""
+    """Inner-loop reconstruction loss per mini-batch at W_base, at its start and after its update, per layer, and the
+    variance of the reconstruction target (the scale of what there is to learn) when the record has it."""
     fig = go.Figure()
-    dash = {"base": "dot", "start": "dash", "after": "solid"}
     for layer, record in inner.items():
         x = [t / FRAME_RATE for t in record["t"]]
-        for key in ("base", "start", "after"):
+        for key, (label, dash) in INNER_CURVES.items():
+            if record.get(key) is None:  # target_variance: only in records that carry it
+                continue
             fig.add_trace(
                 go.Scatter(
-                    x=x, y=_nullable(record[key]), mode="lines", name=f"layer {layer} {key}", line={"dash": dash[key]}
-                )
+                    x=x, y=_nullable(record[key]), mode="lines", name=f"layer {layer} {label}", line={"dash": dash}
+                )  # fmt: skip
             )
     fig.update_layout(title="Inner-loop loss per mini-batch", xaxis_title="time (s)", yaxis_title="reconstruction loss")
     return fig

@@ -22,17 +22,19 @@ import csv
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import headline
 from .audio import FRAME_RATE
 from .scoring import ScoreResult
 from .telemetry import Telemetry
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2 adds "mean_loss_past_context", "context_tokens" and "readings" to each run
 DEFAULT_BIN_SIZE = 250  # tokens per position bin (20 s)
 
 
@@ -145,8 +147,15 @@ def run_record(
     row: int = 0,
     peak_memory_mb: float | None = None,
     bin_size: int = DEFAULT_BIN_SIZE,
+    context_tokens: int | None = None,
+    readings: list | None = None,
 ) -> dict:
-    """One entry of results.json "runs" for batch row `row` of a complete ScoreResult (DESIGN.md contract)."""
+    """One entry of results.json "runs" for batch row `row` of a complete ScoreResult (DESIGN.md contract).
+
+    Args:
+        context_tokens: the model's attention context (`LMModel.context`), for "mean_loss_past_context".
+        readings: `headline.Reading`s of a passage the clip repeats, for "readings" (absent when None or empty).
+    """
     if not result.complete:
         raise ValueError("run_record needs a complete ScoreResult, got a partial one")
     loss = result.loss[row].float().cpu()  # [K, T]
@@ -168,7 +177,24 @@ def run_record(
         "inner_loss": inner,
         "tokens_per_s": result.tokens_per_s,
         "peak_memory_mb": peak_memory_mb,
+        **past_context_fields(loss, context_tokens, readings),
     }
+
+
+def past_context_fields(loss, context_tokens: int | None, readings: list | None = None) -> dict:
+    """The version-2 fields of a run record from its losses [K, T]: what only TTT memory can change.
+
+    Returns:
+        {"context_tokens", "mean_loss_past_context", and "readings" when `readings` is not empty}.
+    """
+    loss = _as_array(loss)
+    fields = {
+        "context_tokens": context_tokens,
+        "mean_loss_past_context": headline.mean_loss_past_context(loss, context_tokens),
+    }
+    if readings:
+        fields["readings"] = headline.reading_losses(loss, readings)
+    return fields
 
 
 def non_finite_message(name: str, run: dict) -> str | None:
@@ -224,7 +250,7 @@ def results_document(audio: dict, config: dict, runs: dict[str, dict], bin_size:
             notes.setdefault(name, []).append(note)
     if notes or "notes" in config:
         config["notes"] = notes
-    doc = {"version": RESULTS_VERSION, "audio": audio, "config": config, "runs": runs}
+    doc = {"version": RESULTS_VERSION, "audio": audio, "config": config, "versions": versions(), "runs": runs}
     if "baseline" in runs:
         comparisons = {}
         for name, run in runs.items():
@@ -233,6 +259,20 @@ def results_document(audio: dict, config: dict, runs: dict[str, dict], bin_size:
                 comparisons[name] = {"bin_size": bin_size, "start": starts, "improvement": gain}
         doc["improvement_over_baseline"] = comparisons
     return doc
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that produced a result: moshi_ttt, moshi, torch."""
+    from importlib import metadata
+
+    from . import __version__
+
+    found = {"moshi_ttt": __version__, "torch": torch.__version__}
+    try:
+        found["moshi"] = metadata.version("moshi")
+    except metadata.PackageNotFoundError:
+        found["moshi"] = "unknown"
+    return found
 
 
 def to_json_safe(value):
@@ -278,14 +318,21 @@ def _csv_cell(value) -> str:
     return f"{value:.6g}"
 
 
-def write_html(path: str | Path, title: str, figures: list, tables: dict[str, list[dict]] | None = None) -> Path:
+def write_html(
+    path: str | Path,
+    title: str,
+    figures: list,
+    tables: dict[str, list[dict]] | None = None,
+    header: dict[str, list[dict]] | None = None,
+) -> Path:
     """A self-contained report page: Plotly's JavaScript inlined once, so it opens offline.
 
     Args:
         figures: plotly Figures, shown in order.
         tables: caption -> rows (dicts with the same keys), shown after the figures.
+        header: tables shown before the figures (what the report is about).
     """
-    parts = []
+    parts = [_html_table(caption, rows) for caption, rows in (header or {}).items()]
     for i, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_height="420px"))
     for caption, rows in (tables or {}).items():
@@ -327,6 +374,7 @@ def summary_rows(document: dict) -> list[dict]:
                 "checkpoint": run.get("checkpoint"),
                 "tokens": run.get("tokens"),
                 "mean loss": run.get("mean_loss"),
+                "mean loss past context": run.get("mean_loss_past_context"),
                 "perplexity": run.get("perplexity"),
                 "slope / 1k tokens": run.get("slope_per_1k_tokens"),
                 "tokens/s": run.get("tokens_per_s"),
@@ -336,8 +384,37 @@ def summary_rows(document: dict) -> list[dict]:
     return rows
 
 
-def write_report(out_dir: str | Path, document: dict, title: str = "moshi-ttt scoring report") -> dict[str, Path]:
-    """Writes results.json, results.csv and a self-contained report.html for one audio into `out_dir`."""
+def metadata_rows(document: dict) -> list[dict]:
+    """What produced a report: the clip, the settings, the checkpoints and the package versions (one row each)."""
+    audio = document.get("audio", {})
+    rows = [{"what": "clip", "value": audio.get("name") or audio.get("path")}]
+    if audio.get("duration_s") is not None:
+        rows.append({"what": "duration", "value": f"{audio['duration_s']:.2f} s, {audio.get('tokens')} tokens"})
+    for key, value in document.get("config", {}).items():
+        if key != "notes":
+            rows.append({"what": f"setting: {key}", "value": json.dumps(to_json_safe(value))})
+    for name, run in document["runs"].items():
+        rows.append({"what": f"checkpoint: {name}", "value": run.get("checkpoint")})
+    for package, version in document.get("versions", {}).items():
+        rows.append({"what": f"version: {package}", "value": version})
+    return rows
+
+
+def file_stem(document: dict) -> str:
+    """A file-name-safe stem of the clip's name ("audio" when it has none)."""
+    audio = document.get("audio", {})
+    name = Path(str(audio.get("name") or audio.get("path") or "audio")).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "audio"
+
+
+def write_report(
+    out_dir: str | Path, document: dict, title: str = "moshi-ttt scoring report", prefix: str = ""
+) -> dict[str, Path]:
+    """Writes PREFIXresults.json, PREFIXresults.csv and a self-contained PREFIXreport.html for one audio.
+
+    Args:
+        prefix: put before each file name (the app uses the clip's stem and "_", so downloads say which clip).
+    """
     from . import plots  # plotly is only needed for the HTML page
 
     out_dir = Path(out_dir)
@@ -345,11 +422,14 @@ def write_report(out_dir: str | Path, document: dict, title: str = "moshi-ttt sc
     runs = document["runs"]
     figures = [plots.loss_figure({name: run["loss_per_token"] for name, run in runs.items()})]
     bins = {name: (run["loss_per_bin"]["start"], run["loss_per_bin"]["loss"]) for name, run in runs.items()}
-    figures.append(plots.bins_figure(bins, "Mean loss per position bin", "cross-entropy (nats)"))
+    bin_size = next(iter(runs.values()))["loss_per_bin"]["bin_size"] if runs else None
+    figures.append(plots.bins_figure(bins, "Mean loss per position bin", "cross-entropy (nats)", bin_size))
     gains = document.get("improvement_over_baseline", {})
     if gains:
         gain_bins = {name: (g["start"], g["improvement"]) for name, g in gains.items()}
-        figures.append(plots.bins_figure(gain_bins, "Improvement over the baseline per bin", "loss reduction (nats)"))
+        figures.append(
+            plots.bins_figure(gain_bins, "Improvement over the baseline per bin", "loss reduction (nats)", bin_size)
+        )
     for name, run in runs.items():
         if run.get("drift"):
             figures.append(plots.drift_figure(run["drift"]).update_layout(title=f"{name}: fast-weight drift"))
@@ -359,7 +439,7 @@ def write_report(out_dir: str | Path, document: dict, title: str = "moshi-ttt sc
         curves = {f"{name} (legacy, leaky)": runs[name]["loss_per_token"]}
         curves[f"{name} (causal)"] = comp["loss_per_token_causal"]
         figures.append(plots.loss_figure(curves).update_layout(title=f"{name}: legacy (leaky) vs causal scoring"))
-    tables = {"Summary": summary_rows(document)}
+    tables = {}
     if comparisons:
         tables["Legacy checkpoints: causal vs leaky scoring"] = [
             {
@@ -376,8 +456,15 @@ def write_report(out_dir: str | Path, document: dict, title: str = "moshi-ttt sc
     if notes:
         tables["Notes"] = notes
     tables.update(document.get("tables", {}))
+    header = {"Clip, settings, checkpoints and versions": metadata_rows(document), "Summary": summary_rows(document)}
+    comparison = headline.headline(document)
+    if comparison is not None:
+        header["TTT vs baseline"] = [{"headline": headline.headline_text(comparison)}]
+        header["Per position bin"] = headline.bin_rows(document)
+        if headline.reading_rows(document):
+            header["Per reading of the repeated passage"] = headline.reading_rows(document)
     return {
-        "json": write_json(out_dir / "results.json", document),
-        "csv": write_csv(out_dir / "results.csv", runs),
-        "html": write_html(out_dir / "report.html", title, figures, tables),
+        "json": write_json(out_dir / f"{prefix}results.json", document),
+        "csv": write_csv(out_dir / f"{prefix}results.csv", runs),
+        "html": write_html(out_dir / f"{prefix}report.html", title, figures, tables, header),
     }

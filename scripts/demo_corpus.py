@@ -169,7 +169,8 @@ def repeat_clip(name: str, maker: SentenceMaker, rng: random.Random, passage_s: 
         start = sum(len(p) for p in parts)
         parts.append(passage_audio)
         readings.append((start, start + len(passage_audio)))
-        texts.append(f"[reading {reading + 1}] " + " ".join(passage))
+        span = f"{start / SAMPLE_RATE:.3f}-{(start + len(passage_audio)) / SAMPLE_RATE:.3f} s"  # moshi_ttt.headline
+        texts.append(f"[reading {reading + 1}: {span}] " + " ".join(passage))
         if reading < 2:
             filler = []
             while sum(len(p) for p in parts) - readings[-1][1] < filler_s * SAMPLE_RATE:

@@ -336,6 +336,7 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         "  by one espeak-ng voice, with different filler sentences between the readings. The readings are",
         "  sample-identical and start on codec-frame boundaries, so their codes repeat almost exactly (80-99% of",
         "  the entries per codebook): the easiest case of memory.",
+        "  The `.txt` gives each reading's span (`[reading N: START-END s]`; the app's per-reading table).",
         "  `demo_plain.wav` / `.txt`: held-out speech that never repeats. 24 kHz mono, 16-bit PCM.",
         "- `codec/`: a Mimi-architecture codec from moshi's own classes (SEANet encoder/decoder with Mimi's ratios",
         "  8,6,5,4, one projected transformer layer each side, conv downsampling to 12.5 Hz,",

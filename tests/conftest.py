@@ -20,6 +20,15 @@ torch.set_num_threads(1)
 SR = 24_000
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (Gradio's own scan from 7860 can meet another process's test server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def speechlike(seconds: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SR)) / SR
@@ -56,6 +65,6 @@ def cache(assets) -> ModelCache:
 def server(cache, assets):
     demo = app.build_demo(cache, [str(assets / "a.wav")])
     demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     yield url
     demo.close()

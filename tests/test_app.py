@@ -40,36 +40,21 @@ def test_one_copy_of_the_base_weights_serves_both_models(cache):
     assert ttt.transformer.layers[1].ttt.W1.data_ptr() not in {p.data_ptr() for p in base.parameters()}
 
 
-def test_live_figure_has_two_panels_with_traces_per_run_and_layer():
-    fig = live_figure(
-        {"baseline": [2.0, 1.9, float("nan"), 1.7], "ttt": [2.0, 1.8, 1.6, 1.5]},
-        {"1": {"W1": [0.1, 0.2], "W2": [0.05, 0.1], "t": [2, 4]}, "2": {"W1": [0.3], "W2": [0.2], "t": [2]}},
-        total_tokens=10,
-    )
-    loss_traces = [t for t in fig.data if t.xaxis == "x"]
-    drift_traces = [t for t in fig.data if t.xaxis == "x2"]
-    assert {t.name for t in loss_traces if t.showlegend is not False} == {"baseline", "TTT"}
-    assert len(loss_traces) == 4  # raw (faint) and smoothed (bold) for each run
-    assert {t.name for t in drift_traces} == {"layer 1 W1", "layer 1 W2", "layer 2 W1", "layer 2 W2"}
-    assert fig.layout.xaxis.title.text.startswith("time (s)") and fig.layout.yaxis2.title.text == "relative drift"
-    assert fig.layout.uirevision == "moshi-ttt-live"
-    assert list(fig.layout.xaxis.range) == [0, 10 / 12.5]
-
-
 def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     outputs = run_handler_to_end(cache, assets / "a.wav")
     assert len(outputs) >= 2  # at least one live update before the final one
-    figure, rows, files, notes = outputs[-1]
-    assert [r[0] for r in rows] == ["baseline", "ttt"]
+    figure, status, headline_md, rows, readings, files, notes = outputs[-1]
+    assert [r[0] for r in rows] == ["baseline", "ttt"] and status.startswith("Done")
+    assert "TTT vs baseline, whole clip" in headline_md and "shorter than" in headline_md  # a 3 s clip: caveat
     names = sorted(Path(f).name for f in files)
-    assert names == ["report.html", "results.csv", "results.json"]
+    assert names == ["a_report.html", "a_results.csv", "a_results.json"]
     doc = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
-    assert doc["version"] == 1 and set(doc["runs"]) == {"baseline", "ttt"}
+    assert doc["version"] == 2 and set(doc["runs"]) == {"baseline", "ttt"}
     run = doc["runs"]["ttt"]
     assert run["tokens"] == len(run["loss_per_token"]) == math.ceil(3.0 * 12.5)
     assert run["drift"] and all(len(d["W1"]) == len(d["t"]) > 0 for d in run["drift"].values())
     assert figure.type == "plotly"
-    ttt_drift = [t for t in json.loads(figure.plot)["data"] if t["xaxis"] == "x2"]
+    ttt_drift = [t for t in json.loads(figure.plot)["data"] if t["xaxis"] == "x3"]
     assert len(ttt_drift) == 4
 
 
@@ -108,7 +93,7 @@ def _predict(client, clip):
 
 
 def _losses(result) -> dict:
-    files = result[2]
+    files = result[5]
     path = next(f["path"] if isinstance(f, dict) else f for f in files if str(f).endswith("json") or "json" in str(f))
     doc = json.loads(Path(path).read_text())
     return {run: rec["loss_per_token"] for run, rec in doc["runs"].items()}
@@ -119,7 +104,7 @@ def test_end_to_end_through_gradio_client(server, assets):
 
     client = Client(server, verbose=False)
     result = _predict(client, assets / "a.wav")
-    assert result[1]["data"][0][0] == "baseline"
+    assert result[3]["data"][0][0] == "baseline"
     assert set(_losses(result)) == {"baseline", "ttt"}
     with pytest.raises(Exception, match="could not be read as audio"):
         _predict(client, assets / "garbage.wav")

@@ -61,7 +61,7 @@ def file_data(path: str, name: str) -> dict:
 
 
 def good_values(audio: dict) -> list:
-    return [audio, "baseline", "ttt", 4, True, "chunked", 60]
+    return [audio, "baseline", "ttt", 4, True, "chunked", 60, False]  # the last: allow silence
 
 
 def call(url: str, values: list) -> tuple[str, object]:
@@ -95,7 +95,7 @@ def assert_one_sentence(message: str, match: str) -> None:
 
 def assert_good_run(kind, data) -> None:
     assert kind == "complete", data
-    rows = data[1]["data"] if isinstance(data[1], dict) else data[1]
+    rows = data[3]["data"] if isinstance(data[3], dict) else data[3]
     assert [r[0] for r in rows] == ["baseline", "ttt"]
 
 
@@ -172,7 +172,7 @@ def test_gradio_client_gets_the_same_sentences(api, assets):
         with pytest.raises(Exception, match=message):
             client.predict(*values, api_name="/run")
     result = client.predict(clip, "baseline", "ttt", 4, True, "chunked", 60, api_name="/run")
-    assert [r[0] for r in result[1]["data"]] == ["baseline", "ttt"]
+    assert [r[0] for r in result[3]["data"]] == ["baseline", "ttt"]
 
 
 def test_a_long_clip_is_scored_up_to_the_limit_with_a_note(api, assets, tmp_path):
@@ -182,8 +182,8 @@ def test_a_long_clip_is_scored_up_to_the_limit_with_a_note(api, assets, tmp_path
     sf.write(long_clip, speechlike(8.0, 5), SR)
     client = Client(api, verbose=False)
     result = client.predict(handle_file(str(long_clip)), "baseline", "ttt", 4, True, "chunked", 5, api_name="/run")
-    assert "Scored the first 5.0 s of 8.0 s" in result[3]
-    doc = json.loads(Path(next(f for f in result[2] if f.endswith("results.json"))).read_text())
+    assert "Scored the first 5.0 s of 8.0 s" in result[6]
+    doc = json.loads(Path(next(f for f in result[5] if f.endswith("results.json"))).read_text())
     assert doc["audio"]["trimmed_from_s"] == pytest.approx(8.0)
     assert doc["runs"]["ttt"]["tokens"] == math.ceil(5 * 12.5)
 
@@ -206,7 +206,7 @@ def test_disk_returns_to_where_it_started_after_many_runs(api, assets, gradio_di
         for _ in range(12):  # one session (open while its heartbeat stream is): only its latest run's folder stays
             result = client.predict(handle_file(str(assets / "b.wav")), "baseline", "ttt", 4, True, "chunked", 60,
                                     api_name="/run")  # fmt: skip
-            folders.append(Path(result[2][0]["path"]).parent)
+            folders.append(Path(result[5][0]["path"]).parent)
             assert [f.is_dir() for f in folders] == [False] * (len(folders) - 1) + [True]
         one_run_mb = folder_mb(folders[-1])
     deadline = time.monotonic() + 20  # the stream closed: Gradio runs demo.unload, which deletes the last folder
@@ -251,7 +251,7 @@ def test_two_raw_sessions_get_their_solo_results(api, assets):
     audio = {clip: upload(api, assets / clip) for clip in ("a.wav", "b.wav")}
 
     def losses(outputs):
-        path = next(f["path"] for f in outputs[2] if f["path"].endswith("results.json"))
+        path = next(f["path"] for f in outputs[5] if f["path"].endswith("results.json"))
         return {r: np.array(v["loss_per_token"], float) for r, v in json.loads(Path(path).read_text())["runs"].items()}
 
     solo = {}

@@ -86,7 +86,7 @@ def test_the_run_handler_takes_the_specs_inputs_in_order(cache, tmp_path):
     specs = app.run_specs(cache.names(), [str(tmp_path)], [])
     run = app.run_handler(cache, specs, app.RunFolders(tmp_path / "runs"))
     params = list(inspect.signature(run).parameters)
-    assert params[: len(specs)] == list(specs) and params[len(specs) :] == ["request", "progress"]
+    assert params[: len(specs)] == list(specs) and params[len(specs) :] == ["request"]  # no gr.Progress: no overlay
     assert specs["mini_batch_size"].maximum == 64 and specs["max_seconds"].maximum == app.MAX_SECONDS
 
 
@@ -130,13 +130,14 @@ def test_zerogpu_duration_grows_with_the_clip_and_stays_small_for_refused_inputs
 
 def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):
     seen = {}
-    monkeypatch.setattr(app, "build_demo", lambda cache, examples, max_seconds: seen.update(
-        cache=cache, max_seconds=max_seconds) or pytest.fail("stop"))  # fmt: skip
+    monkeypatch.setattr(app, "build_demo", lambda cache, examples, max_seconds, allow_hub: seen.update(
+        cache=cache, max_seconds=max_seconds, allow_hub=allow_hub) or pytest.fail("stop"))  # fmt: skip
     with pytest.raises(pytest.fail.Exception):
         app.main(["--device", "cpu", "--dtype", "bfloat16", "--max-seconds", "30", "--threads", "1"])
     assert seen["max_seconds"] == 30 and seen["cache"].dtype == app.torch.bfloat16
+    assert seen["allow_hub"] is False  # the hf:// field is off unless asked for
     with pytest.raises(pytest.fail.Exception):
-        app.main(["--device", "cpu", "--threads", "1"])
-    assert seen["cache"].dtype == app.torch.float32
+        app.main(["--device", "cpu", "--threads", "1", "--allow-hub"])
+    assert seen["cache"].dtype == app.torch.float32 and seen["allow_hub"] is True
     with pytest.raises(SystemExit):
         app.main(["--max-seconds", "nan"])

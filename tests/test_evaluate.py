@@ -132,3 +132,21 @@ def test_torchrun_with_two_ranks_shards_the_manifest_and_rank_0_merges(tmp_path,
     solo = score(model, encode(tiny_mimi(), load_audio(third)), "chunked").loss[0]
     got = torch.tensor([[np.nan if v is None else v for v in cb] for cb in doc["runs"]["ttt"]["loss_per_codebook"]])
     torch.testing.assert_close(got, solo, rtol=0, atol=1e-4, equal_nan=True)  # float32 round-off; a leak is > 1e-2
+
+
+def test_summary_has_the_headline_and_the_readings_a_transcript_names(tmp_path, audio_files, capsys):
+    """A clip whose .txt names its readings gets them in results.json (version 2) and in the printed summary."""
+    text = "[reading 1: 0.0-1.0 s] a b\n[filler] c\n[reading 2: 2.0-3.0 s] a b\n"
+    audio_files[1].with_suffix(".txt").write_text(text)
+    out = tmp_path / "out"
+    argv = ["--audio", *map(str, audio_files), "--baseline", "base", "--ttt", "ttt", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "0001_clip_1" / "results.json").read_text())
+    run = doc["runs"]["ttt"]
+    assert doc["version"] == 2 and run["context_tokens"] == fake_load("ttt", "cpu", None).model.context
+    assert [(r["start_s"], r["end_s"]) for r in run["readings"]] == [(0.0, 1.0), (2.0, 3.0)]
+    assert "readings" not in json.loads((out / "0000_clip_0" / "results.json").read_text())["runs"]["ttt"]
+    assert run["peak_memory_mb"] is not None and run["peak_memory_mb"] >= 0
+    assert "TTT vs baseline" in printed and "caveat" in printed  # 3.1 s is a short clip
+    assert "reading 2 (2.0-3.0 s): baseline" in printed

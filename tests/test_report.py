@@ -10,7 +10,8 @@ import torch
 from tiny_models import random_audio_codes, tiny_lm
 
 from moshi_ttt import ScoreResult, TTTConfig, apply_ttt, score
-from moshi_ttt.plots import moving_average
+from moshi_ttt.headline import Reading
+from moshi_ttt.plots import bins_figure, inner_loss_figure, moving_average
 from moshi_ttt.report import (
     improvement_per_bin,
     least_squares_slope,
@@ -83,18 +84,27 @@ def test_results_document_csv_and_html_from_real_runs(tmp_path):
     codes = random_audio_codes(1, 40, seed=0)
     baseline = tiny_lm(0)
     ttt = apply_ttt(tiny_lm(0), TTTConfig(layers="1,2", mini_batch_size=4))
+    readings = [Reading(1, 0.0, 0.8), Reading(2, 2.0, 2.8)]
     runs = {
-        "baseline": run_record(score(baseline, codes, "chunked"), checkpoint="base", bin_size=10),
-        "ttt": run_record(score(ttt, codes, "chunked"), checkpoint="ttt", bin_size=10, peak_memory_mb=12.5),
-    }
+        "baseline": run_record(score(baseline, codes, "chunked"), checkpoint="base", bin_size=10, context_tokens=16),
+        "ttt": run_record(score(ttt, codes, "chunked"), checkpoint="ttt", bin_size=10, peak_memory_mb=12.5,
+                          context_tokens=16, readings=readings),
+    }  # fmt: skip
     doc = results_document({"path": "x.wav", "duration_s": 3.2}, {"mode": "chunked"}, runs, bin_size=10)
     paths = write_report(tmp_path, doc)
     data = json.loads(paths["json"].read_text())
-    assert data["version"] == 1 and set(data["runs"]) == {"baseline", "ttt"}
+    assert data["version"] == 2 and set(data["runs"]) == {"baseline", "ttt"}
     run = data["runs"]["ttt"]
     for key in ("checkpoint", "tokens", "loss_per_token", "loss_per_codebook", "mean_loss", "perplexity",
-                "slope_per_1k_tokens", "drift", "tokens_per_s", "peak_memory_mb"):  # fmt: skip
+                "slope_per_1k_tokens", "drift", "tokens_per_s", "peak_memory_mb",
+                "mean_loss_past_context"):  # fmt: skip
         assert key in run
+    loss = np.array(run["loss_per_codebook"], dtype=float)  # [K, T], None -> NaN
+    assert run["mean_loss_past_context"] == pytest.approx(np.nanmean(loss[:, 16:]), rel=1e-6)
+    assert [r["mean_loss"] for r in run["readings"]] == pytest.approx(
+        [np.nanmean(loss[:, 0:10]), np.nanmean(loss[:, 25:35])], rel=1e-6
+    )
+    assert "readings" not in data["runs"]["baseline"] and set(data["versions"]) == {"moshi_ttt", "moshi", "torch"}
     assert run["tokens"] == 40 and len(run["loss_per_token"]) == 40
     assert len(run["loss_per_codebook"]) == 8 and run["loss_per_codebook"][1][-1] is None  # delayed: invalid -> null
     assert set(run["drift"]) == {"1", "2"} and run["drift"]["1"]["t"] == list(range(4, 41, 4))
@@ -106,6 +116,8 @@ def test_results_document_csv_and_html_from_real_runs(tmp_path):
     assert float(rows[41]["loss"]) == pytest.approx(run["loss_per_token"][1], rel=1e-5)
     page = paths["html"].read_text()
     assert page.count("<script") >= 2 and "<script src=" not in page and "Improvement over the baseline" in page
+    for text in ("x.wav", "setting: mode", "checkpoint: ttt", "version: torch", "Per position bin", "12.5"):
+        assert text in page
     assert len(page) > 1_000_000  # plotly.js is inlined: the page works offline
 
 
@@ -132,3 +144,23 @@ def test_context_length_sweep_on_constructed_losses():
     assert rows[2]["mean_loss"] == pytest.approx((500 * 2 * 8 + 100 * 8 - 7) / (600 * 8 - 7))
     with pytest.raises(ValueError, match="context lengths"):
         sweep_context_length(result, lengths=(0,))
+
+
+def test_bins_figure_spans_each_bin_from_zero():
+    fig = bins_figure({"ttt": ([0, 250, 500], [0.1, 0.2, None])}, "t", "y", bin_size=250)
+    assert list(fig.data[0].x) == [10.0, 30.0, 50.0] and list(fig.layout.xaxis.range) == [0, 60.0]
+
+
+def test_inner_loss_figure_draws_the_target_variance_when_the_record_has_it():
+    record = {"base": [2.0, 2.0], "start": [1.5, 1.2], "after": [1.0, 0.9], "t": [16, 32]}
+    names = {t.name for t in inner_loss_figure({"1": record}).data}
+    assert len(names) == 3 and not any("variance" in n for n in names)
+    names = {t.name for t in inner_loss_figure({"1": {**record, "target_variance": [3.0, 3.1]}}).data}
+    assert len(names) == 4 and "layer 1 target variance ||E[Y] - Y||^2" in names
+
+
+def test_report_file_names_carry_the_clip_stem(tmp_path):
+    from moshi_ttt.report import file_stem
+
+    assert file_stem({"audio": {"name": "my clip (1).wav"}}) == "my_clip_1_"
+    assert file_stem({"audio": {}}) == "audio"
