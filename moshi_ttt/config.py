@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 TARGET_MODES = ("difference", "legacy")
+BRANCH_INPUTS = ("after_attention", "before_attention")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class TTTConfig:
     # next last time" needs. False: separate q and k projections of the current token (wq, wk).
     share_qk: bool = False
     conv_kernel: int = 4
+    # What the TTT branch reads. "after_attention": the residual stream after self-attention, x' = x + attn(x), then
+    # x' + tanh(alpha) * TTT(norm(x')) (ttt-video-dit's layout). "before_attention": the layer's input, side by side
+    # with self-attention, x + attn(x) + tanh(alpha) * TTT(norm(x)); in layer 0 that is the token embeddings, where
+    # frames are distinct and the inner loop recalls a repeated passage (after attention the frames share most of
+    # their features: scripts/probe_memory.py, demo_assets/MANIFEST.md).
+    branch_input: str = "after_attention"
     # --- Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork. ---
     # True: gate x + tanh(clamp(alpha, -3, 3)) * TTT(x) without a pre-norm, L2-normalised q and k, per-token rate
     # base_lr * sigmoid(.) / (head_dim * mini_batch_size) without the 1/i factor, no output projection. Set by
@@ -69,6 +76,10 @@ class TTTConfig:
             raise ValueError(f"base_lr must be >= 0, got {self.base_lr}")
         if self.target not in TARGET_MODES:
             raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
+        if not isinstance(self.branch_input, str) or self.branch_input not in BRANCH_INPUTS:
+            raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {self.branch_input!r}")
+        if self.legacy and self.branch_input != "after_attention":
+            raise ValueError("branch_input 'before_attention' is not part of the legacy TTT layout")
         if self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.num_heads is not None and self.num_heads < 1:

@@ -27,6 +27,10 @@ class TTTTransformerLayer(StreamingTransformerLayer):
     ttt: TTTBlock | LegacyTTTBlock
 
     def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ttt.cfg.branch_input == "before_attention":
+            # x + attn(x) + tanh(alpha) * TTT(norm(x)): the block returns its input plus the gated branch, so
+            # subtracting x leaves the branch (exactly 0 with a zero gate).
+            return super()._sa_block(x) + (self.ttt(x) - x)
         return self.ttt(super()._sa_block(x))
 
 
