@@ -1,7 +1,7 @@
 """Joint training from scratch: a TTT LM and its fair baseline (same init, same batches, same steps), issue 13.
 
 Both models are the demo's LM (build_demo_assets.LM_CONFIG) from the same seeded initialisation; the TTT model adds
-a TTT block (script-side lever: it reads the layer input before attention, see recipe_search.PreAttentionTTTLayer)
+a TTT block (TTTConfig.branch_input="before_attention": it reads the layer input beside attention)
 with wq and wv started as the identity and the share_qk convolutions as a one-token shift. Every step both see the
 same batch: whole short repeat clips (--short-work, passage read 3 times, > 4 s apart) mixed with random crops of
 the demo corpus's training clips. Validation: the last --val training repeat and plain clips (never trained on);
@@ -29,7 +29,7 @@ from build_demo_assets import LM_CONFIG  # noqa: E402
 from demo_corpus import FRAME  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
 from probe_memory import next_frame_accuracy  # noqa: E402
-from recipe_search import PreAttentionTTTLayer, evaluate  # noqa: E402
+from recipe_search import evaluate  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
@@ -52,11 +52,10 @@ def build(kind: str, args) -> LMModel:
         cfg = TTTConfig(
             layers=args.layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
             gating_alpha_init=args.alpha, share_qk=True, num_heads=args.heads, init_std=args.init_std,
+            branch_input=f"{args.read}_attention",
         )  # fmt: skip
         apply_ttt(model, cfg)
-        for i, block in ttt_blocks(model).items():
-            if args.read == "before":
-                model.transformer.layers[i].__class__ = PreAttentionTTTLayer
+        for block in ttt_blocks(model).values():
             block.init_qk_shift()
             if not args.no_identity:
                 with torch.no_grad():

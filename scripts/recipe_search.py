@@ -5,9 +5,9 @@ repeat clips minus a validation set (the last --val clips of train_repeat_* and 
 validation losses along the way, and scores the held-out clips only at the end (--heldout): no setting is chosen
 on them.
 
-Levers (script-side, until they exist as TTTConfig fields):
-  --read before: the TTT branch reads the layer's input before attention, x + attn(x) + gate * TTT(norm(x)),
-                 instead of the residual stream after attention (the library's layout);
+Levers:
+  --read before: TTTConfig.branch_input="before_attention", the TTT branch reads the layer's input beside
+                 attention, x + attn(x) + gate * TTT(norm(x)), instead of the residual stream after attention;
   --init-identity: wq and wv start as the identity (the probe's hand-set keys, values and queries).
 Usage:
     NO_TORCH_COMPILE=1 python scripts/recipe_search.py --work /tmp/demo_work --layers 0 --read before --steps 150
@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -29,23 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from demo_corpus import FRAME  # noqa: E402
-from moshi.modules.transformer import StreamingTransformerLayer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
-from moshi_ttt.checkpoints import load, save  # noqa: E402
+from moshi_ttt.checkpoints import load  # noqa: E402
 from moshi_ttt.sequence import model_codes  # noqa: E402
 from moshi_ttt.train import TrainConfig, Trainer  # noqa: E402
-from moshi_ttt.ttt.apply import TTTTransformerLayer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class PreAttentionTTTLayer(TTTTransformerLayer):
-    """x -> x + attn(norm1(x)) + tanh(alpha) * TTT(norm(x)): the TTT branch reads the layer input."""
-
-    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
-        return StreamingTransformerLayer._sa_block(self, x) + (self.ttt(x) - x)
 
 
 def clip_losses(model, codes: torch.Tensor) -> torch.Tensor:
@@ -118,11 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TTTConfig(
             layers=args.layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
             gating_alpha_init=args.alpha, share_qk=not args.no_share_qk, num_heads=args.heads, init_std=args.init_std,
+            branch_input=f"{args.read}_attention",
         )  # fmt: skip
         apply_ttt(model, cfg)
-        for i, block in ttt_blocks(model).items():
-            if args.read == "before":
-                model.transformer.layers[i].__class__ = PreAttentionTTTLayer
+        for block in ttt_blocks(model).values():
             if cfg.share_qk:
                 block.init_qk_shift()
             if args.init_identity:
@@ -156,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         (args.save / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    _ = dataclasses, save
     return 0
 
 
