@@ -90,21 +90,22 @@ RECIPE_HEADER = (
     "held out 2nd+3rd / non-repeating: TTT / fair", "notes",
 )  # fmt: skip
 RECIPE_FINDINGS = [
-    "No recipe reached the 10% target. The largest gain, J3, is +2.49% on the validation clips and +2.07% on the "
-    "held-out ones (non-repeating speech: -0.20% / +0.10%), with both models past their best (overfitting); J1, "
-    "stopped before that, gives the lowest losses (+1.02% / +0.89%). So these assets are unchanged (their TTT model "
-    "is the one evaluated above).",
+    "No recipe reached the 10% target. The best, J4, is +2.90% on the validation clips and +2.31% on the held-out "
+    "ones (2nd+3rd readings), with non-repeating speech 0.10% / 0.07% worse (allowed: 2%); its TTT model also has "
+    "the lowest held-out losses of all (2nd+3rd readings 4.511 against 4.653 for these assets' fair baseline). These "
+    "assets are unchanged (their TTT model is the one evaluated above): the issue's bar is 10%, and a rebuild with "
+    "J4's recipe (a new baseline, two 500-step trainings) and its rerun for checksums did not fit before the deadline.",
     "What limits it, measured on the trained TTT blocks (validation repeat clips; the probe's decoding applied to "
     "each block's own q, k, v: `recipe_joint.memory_accuracy`): the inner loop does remember, next-frame accuracy "
-    "0.10 / 0.54 / 0.88 on readings 1 / 2 / 3 after J1's 300 steps and 0.10 / 0.72 / 0.93 after J3's 500, and the "
-    "gated branch is not small (mean norm 1.22-1.24 x the residual stream's), yet the loss of the 2nd+3rd readings "
-    "falls by 1-2.5%. The memory is there; the LM learns only slowly to turn a recalled next frame into its "
-    "prediction (the gain grows with the steps, 0.7% at 100 and 2.5% at 500 in J3), and the data run out first: "
-    "both models overfit the 168 long + 240 short training clips after ~200-300 steps of 6 x 416 tokens. Over the "
-    "frozen baseline (A), whose layers were trained without the memory: +0.31% in 150 steps.",
-    "Next: many more steps (thousands, on a GPU or in a longer build) on far more repeat clips (fresh ones per "
-    "epoch: the corpus is cheap, espeak-ng and the saved codec make ~240 clips in a few minutes), TTT-Linear once "
-    "the core has it (probe: 2nd reading 0.84-0.89 against 0.75-0.81 for TTT-MLP).",
+    "0.10 / 0.54 / 0.88 on readings 1 / 2 / 3 after J1's 300 steps, 0.10 / 0.72 / 0.93 after J3's 500 and "
+    "0.09 / 0.67 / 0.93 after J4's, and the gated branch is not small (mean norm 1.2-1.6 x the residual stream's), "
+    "yet the loss of the 2nd+3rd readings falls by 1-3%. The memory is there; the LM learns only slowly to turn a "
+    "recalled next frame into its prediction: the gain grows with the steps (J4: 1.1% at 200, 2.3% at 300, 2.9% at "
+    "500, still rising), and with 240 short clips both models overfit first (J3). Over the frozen baseline (A), "
+    "whose layers were trained without the memory: +0.31% in 150 steps.",
+    "Next: many more steps (thousands, on a GPU or in a longer build) on more repeat clips (the corpus is cheap: "
+    "espeak-ng and the saved codec make 480 clips in ~5 minutes), TTT-Linear once the core has it (probe: 2nd "
+    "reading 0.84-0.89 against 0.75-0.81 for TTT-MLP).",
 ]
 RECIPE_ROWS = [
     (
@@ -152,6 +153,16 @@ RECIPE_ROWS = [
         "4.5843 / 4.6814 (+2.07%); 4.6969 / 4.7018",
         "gain by step 100 / 200 / 300 / 400 / 500: 0.71 / 1.18 / 2.22 / 2.45 / 2.49%; both models overfit after "
         "step ~200-300 (fair val 2nd+3rd 4.572 at 200, 4.612 at 500); in-model recall 0.10 / 0.72 / 0.93",
+    ),
+    (
+        "J4: J3 with 720 short repeat clips (the 240 and 480 more)",
+        "500",
+        "4.4181 / 4.5501 (+2.90%)",
+        "4.5422 / 4.5375",
+        "4.5110 / 4.6176 (+2.31%); 4.6290 / 4.6256",
+        "gain by step 100 / 200 / 300 / 400 / 500: 0.06 / 1.13 / 2.29 / 2.81 / 2.90%; the fair baseline no longer "
+        "overfits (val 2nd+3rd 4.545-4.550 from step 200); in-model recall 0.09 / 0.67 / 0.93, branch 1.62 x the "
+        "residual; the lowest held-out losses of every model here",
     ),
 ]
 
@@ -293,7 +304,8 @@ def issue13_section() -> list[str]:
         "`python scripts/probe_memory.py --work W --clips 4 --quick` (and `--split heldout --clips 3`),",
         "`python scripts/recipe_search.py --work W --layers 0 --read before --init-identity --steps 150` (A),",
         "`python scripts/recipe_joint.py --work W --short-work S --kind ttt|baseline --batch-size 6 --seq-len 416",
-        "--steps 300 --heldout` (J1; J2: `--short-frac 1.0 --alpha 0.5`; J3: `--steps 500`).",
+        "--steps 300 --heldout` (J1; J2: `--short-frac 1.0 --alpha 0.5`; J3: `--steps 500`; J4: J3 on the clips of",
+        "`research_corpus.py short --count 720`).",
         "",
     ]
 
