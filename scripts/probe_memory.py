@@ -163,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     index = json.loads((args.work / "corpus" / "index.json").read_text())
-    codes = load_file(str(args.work / "codes.safetensors"))
+    codes = {n: c.long() for n, c in load_file(str(args.work / "codes.safetensors")).items()}
     names = [n for n, v in index.items() if v["split"] == args.split and v["kind"] == "repeat"][: args.clips]
     plain = [n for n, v in index.items() if v["split"] == "train" and v["kind"] == "plain"][:20]
     model = load(str(args.model)).model.eval()
-    clips = {n: features(model, codes[n].long()) for n in names}
-    means = {p: torch.cat([features(model, codes[n].long())[0][p] for n in plain]).mean(0) for p in POINTS}
+    clips = {n: features(model, codes[n]) for n in names}
+    means = {p: torch.cat([features(model, codes[n])[0][p] for n in plain]).mean(0) for p in POINTS}
     grid = {
         "point": POINTS, "inner": ("mlp", "linear"), "qk": ("ln", "center", "l2"), "heads": (1, 4),
         "b": (1, 4, 16), "base_lr": (0.0, 1.0, 4.0, 16.0, 64.0), "init_std": (0.02, 0.3),
