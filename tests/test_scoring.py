@@ -73,7 +73,7 @@ def test_scoring_a_then_b_gives_b_its_solo_losses():
         solo = score(model, b, mode, 7 if mode == "chunked" else None).loss
         score(model, a, mode, 7 if mode == "chunked" else None)
         after = score(model, b, mode, 7 if mode == "chunked" else None).loss
-        assert_same(after, solo, atol=0), mode
+        torch.testing.assert_close(after, solo, rtol=0, atol=0, equal_nan=True, msg=lambda m, mode=mode: f"{mode}: {m}")
 
 
 def test_rows_of_a_batch_are_scored_independently():

@@ -24,7 +24,10 @@ def test_batcher_reads_files_in_order_and_flags_new_files():
     flags = [bool(f[0]) for _, f in seen]
     firsts = [int(c[0, 0, 0]) for c, _ in seen]
     assert flags.count(True) == 2 and flags[0]
-    assert sorted(firsts[:5]) == sorted(firsts)  # chunks of one file come in order
+    # Each file's chunks come in order, back to back, and only a file's first chunk is flagged as new.
+    assert sorted(firsts) == [0, 4, 8, 100, 104]
+    assert firsts in ([0, 4, 8, 100, 104], [100, 104, 0, 4, 8])
+    assert [f in (0, 100) for f in firsts] == flags
     padded = [c for c, _ in seen if (c < 0).any()]
     assert padded, "the last chunk of a file is padded with the zero token"
 
