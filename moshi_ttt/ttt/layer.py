@@ -17,7 +17,7 @@ from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
 from ..config import TTTConfig
-from .ops import FastWeights, InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token, weight_drift
+from .ops import FastWeights, InnerState, UpdateHook, float32_inner, ttt_mlp_chunk, ttt_mlp_token, weight_drift
 
 if tp.TYPE_CHECKING:
     from .carry import TTTCarry
@@ -186,20 +186,26 @@ class TTTBlock(StreamingModule[TTTState]):
 
     def _project(self, h: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """h [B, T, dim] -> xq, xk, xv [B, H, T, D], lr [B, H, T] in float32 (float64 for a float64 model), and
-        (share_qk) the new q/k history [B, conv_kernel - 1, dim]; `history` is the previous one (None: zeros)."""
-        H = self.num_heads
+        (share_qk) the new q/k history [B, conv_kernel - 1, dim]; `history` is the previous one (None: zeros).
+
+        The linear projections follow an enclosing autocast (mixed precision); what comes after them (the lr gate,
+        the share_qk convolutions, the inner loop) runs in float32."""
         dtype = torch.promote_types(h.dtype, torch.float32)
+        xq = self.wq(h).to(dtype)  # [B, T, dim]
+        xk = None if self.cfg.share_qk else self.wk(h).to(dtype)
+        xv = self.wv(h).to(dtype)
+        return self._heads_and_rates(h.to(dtype), xq, xk, xv, history)
+
+    @float32_inner
+    def _heads_and_rates(self, h, xq, xk, xv, history: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """`_project` after the projections: h, xq, xv (and xk, None with share_qk) [B, T, dim] in float32."""
+        H = self.num_heads
         heads = "b t (h d) -> b h t d"
         if self.cfg.share_qk:
-            xq, xk, history = self._conv_qk(self.wq(h).to(dtype), history)
-            xq, xk = (rearrange(x, heads, h=H) for x in (xq, xk))
-        else:
-            xq, xk = (rearrange(proj(h), heads, h=H).to(dtype) for proj in (self.wq, self.wk))
-        xv = rearrange(self.wv(h), heads, h=H).to(dtype)
+            xq, xk, history = self._conv_qk(xq, history)
+        xq, xk, xv = (rearrange(x, heads, h=H) for x in (xq, xk, xv))
         # [B, T, dim] . [H, dim] -> [B, H, T]
-        gate = (
-            torch.einsum("bti,hi->bht", h.to(dtype), self.lr_weight.to(dtype)) + self.lr_bias.to(dtype)[None, :, None]
-        )
+        gate = torch.einsum("bti,hi->bht", h, self.lr_weight.to(h.dtype)) + self.lr_bias.to(h.dtype)[None, :, None]
         lr = self.cfg.base_lr * torch.sigmoid(gate) / self.head_dim
         return xq, xk, xv, lr, history
 
@@ -238,7 +244,9 @@ class TTTBlock(StreamingModule[TTTState]):
                 self.carry[0].store(self.carry[1], end, history)
         else:
             if not state.persistent:
-                state.reset(torch.ones(x.shape[0], dtype=torch.bool, device=state.position.device))
+                # Only the rows that run start again from W_base: rows frozen by moshi's exec_mask keep their state
+                # (State.reset marks the rows it resets as executing, so resetting every row would unfreeze them).
+                state.reset(state.exec_mask.clone())
             xq, xk, xv, lr, history = self._project(self.norm(x), state.qk_history)
             if state.on_inputs is not None:
                 state.on_inputs(xk, xv)

@@ -299,7 +299,7 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
         B, T, _ = x.shape
         state = self._streaming_state
         if state is not None and not state.persistent:
-            state.reset(torch.ones(B, dtype=torch.bool, device=state.position.device))
+            state.reset(state.exec_mask.clone())  # rows frozen by exec_mask keep their state
         b = self.cfg.mini_batch_size if state is None else state.mini_batch_size
         dtype = torch.promote_types(x.dtype, torch.float32)
         xq, xk, xv = (

@@ -12,11 +12,14 @@ ends with W0 <- W_b.
 Two ways compute the same numbers:
 - dual form (`_segment`): matrices over the n tokens of a segment, no per-token loop;
 - primal form (`ttt_mlp_token`): a running gradient sum S, one token per row, every row at its own position.
-Nothing here holds state or does I/O; everything is differentiable (training backpropagates through it).
+Nothing here holds state or does I/O; everything is differentiable (training backpropagates through it). The inner
+loop runs in float32 (float64 for float64 inputs) also inside a `torch.autocast` region: autocast would round its
+matmuls to bfloat16 and mix dtypes inside the fused LayerNorm backward (`float32_inner`).
 """
 
 from __future__ import annotations
 
+import functools
 import typing as tp
 
 import torch
@@ -66,6 +69,22 @@ class InnerState(tp.NamedTuple):
 UpdateHook = tp.Callable[[FastWeights, FastWeights], None]
 
 
+_F = tp.TypeVar("_F", bound=tp.Callable[..., tp.Any])
+
+
+def float32_inner(fn: _F) -> _F:
+    """Runs `fn` with autocast off on every device type, so that mixed-precision training (moshi-finetune runs
+    under CUDA or CPU autocast) keeps the fast weights and their updates in float32; the functions cast their
+    inputs to float32 themselves."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return tp.cast(_F, wrapper)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -81,6 +100,7 @@ def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return weight[None, :, None, :] * x_hat + bias[None, :, None, :]
 
 
+@float32_inner
 def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. z of 1/2 |LN(z) - target|^2 (ttt-lm-pytorch's ln_fused_l2_bwd). z, target: [B, H, n, D];
     weight, bias: [H, D]."""
@@ -241,6 +261,7 @@ def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Ten
     return result
 
 
+@float32_inner
 def ttt_mlp_chunk(
     state: InnerState,
     xq: torch.Tensor,
@@ -365,6 +386,7 @@ def ttt_mlp(
     return out, state.weights
 
 
+@float32_inner
 def ttt_mlp_token(
     weights: FastWeights,
     grad_sums: FastWeights,
