@@ -67,8 +67,10 @@ class ScoreConfig:
             value = getattr(self, name)
             if value is None and name != "record_every":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.persistent_states is not None and not isinstance(self.persistent_states, bool):
             raise ValueError(f"persistent_states must be true, false or None, got {self.persistent_states!r}")
         if not isinstance(self.telemetry, bool):

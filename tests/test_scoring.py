@@ -178,7 +178,7 @@ def test_a_score_config_and_the_keyword_shortcuts_are_the_same_call():
         ({"chunk_size": float("nan")}, "chunk_size must be an integer"),
         ({"chunk_size": True}, "chunk_size must be an integer"),
         ({"mini_batch_size": "4"}, "mini_batch_size must be an integer"),
-        ({"record_every": 0}, "record_every must be an integer >= 1"),
+        ({"record_every": 0}, "record_every must be >= 1, got 0"),
         ({"persistent_states": "no"}, "persistent_states must be true, false or None"),
         ({"telemetry": 1}, "telemetry must be true or false"),
     ],
