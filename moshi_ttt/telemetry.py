@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from moshi.models.lm import LMModel
 
+from .moshi_compat import streaming_state
 from .ttt.apply import ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState
 from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_target, weight_drift
@@ -106,7 +107,7 @@ class _LayerRecorder:
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, FastWeights, FastWeights]] = []
 
     def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
-        if block._streaming_state is self.state:
+        if streaming_state(block) is self.state:
             self.after()
 
     def before(self, xk: torch.Tensor, xv: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
 from ..config import TTTConfig
+from ..moshi_compat import streaming_state
 from .ops import FastWeights, InnerState, UpdateHook, float32_inner, ttt_mlp_chunk, ttt_mlp_token, weight_drift
 
 if tp.TYPE_CHECKING:
@@ -230,7 +231,7 @@ class TTTBlock(StreamingModule[TTTState]):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
-        state = self._streaming_state
+        state = streaming_state(self)
         if state is None:
             # Outside streaming (training, plain `LMModel.forward`): every call starts from W_base, unless the
             # caller carries state between calls with `moshi_ttt.ttt.carry.carry_ttt_state`.
