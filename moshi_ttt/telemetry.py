@@ -2,11 +2,15 @@
 
 Notation: B batch rows, H heads, n tokens, D head dim, U mini-batch updates recorded so far.
 
-Recorded at every completed inner-loop mini-batch (DESIGN.md, "Telemetry"; the three curves of ttt-lm-jax's TTT
+Recorded at every completed inner-loop mini-batch (DESIGN.md, "Telemetry"; the four curves of ttt-lm-jax's TTT
 stats):
 - drift ||W - W_base||_F / ||W_base||_F of W1, b1, W2, b2 after the update (absolute norm where W_base is zero);
 - the reconstruction loss l(W) = mean over heads and tokens of 1/2 |LN(f_W(k_s)) - target_s|^2 on the keys of that
-  mini-batch, at W_base, at the mini-batch's start W0 and after its update.
+  mini-batch, at W_base, at the mini-batch's start W0 and after its update;
+- the variance of the target, mean over heads and tokens of 1/2 |E[Y] - Y_s|^2 with E[Y] the mean target of the
+  mini-batch (per head): the loss of the best constant prediction, the scale of what there is to learn (ttt-lm-jax's
+  `ssl_tgt_last_in_mini_batch_from_mean_mse`, there against the mean over the whole sequence, one token per
+  mini-batch and the mean over D: here it stays causal and on the scale of the losses above).
 
 The recorder only observes: the state's `on_inputs` hook hands it the keys and values the block computed, and
 the state's `on_update` hook (chunks of several tokens) or the position wrapping to 0 (single-token calls) marks an
@@ -42,6 +46,7 @@ class LayerTelemetry:
     loss_base: torch.Tensor  # [B, U] inner loss of each mini-batch at W_base
     loss_start: torch.Tensor  # [B, U] ... at the mini-batch's start weights W0
     loss_after: torch.Tensor  # [B, U] ... after the mini-batch's update
+    target_variance: torch.Tensor  # [B, U] mean_{h, s} 1/2 |E[Y] - Y_s|^2 over the mini-batch's targets Y
     final_drift: dict[str, torch.Tensor]  # name -> [B], drift of the fast weights at the end
 
 
@@ -71,6 +76,13 @@ def _token_losses(weights: FastWeights, xk, target, ln_weight, ln_bias) -> torch
     act = gelu_tanh(xk @ weights.W1 + weights.b1)  # [B, H, n, D] @ [B, H, D, F] -> [B, H, n, F]
     pred = head_layer_norm(act @ weights.W2 + weights.b2, ln_weight, ln_bias)  # [B, H, n, F] @ [B, H, F, D]
     return 0.5 * (pred - target).pow(2).sum(dim=-1)
+
+
+def target_variance(target: torch.Tensor) -> torch.Tensor:
+    """mean over heads and tokens of 1/2 |E[Y] - Y_s|^2, E over the n tokens (per head). target: [B, H, n, D] ->
+    [B]."""
+    centred = target - target.mean(dim=2, keepdim=True)  # [B, H, n, D]
+    return 0.5 * centred.pow(2).sum(dim=-1).mean(dim=(1, 2))
 
 
 def _base_loss(base: FastWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
@@ -103,6 +115,7 @@ class _LayerRecorder:
         self.loss_base: list[torch.Tensor] = []
         self.loss_start: list[torch.Tensor] = []
         self.loss_after: list[torch.Tensor] = []
+        self.target_variance: list[torch.Tensor] = []
         # Updates not yet computed: (step, keys, targets, w_start, w_end); see `flush`.
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, FastWeights, FastWeights]] = []
 
@@ -163,7 +176,8 @@ class _LayerRecorder:
         return weights
 
     def flush(self) -> None:
-        """Computes drift and the three inner losses of the pending updates in one batched call."""
+        """Computes drift, the three inner losses and the target variance of the pending updates in one batched
+        call."""
         if not self.pending:
             return
         steps, xks, tgts, starts, ends = zip(*self.pending, strict=True)
@@ -177,6 +191,7 @@ class _LayerRecorder:
         end = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*ends, strict=True)))
         # [U B] each: at W_base, at W0, after the update; U updates of B rows each.
         losses = [_base_loss(base, xk, tgt, *ln), *(reconstruction_loss(w, xk, tgt, *ln) for w in (start, end))]
+        losses.append(target_variance(tgt))
         drifts = weight_drift(end, base)  # name -> [U B]
         values = torch.cat([*losses, *drifts.values()]).float().cpu()  # one device-to-host copy
         n = U * B
@@ -186,8 +201,9 @@ class _LayerRecorder:
             self.loss_base.append(values[:n][rows])
             self.loss_start.append(values[n : 2 * n][rows])
             self.loss_after.append(values[2 * n : 3 * n][rows])
+            self.target_variance.append(values[3 * n : 4 * n][rows])
             for i, name in enumerate(drifts):
-                self.drift[name].append(values[(3 + i) * n : (4 + i) * n][rows])
+                self.drift[name].append(values[(4 + i) * n : (5 + i) * n][rows])
 
     def snapshot(self) -> LayerTelemetry:
         self.flush()
@@ -204,6 +220,7 @@ class _LayerRecorder:
             loss_base=stack(self.loss_base),
             loss_start=stack(self.loss_start),
             loss_after=stack(self.loss_after),
+            target_variance=stack(self.target_variance),
             final_drift={name: value.float().cpu() for name, value in final.items()},
         )
 

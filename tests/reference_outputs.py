@@ -104,7 +104,7 @@ def _lm_outputs(inp: dict[str, torch.Tensor], share_qk: bool) -> dict[str, torch
     scored = score(model, codes, "chunked", CHUNK)
     result["loss"] = scored.loss
     layer = scored.telemetry.layers[1]
-    for name in ("loss_base", "loss_start", "loss_after"):
+    for name in ("loss_base", "loss_start", "loss_after", "target_variance"):
         result[f"telemetry_{name}"] = getattr(layer, name)
     for name in WEIGHT_NAMES:
         result[f"telemetry_drift_{name}"] = layer.drift[name]
