@@ -54,13 +54,15 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     train_all: bool = False  # also train the base model's weights (at lr)
     seed: int = 0  # file order
-    save_every: int = 0  # save a resumable checkpoint every N steps (0: only at the end)
+    save_every: int = 0  # Trainer.run calls its `save` every N steps (the CLI: checkpoint + state); 0: only at the end
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("steps, batch_size and chunk_size must be >= 1")
         if self.lr <= 0 or self.grad_clip < 0:
             raise ValueError(f"lr must be > 0 and grad_clip >= 0, got {self.lr} and {self.grad_clip}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
 
 
 def audio_loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,16 @@ class Trainer:
         self.step_count += 1
         return loss.item()
 
-    def run(self, on_step: Callable[[int, float], None] | None = None, progress: bool = False) -> list[float]:
+    def run(
+        self,
+        on_step: Callable[[int, float], None] | None = None,
+        progress: bool = False,
+        save: Callable[[Trainer], None] | None = None,
+    ) -> list[float]:
+        """Steps until `cfg.steps`; `save(trainer)` runs after every `cfg.save_every`-th step (0: never here; the
+        caller saves at the end)."""
+        if self.cfg.save_every and save is None:
+            raise ValueError("TrainConfig.save_every is set but run() was given no save function")
         losses = []
         bar = tqdm(total=self.cfg.steps, initial=self.step_count, disable=not progress, desc="train", unit="step")
         while self.step_count < self.cfg.steps:
@@ -142,6 +153,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}")
             if on_step is not None:
                 on_step(self.step_count, loss)
+            if save is not None and self.cfg.save_every and self.step_count % self.cfg.save_every == 0:
+                save(self)
         bar.close()
         return losses
 
@@ -228,15 +241,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
     parser.add_argument("--train-all", action="store_true")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between saves (0: end)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint and state in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         trainer, loaded = _build(args)
-        losses = trainer.run(progress=True)
-        save(args.out / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref,
-             overwrite=True)  # fmt: skip
-        trainer.save_state(args.out / "state")
+
+        def save_all(trainer: Trainer) -> None:
+            """The resumable pair that --resume reads: checkpoint and training state."""
+            save(args.out / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref,
+                 overwrite=True)  # fmt: skip
+            trainer.save_state(args.out / "state")
+
+        losses = trainer.run(progress=True, save=save_all)
+        save_all(trainer)
     except (ValueError, FileNotFoundError, KeyError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -263,7 +282,7 @@ def _build(args) -> tuple[Trainer, LoadedCheckpoint]:
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr,
         weight_lr_multiplier=args.weight_lr_multiplier, alpha_lr_multiplier=args.alpha_lr_multiplier,
-        grad_clip=args.grad_clip, train_all=args.train_all, seed=args.seed,
+        grad_clip=args.grad_clip, train_all=args.train_all, seed=args.seed, save_every=args.save_every,
     )  # fmt: skip
     trainer = Trainer(loaded.model, files, cfg)
     if args.resume:

@@ -109,3 +109,34 @@ def test_cli_encodes_audio_once_trains_ttt_and_resumes(assets, tmp_path, capsys)
     assert '"steps": 3' in capsys.readouterr().out
     assert main(["--init", str(assets / "checkpoints" / "baseline"), "--manifest", str(tmp_path / "no.jsonl"),
                  "--out", str(out)]) == 2  # fmt: skip
+
+
+def test_save_every_calls_save_at_its_steps_and_needs_a_save_function():
+    files = [random_audio_codes(1, 16, seed=s)[0] for s in range(2)]
+    trainer = Trainer(ttt_lm(), files, TrainConfig(steps=5, batch_size=1, chunk_size=8, save_every=2))
+    saved = []
+    trainer.run(save=lambda t: saved.append(t.step_count))
+    assert saved == [2, 4]
+    with pytest.raises(ValueError, match="no save function"):
+        Trainer(ttt_lm(), files, TrainConfig(steps=6, batch_size=1, chunk_size=8, save_every=2)).run()
+    with pytest.raises(ValueError, match="save_every must be >= 0"):
+        TrainConfig(save_every=-1)
+
+
+def test_cli_save_every_leaves_a_resumable_checkpoint_midway(assets, tmp_path, monkeypatch):
+    from moshi_ttt.train import main
+
+    out = tmp_path / "run"
+    argv = ["--init", str(assets / "checkpoints" / "baseline"), "--ttt-layers", "1", "--mini-batch-size", "4",
+            "--audio", str(assets / "a.wav"), "--out", str(out), "--batch-size", "1", "--chunk-size", "8",
+            "--steps", "3", "--save-every", "2"]  # fmt: skip
+    saves = []
+    original = Trainer.save_state
+
+    def recording(self, directory):
+        saves.append(self.step_count)
+        original(self, directory)
+
+    monkeypatch.setattr(Trainer, "save_state", recording)
+    assert main(argv) == 0
+    assert saves == [2, 3]  # every 2 steps, and at the end
