@@ -31,7 +31,7 @@ from .evaluate import UsageError, read_manifest
 from .train_data import CodeBatcher, cached_codes, training_codes
 from .ttt.apply import apply_ttt, ttt_blocks
 from .ttt.carry import TTTCarry, carry_ttt_state
-from .ttt.ops import FastWeights, InnerState
+from .ttt.state import FastWeightState
 
 logger = logging.getLogger(__name__)
 
@@ -168,22 +168,16 @@ class Trainer:
             for key, value in slots.items():
                 tensors[f"opt.{idx}.{key}"] = value.detach().contiguous()
         for layer, state in self.carry.states.items():
-            for name, w in zip(FAST_WEIGHT_NAMES, state.weights, strict=True):
-                tensors[f"carry.{layer}.weights.{name}"] = w.contiguous()
-            if state.grad_sums is not None:
-                for name, w in zip(FAST_WEIGHT_NAMES, state.grad_sums, strict=True):
-                    tensors[f"carry.{layer}.grad_sums.{name}"] = w.contiguous()
+            tensors.update({f"carry.{layer}.{k}": v for k, v in state.state_dict().items()})
         for layer, mask in self.carry.pending_reset.items():
             tensors[f"carry.{layer}.pending_reset"] = mask.to(torch.uint8)
-        for layer, history in self.carry.histories.items():
-            tensors[f"carry.{layer}.qk_history"] = history.contiguous()
         save_file(tensors, str(directory / STATE_TENSORS))
         meta = {
             "step": self.step_count,
             "config": dataclasses.asdict(self.cfg),
             "batcher": self.batcher.state(),
             "param_groups": opt["param_groups"],
-            "carry_positions": {str(k): s.position for k, s in self.carry.states.items()},
+            "carry_layers": sorted(self.carry.states),
         }
         (directory / STATE_JSON).write_text(json.dumps(meta, indent=1))
 
@@ -202,18 +196,13 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         device = self.model.device
         self.carry = TTTCarry()
-        for layer_str, position in meta["carry_positions"].items():
-            layer = int(layer_str)
-
-            def get(part: str, layer: int = layer) -> FastWeights:
-                return FastWeights(*(tensors[f"carry.{layer}.{part}.{n}"].to(device) for n in FAST_WEIGHT_NAMES))
-
-            sums = get("grad_sums") if f"carry.{layer}.grad_sums.W1" in tensors else None
-            self.carry.states[layer] = InnerState(get("weights"), sums, position)
-            if f"carry.{layer}.pending_reset" in tensors:
-                self.carry.pending_reset[layer] = tensors[f"carry.{layer}.pending_reset"].bool().to(device)
-            if f"carry.{layer}.qk_history" in tensors:
-                self.carry.histories[layer] = tensors[f"carry.{layer}.qk_history"].to(device)
+        for layer in meta["carry_layers"]:
+            prefix = f"carry.{layer}."
+            part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            pending = part.pop("pending_reset", None)
+            self.carry.states[layer] = FastWeightState.from_state_dict(part, device)
+            if pending is not None:
+                self.carry.pending_reset[layer] = pending.bool().to(device)
         self.batcher.load_state(meta["batcher"])
         self.step_count = meta["step"]
 
