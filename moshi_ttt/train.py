@@ -196,15 +196,33 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         device = self.model.device
         self.carry = TTTCarry()
-        for layer in meta["carry_layers"]:
+        # "carry_positions": the layout before FastWeightState (one int position, optional grad sums).
+        layers = meta["carry_layers"] if "carry_layers" in meta else [int(k) for k in meta["carry_positions"]]
+        for layer in layers:
             prefix = f"carry.{layer}."
             part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
             pending = part.pop("pending_reset", None)
+            if "carry_positions" in meta:
+                part = _older_carry(part, meta["carry_positions"][str(layer)])
             self.carry.states[layer] = FastWeightState.from_state_dict(part, device)
             if pending is not None:
                 self.carry.pending_reset[layer] = pending.bool().to(device)
         self.batcher.load_state(meta["batcher"])
         self.step_count = meta["step"]
+
+
+def _older_carry(part: dict[str, torch.Tensor], position: int) -> dict[str, torch.Tensor]:
+    """A carried layer saved before FastWeightState, as `FastWeightState.state_dict()` entries."""
+    rows = part["weights.W1"].shape[0]
+    part = dict(part)
+    for name in FAST_WEIGHT_NAMES:
+        part.setdefault(f"grad_sums.{name}", torch.zeros_like(part[f"weights.{name}"]))
+    part["position"] = torch.full((rows,), position, dtype=torch.long)
+    # The tokens read since the reset were not saved; only "> 0" (the row has started: not W_base) is read.
+    part["offset"] = torch.ones(rows, dtype=torch.long)
+    if "qk_history" in part:
+        part["history"] = part.pop("qk_history")
+    return part
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Fast weights carried from one non-streaming forward to the next: training on consecutive chunks of a file.
 
 Outside streaming every TTT forward starts from W_base. Inside `carry_ttt_state(model, carry)` each TTT block
-starts from the FastWeightState that its previous forward ended with (detached: no backpropagation across chunks),
+streams on its own (moshi's streaming state, opened at the block's first forward: nothing is set on the module)
+and starts from the FastWeightState that its previous forward ended with (detached: no backpropagation across chunks),
 and rows marked by `carry.reset(mask)` restart from the *current* W_base, the live parameter, so that W_base still
 receives gradients after a file boundary (an older fork reset to the random initial values instead).
 """
@@ -9,15 +10,15 @@ receives gradients after a file boundary (an older fork reset to the random init
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from moshi.models.lm import LMModel
 
+from ..moshi_compat import streaming_state
 from .apply import ttt_blocks
-from .layer import TTTBlock
-from .ops import FastWeights
+from .layer import TTTBlock, TTTState
 from .state import FastWeightState
 
 
@@ -43,36 +44,28 @@ class TTTCarry:
             previous = self.pending_reset.get(layer)
             self.pending_reset[layer] = mask if previous is None else previous | mask
 
-    def start(self, layer: int, base: FastWeights, history: torch.Tensor | None = None) -> FastWeightState:
-        """Where a block's forward starts; `base` is W_base expanded to the batch (live, differentiable) and
-        `history` the share_qk zero history (None without). Restarted rows take W_base and a zero history."""
-        carried = self.states.get(layer)
-        if carried is None:
-            return FastWeightState.fresh(base, history)
-        if carried.weights.W1.shape != base.W1.shape:
-            raise ValueError(
-                f"the carried TTT state has {carried.batch_size} rows but this forward has "
-                f"{base.W1.shape[0]}; call carry.reset() when the batch changes"
-            )
+    def _restart_pending(self, layer: int, state: TTTState) -> None:
+        """Applies the rows marked by `reset` to a block's streaming state, before its next forward."""
         mask = self.pending_reset.pop(layer, None)
         if mask is None:
-            return carried
-        mask = mask.to(base.W1.device)
-        if bool((carried.position[mask] != 0).any()):
+            return
+        mask = mask.to(state.position.device)
+        if bool((state.position[mask] != 0).any()):
             raise ValueError(
                 f"rows can restart only at a mini-batch boundary, but the carried state is "
-                f"{carried.position.max().item()} tokens into a mini-batch; use chunk lengths that are multiples of "
+                f"{state.position.max().item()} tokens into a mini-batch; use chunk lengths that are multiples of "
                 "mini_batch_size"
             )
-        return carried.reset(mask, base)
-
-    def store(self, layer: int, end: FastWeightState) -> None:
-        self.states[layer] = end.detach()
+        state.fast = state.fast.reset(mask, state.base)  # new tensors: the last forward's graph keeps its own
 
 
 @contextmanager
 def carry_ttt_state(model: LMModel, carry: TTTCarry) -> Iterator[TTTCarry]:
     """Inside this context the model's non-streaming forwards carry TTT state through `carry`.
+
+    The TTT blocks (only they) stream: at its first forward each block opens a streaming session of that batch
+    size from `carry.states`, and after every forward its state goes back into `carry.states` (detached). A row
+    that restarts reads the live W_base (see TTTBlock._forward_streaming), so the outer loop trains it.
 
     Example (training on consecutive chunks of the same files, one file per row):
         carry = TTTCarry()
@@ -87,12 +80,36 @@ def carry_ttt_state(model: LMModel, carry: TTTCarry) -> Iterator[TTTCarry]:
     for layer, block in blocks.items():
         if not isinstance(block, TTTBlock):
             raise TypeError(f"layer {layer} has a {type(block).__name__}; carried state needs TTTBlock")
-        if block.carry is not None:
-            raise ValueError("this model is already inside carry_ttt_state")
-    try:
+        if block.is_streaming:
+            raise ValueError("this model is already inside carry_ttt_state (its TTT blocks are streaming)")
+    with ExitStack() as stack:
+
+        def before(layer: int, block: TTTBlock, args: tuple) -> None:
+            batch = args[0].shape[0]
+            state = streaming_state(block)
+            if state is None:
+                stack.enter_context(block.streaming(batch))
+                state = streaming_state(block)
+                state.persistent = True  # the carry's whole point, whatever the layer's streaming option
+                carried = carry.states.get(layer)
+                if carried is not None:
+                    if carried.batch_size != batch:
+                        raise ValueError(
+                            f"the carried TTT state has {carried.batch_size} rows but this forward has {batch}; "
+                            "call carry.reset() when the batch changes"
+                        )
+                    state.fast = carried
+            elif state.batch_size != batch:
+                raise ValueError(
+                    f"the carried TTT state has {state.batch_size} rows but this forward has {batch}; "
+                    "call carry.reset() when the batch changes"
+                )
+            carry._restart_pending(layer, state)
+
+        def after(layer: int, block: TTTBlock) -> None:
+            carry.states[layer] = streaming_state(block).fast.detach()
+
         for layer, block in blocks.items():
-            block.carry = (carry, layer)
+            stack.callback(block.register_forward_pre_hook(lambda m, args, i=layer: before(i, m, args)).remove)
+            stack.callback(block.register_forward_hook(lambda m, _args, _out, i=layer: after(i, m)).remove)
         yield carry
-    finally:
-        for block in blocks.values():
-            block.carry = None

@@ -22,9 +22,6 @@ from .ops import FastWeights, UpdateHook, float32_inner, weight_drift
 from .state import FastWeightState
 from .step import ttt_mlp_step
 
-if tp.TYPE_CHECKING:
-    from .carry import TTTCarry
-
 logger = logging.getLogger(__name__)
 
 # Parameters that stay float32 whatever dtype the model is moved to (see TTTBlock._apply).
@@ -169,8 +166,6 @@ class TTTBlock(StreamingModule[TTTState]):
         self.lr_weight = nn.Parameter(torch.randn(H, dim, **f32) * cfg.init_std)
         self.lr_bias = nn.Parameter(torch.zeros(H, **f32))
         self.learnable_token_idx = nn.Parameter(torch.zeros(cfg.mini_batch_size, **f32))
-        # (TTTCarry, layer index) while inside carry_ttt_state; None otherwise.
-        self.carry: tuple[TTTCarry, int] | None = None
 
     def init_qk_shift(self) -> None:
         """share_qk only: the convolutions start as a one-token shift, the query of token t its own projection and
@@ -260,17 +255,11 @@ class TTTBlock(StreamingModule[TTTState]):
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
         state = streaming_state(self)
         if state is None:
-            # Outside streaming (training, plain `LMModel.forward`): every call starts from W_base, unless the
-            # caller carries state between calls with `moshi_ttt.ttt.carry.carry_ttt_state`.
-            base = self.base_weights(x.shape[0])
-            if self.carry is None:
-                start = FastWeightState.fresh(base)
-            else:
-                start = self.carry[0].start(self.carry[1], base, self._zero_history(x.shape[0]))
-            xq, xk, xv, lr, history = self._project(self.norm(x), start.history)
-            out, end = ttt_mlp_step(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
-            if self.carry is not None:
-                self.carry[0].store(self.carry[1], end._replace(history=history))
+            # Outside streaming (training, plain `LMModel.forward`): every call starts from W_base. Training on
+            # consecutive chunks carries state with `moshi_ttt.ttt.carry.carry_ttt_state`, which streams the blocks.
+            xq, xk, xv, lr, _ = self._project(self.norm(x), None)
+            start = FastWeightState.fresh(self.base_weights(x.shape[0]))
+            out, _ = ttt_mlp_step(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
         else:
             if not state.persistent:
                 # Only the rows that run start again from W_base: rows frozen by moshi's exec_mask keep their state
@@ -294,9 +283,16 @@ class TTTBlock(StreamingModule[TTTState]):
 
     def _forward_streaming(self, state: TTTState, xq, xk, xv, lr, history: torch.Tensor | None) -> torch.Tensor:
         """One streaming call; `history` is the share_qk convolutions' new input history (None without them)."""
-        T = xq.shape[2]
+        B, _, T, _ = xq.shape
         kwargs = self._ops_kwargs(state.mini_batch_size)
-        out, new = ttt_mlp_step(state.fast, xq, xk, xv, lr, on_update=state.on_update, **kwargs)
+        start = state.fast
+        if torch.is_grad_enabled():
+            # Rows that have read nothing since their reset hold W_base: read it from the live parameters, so that
+            # the outer loop's gradient reaches W_base (training on carried chunks restarts files this way, from
+            # W_base as it is now, not as it was at the reset).
+            fresh = start.offset == 0  # [B]
+            start = start._replace(weights=self.base_weights(B).where(fresh, start.weights))
+        out, new = ttt_mlp_step(start, xq, xk, xv, lr, on_update=state.on_update, **kwargs)
         new = new._replace(history=history)
         keep = state.exec_mask
         with torch.no_grad():  # the streaming state never joins an autograd graph
