@@ -13,8 +13,8 @@ stats):
   mini-batch and the mean over D: here it stays causal and on the scale of the losses above).
 
 The recorder only observes: the state's `on_inputs` hook hands it the keys and values the block computed, and
-the state's `on_update` hook (chunks of several tokens) or the position wrapping to 0 (single-token calls) marks an
-update. The numbers do not depend on how the sequence was chunked.
+the state's `on_update` hook, called by the inner loop itself in both forms (ttt/step.py), hands it the weights
+before and after each update. The numbers do not depend on how the sequence was chunked.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from moshi.models.lm import LMModel
 
-from .moshi_compat import streaming_state
 from .ttt.apply import ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState
 from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_target, weight_drift
@@ -109,7 +108,6 @@ class _LayerRecorder:
         self.buffered = 0  # tokens in keys/targets
         self.buffer_start = 0  # transformer step of the first buffered token
         self.steps_read = 0  # transformer steps read so far in this session
-        self.single_start: FastWeights | None = None  # W0 before a single-token call that completes a mini-batch
         self.update_step: list[int] = []
         self.drift: dict[str, list[torch.Tensor]] = {name: [] for name in WEIGHT_NAMES}
         self.loss_base: list[torch.Tensor] = []
@@ -118,10 +116,6 @@ class _LayerRecorder:
         self.target_variance: list[torch.Tensor] = []
         # Updates not yet computed: (step, keys, targets, w_start, w_end); see `flush`.
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, FastWeights, FastWeights]] = []
-
-    def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
-        if streaming_state(block) is self.state:
-            self.after()
 
     def before(self, xk: torch.Tensor, xv: torch.Tensor) -> None:
         """The state's on_inputs hook: buffers the chunk's keys and targets [B, H, n, D], the block's own."""
@@ -141,16 +135,6 @@ class _LayerRecorder:
             self.keys, self.targets = torch.cat([self.keys, xk], dim=2), torch.cat([self.targets, target], dim=2)
         self.buffered += xk.shape[2]
         self.steps_read += xk.shape[2]
-        self.single_start = None
-        if xk.shape[2] == 1 and position == state.mini_batch_size - 1:
-            start = state.fast_weights if state.persistent else state.base_weights(state.batch_size)
-            self.single_start = FastWeights(*(w.clone() for w in start))
-
-    def after(self) -> None:
-        """Forward hook: a single-token call that completed its mini-batch has no on_update call."""
-        if self.single_start is not None:
-            self.on_update(self.single_start, self.state.fast_weights)
-            self.single_start = None
 
     def on_update(self, w_start: FastWeights, w_end: FastWeights) -> None:
         """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
@@ -248,24 +232,20 @@ class TelemetryRecorder:
 def record(model: LMModel):
     """Inside a streaming session of `model.transformer`: hooks that record telemetry until the block exits.
 
-    The hooks and `on_update` callbacks are removed on exit, so a shared model is left as it was.
+    The observers are removed from the states on exit, so a shared model is left as it was.
 
     Yields:
         TelemetryRecorder; call `snapshot()` for the numbers.
     """
     recorder = TelemetryRecorder(model)
-    handles = []
     try:
         for rec in recorder.layers.values():
-            # A shared model may run other sessions between this one's steps (the app swaps streaming states in
-            # and out): the hooks only record forwards that run on this session's own state.
-            handles.append(rec.block.register_forward_hook(rec.post_hook))
+            # Observers of this session's own states: a shared model may run other sessions between this one's
+            # steps (the app swaps streaming states in and out), and theirs have none.
             rec.state.on_inputs = rec.before
             rec.state.on_update = rec.on_update
         yield recorder
     finally:
-        for handle in handles:
-            handle.remove()
         for rec in recorder.layers.values():
             rec.state.on_update = None
             rec.state.on_inputs = None

@@ -38,8 +38,8 @@ def ttt_mlp_step(
         state: where each row stands; its `history` is passed through unchanged (the caller owns the share_qk
             convolutions).
         xq, xk, xv: [B, H, T, D]; lr: [B, H, T] (before tau); ln_weight, ln_bias: [H, D]; token_idx: [b] or None.
-        on_update: called as on_update(w_start, w_end) at every mini-batch that a chunk of all rows at one
-            position completes (telemetry).
+        on_update: called as on_update(w_start, w_end) at every mini-batch the call completes, in both forms
+            (telemetry; every row must then sit at the same position).
     Returns:
         out [B, H, T, D] (float32, float64 for float64 inputs) and the next state (offset advanced by T).
     """
@@ -50,6 +50,12 @@ def ttt_mlp_step(
         out, weights, sums, position = ttt_mlp_token(
             state.weights, state.grad_sums, state.position, xq, xk, xv, lr, **kwargs
         )
+        if on_update is not None:  # (a host sync, only with an observer: LMGen's CUDA graphs have none)
+            done = state.position + 1 == mini_batch_size  # [B]: rows that completed their mini-batch
+            if bool(done.all()):
+                on_update(state.weights, weights)
+            elif bool(done.any()):
+                raise ValueError("update observers need every batch row at the same inner-loop position")
     else:
         out, weights, sums, position = _chunk_by_position(state, xq, xk, xv, lr, on_update, kwargs)
     return out, FastWeightState(weights, sums, position, state.offset + T, state.history)
@@ -61,6 +67,8 @@ def _chunk_by_position(state: FastWeightState, xq, xk, xv, lr, on_update, kwargs
     groups: dict[int, list[int]] = {}
     for row, p in enumerate(state.position.tolist()):
         groups.setdefault(p, []).append(row)
+    if len(groups) > 1 and on_update is not None:
+        raise ValueError("update observers need every batch row at the same inner-loop position")
     if len(groups) == 1:
         (p,) = groups
         start = InnerState(state.weights, state.grad_sums if p > 0 else None, p)
