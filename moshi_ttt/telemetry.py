@@ -28,11 +28,11 @@ from moshi.models.lm import LMModel
 
 from .ttt.apply import ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState
-from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_target, weight_drift
+from .ttt.ops import AnyWeights, FastWeights, head_layer_norm, inner_forward, reconstruction_target, weight_drift
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_NAMES = FastWeights._fields  # ("W1", "b1", "W2", "b2")
+WEIGHT_NAMES = FastWeights._fields  # ("W1", "b1", "W2", "b2"); TTT-Linear layers have W1 and b1 only
 FLUSH_EVERY = 32  # pending updates computed together (bounds the memory held for them)
 
 
@@ -58,22 +58,21 @@ class Telemetry:
 
 
 def reconstruction_loss(
-    weights: FastWeights, xk: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor
+    weights: AnyWeights, xk: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor
 ) -> torch.Tensor:
     """Inner-loop loss mean_{h, s} 1/2 |LN(f_W(k_s)) - target_s|^2 per batch row (Sun et al. 2024, eq. 1).
 
     Args:
-        weights: FastWeights [B, H, ...]; xk, target: [B, H, n, D]; ln_weight, ln_bias: [H, D].
+        weights: AnyWeights [B, H, ...]; xk, target: [B, H, n, D]; ln_weight, ln_bias: [H, D].
     Returns:
         [B]
     """
     return _token_losses(weights, xk, target, ln_weight, ln_bias).mean(dim=(1, 2))  # [B, H, n] -> [B]
 
 
-def _token_losses(weights: FastWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
+def _token_losses(weights: AnyWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
     """1/2 |LN(f_W(k_s)) - target_s|^2 per row, head and token: [B, H, n]."""
-    act = gelu_tanh(xk @ weights.W1 + weights.b1)  # [B, H, n, D] @ [B, H, D, F] -> [B, H, n, F]
-    pred = head_layer_norm(act @ weights.W2 + weights.b2, ln_weight, ln_bias)  # [B, H, n, F] @ [B, H, F, D]
+    pred = head_layer_norm(inner_forward(weights, xk), ln_weight, ln_bias)  # [B, H, n, D]
     return 0.5 * (pred - target).pow(2).sum(dim=-1)
 
 
@@ -84,7 +83,7 @@ def target_variance(target: torch.Tensor) -> torch.Tensor:
     return 0.5 * centred.pow(2).sum(dim=-1).mean(dim=(1, 2))
 
 
-def _base_loss(base: FastWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
+def _base_loss(base: AnyWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
     """reconstruction_loss at the one W_base [1, H, ...] for many rows [R, H, n, D]: the rows are folded into the
     token axis, so that the weights are not copied R times. Returns [R]."""
     R, H, n, _ = xk.shape
@@ -109,13 +108,13 @@ class _LayerRecorder:
         self.buffer_start = 0  # transformer step of the first buffered token
         self.steps_read = 0  # transformer steps read so far in this session
         self.update_step: list[int] = []
-        self.drift: dict[str, list[torch.Tensor]] = {name: [] for name in WEIGHT_NAMES}
+        self.drift: dict[str, list[torch.Tensor]] = {name: [] for name in block.weight_kind._fields}
         self.loss_base: list[torch.Tensor] = []
         self.loss_start: list[torch.Tensor] = []
         self.loss_after: list[torch.Tensor] = []
         self.target_variance: list[torch.Tensor] = []
         # Updates not yet computed: (step, keys, targets, w_start, w_end); see `flush`.
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, FastWeights, FastWeights]] = []
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, AnyWeights, AnyWeights]] = []
 
     def before(self, xk: torch.Tensor, xv: torch.Tensor) -> None:
         """The state's on_inputs hook: buffers the chunk's keys and targets [B, H, n, D], the block's own."""
@@ -136,7 +135,7 @@ class _LayerRecorder:
         self.buffered += xk.shape[2]
         self.steps_read += xk.shape[2]
 
-    def on_update(self, w_start: FastWeights, w_end: FastWeights) -> None:
+    def on_update(self, w_start: AnyWeights, w_end: AnyWeights) -> None:
         """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
 
         The numbers are computed in batches (`flush`) every FLUSH_EVERY updates and at each snapshot,
@@ -153,10 +152,10 @@ class _LayerRecorder:
         if len(self.pending) >= FLUSH_EVERY:
             self.flush()
 
-    def _keep(self, weights: FastWeights) -> FastWeights:
+    def _keep(self, weights: AnyWeights) -> AnyWeights:
         own = self.state.fast_weights
         if any(w is o for w, o in zip(weights, own, strict=True)):
-            return FastWeights(*(w.clone() for w in weights))
+            return type(weights)(*(w.clone() for w in weights))
         return weights
 
     def flush(self) -> None:
@@ -171,8 +170,9 @@ class _LayerRecorder:
         ln = (block.ttt_norm_weight.to(xk.dtype), block.ttt_norm_bias.to(xk.dtype))
         B, U = self.state.batch_size, len(steps)
         base = self.state.base_weights(1).to(xk.dtype)  # [1, H, ...], broadcast over the U * B rows
-        start = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*starts, strict=True)))
-        end = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*ends, strict=True)))
+        kind = type(starts[0])
+        start = kind(*(torch.cat(ws).to(xk.dtype) for ws in zip(*starts, strict=True)))
+        end = kind(*(torch.cat(ws).to(xk.dtype) for ws in zip(*ends, strict=True)))
         # [U B] each: at W_base, at W0, after the update; U updates of B rows each.
         losses = [_base_loss(base, xk, tgt, *ln), *(reconstruction_loss(w, xk, tgt, *ln) for w in (start, end))]
         losses.append(target_variance(tgt))

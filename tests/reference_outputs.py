@@ -27,7 +27,7 @@ from tiny_models import random_audio_codes, tiny_lm  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, exact_streaming, score, ttt_states  # noqa: E402
 from moshi_ttt.sequence import delayed_input, model_codes  # noqa: E402
-from moshi_ttt.ttt.ops import FastWeights, ttt_mlp  # noqa: E402
+from moshi_ttt.ttt.ops import FastWeights, LinearWeights, ttt_linear, ttt_mlp  # noqa: E402
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 WEIGHT_NAMES = FastWeights._fields
@@ -72,6 +72,30 @@ def _ttt_mlp_outputs(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     )  # fmt: skip
     (out * inp["probe"]).sum().backward()
     result = {"out": out.detach(), **{f"new_{n}": w.detach() for n, w in zip(WEIGHT_NAMES, new, strict=True)}}
+    result.update({f"grad_{k}": v.grad for k, v in leaves.items()})
+    return result
+
+
+def _ttt_linear_inputs() -> dict[str, torch.Tensor]:
+    inp = _ttt_mlp_inputs()
+    g = torch.Generator().manual_seed(13)
+    B, H, _, D = inp["xq"].shape
+    inp["W1"] = torch.randn(B, H, D, D, generator=g, dtype=torch.float64) * 0.3
+    inp["b1"] = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64) * 0.1
+    del inp["W2"], inp["b2"]
+    return inp
+
+
+def _ttt_linear_outputs(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ttt_linear (TTT-Linear) in float64: outputs, new weights and the gradients of <out, probe>."""
+    leaves = {k: inp[k].clone().requires_grad_(True) for k in ("W1", "xk", "lr", "token_idx")}
+    weights = LinearWeights(leaves["W1"], inp["b1"])
+    out, new = ttt_linear(
+        weights, inp["xq"], leaves["xk"], inp["xv"], leaves["lr"], inp["ln_weight"], inp["ln_bias"], 4,
+        leaves["token_idx"],
+    )  # fmt: skip
+    (out * inp["probe"]).sum().backward()
+    result = {"out": out.detach(), **{f"new_{n}": w.detach() for n, w in zip(new._fields, new, strict=True)}}
     result.update({f"grad_{k}": v.grad for k, v in leaves.items()})
     return result
 
@@ -125,6 +149,7 @@ class Case(tp.NamedTuple):
 
 CASES = {
     "ttt_mlp_float64": Case(_ttt_mlp_inputs, _ttt_mlp_outputs, True),
+    "ttt_linear_float64": Case(_ttt_linear_inputs, _ttt_linear_outputs, True),
     "tiny_lm_ttt": Case(lambda: _lm_inputs(False), lambda inp: _lm_outputs(inp, False), False),
     "tiny_lm_ttt_share_qk": Case(lambda: _lm_inputs(True), lambda inp: _lm_outputs(inp, True), False),
 }

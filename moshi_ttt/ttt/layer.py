@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import TTTConfig
 from ..moshi_compat import streaming_state
-from .ops import FastWeights, UpdateHook, float32_inner, weight_drift
+from .ops import INNER_WEIGHTS, AnyWeights, UpdateHook, float32_inner, weight_drift
 from .state import FastWeightState
 from .step import ttt_mlp_step
 
@@ -47,7 +47,7 @@ def keep_float32(param: torch.nn.Parameter, fn) -> None:
 def apply_keeping_float32(module: nn.Module, super_apply, fn, recurse: bool, names: tp.Iterable[str]) -> nn.Module:
     """`nn.Module._apply` that leaves the named parameters in float32 (float64 allowed): `model.to(torch.bfloat16)`
     must not round the fast weights."""
-    kept = {name: module._parameters.pop(name) for name in names}
+    kept = {name: module._parameters.pop(name) for name in names if name in module._parameters}
     try:
         super_apply(fn, recurse)
     finally:
@@ -65,7 +65,7 @@ class TTTState(State):
     fast: FastWeightState  # weights, grad sums, position, offset and share_qk history of every row
     # W_base [H, ...] for `reset`: detached views of the block's parameters (no copy; they follow in-place updates
     # such as an optimizer step or load_state_dict).
-    base: FastWeights
+    base: AnyWeights
     mini_batch_size: int  # b for this streaming session (set_streaming_options may change it before the first call)
     persistent: bool  # False: every forward call starts from W_base
     on_update: UpdateHook | None = None  # telemetry hook, called at each completed mini-batch of chunked calls
@@ -75,11 +75,11 @@ class TTTState(State):
 
     # Read-only names of the parts (telemetry, tests, callers of ttt_states).
     @property
-    def fast_weights(self) -> FastWeights:
+    def fast_weights(self) -> AnyWeights:
         return self.fast.weights
 
     @property
-    def grad_sums(self) -> FastWeights:
+    def grad_sums(self) -> AnyWeights:
         return self.fast.grad_sums
 
     @property
@@ -94,9 +94,9 @@ class TTTState(State):
     def qk_history(self) -> torch.Tensor | None:
         return self.fast.history
 
-    def base_weights(self, batch_size: int) -> FastWeights:
+    def base_weights(self, batch_size: int) -> AnyWeights:
         """W_base expanded to [batch_size, H, ...] (detached views)."""
-        return FastWeights(*(w.expand(batch_size, *w.shape) for w in self.base))
+        return type(self.base)(*(w.expand(batch_size, *w.shape) for w in self.base))
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
@@ -156,10 +156,14 @@ class TTTBlock(StreamingModule[TTTState]):
         self.wo = nn.Linear(dim, dim, bias=True, **factory)
         self.gating_alpha = nn.Parameter(torch.full((dim,), cfg.gating_alpha_init, **factory))
         # W_base: the initial fast weights, trained by the outer loop (ttt-lm-pytorch's initialisation).
-        self.W1 = nn.Parameter(torch.randn(H, D, 4 * D, **f32) * cfg.init_std)
-        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D, **f32))
-        self.W2 = nn.Parameter(torch.randn(H, 4 * D, D, **f32) * cfg.init_std)
-        self.b2 = nn.Parameter(torch.zeros(H, 1, D, **f32))
+        # TTT-Linear: W1 [H, D, D], b1 [H, 1, D]; TTT-MLP adds the hidden layer of 4D and W2, b2.
+        self.weight_kind = INNER_WEIGHTS[cfg.inner]
+        hidden = D if cfg.inner == "linear" else 4 * D
+        self.W1 = nn.Parameter(torch.randn(H, D, hidden, **f32) * cfg.init_std)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, hidden, **f32))
+        if cfg.inner == "mlp":
+            self.W2 = nn.Parameter(torch.randn(H, 4 * D, D, **f32) * cfg.init_std)
+            self.b2 = nn.Parameter(torch.zeros(H, 1, D, **f32))
         self.ttt_norm_weight = nn.Parameter(torch.ones(H, D, **f32))  # gamma of the per-head LayerNorm
         self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D, **f32))  # beta
         # Learning-rate gate: lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / D.
@@ -184,13 +188,17 @@ class TTTBlock(StreamingModule[TTTState]):
     def _apply(self, fn, recurse=True):
         return apply_keeping_float32(self, super()._apply, fn, recurse, FLOAT32_PARAMS)
 
-    def base_weights(self, batch_size: int) -> FastWeights:
+    def base_weights(self, batch_size: int) -> AnyWeights:
         """W_base expanded to [B, H, ...] (a view: gradients flow to the parameters)."""
-        return FastWeights(*(p.expand(batch_size, *p.shape) for p in (self.W1, self.b1, self.W2, self.b2)))
+        return self.weight_kind(*(p.expand(batch_size, *p.shape) for p in self.fast_weight_params()))
+
+    def fast_weight_params(self) -> tuple[nn.Parameter, ...]:
+        """W_base: (W1, b1, W2, b2) for TTT-MLP, (W1, b1) for TTT-Linear."""
+        return tuple(getattr(self, name) for name in self.weight_kind._fields)
 
     def _init_streaming_state(self, batch_size: int) -> TTTState:
-        base = FastWeights(*(p.detach() for p in (self.W1, self.b1, self.W2, self.b2)))  # [H, ...] views
-        weights = FastWeights(*(w.expand(batch_size, *w.shape).clone() for w in base))
+        base = self.weight_kind(*(p.detach() for p in self.fast_weight_params()))  # [H, ...] views
+        weights = self.weight_kind(*(w.expand(batch_size, *w.shape).clone() for w in base))
         return TTTState(
             batch_size,
             self.W1.device,
@@ -305,7 +313,8 @@ class TTTBlock(StreamingModule[TTTState]):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, mini_batch_size={self.cfg.mini_batch_size}, "
-            f"base_lr={self.cfg.base_lr}, target={self.cfg.target!r}, alpha_init={self.cfg.gating_alpha_init}"
+            f"base_lr={self.cfg.base_lr}, target={self.cfg.target!r}, alpha_init={self.cfg.gating_alpha_init}, "
+            f"inner={self.cfg.inner!r}"
         )
 
 

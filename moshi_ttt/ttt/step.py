@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from .ops import FastWeights, InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token
+from .ops import InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token
 from .state import FastWeightState
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def _chunk_by_position(state: FastWeightState, xq, xk, xv, lr, on_update, kwargs
         sums = end.grad_sums if end.grad_sums is not None else end.weights.zeros_like()
         return out, end.weights, sums, torch.full_like(state.position, end.position)
     out = xq.new_empty(xq.shape)
-    weights = FastWeights(*(w.clone() for w in state.weights))
-    sums = FastWeights(*(s.clone() for s in state.grad_sums))
+    weights = type(state.weights)(*(w.clone() for w in state.weights))
+    sums = type(state.grad_sums)(*(s.clone() for s in state.grad_sums))
     position = state.position.clone()
     for p, rows in groups.items():
         idx = torch.tensor(rows, device=xq.device)
