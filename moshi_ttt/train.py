@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gating-alpha-init", type=float, default=TTTConfig.gating_alpha_init)
     parser.add_argument("--share-qk", action="store_true", help="q and k from one projection + causal convolutions")
     parser.add_argument("--conv-kernel", type=int, default=TTTConfig.conv_kernel, help="with --share-qk")
+    parser.add_argument("--inner", choices=("mlp", "linear"), default=TTTConfig.inner, help="TTT-MLP or TTT-Linear")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size)
@@ -277,7 +278,7 @@ def _build(args) -> tuple[Trainer, LoadedCheckpoint]:
     if args.ttt_layers and not ttt_blocks(loaded.model) and not args.resume:
         cfg = TTTConfig(layers=args.ttt_layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
                         gating_alpha_init=args.gating_alpha_init, share_qk=args.share_qk,
-                        conv_kernel=args.conv_kernel)  # fmt: skip
+                        conv_kernel=args.conv_kernel, inner=args.inner)  # fmt: skip
         apply_ttt(loaded.model, cfg)
     if args.codes is not None:
         files = [load_file(path)["codes"].long() for path in args.codes]

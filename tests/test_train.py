@@ -129,7 +129,7 @@ def test_cli_save_every_leaves_a_resumable_checkpoint_midway(assets, tmp_path, m
     out = tmp_path / "run"
     argv = ["--init", str(assets / "checkpoints" / "baseline"), "--ttt-layers", "1", "--mini-batch-size", "4",
             "--audio", str(assets / "a.wav"), "--out", str(out), "--batch-size", "1", "--chunk-size", "8",
-            "--steps", "3", "--save-every", "2"]  # fmt: skip
+            "--steps", "3", "--save-every", "2", "--inner", "linear"]  # fmt: skip
     saves = []
     original = Trainer.save_state
 
@@ -140,3 +140,6 @@ def test_cli_save_every_leaves_a_resumable_checkpoint_midway(assets, tmp_path, m
     monkeypatch.setattr(Trainer, "save_state", recording)
     assert main(argv) == 0
     assert saves == [2, 3]  # every 2 steps, and at the end
+    from moshi_ttt import load
+
+    assert load(out / "checkpoint").ttt_config.inner == "linear"  # TTT-Linear trained from the CLI

@@ -191,3 +191,18 @@ def test_bad_inner_options_are_refused():
     weights, xq, xk, xv, lr, ln_w, ln_b, _ = problem()
     with pytest.raises(ValueError, match=r"W1, b1\)"):
         ttt_linear(LinearWeights(weights.W1[..., :3], weights.b1), xq, xk, xv, lr, ln_w, ln_b, 4)
+
+
+def test_ttt_linear_trains_under_bf16_autocast_with_a_float32_inner_loop():
+    model = linear_model(4, dtype=torch.float32).train()
+    codes = model_codes(model, random_audio_codes(2, 12, seed=5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(codes)
+    out.logits.float().nan_to_num().sum().backward()
+    block = ttt_blocks(model)[1]
+    assert block.W1.grad.dtype == torch.float32 and bool(block.W1.grad.isfinite().all())
+    weights, xq, xk, xv, lr, ln_w, ln_b, idx = problem(dtype=torch.float32)
+    ref = ttt_linear(weights, xq, xk, xv, lr, ln_w, ln_b, 4, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ttt_linear(weights, xq, xk, xv, lr, ln_w, ln_b, 4, idx)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
