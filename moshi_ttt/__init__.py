@@ -7,10 +7,13 @@ from .config import TTTConfig
 from .streaming import exact_streaming, widen_kv_caches
 from .ttt.apply import apply_ttt, set_streaming_options, ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState, drift
-from .ttt.ops import FastWeights, ttt_mlp
+from .ttt.ops import FastWeights, LinearWeights, ttt_linear, ttt_mlp
+from .ttt.state import FastWeightState
 
 __all__ = [
+    "FastWeightState",
     "FastWeights",
+    "LinearWeights",
     "LoadedCheckpoint",
     "TTTBlock",
     "TTTConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "save",
     "set_streaming_options",
     "ttt_blocks",
+    "ttt_linear",
     "ttt_mlp",
     "ttt_states",
     "widen_kv_caches",

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 TARGET_MODES = ("difference", "legacy")
+INNER_MODELS = ("mlp", "linear")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class TTTConfig:
     # next last time" needs. False: separate q and k projections of the current token (wq, wk).
     share_qk: bool = False
     conv_kernel: int = 4
+    # The inner model whose weights are the fast weights, the paper's two variants: "mlp" (TTT-MLP, f(x) =
+    # gelu_tanh(x W1 + b1) W2 + b2 with a 4 * head_dim hidden layer) or "linear" (TTT-Linear, f(x) = x W1 + b1).
+    inner: str = "mlp"
     # --- Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork. ---
     # True: gate x + tanh(clamp(alpha, -3, 3)) * TTT(x) without a pre-norm, L2-normalised q and k, per-token rate
     # base_lr * sigmoid(.) / (head_dim * mini_batch_size) without the 1/i factor, no output projection. Set by
@@ -69,6 +73,10 @@ class TTTConfig:
             raise ValueError(f"base_lr must be >= 0, got {self.base_lr}")
         if self.target not in TARGET_MODES:
             raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
+        if self.inner not in INNER_MODELS:
+            raise ValueError(f"inner must be one of {INNER_MODELS}, got {self.inner!r}")
+        if self.legacy and self.inner != "mlp":
+            raise ValueError("legacy TTT layers have an MLP inner model (mlp_layers), not inner='linear'")
         if self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.num_heads is not None and self.num_heads < 1:

@@ -262,3 +262,29 @@ def test_share_qk_keys_see_earlier_tokens_and_bad_options_are_refused():
         ttt_blocks(apply_ttt(tiny_lm(0), TTTConfig(layers="1")))[1].init_qk_shift()
     with pytest.raises(ValueError, match="conv_kernel"):
         TTTConfig(share_qk=True, conv_kernel=0)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["core", "legacy"])
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_non_persistent_streaming_respects_exec_mask(share_qk, legacy):
+    if legacy and share_qk:
+        pytest.skip("share_qk is not part of the legacy layout")
+    cfg = TTTConfig(layers="1", mini_batch_size=4, persistent_states=False, share_qk=share_qk, legacy=legacy)
+    model = apply_ttt(tiny_lm(0), cfg).eval()
+    seq = delayed_input(model, model_codes(model, random_audio_codes(2, 9, seed=7)))
+    with torch.no_grad(), exact_streaming(model, 2, 3):
+        model.forward_text(seq[:, :, :3])
+        state = ttt_states(model)[1]
+        frozen = {name: getattr(state, name).clone() for name in ("position", "offset")}
+        moved = copy.deepcopy(state.fast_weights if not legacy else state.weights)
+        model.set_exec_mask(torch.tensor([False, True]))
+        model.forward_text(seq[:, :, 3:6])
+        model.forward_text(seq[:, :, 6:9])
+        state = ttt_states(model)[1]
+        assert state.exec_mask.tolist() == [False, True]  # the per-call reset did not unfreeze row 0
+        for name, before in frozen.items():
+            assert getattr(state, name)[0] == before[0], name
+        assert state.offset[1] == 3 and state.position[1] == 3  # row 1 ran its last call from W_base
+        weights = state.fast_weights if not legacy else state.weights
+        for w, w_before in zip(weights, moved, strict=True):
+            torch.testing.assert_close(w[0], w_before[0], rtol=0, atol=0)

@@ -6,17 +6,17 @@ import logging
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer
 
 from ..config import TTTConfig, parse_layers
+from ..moshi_compat import LayerWithBranch, forget_streaming_children, streaming_state
 from .layer import TTTBlock, TTTState
 from .legacy import LegacyTTTBlock, set_legacy_contexts
 
 logger = logging.getLogger(__name__)
 
 
-class TTTTransformerLayer(StreamingTransformerLayer):
+class TTTTransformerLayer(LayerWithBranch):
     """moshi's layer with a TTT block between self-attention and the feed-forward.
 
     `apply_ttt` turns existing `StreamingTransformerLayer`s into this class in place, so the base weights keep
@@ -26,8 +26,8 @@ class TTTTransformerLayer(StreamingTransformerLayer):
 
     ttt: TTTBlock | LegacyTTTBlock
 
-    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ttt(super()._sa_block(x))
+    def after_self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ttt(x)
 
 
 def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
@@ -66,10 +66,7 @@ def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
         layer.ttt = block
     if cfg.legacy:
         set_legacy_contexts(model, indices, cfg)
-    # moshi caches the list of streaming children on first use; it must see the new blocks.
-    for module in model.modules():
-        if isinstance(module, StreamingModule):
-            module._cached_children = None
+    forget_streaming_children(model)  # moshi caches the streaming children on first use: it must see the new blocks
     logger.info("TTT applied to layers %s (mini_batch_size=%d)", indices, cfg.mini_batch_size)
     return model
 
@@ -83,7 +80,7 @@ def ttt_states(model: LMModel) -> dict[int, TTTState]:
     """The streaming states of the TTT blocks (the model must be streaming)."""
     states = {}
     for i, block in ttt_blocks(model).items():
-        state = block._streaming_state
+        state = streaming_state(block)
         if state is None:
             raise ValueError("the model is not streaming: TTT states exist only inside streaming()")
         states[i] = state

@@ -372,7 +372,7 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
         B, T, _ = x.shape
         state = self._streaming_state
         if state is not None and not state.persistent:
-            state.reset(torch.ones(B, dtype=torch.bool, device=state.position.device))
+            state.reset(state.exec_mask.clone())  # rows frozen by exec_mask keep their state
         b = self.cfg.mini_batch_size if state is None else state.mini_batch_size
         dtype = torch.promote_types(x.dtype, torch.float32)
         # The fork's zero padding (hybrid_layer.py _apply_ttt_processing_impl): b - 1 zero hidden states after the
