@@ -9,6 +9,8 @@ import typing as tp
 
 import torch
 
+_W = tp.TypeVar("_W", bound=tuple)  # the weights' own type (typing.Self is Python 3.11+; we support 3.10)
+
 
 class FastWeights(tp.NamedTuple):
     """Fast weights of the inner MLP, one set per batch row and head."""
@@ -18,25 +20,25 @@ class FastWeights(tp.NamedTuple):
     W2: torch.Tensor  # [B, H, F, D]
     b2: torch.Tensor  # [B, H, 1, D]
 
-    def to(self, dtype: torch.dtype) -> tp.Self:
+    def to(self: _W, dtype: torch.dtype) -> _W:
         return type(self)(*(w.to(dtype) for w in self))
 
-    def minus_scaled(self, scale: torch.Tensor | float, other: tp.Self) -> tp.Self:
+    def minus_scaled(self: _W, scale: torch.Tensor | float, other: _W) -> _W:
         """self - scale * other; `scale` broadcasts against [B, H, ., .]."""
         return type(self)(*(w - scale * o for w, o in zip(self, other, strict=True)))
 
-    def plus(self, other: tp.Self) -> tp.Self:
+    def plus(self: _W, other: _W) -> _W:
         return type(self)(*(w + o for w, o in zip(self, other, strict=True)))
 
-    def where(self, mask: torch.Tensor, other: tp.Self) -> tp.Self:
+    def where(self: _W, mask: torch.Tensor, other: _W) -> _W:
         """Rows where `mask` [B] is True from self, the others from `other`."""
         m = mask.view(-1, 1, 1, 1)
         return type(self)(*(torch.where(m, w, o) for w, o in zip(self, other, strict=True)))
 
-    def zeros_like(self) -> tp.Self:
+    def zeros_like(self: _W) -> _W:
         return type(self)(*(torch.zeros_like(w) for w in self))
 
-    def rows(self, index: torch.Tensor) -> tp.Self:
+    def rows(self: _W, index: torch.Tensor) -> _W:
         return type(self)(*(w[index] for w in self))
 
 
