@@ -3,7 +3,7 @@
 __version__ = "0.1.0"  # as in pyproject.toml
 
 from .checkpoints import LoadedCheckpoint, load, save
-from .config import TTTConfig
+from .config import LegacyConfig, TTTConfig
 from .streaming import exact_streaming, widen_kv_caches
 from .ttt.apply import apply_ttt, set_streaming_options, ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState, drift
@@ -13,6 +13,7 @@ from .ttt.state import FastWeightState
 __all__ = [
     "FastWeightState",
     "FastWeights",
+    "LegacyConfig",
     "LinearWeights",
     "LoadedCheckpoint",
     "TTTBlock",

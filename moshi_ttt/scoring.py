@@ -136,7 +136,11 @@ class ScoreResult:
 
 def non_causal_mini_batch(model: LMModel) -> int | None:
     """b of the model's non-causal (legacy) TTT layers, which read whole mini-batches at once; None if none."""
-    sizes = {block.cfg.mini_batch_size for block in ttt_blocks(model).values() if not block.cfg.causal}
+    sizes = {
+        block.cfg.mini_batch_size
+        for block in ttt_blocks(model).values()
+        if block.cfg.legacy is not None and not block.cfg.legacy.causal
+    }
     if len(sizes) > 1:
         raise ValueError(f"non-causal TTT layers with different mini-batch sizes {sorted(sizes)} cannot be scored")
     return sizes.pop() if sizes else None

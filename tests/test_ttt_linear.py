@@ -5,7 +5,18 @@ import torch
 from moshi.models.lm import LMGen
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
-from moshi_ttt import TTTConfig, apply_ttt, drift, exact_streaming, load, save, score, ttt_blocks, ttt_states
+from moshi_ttt import (
+    LegacyConfig,
+    TTTConfig,
+    apply_ttt,
+    drift,
+    exact_streaming,
+    load,
+    save,
+    score,
+    ttt_blocks,
+    ttt_states,
+)
 from moshi_ttt.sequence import delayed_input, model_codes
 from moshi_ttt.ttt.ops import InnerState, LinearWeights, head_layer_norm, ttt_linear, ttt_mlp_chunk, ttt_mlp_token
 from moshi_ttt.ttt.state import FastWeightState
@@ -187,7 +198,7 @@ def test_bad_inner_options_are_refused():
     with pytest.raises(ValueError, match="inner must be one of"):
         TTTConfig(inner="rnn")
     with pytest.raises(ValueError, match="not inner='linear'"):
-        TTTConfig(legacy=True, inner="linear")
+        TTTConfig(legacy=LegacyConfig(), inner="linear")
     weights, xq, xk, xv, lr, ln_w, ln_b, _ = problem()
     with pytest.raises(ValueError, match=r"W1, b1\)"):
         ttt_linear(LinearWeights(weights.W1[..., :3], weights.b1), xq, xk, xv, lr, ln_w, ln_b, 4)

@@ -60,11 +60,13 @@ def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
         layer = layers[i]
         num_heads = cfg.num_heads or layer.self_attn.num_heads
         ref = layer.self_attn.in_projs[0].weight
-        block_cls = LegacyTTTBlock if cfg.legacy else TTTBlock  # legacy: older checkpoints, see ttt/legacy.py
+        block_cls = (
+            LegacyTTTBlock if cfg.legacy is not None else TTTBlock
+        )  # legacy: older checkpoints, see ttt/legacy.py
         block = block_cls(model.dim, num_heads, cfg, device=ref.device, dtype=ref.dtype)
         layer.__class__ = TTTTransformerLayer
         layer.ttt = block
-    if cfg.legacy:
+    if cfg.legacy is not None:
         set_legacy_contexts(model, indices, cfg)
     forget_streaming_children(model)  # moshi caches the streaming children on first use: it must see the new blocks
     logger.info("TTT applied to layers %s (mini_batch_size=%d)", indices, cfg.mini_batch_size)
