@@ -266,12 +266,11 @@ def fast_weight_keys(model: LMModel) -> set[str]:
     """State-dict keys of the TTT parameters that stay float32 in any model dtype (saved as float32 too)."""
     from ..ttt.layer import FLOAT32_PARAMS
     from ..ttt.legacy import FLOAT32_PARAMS as LEGACY_FLOAT32_PARAMS
-    from ..ttt.legacy import LegacyTTTBlock
 
     keys = set()
     for i, block in ttt_blocks(model).items():
         prefix = f"transformer.layers.{i}.ttt."
-        if isinstance(block, LegacyTTTBlock):
+        if block.cfg.legacy is not None:  # a LegacyTTTBlock (ttt/apply.py)
             names = [*LEGACY_FLOAT32_PARAMS, *(f"weights.{j}" for j in range(len(block.weights)))]
             names += [f"biases.{j}" for j in range(len(block.biases))]
         else:
