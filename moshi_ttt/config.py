@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 TARGET_MODES = ("difference", "legacy")
 INNER_MODELS = ("mlp", "linear")
+BRANCH_INPUTS = ("after_attention", "before_attention")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class TTTConfig:
     # The inner model whose weights are the fast weights, the paper's two variants: "mlp" (TTT-MLP, f(x) =
     # gelu_tanh(x W1 + b1) W2 + b2 with a 4 * head_dim hidden layer) or "linear" (TTT-Linear, f(x) = x W1 + b1).
     inner: str = "mlp"
+    # What the TTT branch reads. "after_attention": the residual stream after self-attention, x' = x + attn(x), then
+    # x' + tanh(alpha) * TTT(norm(x')) (ttt-video-dit's layout). "before_attention": the layer's input, side by side
+    # with self-attention, x + attn(x) + tanh(alpha) * TTT(norm(x)); in layer 0 that is the token embeddings, where
+    # frames are distinct and the inner loop recalls a repeated passage (after attention the frames share most of
+    # their features: scripts/probe_memory.py, demo_assets/MANIFEST.md).
+    branch_input: str = "after_attention"
     # Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork, with the
     # options of `LegacyConfig`. None: our own TTT. Set by `moshi_ttt.checkpoints.load` for such checkpoints; never
     # needed for new models.
@@ -65,6 +72,10 @@ class TTTConfig:
             raise ValueError(f"legacy must be a LegacyConfig or None, got {self.legacy!r}")
         if self.legacy is not None and self.inner != "mlp":
             raise ValueError("legacy TTT layers have an MLP inner model (mlp_layers), not inner='linear'")
+        if not isinstance(self.branch_input, str) or self.branch_input not in BRANCH_INPUTS:
+            raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {self.branch_input!r}")
+        if self.legacy is not None and self.branch_input != "after_attention":
+            raise ValueError("branch_input 'before_attention' is not part of the legacy TTT layout")
         if self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.num_heads is not None and self.num_heads < 1:

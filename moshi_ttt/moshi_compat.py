@@ -37,12 +37,13 @@ class LayerWithBranch(StreamingTransformerLayer):
     while moshi's own forward, offsets and streaming stay untouched.
     """
 
-    def after_self_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, dim] after self-attention and its residual; subclasses return the same shape."""
+    def after_self_attention(self, x_in: torch.Tensor, x_sa: torch.Tensor) -> torch.Tensor:
+        """x_in: [B, T, dim] the layer's input; x_sa: the same after self-attention and its residual. Subclasses
+        return the shape of x_sa."""
         raise NotImplementedError
 
     def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_self_attention(super()._sa_block(x))
+        return self.after_self_attention(x, super()._sa_block(x))
 
 
 def initial_token(model: LMModel) -> torch.Tensor:

@@ -56,6 +56,116 @@ TRIED = [
 ]
 TARGET_GAIN, MAX_PLAIN_LOSS = 0.10, 0.02
 
+# Issue 13: the inner loop alone on this baseline's own features (scripts/probe_memory.py; training clips
+# train_repeat_00-03, held-out clips in brackets, scored once for the rows shown: never tuned on), then training
+# recipes (scripts/recipe_search.py, scripts/recipe_joint.py) against fair baselines. Rows: (cells...).
+PROBE_HEADER = (
+    "reading point", "inner model", "keys / queries", "heads x width", "b", "base_lr",
+    "next-frame accuracy, readings 1 / 2 / 3",
+)  # fmt: skip
+PROBE_ROWS = [
+    ("embeddings (layer 0 input)", "MLP", "LayerNorm", "1 x 128", "16", "4",
+     "0.057 / 0.751 / 0.920 (0.067 / 0.628 / 0.884)"),
+    ("embeddings", "MLP", "centred, L2", "1 x 128", "16", "4", "0.060 / 0.809 / 0.936 (0.071 / 0.679 / 0.905)"),
+    ("embeddings", "Linear", "LayerNorm", "1 x 128", "4", "4", "0.069 / 0.886 / 0.938 (0.075 / 0.747 / 0.901)"),
+    ("embeddings", "Linear", "centred, L2", "1 x 128", "16", "4", "0.054 / 0.879 / 0.946 (0.042 / 0.751 / 0.912)"),
+    ("embeddings", "Linear", "LayerNorm", "4 x 32", "16", "4", "0.049 / 0.839 / 0.891"),
+    ("embeddings", "MLP", "LayerNorm", "4 x 32", "16", "4", "0.034 / 0.443 / 0.803"),
+    ("embeddings", "MLP, init_std 0.3", "LayerNorm", "4 x 32", "16", "4", "0.045 / 0.778 / 0.925"),
+    ("embeddings", "MLP, init_std 0.3", "LayerNorm", "1 x 128", "16", "4", "0.061 / 0.089 / 0.158"),
+    ("embeddings", "MLP", "LayerNorm", "1 x 128", "4", "16", "0.069 / 0.063 / 0.101 (steps too large)"),
+    ("after attention 0 (the demo TTT's input)", "MLP", "LayerNorm", "4 x 32 (the demo's)", "16", "4",
+     "0.059 / 0.087 / 0.086"),
+    ("after attention 0", "MLP", "LayerNorm", "1 x 128", "16", "4", "0.060 / 0.096 / 0.093 (0.064 / 0.092 / 0.099)"),
+    ("after attention 0", "MLP", "centred, L2", "4 x 32", "16", "4", "0.073 / 0.182 / 0.337"),
+    ("after attention 0", "MLP", "centred, L2", "1 x 128", "16", "4", "0.072 / 0.213 / 0.485"),
+    ("after attention 0", "Linear", "centred, L2", "1 x 128", "4", "4", "0.067 / 0.507 / 0.815"),
+    ("layer 1 input", "MLP", "LayerNorm", "1 x 128", "16", "4", "0.041 / 0.031 / 0.037"),
+    ("layer 1 input", "Linear", "centred, L2", "1 x 128", "16", "4", "0.033 / 0.094 / 0.156"),
+    ("after attention 1", "Linear", "centred", "1 x 128", "4", "4", "0.067 / 0.102 / 0.148"),
+    ("any point, base_lr 0 (no learning: the control)", "both", "all", "1 x 128", "4, 16", "0", "<= 0.013"),
+]  # fmt: skip
+RECIPE_HEADER = (
+    "recipe", "steps", "val 2nd+3rd readings: TTT / fair (gain)", "val non-repeating: TTT / fair",
+    "held out 2nd+3rd / non-repeating: TTT / fair", "notes",
+)  # fmt: skip
+RECIPE_FINDINGS = [
+    "No recipe reached the 10% target. The best, J4, is +2.90% on the validation clips and +2.31% on the held-out "
+    "ones (2nd+3rd readings), with non-repeating speech 0.10% / 0.07% worse (allowed: 2%); its TTT model also has "
+    "the lowest held-out losses of all (2nd+3rd readings 4.511 against 4.653 for these assets' fair baseline). These "
+    "assets are unchanged (their TTT model is the one evaluated above): the issue's bar is 10%, and a rebuild with "
+    "J4's recipe (a new baseline, two 500-step trainings) and its rerun for checksums did not fit before the deadline.",
+    "What limits it, measured on the trained TTT blocks (validation repeat clips; the probe's decoding applied to "
+    "each block's own q, k, v: `recipe_joint.memory_accuracy`): the inner loop does remember, next-frame accuracy "
+    "0.10 / 0.54 / 0.88 on readings 1 / 2 / 3 after J1's 300 steps, 0.10 / 0.72 / 0.93 after J3's 500 and "
+    "0.09 / 0.67 / 0.93 after J4's, and the gated branch is not small (mean norm 1.2-1.6 x the residual stream's), "
+    "yet the loss of the 2nd+3rd readings falls by 1-3%. The memory is there; the LM learns only slowly to turn a "
+    "recalled next frame into its prediction: the gain grows with the steps (J4: 1.1% at 200, 2.3% at 300, 2.9% at "
+    "500, still rising), and with 240 short clips both models overfit first (J3). Over the frozen baseline (A), "
+    "whose layers were trained without the memory: +0.31% in 150 steps.",
+    "Next: many more steps (thousands, on a GPU or in a longer build) on more repeat clips (the corpus is cheap: "
+    "espeak-ng and the saved codec make 480 clips in ~5 minutes), TTT-Linear once the core has it (probe: 2nd "
+    "reading 0.84-0.89 against 0.75-0.81 for TTT-MLP).",
+]
+RECIPE_ROWS = [
+    (
+        "A: these assets' fair baseline frozen + one TTT block in layer 0 reading the layer input before attention "
+        "(1 head x 128, share_qk shift, wq = wv = identity, b 16, base_lr 4, gate 0.1); TTT weights only, whole "
+        "clips (864 tokens) x 2, lr 3e-3",
+        "150",
+        "4.4844 / 4.4983 (+0.31%)",
+        "4.5720 / 4.5905",
+        "-",
+        "gate 0.1 -> 0.49; 1st reading worse (4.533 / 4.518); +0.25% at step 50, no trend after",
+    ),
+    (
+        "B/C: A with all weights trained (lr 1e-3), against the baseline trained the same way on the same batches",
+        "50",
+        "4.5194 / 4.5203 (+0.02%)",
+        "4.5597 / 4.5596",
+        "-",
+        "gate closes (0.1 -> 0.08); both first lose ~0.04 nats; stopped",
+    ),
+    (
+        "J1: both models from the same random init (the demo LM), trained jointly; TTT as in A; batches of 6 x 416 "
+        "tokens: half whole short repeat clips (240 new clips: a 4.5-12 s passage read 3 times, readings 8.6-18.6 s "
+        "apart: out of the 4 s attention window), "
+        "half 416-token crops of the training clips; lr 3e-3 cosine, gate lr x10",
+        "300",
+        "4.5023 / 4.5487 (+1.02%)",
+        "4.5392 / 4.5381",
+        "4.5781 / 4.6194 (+0.89%); 4.6279 / 4.6310",
+        "gain by step 100 / 150 / 200 / 250 / 300: 0.32 / 0.46 / 0.84 / 0.96 / 1.02%; gate 0.16 -> 0.23",
+    ),
+    (
+        "J2: J1 with short repeat clips only and gate init 0.5",
+        "100",
+        "4.5765 / 4.5986 (+0.48%)",
+        "4.6062 / 4.6271",
+        "-",
+        "the fair baseline overfits the 240 short clips (val 2nd+3rd 4.588 -> 4.635 from step 150 to 200); stopped",
+    ),
+    (
+        "J3: J1 for 500 steps (the cosine schedule over 500)",
+        "500",
+        "4.4976 / 4.6123 (+2.49%)",
+        "4.6073 / 4.5982",
+        "4.5843 / 4.6814 (+2.07%); 4.6969 / 4.7018",
+        "gain by step 100 / 200 / 300 / 400 / 500: 0.71 / 1.18 / 2.22 / 2.45 / 2.49%; both models overfit after "
+        "step ~200-300 (fair val 2nd+3rd 4.572 at 200, 4.612 at 500); in-model recall 0.10 / 0.72 / 0.93",
+    ),
+    (
+        "J4: J3 with 720 short repeat clips (the 240 and 480 more)",
+        "500",
+        "4.4181 / 4.5501 (+2.90%)",
+        "4.5422 / 4.5375",
+        "4.5110 / 4.6176 (+2.31%); 4.6290 / 4.6256",
+        "gain by step 100 / 200 / 300 / 400 / 500: 0.06 / 1.13 / 2.29 / 2.81 / 2.90%; the fair baseline no longer "
+        "overfits (val 2nd+3rd 4.545-4.550 from step 200); in-model recall 0.09 / 0.67 / 0.93, branch 1.62 x the "
+        "residual; the lowest held-out losses of every model here",
+    ),
+]
+
 
 # Checked by running each stage a second time into other directories (same machine, same --threads).
 REPRODUCIBILITY = (
@@ -160,6 +270,46 @@ def findings(work: Path, out: Path, results: dict) -> list[str]:
     return lines
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    return [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}", *(f"| {' | '.join(r)} |" for r in rows)]
+
+
+def issue13_section() -> list[str]:
+    """MANIFEST.md lines: the memory probe and the recipes of issue 13 (measured by hand, numbers above)."""
+    return [
+        "## Issue 13: does TTT remember a repeated passage? Probe and recipes",
+        "",
+        "Probe (`scripts/probe_memory.py`): the inner loop alone on the fair baseline's own features h_t, keys",
+        "k_t = h_{t-1}, values h_t, queries h_t (a one-token shift); the answer LN(f(q_t)) is decoded as the nearest",
+        "stored target (cosine) and scored by the codes of the frame it predicts against the true next frame (8",
+        "codebook entries): next-frame accuracy per reading. Training-style clips (held-out ones in brackets).",
+        "",
+        *_table(PROBE_HEADER, PROBE_ROWS),
+        "",
+        "So the inner loop is a strong one-pass memory on the token embeddings (where frames are distinct) and a",
+        "weak one after attention (frames look alike there); TTT-Linear >= TTT-MLP; one wide head >= 4 heads at",
+        'init_std 0.02. `TTTConfig.branch_input = "before_attention"` puts the TTT branch on the layer input.',
+        "",
+        "Recipes (val: the last 6 training repeat clips and 6 training plain clips, held back from the TTT training;",
+        "the demo baseline's own weights saw them as 100-token crops; held out: the evaluation clips above, scored",
+        "once at the end; nats per codebook entry):",
+        "",
+        *_table(RECIPE_HEADER, RECIPE_ROWS),
+        "",
+        *(f"- {line}" for line in RECIPE_FINDINGS),
+        "",
+        "Commands (NO_TORCH_COMPILE=1; W: a work dir with `build_demo_assets.py --stage corpus`; S: another one):",
+        "`python scripts/research_corpus.py codes --work W` (the build's codes, from the saved codec: the fair",
+        "baseline's held-out losses above come out the same), `python scripts/research_corpus.py short --work S`,",
+        "`python scripts/probe_memory.py --work W --clips 4 --quick` (and `--split heldout --clips 3`),",
+        "`python scripts/recipe_search.py --work W --layers 0 --read before --init-identity --steps 150` (A),",
+        "`python scripts/recipe_joint.py --work W --short-work S --kind ttt|baseline --batch-size 6 --seq-len 416",
+        "--steps 300 --heldout` (J1; J2: `--short-frac 1.0 --alpha 0.5`; J3: `--steps 500`; J4: J3 on the clips of",
+        "`research_corpus.py short --count 720`).",
+        "",
+    ]
+
+
 def write_manifest(work: Path, out: Path, results: dict) -> None:
     """demo_assets/MANIFEST.md: how each file was made, sizes, checksums, the evaluation numbers."""
     s = results["summary"]
@@ -257,6 +407,7 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         "",
         *(f"- {t}" for t in TRIED),
         "",
+        *issue13_section(),
         "## Commands that built these files (NO_TORCH_COMPILE=1; work dir outside the repo)",
         "",
         *(f"- `{c}`" for c in commands.values()),

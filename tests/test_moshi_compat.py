@@ -40,11 +40,11 @@ def test_streaming_children_are_cached_and_forgetting_the_cache_shows_new_module
         assert moshi_compat.streaming_state(layer.extra) is not None  # ... until it is forgotten
 
 
-def test_layer_with_branch_runs_the_branch_on_the_self_attention_output_once():
+def test_layer_with_branch_runs_the_branch_on_the_layer_input_and_self_attention_output_once():
     class Recording(moshi_compat.LayerWithBranch):
-        def after_self_attention(self, x):
-            self.seen.append(x)
-            return x + 1.0
+        def after_self_attention(self, x_in, x_sa):
+            self.seen.append((x_in, x_sa))
+            return x_sa + 1.0
 
     model = tiny_lm(0)
     layer = model.transformer.layers[1]
@@ -56,7 +56,8 @@ def test_layer_with_branch_runs_the_branch_on_the_self_attention_output_once():
         layer.seen = []
         out = layer(x)
     assert len(layer.seen) == 1
-    torch.testing.assert_close(layer.seen[0], expected_branch_input, rtol=0, atol=0)
+    torch.testing.assert_close(layer.seen[0][0], x, rtol=0, atol=0)
+    torch.testing.assert_close(layer.seen[0][1], expected_branch_input, rtol=0, atol=0)
     # The branch's output is what the feed-forward block reads: +1 before it changes the layer's output.
     torch.testing.assert_close(out, layer._ff_block(expected_branch_input + 1.0), rtol=0, atol=0)
     assert not torch.allclose(out, plain)

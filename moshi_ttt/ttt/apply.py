@@ -26,8 +26,12 @@ class TTTTransformerLayer(LayerWithBranch):
 
     ttt: TTTBlock | LegacyTTTBlock
 
-    def after_self_attention(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ttt(x)
+    def after_self_attention(self, x_in: torch.Tensor, x_sa: torch.Tensor) -> torch.Tensor:
+        if self.ttt.cfg.branch_input == "before_attention":
+            # x + attn(x) + tanh(alpha) * TTT(norm(x)): the block returns its input plus the gated branch, so
+            # subtracting x leaves the branch (exactly 0 with a zero gate).
+            return x_sa + (self.ttt(x_in) - x_in)
+        return self.ttt(x_sa)
 
 
 def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:

@@ -1,0 +1,67 @@
+"""Data for the issue-13 research scripts (probe_memory.py, recipe_search.py, recipe_joint.py), with the saved codec.
+
+Usage:
+    # codes of a corpus made by `build_demo_assets.py --stage corpus --work W`, encoded with demo_assets/codec
+    # (the codec is not refit: the same codes as the build's, checked on the demo clips' WAV checksums)
+    NO_TORCH_COMPILE=1 python scripts/research_corpus.py codes --work W
+    # N short repeat clips (a 4.5-12 s passage read 3 times, 1.5 s+ of filler between) in their own work dir
+    NO_TORCH_COMPILE=1 python scripts/research_corpus.py short --work S --count 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from build_demo_assets import read_corpus  # noqa: E402
+from demo_corpus import FRAME, SentenceMaker, repeat_clip  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from moshi_ttt.codec import load_codec  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHORT_SEED = 101  # sentences and voices of the short clips (the demo corpus uses 0 and 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("codes", "short"))
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--count", type=int, default=240)
+    parser.add_argument("--codec", type=Path, default=REPO / "demo_assets" / "codec")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    mimi = load_codec(args.codec)
+    if args.what == "codes":
+        _, audio = read_corpus(args.work)
+    else:
+        (args.work / "corpus").mkdir(parents=True, exist_ok=True)
+        maker, rng, index, audio = SentenceMaker(SHORT_SEED), random.Random(SHORT_SEED + 1), {}, {}
+        for i in range(args.count):
+            name = f"train_short_{i:03d}"
+            clip = repeat_clip(name, maker, rng, 4.5, 1.5)
+            index[name] = {
+                "kind": "repeat", "split": "train", "text": clip.text, "voice": dataclasses.asdict(clip.voice),
+                "samples": len(clip.audio), "readings": clip.readings,
+            }  # fmt: skip
+            audio[name] = torch.from_numpy(np.pad(clip.audio, (0, (-len(clip.audio)) % FRAME)))[None, None]
+        (args.work / "corpus" / "index.json").write_text(json.dumps(index, indent=1))
+    with torch.no_grad():
+        codes = {name: mimi.encode(a)[0].contiguous() for name, a in audio.items()}  # [8, frames] each
+    save_file(codes, str(args.work / "codes.safetensors"))
+    print(f"{len(codes)} clips, {sum(c.shape[1] for c in codes.values())} frames -> {args.work / 'codes.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
