@@ -19,10 +19,10 @@ import time
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import torch  # noqa: E402
-from moshi.models import loaders  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, score  # noqa: E402
+from moshi_ttt.moshi_compat import default_lm_kwargs  # noqa: E402
 
 SMALL_OVERRIDES = {  # --small: same structure (16 codebooks, delays, depformer per step), tiny widths
     "dim": 256, "num_heads": 4, "num_layers": 32, "depformer_dim": 64, "depformer_dim_feedforward": 128,
@@ -31,7 +31,7 @@ SMALL_OVERRIDES = {  # --small: same structure (16 codebooks, delays, depformer 
 
 
 def build(args, layers: str | None) -> LMModel:
-    kwargs = dict(loaders._lm_kwargs)
+    kwargs = default_lm_kwargs()
     if args.small:
         kwargs.update(SMALL_OVERRIDES)
     torch.manual_seed(0)

@@ -3,14 +3,18 @@
 __version__ = "0.1.0"  # as in pyproject.toml
 
 from .checkpoints import LoadedCheckpoint, load, save
-from .config import TTTConfig
+from .config import LegacyConfig, TTTConfig
 from .streaming import exact_streaming, widen_kv_caches
 from .ttt.apply import apply_ttt, set_streaming_options, ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState, drift
-from .ttt.ops import FastWeights, ttt_mlp
+from .ttt.ops import FastWeights, LinearWeights, ttt_linear, ttt_mlp
+from .ttt.state import FastWeightState
 
 __all__ = [
+    "FastWeightState",
     "FastWeights",
+    "LegacyConfig",
+    "LinearWeights",
     "LoadedCheckpoint",
     "TTTBlock",
     "TTTConfig",
@@ -22,6 +26,7 @@ __all__ = [
     "save",
     "set_streaming_options",
     "ttt_blocks",
+    "ttt_linear",
     "ttt_mlp",
     "ttt_states",
     "widen_kv_caches",

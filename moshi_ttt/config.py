@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 TARGET_MODES = ("difference", "legacy")
+INNER_MODELS = ("mlp", "linear")
 BRANCH_INPUTS = ("after_attention", "before_attention")
 
 
@@ -43,31 +45,19 @@ class TTTConfig:
     # next last time" needs. False: separate q and k projections of the current token (wq, wk).
     share_qk: bool = False
     conv_kernel: int = 4
+    # The inner model whose weights are the fast weights, the paper's two variants: "mlp" (TTT-MLP, f(x) =
+    # gelu_tanh(x W1 + b1) W2 + b2 with a 4 * head_dim hidden layer) or "linear" (TTT-Linear, f(x) = x W1 + b1).
+    inner: str = "mlp"
     # What the TTT branch reads. "after_attention": the residual stream after self-attention, x' = x + attn(x), then
     # x' + tanh(alpha) * TTT(norm(x')) (ttt-video-dit's layout). "before_attention": the layer's input, side by side
     # with self-attention, x + attn(x) + tanh(alpha) * TTT(norm(x)); in layer 0 that is the token embeddings, where
     # frames are distinct and the inner loop recalls a repeated passage (after attention the frames share most of
     # their features: scripts/probe_memory.py, demo_assets/MANIFEST.md).
     branch_input: str = "after_attention"
-    # --- Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork. ---
-    # True: gate x + tanh(clamp(alpha, -3, 3)) * TTT(x) without a pre-norm, L2-normalised q and k, per-token rate
-    # base_lr * sigmoid(.) / (head_dim * mini_batch_size) without the 1/i factor, no output projection. Set by
-    # `moshi_ttt.checkpoints.load` for such checkpoints; never needed for new models.
-    legacy: bool = False
-    # False: every token of a mini-batch reads with the weights after the whole mini-batch's gradient step, so
-    # later tokens leak into earlier outputs (what the older fork did). Only legacy mode allows False.
-    causal: bool = True
-    # Layers of the inner MLP (legacy mode: 2 to 10; the core TTT-MLP has 2).
-    mlp_layers: int = 2
-    # Hidden widths of the inner MLP (mlp_layers - 1 of them); None: 4 * head_dim each. Legacy mode only.
-    mlp_hidden_dims: tuple[int, ...] | None = None
-    # Rotary position embedding on q and k with positions modulo the mini-batch (legacy mode only).
-    use_rope: bool = False
-    rope_theta: float = 10000.0
-    # Attention context (tokens) of the TTT layers and of the other layers, as the older fork's `ttt_layer_context`
-    # and `non_ttt_layer_context`; None keeps moshi's. Legacy mode only.
-    ttt_layer_context: int | None = None
-    non_ttt_layer_context: int | None = None
+    # Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork, with the
+    # options of `LegacyConfig`. None: our own TTT. Set by `moshi_ttt.checkpoints.load` for such checkpoints; never
+    # needed for new models.
+    legacy: LegacyConfig | None = None
 
     def __post_init__(self) -> None:
         if self.mini_batch_size < 1:
@@ -76,45 +66,141 @@ class TTTConfig:
             raise ValueError(f"base_lr must be >= 0, got {self.base_lr}")
         if self.target not in TARGET_MODES:
             raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
+        if self.inner not in INNER_MODELS:
+            raise ValueError(f"inner must be one of {INNER_MODELS}, got {self.inner!r}")
+        if self.legacy is not None and not isinstance(self.legacy, LegacyConfig):
+            raise ValueError(f"legacy must be a LegacyConfig or None, got {self.legacy!r}")
+        if self.legacy is not None and self.inner != "mlp":
+            raise ValueError("legacy TTT layers have an MLP inner model (mlp_layers), not inner='linear'")
         if not isinstance(self.branch_input, str) or self.branch_input not in BRANCH_INPUTS:
             raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {self.branch_input!r}")
-        if self.legacy and self.branch_input != "after_attention":
+        if self.legacy is not None and self.branch_input != "after_attention":
             raise ValueError("branch_input 'before_attention' is not part of the legacy TTT layout")
         if self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.num_heads is not None and self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1 or None, got {self.num_heads}")
         parse_layers(self.layers, 1_000_000)  # validates the syntax; the range is checked against the model
-        if self.mlp_hidden_dims is not None:
-            # JSON gives lists; keep the frozen config hashable.
-            object.__setattr__(self, "mlp_hidden_dims", tuple(int(d) for d in self.mlp_hidden_dims))
-        if self.legacy and self.share_qk:
+        if self.legacy is not None and self.share_qk:
             raise ValueError("share_qk is not part of the legacy TTT layout")
-        if not self.legacy:
-            extras = {"causal": not self.causal, "mlp_layers": self.mlp_layers != 2, "use_rope": self.use_rope}
-            extras["mlp_hidden_dims"] = self.mlp_hidden_dims is not None
-            extras["ttt_layer_context"] = self.ttt_layer_context is not None
-            extras["non_ttt_layer_context"] = self.non_ttt_layer_context is not None
-            used = sorted(name for name, set_ in extras.items() if set_)
-            if used:
-                raise ValueError(f"TTTConfig options {used} exist only for legacy checkpoints (set legacy=True)")
-        if not 2 <= self.mlp_layers <= 10:
-            raise ValueError(f"mlp_layers must be in [2, 10], got {self.mlp_layers}")
-        if self.mlp_hidden_dims is not None and len(self.mlp_hidden_dims) != self.mlp_layers - 1:
-            raise ValueError(
-                f"mlp_hidden_dims needs mlp_layers - 1 = {self.mlp_layers - 1} widths, got {self.mlp_hidden_dims}"
-            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TTTConfig:
+        """The inverse of `to_dict`. Also reads the older flat layout of saved configs, where the legacy options sat
+        at the top level (`"legacy": true, "causal": false, "mlp_layers": 3, ...`)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a TTTConfig is read from a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        legacy = data.get("legacy")
+        if isinstance(legacy, bool):
+            data["legacy"] = _legacy_from_flat(data)
+        elif isinstance(legacy, dict):
+            data["legacy"] = LegacyConfig.from_dict(legacy)
+        elif legacy is not None:
+            raise ValueError(f"TTTConfig field legacy must be an object, null or (older layout) a bool, got {legacy!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown TTTConfig fields: {unknown}")
         return cls(**data)
+
+
+def _int_option(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"LegacyConfig {name} must be an integer {bounds}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LegacyConfig:
+    """The options of legacy mode (`TTTConfig.legacy`), which reproduces checkpoints of the older moshi-finetune TTT
+    fork with its own math (moshi_ttt/ttt/legacy.py): gate x + tanh(clamp(alpha, -3, 3)) * TTT(x) without a
+    pre-norm, L2-normalised q and k, per-token rate base_lr * sigmoid(.) / (head_dim * mini_batch_size) without the
+    1/i factor, no output projection. `moshi_ttt.checkpoints.load` builds it from the fork's training config.
+    """
+
+    # False: every token of a mini-batch reads with the weights after the whole mini-batch's gradient step, so
+    # later tokens leak into earlier outputs (what the older fork did; the loader sets False for its checkpoints
+    # unless `legacy_causal=True`). True: each token uses only the gradients of itself and the earlier tokens.
+    causal: bool = True
+    # Layers of the inner MLP, 2 to 10 (the core TTT-MLP has 2).
+    mlp_layers: int = 2
+    # Hidden widths of the inner MLP (mlp_layers - 1 of them); None: 4 * head_dim each.
+    mlp_hidden_dims: tuple[int, ...] | None = None
+    # Rotary position embedding on q and k with positions modulo the mini-batch, with base rope_theta.
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    # Attention context (tokens) of the TTT layers and of the other layers, as the older fork's `ttt_layer_context`
+    # and `non_ttt_layer_context`; None keeps moshi's.
+    ttt_layer_context: int | None = None
+    non_ttt_layer_context: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("causal", "use_rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LegacyConfig {name} must be true or false, got {getattr(self, name)!r}")
+        _int_option("mlp_layers", self.mlp_layers, 2, 10)
+        if self.mlp_hidden_dims is not None:
+            if not isinstance(self.mlp_hidden_dims, (list, tuple)):
+                raise ValueError(
+                    f"LegacyConfig mlp_hidden_dims must be a list of widths or None, got {self.mlp_hidden_dims!r}"
+                )
+            for width in self.mlp_hidden_dims:
+                _int_option("mlp_hidden_dims widths", width, 1)
+            # JSON gives lists; keep the frozen config hashable.
+            object.__setattr__(self, "mlp_hidden_dims", tuple(self.mlp_hidden_dims))
+            if len(self.mlp_hidden_dims) != self.mlp_layers - 1:
+                raise ValueError(
+                    f"mlp_hidden_dims needs mlp_layers - 1 = {self.mlp_layers - 1} widths, got {self.mlp_hidden_dims}"
+                )
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            raise ValueError(f"LegacyConfig rope_theta must be a finite number > 0, got {theta!r}")
+        object.__setattr__(self, "rope_theta", float(theta))
+        for name in ("ttt_layer_context", "non_ttt_layer_context"):
+            if getattr(self, name) is not None:
+                _int_option(name, getattr(self, name), 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LegacyConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a LegacyConfig is read from a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LegacyConfig fields: {unknown}")
+        return cls(**data)
+
+
+# Options of the older flat layout that now live in LegacyConfig, and the values a non-legacy config had for them.
+_FLAT_LEGACY_DEFAULTS = {
+    "causal": True,
+    "mlp_layers": 2,
+    "mlp_hidden_dims": None,
+    "use_rope": False,
+    "ttt_layer_context": None,
+    "non_ttt_layer_context": None,
+}
+
+
+def _legacy_from_flat(data: dict) -> LegacyConfig | None:
+    """Pops the legacy options of an older flat TTTConfig dict (`data["legacy"]` a bool) into a LegacyConfig."""
+    names = [f.name for f in dataclasses.fields(LegacyConfig)]
+    flat = {name: data.pop(name) for name in names if name in data}
+    if data["legacy"]:
+        return LegacyConfig(**flat)
+    used = sorted(
+        name for name, value in flat.items() if name in _FLAT_LEGACY_DEFAULTS and value != _FLAT_LEGACY_DEFAULTS[name]
+    )
+    if used:
+        raise ValueError(f"TTTConfig options {used} exist only for legacy checkpoints (old layout: set legacy to true)")
+    return None
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:

@@ -135,6 +135,7 @@ def telemetry_record(telemetry: Telemetry | None, row: int = 0) -> tuple[dict, d
             "base": tel.loss_base[row].tolist(),
             "start": tel.loss_start[row].tolist(),
             "after": tel.loss_after[row].tolist(),
+            "target_variance": tel.target_variance[row].tolist(),
             "t": steps,
         }
     return drift, inner

@@ -21,7 +21,7 @@ import math
 import time
 import typing as tp
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +61,52 @@ class ScoreConfig:
     record_every: int = 250
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
-        if self.record_every < 1:
-            raise ValueError(f"record_every must be >= 1, got {self.record_every}")
+        for name in ("chunk_size", "mini_batch_size", "record_every"):
+            value = getattr(self, name)
+            if value is None and name != "record_every":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.persistent_states is not None and not isinstance(self.persistent_states, bool):
+            raise ValueError(f"persistent_states must be true, false or None, got {self.persistent_states!r}")
+        if not isinstance(self.telemetry, bool):
+            raise ValueError(f"telemetry must be true or false, got {self.telemetry!r}")
+
+
+def score_config(
+    mode: str | ScoreConfig | None = None, config: ScoreConfig | None = None, **options: tp.Any
+) -> ScoreConfig:
+    """The one place that turns the arguments of `score` and `iter_score` into a ScoreConfig.
+
+    Either a ScoreConfig (as `mode`, the third positional argument, or as `config=`) or keyword shortcuts that
+    build one; a shortcut left at None takes ScoreConfig's default.
+
+    Raises:
+        ValueError: for both a ScoreConfig and shortcuts, an unknown option, or a bad value (ScoreConfig's checks).
+        TypeError: for a `config` that is not a ScoreConfig.
+    """
+    if isinstance(mode, ScoreConfig):
+        if config is not None:
+            raise ValueError("pass either a ScoreConfig or separate options, not both (two ScoreConfigs given)")
+        mode, config = None, mode
+    given = {name: value for name, value in {"mode": mode, **options}.items() if value is not None}
+    unknown = sorted(set(given) - set(SCORE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown scoring options {unknown}; expected some of {list(SCORE_OPTIONS)}")
+    if config is None:
+        return ScoreConfig(**given)
+    if not isinstance(config, ScoreConfig):
+        raise TypeError(f"config must be a ScoreConfig, got {type(config).__name__}")
+    if given:
+        raise ValueError(f"pass either a ScoreConfig or separate options, not both (got config and {sorted(given)})")
+    return config
+
+
+SCORE_OPTIONS = tuple(f.name for f in fields(ScoreConfig))
 
 
 @dataclass(frozen=True)
@@ -98,7 +136,11 @@ class ScoreResult:
 
 def non_causal_mini_batch(model: LMModel) -> int | None:
     """b of the model's non-causal (legacy) TTT layers, which read whole mini-batches at once; None if none."""
-    sizes = {block.cfg.mini_batch_size for block in ttt_blocks(model).values() if not block.cfg.causal}
+    sizes = {
+        block.cfg.mini_batch_size
+        for block in ttt_blocks(model).values()
+        if block.cfg.legacy is not None and not block.cfg.legacy.causal
+    }
     if len(sizes) > 1:
         raise ValueError(f"non-causal TTT layers with different mini-batch sizes {sorted(sizes)} cannot be scored")
     return sizes.pop() if sizes else None
@@ -167,13 +209,13 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def iter_score(
     model: LMModel,
     audio_codes: torch.Tensor,
-    mode: str = "chunked",
+    mode: str | ScoreConfig | None = None,
     chunk_size: int | None = None,
     *,
     mini_batch_size: int | None = None,
     persistent_states: bool | None = None,
-    telemetry: bool = True,
-    record_every: int = 250,
+    telemetry: bool | None = None,
+    record_every: int | None = None,
     config: ScoreConfig | None = None,
 ) -> tp.Iterator[ScoreResult]:
     """Scores `audio_codes` step by step, yielding partial results for live plots.
@@ -181,8 +223,10 @@ def iter_score(
     Args:
         model: a moshi LMModel in eval mode (with or without TTT layers), not streaming.
         audio_codes: [B, K, T] long Moshi-stream audio codes (K = model.dep_q = 8), on the model's device.
-        mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every: see ScoreConfig.
-        config: a ScoreConfig instead of the separate options (then leave those at their defaults).
+        mode: a ScoreConfig, or its `mode` ("chunked" when None).
+        chunk_size, mini_batch_size, persistent_states, telemetry, record_every: shortcuts for the ScoreConfig
+            fields (None: ScoreConfig's default); see `score_config`.
+        config: a ScoreConfig (instead of the shortcuts).
     Yields:
         ScoreResult with the first `tokens_done` steps every `record_every` tokens (at chunk boundaries; the loss
         and mask tensors are views that later steps do not change) and a last one with all T steps: the same
@@ -190,7 +234,15 @@ def iter_score(
     Raises:
         ValueError: for a bad mode, chunk size, option, codes or a model that cannot be scored.
     """
-    cfg = _resolve_config(config, mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every)
+    cfg = score_config(
+        mode, config, chunk_size=chunk_size, mini_batch_size=mini_batch_size, persistent_states=persistent_states,
+        telemetry=telemetry, record_every=record_every,
+    )  # fmt: skip
+    return _iter_score(model, audio_codes, cfg, partial=True)
+
+
+def _iter_score(model: LMModel, audio_codes: torch.Tensor, cfg: ScoreConfig, partial: bool) -> tp.Iterator[ScoreResult]:
+    """iter_score with a resolved config; `partial=False` yields only the final result (`score`)."""
     _check_model(model)
     codes = model_codes(model, audio_codes)  # [B, 1 + n_q, T]
     B, _, T = codes.shape
@@ -226,13 +278,13 @@ def iter_score(
                 stop = min(start + chunk, T)
                 with torch.no_grad():
                     pending.append(model.forward_text(inputs[:, :, start:stop])[0])  # [B, n, dim]
-                if stop - scored < group and stop < T and stop - max_delay < next_record:
+                if stop - scored < group and stop < T and (not partial or stop - max_delay < next_record):
                     continue
                 with torch.no_grad():
                     _score_depth(model, targets, torch.cat(pending, dim=1), loss, scored, stop)
                 pending, scored = [], stop
                 done = T if stop == T else max(0, stop - max_delay)  # steps whose every codebook is scored
-                if next_record <= done < T:
+                if partial and next_record <= done < T:
                     next_record = (done // cfg.record_every + 1) * cfg.record_every
                     yield _result(loss, mask, recorder, done, T, start_time)
         loss.masked_fill_(~mask, float("nan"))
@@ -271,51 +323,34 @@ def _result(loss, mask, recorder, done: int, total: int, start_time: float) -> S
 def score(
     model: LMModel,
     audio_codes: torch.Tensor,
-    mode: str = "chunked",
+    mode: str | ScoreConfig | None = None,
     chunk_size: int | None = None,
     *,
     mini_batch_size: int | None = None,
     persistent_states: bool | None = None,
-    telemetry: bool = True,
+    telemetry: bool | None = None,
     config: ScoreConfig | None = None,
 ) -> ScoreResult:
     """Per-token teacher-forced cross-entropy of audio codes (DESIGN.md contract), from fresh TTT state.
 
+    `score(model, codes, ScoreConfig(...))`, `score(model, codes, config=...)` and the keyword shortcuts
+    `score(model, codes, mode="chunked", chunk_size=..., ...)` are the same call (`score_config`).
+
     Args:
         model: a moshi LMModel in eval mode (with or without TTT layers), not streaming.
         audio_codes: [B, K, T] long Moshi-stream audio codes (K = model.dep_q = 8), on the model's device.
-        mode: "full", "chunked" or "stream" (same numbers, different speed and memory).
+        mode: a ScoreConfig, or "full", "chunked" or "stream" (same numbers, different speed and memory; None:
+            "chunked").
         chunk_size: tokens per chunk in "chunked" mode (None: min(250, context), in whole TTT mini-batches).
         mini_batch_size, persistent_states: TTT options for this run only (None: the layers' own).
-        telemetry: record drift and inner-loop losses of the TTT layers.
-        config: a ScoreConfig instead of the separate options.
+        telemetry: record drift and inner-loop losses of the TTT layers (None: yes).
+        config: a ScoreConfig instead of the shortcuts.
     Returns:
         ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T] and telemetry.
     """
-    *_, result = iter_score(
-        model,
-        audio_codes,
-        mode,
-        chunk_size,
-        mini_batch_size=mini_batch_size,
-        persistent_states=persistent_states,
+    cfg = score_config(
+        mode, config, chunk_size=chunk_size, mini_batch_size=mini_batch_size, persistent_states=persistent_states,
         telemetry=telemetry,
-        record_every=1 << 62,
-        config=None if config is None else _replace_record_every(config),
-    )
+    )  # fmt: skip
+    *_, result = _iter_score(model, audio_codes, cfg, partial=False)
     return result
-
-
-def _replace_record_every(cfg: ScoreConfig) -> ScoreConfig:
-    return replace(cfg, record_every=1 << 62)
-
-
-def _resolve_config(config, mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every):
-    if config is None:
-        return ScoreConfig(mode, chunk_size, mini_batch_size, persistent_states, telemetry, record_every)
-    if not isinstance(config, ScoreConfig):
-        raise TypeError(f"config must be a ScoreConfig, got {type(config).__name__}")
-    given = (mode, chunk_size, mini_batch_size, persistent_states, telemetry)
-    if given != ("chunked", None, None, None, True):
-        raise ValueError("pass either a ScoreConfig or separate options, not both")
-    return config

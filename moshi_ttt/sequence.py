@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.models.lm_utils import _delay_sequence
+
+from .moshi_compat import delay_sequence, initial_token
 
 
 def model_codes(model: LMModel, audio_codes: torch.Tensor) -> torch.Tensor:
@@ -33,13 +34,13 @@ def delayed_input(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
     step. Position t of the result is the transformer input that predicts step t of `codes`.
     """
     B = codes.shape[0]
-    initial = model._get_initial_token().expand(B, -1, -1)  # [B, K, 1]
-    delayed = _delay_sequence(model.delays, codes, initial)  # [B, K, T]
+    initial = initial_token(model).expand(B, -1, -1)  # [B, K, 1]
+    delayed = delay_sequence(model.delays, codes, initial)  # [B, K, T]
     return torch.cat([initial, delayed], dim=2)[:, :, :-1]
 
 
 def depformer_targets(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
     """The [B, K, T] sequence that `LMModel.forward` gives `forward_depformer_training` (delayed, not shifted)."""
     B = codes.shape[0]
-    initial = model._get_initial_token().expand(B, -1, -1)
-    return _delay_sequence(model.delays, codes, initial)
+    initial = initial_token(model).expand(B, -1, -1)
+    return delay_sequence(model.delays, codes, initial)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 from moshi.modules.streaming import StreamingModule
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
+from moshi.modules.transformer import StreamingMultiheadAttention
+
+from .moshi_compat import kv_cache_capacity, widen_kv_cache
 
 
 def widen_kv_caches(module: StreamingModule, max_chunk: int) -> None:
@@ -19,24 +21,8 @@ def widen_kv_caches(module: StreamingModule, max_chunk: int) -> None:
     if max_chunk < 1:
         raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
     for m in module.modules():
-        if not isinstance(m, StreamingMultiheadAttention):
-            continue
-        state = m._streaming_state
-        if state is None or state.kv_cache is None or m.context is None:
-            continue
-        old = state.kv_cache
-        if bool((old.end_offset > 0).any()):
-            raise ValueError("widen_kv_caches must run before the first streaming forward")
-        _, batch, heads, _, head_dim = old.cache.shape  # [2, B, H, capacity, D]
-        state.kv_cache = RingKVCache(
-            batch,
-            heads,
-            head_dim,
-            m.context + max_chunk - 1,
-            respect_exec_mask=old.respect_exec_mask,
-            device=old.cache.device,
-            dtype=old.cache.dtype,
-        )
+        if isinstance(m, StreamingMultiheadAttention) and m.context is not None and kv_cache_capacity(m) is not None:
+            widen_kv_cache(m, m.context + max_chunk - 1)
 
 
 def exact_streaming(module: StreamingModule, batch_size: int, max_chunk: int) -> ExitStack:

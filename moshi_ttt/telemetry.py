@@ -2,15 +2,19 @@
 
 Notation: B batch rows, H heads, n tokens, D head dim, U mini-batch updates recorded so far.
 
-Recorded at every completed inner-loop mini-batch (DESIGN.md, "Telemetry"; the three curves of ttt-lm-jax's TTT
+Recorded at every completed inner-loop mini-batch (DESIGN.md, "Telemetry"; the four curves of ttt-lm-jax's TTT
 stats):
 - drift ||W - W_base||_F / ||W_base||_F of W1, b1, W2, b2 after the update (absolute norm where W_base is zero);
 - the reconstruction loss l(W) = mean over heads and tokens of 1/2 |LN(f_W(k_s)) - target_s|^2 on the keys of that
-  mini-batch, at W_base, at the mini-batch's start W0 and after its update.
+  mini-batch, at W_base, at the mini-batch's start W0 and after its update;
+- the variance of the target, mean over heads and tokens of 1/2 |E[Y] - Y_s|^2 with E[Y] the mean target of the
+  mini-batch (per head): the loss of the best constant prediction, the scale of what there is to learn (ttt-lm-jax's
+  `ssl_tgt_last_in_mini_batch_from_mean_mse`, there against the mean over the whole sequence, one token per
+  mini-batch and the mean over D: here it stays causal and on the scale of the losses above).
 
 The recorder only observes: the state's `on_inputs` hook hands it the keys and values the block computed, and
-the state's `on_update` hook (chunks of several tokens) or the position wrapping to 0 (single-token calls) marks an
-update. The numbers do not depend on how the sequence was chunked.
+the state's `on_update` hook, called by the inner loop itself in both forms (ttt/step.py), hands it the weights
+before and after each update. The numbers do not depend on how the sequence was chunked.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from moshi.models.lm import LMModel
 
 from .ttt.apply import ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState
-from .ttt.ops import FastWeights, gelu_tanh, head_layer_norm, reconstruction_target, weight_drift
+from .ttt.ops import AnyWeights, FastWeights, head_layer_norm, inner_forward, reconstruction_target, weight_drift
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_NAMES = FastWeights._fields  # ("W1", "b1", "W2", "b2")
+WEIGHT_NAMES = FastWeights._fields  # ("W1", "b1", "W2", "b2"); TTT-Linear layers have W1 and b1 only
 FLUSH_EVERY = 32  # pending updates computed together (bounds the memory held for them)
 
 
@@ -41,6 +45,7 @@ class LayerTelemetry:
     loss_base: torch.Tensor  # [B, U] inner loss of each mini-batch at W_base
     loss_start: torch.Tensor  # [B, U] ... at the mini-batch's start weights W0
     loss_after: torch.Tensor  # [B, U] ... after the mini-batch's update
+    target_variance: torch.Tensor  # [B, U] mean_{h, s} 1/2 |E[Y] - Y_s|^2 over the mini-batch's targets Y
     final_drift: dict[str, torch.Tensor]  # name -> [B], drift of the fast weights at the end
 
 
@@ -53,26 +58,32 @@ class Telemetry:
 
 
 def reconstruction_loss(
-    weights: FastWeights, xk: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor
+    weights: AnyWeights, xk: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor
 ) -> torch.Tensor:
     """Inner-loop loss mean_{h, s} 1/2 |LN(f_W(k_s)) - target_s|^2 per batch row (Sun et al. 2024, eq. 1).
 
     Args:
-        weights: FastWeights [B, H, ...]; xk, target: [B, H, n, D]; ln_weight, ln_bias: [H, D].
+        weights: AnyWeights [B, H, ...]; xk, target: [B, H, n, D]; ln_weight, ln_bias: [H, D].
     Returns:
         [B]
     """
     return _token_losses(weights, xk, target, ln_weight, ln_bias).mean(dim=(1, 2))  # [B, H, n] -> [B]
 
 
-def _token_losses(weights: FastWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
+def _token_losses(weights: AnyWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
     """1/2 |LN(f_W(k_s)) - target_s|^2 per row, head and token: [B, H, n]."""
-    act = gelu_tanh(xk @ weights.W1 + weights.b1)  # [B, H, n, D] @ [B, H, D, F] -> [B, H, n, F]
-    pred = head_layer_norm(act @ weights.W2 + weights.b2, ln_weight, ln_bias)  # [B, H, n, F] @ [B, H, F, D]
+    pred = head_layer_norm(inner_forward(weights, xk), ln_weight, ln_bias)  # [B, H, n, D]
     return 0.5 * (pred - target).pow(2).sum(dim=-1)
 
 
-def _base_loss(base: FastWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
+def target_variance(target: torch.Tensor) -> torch.Tensor:
+    """mean over heads and tokens of 1/2 |E[Y] - Y_s|^2, E over the n tokens (per head). target: [B, H, n, D] ->
+    [B]."""
+    centred = target - target.mean(dim=2, keepdim=True)  # [B, H, n, D]
+    return 0.5 * centred.pow(2).sum(dim=-1).mean(dim=(1, 2))
+
+
+def _base_loss(base: AnyWeights, xk, target, ln_weight, ln_bias) -> torch.Tensor:
     """reconstruction_loss at the one W_base [1, H, ...] for many rows [R, H, n, D]: the rows are folded into the
     token axis, so that the weights are not copied R times. Returns [R]."""
     R, H, n, _ = xk.shape
@@ -96,18 +107,14 @@ class _LayerRecorder:
         self.buffered = 0  # tokens in keys/targets
         self.buffer_start = 0  # transformer step of the first buffered token
         self.steps_read = 0  # transformer steps read so far in this session
-        self.single_start: FastWeights | None = None  # W0 before a single-token call that completes a mini-batch
         self.update_step: list[int] = []
-        self.drift: dict[str, list[torch.Tensor]] = {name: [] for name in WEIGHT_NAMES}
+        self.drift: dict[str, list[torch.Tensor]] = {name: [] for name in block.weight_kind._fields}
         self.loss_base: list[torch.Tensor] = []
         self.loss_start: list[torch.Tensor] = []
         self.loss_after: list[torch.Tensor] = []
+        self.target_variance: list[torch.Tensor] = []
         # Updates not yet computed: (step, keys, targets, w_start, w_end); see `flush`.
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, FastWeights, FastWeights]] = []
-
-    def post_hook(self, block: TTTBlock, _args: tuple, _out: torch.Tensor) -> None:
-        if block._streaming_state is self.state:
-            self.after()
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, AnyWeights, AnyWeights]] = []
 
     def before(self, xk: torch.Tensor, xv: torch.Tensor) -> None:
         """The state's on_inputs hook: buffers the chunk's keys and targets [B, H, n, D], the block's own."""
@@ -127,18 +134,8 @@ class _LayerRecorder:
             self.keys, self.targets = torch.cat([self.keys, xk], dim=2), torch.cat([self.targets, target], dim=2)
         self.buffered += xk.shape[2]
         self.steps_read += xk.shape[2]
-        self.single_start = None
-        if xk.shape[2] == 1 and position == state.mini_batch_size - 1:
-            start = state.fast_weights if state.persistent else state.base_weights(state.batch_size)
-            self.single_start = FastWeights(*(w.clone() for w in start))
 
-    def after(self) -> None:
-        """Forward hook: a single-token call that completed its mini-batch has no on_update call."""
-        if self.single_start is not None:
-            self.on_update(self.single_start, self.state.fast_weights)
-            self.single_start = None
-
-    def on_update(self, w_start: FastWeights, w_end: FastWeights) -> None:
+    def on_update(self, w_start: AnyWeights, w_end: AnyWeights) -> None:
         """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
 
         The numbers are computed in batches (`flush`) every FLUSH_EVERY updates and at each snapshot,
@@ -155,14 +152,15 @@ class _LayerRecorder:
         if len(self.pending) >= FLUSH_EVERY:
             self.flush()
 
-    def _keep(self, weights: FastWeights) -> FastWeights:
+    def _keep(self, weights: AnyWeights) -> AnyWeights:
         own = self.state.fast_weights
         if any(w is o for w, o in zip(weights, own, strict=True)):
-            return FastWeights(*(w.clone() for w in weights))
+            return type(weights)(*(w.clone() for w in weights))
         return weights
 
     def flush(self) -> None:
-        """Computes drift and the three inner losses of the pending updates in one batched call."""
+        """Computes drift, the three inner losses and the target variance of the pending updates in one batched
+        call."""
         if not self.pending:
             return
         steps, xks, tgts, starts, ends = zip(*self.pending, strict=True)
@@ -172,10 +170,12 @@ class _LayerRecorder:
         ln = (block.ttt_norm_weight.to(xk.dtype), block.ttt_norm_bias.to(xk.dtype))
         B, U = self.state.batch_size, len(steps)
         base = self.state.base_weights(1).to(xk.dtype)  # [1, H, ...], broadcast over the U * B rows
-        start = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*starts, strict=True)))
-        end = FastWeights(*(torch.cat(ws).to(xk.dtype) for ws in zip(*ends, strict=True)))
+        kind = type(starts[0])
+        start = kind(*(torch.cat(ws).to(xk.dtype) for ws in zip(*starts, strict=True)))
+        end = kind(*(torch.cat(ws).to(xk.dtype) for ws in zip(*ends, strict=True)))
         # [U B] each: at W_base, at W0, after the update; U updates of B rows each.
         losses = [_base_loss(base, xk, tgt, *ln), *(reconstruction_loss(w, xk, tgt, *ln) for w in (start, end))]
+        losses.append(target_variance(tgt))
         drifts = weight_drift(end, base)  # name -> [U B]
         values = torch.cat([*losses, *drifts.values()]).float().cpu()  # one device-to-host copy
         n = U * B
@@ -185,8 +185,9 @@ class _LayerRecorder:
             self.loss_base.append(values[:n][rows])
             self.loss_start.append(values[n : 2 * n][rows])
             self.loss_after.append(values[2 * n : 3 * n][rows])
+            self.target_variance.append(values[3 * n : 4 * n][rows])
             for i, name in enumerate(drifts):
-                self.drift[name].append(values[(3 + i) * n : (4 + i) * n][rows])
+                self.drift[name].append(values[(4 + i) * n : (5 + i) * n][rows])
 
     def snapshot(self) -> LayerTelemetry:
         self.flush()
@@ -203,6 +204,7 @@ class _LayerRecorder:
             loss_base=stack(self.loss_base),
             loss_start=stack(self.loss_start),
             loss_after=stack(self.loss_after),
+            target_variance=stack(self.target_variance),
             final_drift={name: value.float().cpu() for name, value in final.items()},
         )
 
@@ -230,24 +232,20 @@ class TelemetryRecorder:
 def record(model: LMModel):
     """Inside a streaming session of `model.transformer`: hooks that record telemetry until the block exits.
 
-    The hooks and `on_update` callbacks are removed on exit, so a shared model is left as it was.
+    The observers are removed from the states on exit, so a shared model is left as it was.
 
     Yields:
         TelemetryRecorder; call `snapshot()` for the numbers.
     """
     recorder = TelemetryRecorder(model)
-    handles = []
     try:
         for rec in recorder.layers.values():
-            # A shared model may run other sessions between this one's steps (the app swaps streaming states in
-            # and out): the hooks only record forwards that run on this session's own state.
-            handles.append(rec.block.register_forward_hook(rec.post_hook))
+            # Observers of this session's own states: a shared model may run other sessions between this one's
+            # steps (the app swaps streaming states in and out), and theirs have none.
             rec.state.on_inputs = rec.before
             rec.state.on_update = rec.on_update
         yield recorder
     finally:
-        for handle in handles:
-            handle.remove()
         for rec in recorder.layers.values():
             rec.state.on_update = None
             rec.state.on_inputs = None

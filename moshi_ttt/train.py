@@ -31,7 +31,7 @@ from .evaluate import UsageError, read_manifest
 from .train_data import CodeBatcher, cached_codes, training_codes
 from .ttt.apply import apply_ttt, ttt_blocks
 from .ttt.carry import TTTCarry, carry_ttt_state
-from .ttt.ops import FastWeights, InnerState
+from .ttt.state import FastWeightState
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +54,15 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     train_all: bool = False  # also train the base model's weights (at lr)
     seed: int = 0  # file order
-    save_every: int = 0  # save a resumable checkpoint every N steps (0: only at the end)
+    save_every: int = 0  # Trainer.run calls its `save` every N steps (the CLI: checkpoint + state); 0: only at the end
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("steps, batch_size and chunk_size must be >= 1")
         if self.lr <= 0 or self.grad_clip < 0:
             raise ValueError(f"lr must be > 0 and grad_clip >= 0, got {self.lr} and {self.grad_clip}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
 
 
 def audio_loss(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,16 @@ class Trainer:
         self.step_count += 1
         return loss.item()
 
-    def run(self, on_step: Callable[[int, float], None] | None = None, progress: bool = False) -> list[float]:
+    def run(
+        self,
+        on_step: Callable[[int, float], None] | None = None,
+        progress: bool = False,
+        save: Callable[[Trainer], None] | None = None,
+    ) -> list[float]:
+        """Steps until `cfg.steps`; `save(trainer)` runs after every `cfg.save_every`-th step (0: never here; the
+        caller saves at the end)."""
+        if self.cfg.save_every and save is None:
+            raise ValueError("TrainConfig.save_every is set but run() was given no save function")
         losses = []
         bar = tqdm(total=self.cfg.steps, initial=self.step_count, disable=not progress, desc="train", unit="step")
         while self.step_count < self.cfg.steps:
@@ -142,6 +153,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}")
             if on_step is not None:
                 on_step(self.step_count, loss)
+            if save is not None and self.cfg.save_every and self.step_count % self.cfg.save_every == 0:
+                save(self)
         bar.close()
         return losses
 
@@ -155,22 +168,16 @@ class Trainer:
             for key, value in slots.items():
                 tensors[f"opt.{idx}.{key}"] = value.detach().contiguous()
         for layer, state in self.carry.states.items():
-            for name, w in zip(FAST_WEIGHT_NAMES, state.weights, strict=True):
-                tensors[f"carry.{layer}.weights.{name}"] = w.contiguous()
-            if state.grad_sums is not None:
-                for name, w in zip(FAST_WEIGHT_NAMES, state.grad_sums, strict=True):
-                    tensors[f"carry.{layer}.grad_sums.{name}"] = w.contiguous()
+            tensors.update({f"carry.{layer}.{k}": v for k, v in state.state_dict().items()})
         for layer, mask in self.carry.pending_reset.items():
             tensors[f"carry.{layer}.pending_reset"] = mask.to(torch.uint8)
-        for layer, history in self.carry.histories.items():
-            tensors[f"carry.{layer}.qk_history"] = history.contiguous()
         save_file(tensors, str(directory / STATE_TENSORS))
         meta = {
             "step": self.step_count,
             "config": dataclasses.asdict(self.cfg),
             "batcher": self.batcher.state(),
             "param_groups": opt["param_groups"],
-            "carry_positions": {str(k): s.position for k, s in self.carry.states.items()},
+            "carry_layers": sorted(self.carry.states),
         }
         (directory / STATE_JSON).write_text(json.dumps(meta, indent=1))
 
@@ -189,20 +196,33 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         device = self.model.device
         self.carry = TTTCarry()
-        for layer_str, position in meta["carry_positions"].items():
-            layer = int(layer_str)
-
-            def get(part: str, layer: int = layer) -> FastWeights:
-                return FastWeights(*(tensors[f"carry.{layer}.{part}.{n}"].to(device) for n in FAST_WEIGHT_NAMES))
-
-            sums = get("grad_sums") if f"carry.{layer}.grad_sums.W1" in tensors else None
-            self.carry.states[layer] = InnerState(get("weights"), sums, position)
-            if f"carry.{layer}.pending_reset" in tensors:
-                self.carry.pending_reset[layer] = tensors[f"carry.{layer}.pending_reset"].bool().to(device)
-            if f"carry.{layer}.qk_history" in tensors:
-                self.carry.histories[layer] = tensors[f"carry.{layer}.qk_history"].to(device)
+        # "carry_positions": the layout before FastWeightState (one int position, optional grad sums).
+        layers = meta["carry_layers"] if "carry_layers" in meta else [int(k) for k in meta["carry_positions"]]
+        for layer in layers:
+            prefix = f"carry.{layer}."
+            part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            pending = part.pop("pending_reset", None)
+            if "carry_positions" in meta:
+                part = _older_carry(part, meta["carry_positions"][str(layer)])
+            self.carry.states[layer] = FastWeightState.from_state_dict(part, device)
+            if pending is not None:
+                self.carry.pending_reset[layer] = pending.bool().to(device)
         self.batcher.load_state(meta["batcher"])
         self.step_count = meta["step"]
+
+
+def _older_carry(part: dict[str, torch.Tensor], position: int) -> dict[str, torch.Tensor]:
+    """A carried layer saved before FastWeightState, as `FastWeightState.state_dict()` entries."""
+    rows = part["weights.W1"].shape[0]
+    part = dict(part)
+    for name in FAST_WEIGHT_NAMES:
+        part.setdefault(f"grad_sums.{name}", torch.zeros_like(part[f"weights.{name}"]))
+    part["position"] = torch.full((rows,), position, dtype=torch.long)
+    # The tokens read since the reset were not saved; only "> 0" (the row has started: not W_base) is read.
+    part["offset"] = torch.ones(rows, dtype=torch.long)
+    if "qk_history" in part:
+        part["history"] = part.pop("qk_history")
+    return part
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gating-alpha-init", type=float, default=TTTConfig.gating_alpha_init)
     parser.add_argument("--share-qk", action="store_true", help="q and k from one projection + causal convolutions")
     parser.add_argument("--conv-kernel", type=int, default=TTTConfig.conv_kernel, help="with --share-qk")
+    parser.add_argument("--inner", choices=("mlp", "linear"), default=TTTConfig.inner, help="TTT-MLP or TTT-Linear")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size)
@@ -228,15 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
     parser.add_argument("--train-all", action="store_true")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between saves (0: end)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint and state in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         trainer, loaded = _build(args)
-        losses = trainer.run(progress=True)
-        save(args.out / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref,
-             overwrite=True)  # fmt: skip
-        trainer.save_state(args.out / "state")
+
+        def save_all(trainer: Trainer) -> None:
+            """The resumable pair that --resume reads: checkpoint and training state."""
+            save(args.out / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref,
+                 overwrite=True)  # fmt: skip
+            trainer.save_state(args.out / "state")
+
+        losses = trainer.run(progress=True, save=save_all)
+        save_all(trainer)
     except (ValueError, FileNotFoundError, KeyError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -251,7 +278,7 @@ def _build(args) -> tuple[Trainer, LoadedCheckpoint]:
     if args.ttt_layers and not ttt_blocks(loaded.model) and not args.resume:
         cfg = TTTConfig(layers=args.ttt_layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
                         gating_alpha_init=args.gating_alpha_init, share_qk=args.share_qk,
-                        conv_kernel=args.conv_kernel)  # fmt: skip
+                        conv_kernel=args.conv_kernel, inner=args.inner)  # fmt: skip
         apply_ttt(loaded.model, cfg)
     if args.codes is not None:
         files = [load_file(path)["codes"].long() for path in args.codes]
@@ -263,7 +290,7 @@ def _build(args) -> tuple[Trainer, LoadedCheckpoint]:
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr,
         weight_lr_multiplier=args.weight_lr_multiplier, alpha_lr_multiplier=args.alpha_lr_multiplier,
-        grad_clip=args.grad_clip, train_all=args.train_all, seed=args.seed,
+        grad_clip=args.grad_clip, train_all=args.train_all, seed=args.seed, save_every=args.save_every,
     )  # fmt: skip
     trainer = Trainer(loaded.model, files, cfg)
     if args.resume:

@@ -1,6 +1,8 @@
 """Checkpoints: our format round trip, moshi's (full and LoRA) through CheckpointInfo, clear errors, offline Hub."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
-from moshi_ttt import TTTConfig, apply_ttt, load, save
+from moshi_ttt import LegacyConfig, TTTConfig, apply_ttt, load, save
 from moshi_ttt.checkpoints import common
 from moshi_ttt.sequence import model_codes
 
@@ -37,11 +39,6 @@ def assert_same_state(a: LMModel, b: LMModel) -> None:
     for k in sa:
         assert sa[k].dtype == sb[k].dtype, k
         torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0, msg=k)
-
-
-def test_tiny_lm_config_builds_tiny_lm():
-    shapes = {k: v.shape for k, v in LMModel(**tiny_lm_config()).state_dict().items()}
-    assert shapes == {k: v.shape for k, v in tiny_lm().state_dict().items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -304,3 +301,73 @@ def test_small_cpu_models_are_built_on_the_cpu_and_large_ones_on_meta():
     large_config = {**tiny_lm_config(), "dim": 2048, "num_heads": 16}
     assert all(p.is_meta for p in build_lm(large_config, "cpu", torch.float32).parameters())
     assert all(p.is_meta for p in build_lm(tiny_lm_config(), "cuda", torch.float32).parameters())
+
+
+def test_ttt_config_json_round_trip_nests_the_legacy_options():
+    legacy = LegacyConfig(causal=False, mlp_layers=3, mlp_hidden_dims=(8, 12), use_rope=True, rope_theta=500.0)
+    cfg = TTTConfig(layers="1,2", target="legacy", legacy=dataclasses.replace(legacy, ttt_layer_context=6))
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["legacy"]["mlp_hidden_dims"] == [8, 12] and data["legacy"]["ttt_layer_context"] == 6
+    assert not {"causal", "mlp_layers", "use_rope"} & set(data)  # only under "legacy"
+    assert TTTConfig.from_dict(data) == cfg and hash(TTTConfig.from_dict(data)) == hash(cfg)
+    plain = json.loads(json.dumps(TTTConfig(inner="linear").to_dict()))
+    assert plain["legacy"] is None and TTTConfig.from_dict(plain) == TTTConfig(inner="linear")
+
+
+def test_old_flat_ttt_config_layout_still_loads():
+    """Configs saved before LegacyConfig had the legacy options at the top level (demo_assets/ttt still does)."""
+    old_defaults = {"causal": True, "mlp_layers": 2, "mlp_hidden_dims": None, "use_rope": False}
+    old_defaults.update(rope_theta=10000.0, ttt_layer_context=None, non_ttt_layer_context=None)
+    flat = {"layers": "1,2", "mini_batch_size": 4, "target": "legacy", "legacy": True, **old_defaults}
+    flat.update(causal=False, mlp_layers=3, mlp_hidden_dims=[8, 12], use_rope=True, non_ttt_layer_context=9)
+    expected = LegacyConfig(causal=False, mlp_layers=3, mlp_hidden_dims=(8, 12), use_rope=True, non_ttt_layer_context=9)
+    assert TTTConfig.from_dict(flat) == TTTConfig(layers="1,2", mini_batch_size=4, target="legacy", legacy=expected)
+    assert TTTConfig.from_dict({"legacy": True}).legacy == LegacyConfig()  # old flat defaults: causal=True
+    ours = {"layers": "1", "legacy": False, "share_qk": True, **old_defaults}
+    assert TTTConfig.from_dict(ours) == TTTConfig(layers="1", share_qk=True)
+    demo = json.loads((Path(__file__).parents[1] / "demo_assets" / "ttt" / "config.json").read_text())["ttt"]
+    assert demo["legacy"] is False and TTTConfig.from_dict(demo).legacy is None
+    with pytest.raises(ValueError, match=r"\['mlp_layers', 'use_rope'\] exist only for legacy checkpoints"):
+        TTTConfig.from_dict({**ours, "mlp_layers": 3, "use_rope": True})
+    with pytest.raises(ValueError, match=r"unknown TTTConfig fields: \['bogus', 'causal'\]"):
+        TTTConfig.from_dict({"legacy": {"causal": False}, "causal": False, "bogus": 1})  # nested + stray flat keys
+    with pytest.raises(ValueError, match=r"unknown TTTConfig fields: \['bogus'\]"):
+        TTTConfig.from_dict({**flat, "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown LegacyConfig fields: \['ttt_mlp_layers'\]"):
+        TTTConfig.from_dict({"legacy": {"ttt_mlp_layers": 3}})
+    with pytest.raises(ValueError, match="legacy must be an object, null or"):
+        TTTConfig.from_dict({"legacy": "yes"})
+    with pytest.raises(ValueError, match="read from a JSON object, got list"):
+        TTTConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"mlp_layers": 11}, r"mlp_layers must be an integer in \[2, 10\], got 11"),
+        ({"mlp_layers": 2.5}, "mlp_layers must be an integer"),
+        ({"mlp_layers": True}, "mlp_layers must be an integer"),
+        ({"mlp_layers": 3, "mlp_hidden_dims": [8]}, "needs mlp_layers - 1 = 2 widths"),
+        ({"mlp_hidden_dims": [0]}, "mlp_hidden_dims widths must be an integer >= 1, got 0"),
+        ({"mlp_hidden_dims": "8"}, "mlp_hidden_dims must be a list of widths or None"),
+        ({"rope_theta": float("nan")}, "rope_theta must be a finite number > 0"),
+        ({"rope_theta": "1e4"}, "rope_theta must be a finite number > 0"),
+        ({"causal": "no"}, "causal must be true or false"),
+        ({"use_rope": 1}, "use_rope must be true or false"),
+        ({"ttt_layer_context": 0}, "ttt_layer_context must be an integer >= 1, got 0"),
+        ({"non_ttt_layer_context": 2.5}, "non_ttt_layer_context must be an integer"),
+    ],
+)
+def test_bad_legacy_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        TTTConfig.from_dict({"legacy": options})
+    with pytest.raises(ValueError, match=message):
+        TTTConfig.from_dict({"legacy": True, **options})  # old flat layout
+
+
+def test_legacy_config_is_required_for_legacy_mode():
+    with pytest.raises(ValueError, match="legacy must be a LegacyConfig or None, got True"):
+        TTTConfig(legacy=True)
+    assert LegacyConfig(rope_theta=500).rope_theta == 500.0 and LegacyConfig(mlp_hidden_dims=[8]).mlp_hidden_dims == (
+        8,
+    )

@@ -289,8 +289,9 @@ def test_legacy_checkpoint_matches_the_fork_reference(tmp_path, base_dir64, layo
         tmp_path / "consolidated", base=None if full else str(base_dir64), dtype=torch.float64, legacy_causal=causal
     )
     cfg = loaded.ttt_config
-    assert loaded.kind == "legacy_ttt" and cfg.legacy and cfg.target == "legacy" and cfg.causal == causal
-    assert cfg.layers == "1,2" and cfg.mlp_layers == depth and cfg.use_rope == use_rope and cfg.num_heads == H
+    assert loaded.kind == "legacy_ttt" and cfg.legacy is not None and cfg.target == "legacy"
+    assert cfg.legacy.causal == causal and cfg.legacy.mlp_layers == depth and cfg.legacy.use_rope == use_rope
+    assert cfg.layers == "1,2" and cfg.num_heads == H
     assert any(note.startswith("WARNING") and "leak" in note for note in loaded.notes) != causal
     codes = model_codes(loaded.model, random_audio_codes(1, T, seed=T))
     expected = valid_logits(reference_model(values, causal=causal, use_rope=use_rope, lm_config=F64_CONFIG), codes)
@@ -447,7 +448,26 @@ def test_legacy_model_saved_in_our_format_keeps_legacy_mode(tmp_path, base_dir):
     again = load(tmp_path / "ours", dtype=torch.bfloat16)
     assert again.ttt_config == loaded.ttt_config and any("leak" in note for note in again.notes)
     torch.testing.assert_close(text_outputs(again.model), text_outputs(loaded.model), rtol=0, atol=0)
-    assert load(tmp_path / "ours", legacy_causal=True).ttt_config.causal
+    assert load(tmp_path / "ours", legacy_causal=True).ttt_config.legacy.causal
+
+
+def test_our_checkpoint_with_the_old_flat_legacy_config_loads_the_same(tmp_path, base_dir):
+    """Checkpoints saved before LegacyConfig have `"legacy": true, "causal": false, "mlp_layers": 3, ...` at the top
+    of config.json's "ttt": they load to the same nested config and the same outputs."""
+    write_fork_checkpoint(tmp_path / "c", layout="ttt_layer", depth=3, full=False, use_rope=True)
+    loaded = load(tmp_path / "c", base=str(base_dir))
+    save(tmp_path / "ours", loaded.model, lm_config=loaded.lm_config, ttt_config=loaded.ttt_config)
+    path = tmp_path / "ours" / "config.json"
+    config = json.loads(path.read_text())
+    nested = config["ttt"]
+    assert nested["legacy"]["causal"] is False and nested["legacy"]["mlp_layers"] == 3
+    config["ttt"] = {**{k: v for k, v in nested.items() if k != "legacy"}, "legacy": True, **nested["legacy"]}
+    path.write_text(json.dumps(config))
+    again = load(tmp_path / "ours")
+    assert again.ttt_config == loaded.ttt_config and again.ttt_config.legacy.use_rope
+    assert any("leak" in note for note in again.notes)
+    torch.testing.assert_close(text_outputs(again.model), text_outputs(loaded.model), rtol=0, atol=0)
+    assert load(tmp_path / "ours", legacy_causal=True).ttt_config.legacy.causal
 
 
 def _edit(path, edit):

@@ -74,7 +74,7 @@ def test_scoring_a_then_b_gives_b_its_solo_losses():
         solo = score(model, b, mode, 7 if mode == "chunked" else None).loss
         score(model, a, mode, 7 if mode == "chunked" else None)
         after = score(model, b, mode, 7 if mode == "chunked" else None).loss
-        assert_same(after, solo, atol=0), mode
+        torch.testing.assert_close(after, solo, rtol=0, atol=0, equal_nan=True, msg=lambda m, mode=mode: f"{mode}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -150,3 +150,47 @@ def test_default_chunks_hold_whole_ttt_mini_batches():
     assert _chunk_size(model, ScoreConfig(mode="chunked", mini_batch_size=3), 100) == CONTEXT - CONTEXT % 3
     assert _chunk_size(model, ScoreConfig(mode="chunked", chunk_size=7), 100) == 7  # an explicit size is kept
     assert _chunk_size(tiny_lm(0).eval(), ScoreConfig(mode="chunked"), 100) == CONTEXT
+
+
+def test_a_score_config_and_the_keyword_shortcuts_are_the_same_call():
+    from moshi_ttt.scoring import score_config
+
+    model = ttt_lm(4)
+    codes = random_audio_codes(1, 20, seed=8)
+    cfg = ScoreConfig(mode="chunked", chunk_size=8, persistent_states=False)
+    by_config = score(model, codes, cfg).loss
+    assert_same(score(model, codes, config=cfg).loss, by_config, atol=0)
+    assert_same(score(model, codes, mode="chunked", chunk_size=8, persistent_states=False).loss, by_config, atol=0)
+    assert_same(score(model, codes, "chunked", 8, persistent_states=False).loss, by_config, atol=0)
+    assert not torch.equal(score(model, codes, "chunked", 8).loss.nan_to_num(), by_config.nan_to_num())
+    # One place resolves the defaults: shortcuts left at None are ScoreConfig's own.
+    assert score_config() == ScoreConfig()
+    assert score_config("stream", telemetry=None, chunk_size=None) == ScoreConfig(mode="stream")
+    assert score_config(cfg) is cfg and score_config(config=cfg) is cfg
+    with pytest.raises(ValueError, match="not both"):
+        score_config(cfg, chunk_size=4)
+    with pytest.raises(ValueError, match="not both"):
+        score_config(cfg, config=cfg)
+    with pytest.raises(ValueError, match="unknown scoring options \\['chunks'\\]"):
+        score_config(chunks=4)
+    with pytest.raises(TypeError, match="config must be a ScoreConfig"):
+        score_config(config={"mode": "full"})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"mode": ["full"]}, "mode must be one of"),
+        ({"chunk_size": 2.5}, "chunk_size must be an integer >= 1, got 2.5"),
+        ({"chunk_size": float("nan")}, "chunk_size must be an integer"),
+        ({"chunk_size": True}, "chunk_size must be an integer"),
+        ({"mini_batch_size": "4"}, "mini_batch_size must be an integer"),
+        ({"record_every": 0}, "record_every must be >= 1, got 0"),
+        ({"persistent_states": "no"}, "persistent_states must be true, false or None"),
+        ({"telemetry": 1}, "telemetry must be true or false"),
+    ],
+    ids=["mode-list", "chunk-float", "chunk-nan", "chunk-bool", "b-string", "record-zero", "persist-str", "telem-int"],
+)
+def test_score_config_refuses_json_values_of_the_wrong_kind(options, message):
+    with pytest.raises(ValueError, match=message):
+        ScoreConfig(**options)

@@ -123,3 +123,40 @@ def test_telemetry_can_be_turned_off_and_leaves_no_hooks_behind():
     for block in ttt_blocks(model).values():
         assert not block._forward_hooks and not block._forward_pre_hooks
     assert score(tiny_lm(0), codes).telemetry is None
+
+
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_target_variance_is_the_loss_of_the_mean_target_and_the_same_in_every_mode(share_qk):
+    """The fourth TTT stat of ttt-lm-jax: what there is to learn in each mini-batch, on the scale of the losses."""
+    b = 4
+    model = ttt_lm(b, share_qk=share_qk)
+    codes = random_audio_codes(2, 20, seed=5)
+    full = score(model, codes, "full").telemetry.layers[1]
+    block = ttt_blocks(model)[1]
+    seq = delayed_input(model, model_codes(model, codes))
+    captured = []
+    hook = block.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    with torch.no_grad():
+        model.forward_text(seq)  # plain forward: the block's input for all 20 steps
+        hook.remove()
+        _, xk, xv, _, _ = block._project(block.norm(captured[0]), None)
+    target = head_layer_norm(xv - xk, block.ttt_norm_weight, block.ttt_norm_bias)  # [B, H, T, D]
+    assert full.target_variance.shape == (2, 20 // b)
+    for u in range(20 // b):
+        y = target[:, :, u * b : (u + 1) * b]  # [B, H, b, D]
+        expected = 0.5 * (y - y.mean(dim=2, keepdim=True)).pow(2).sum(-1).mean(dim=(1, 2))
+        torch.testing.assert_close(full.target_variance[:, u], expected, rtol=1e-5, atol=1e-6)
+    for mode, chunk in (("chunked", 7), ("stream", None)):
+        other = score(model, codes, mode, chunk).telemetry.layers[1]
+        torch.testing.assert_close(other.target_variance, full.target_variance, rtol=1e-4, atol=1e-5)
+    assert bool((full.target_variance > 0).all())
+
+
+def test_results_record_names_the_target_variance():
+    from moshi_ttt.report import telemetry_record
+
+    model = ttt_lm(4)
+    telemetry = score(model, random_audio_codes(1, 12, seed=6), "chunked", 4).telemetry
+    _, inner = telemetry_record(telemetry, 0)
+    assert inner["1"]["target_variance"] == telemetry.layers[1].target_variance[0].tolist()
+    assert len(inner["1"]["target_variance"]) == len(inner["1"]["t"]) == 3

@@ -24,7 +24,10 @@ def test_batcher_reads_files_in_order_and_flags_new_files():
     flags = [bool(f[0]) for _, f in seen]
     firsts = [int(c[0, 0, 0]) for c, _ in seen]
     assert flags.count(True) == 2 and flags[0]
-    assert sorted(firsts[:5]) == sorted(firsts)  # chunks of one file come in order
+    # Each file's chunks come in order, back to back, and only a file's first chunk is flagged as new.
+    assert sorted(firsts) == [0, 4, 8, 100, 104]
+    assert firsts in ([0, 4, 8, 100, 104], [100, 104, 0, 4, 8])
+    assert [f in (0, 100) for f in firsts] == flags
     padded = [c for c, _ in seen if (c < 0).any()]
     assert padded, "the last chunk of a file is padded with the zero token"
 
@@ -106,3 +109,37 @@ def test_cli_encodes_audio_once_trains_ttt_and_resumes(assets, tmp_path, capsys)
     assert '"steps": 3' in capsys.readouterr().out
     assert main(["--init", str(assets / "checkpoints" / "baseline"), "--manifest", str(tmp_path / "no.jsonl"),
                  "--out", str(out)]) == 2  # fmt: skip
+
+
+def test_save_every_calls_save_at_its_steps_and_needs_a_save_function():
+    files = [random_audio_codes(1, 16, seed=s)[0] for s in range(2)]
+    trainer = Trainer(ttt_lm(), files, TrainConfig(steps=5, batch_size=1, chunk_size=8, save_every=2))
+    saved = []
+    trainer.run(save=lambda t: saved.append(t.step_count))
+    assert saved == [2, 4]
+    with pytest.raises(ValueError, match="no save function"):
+        Trainer(ttt_lm(), files, TrainConfig(steps=6, batch_size=1, chunk_size=8, save_every=2)).run()
+    with pytest.raises(ValueError, match="save_every must be >= 0"):
+        TrainConfig(save_every=-1)
+
+
+def test_cli_save_every_leaves_a_resumable_checkpoint_midway(assets, tmp_path, monkeypatch):
+    from moshi_ttt.train import main
+
+    out = tmp_path / "run"
+    argv = ["--init", str(assets / "checkpoints" / "baseline"), "--ttt-layers", "1", "--mini-batch-size", "4",
+            "--audio", str(assets / "a.wav"), "--out", str(out), "--batch-size", "1", "--chunk-size", "8",
+            "--steps", "3", "--save-every", "2", "--inner", "linear"]  # fmt: skip
+    saves = []
+    original = Trainer.save_state
+
+    def recording(self, directory):
+        saves.append(self.step_count)
+        original(self, directory)
+
+    monkeypatch.setattr(Trainer, "save_state", recording)
+    assert main(argv) == 0
+    assert saves == [2, 3]  # every 2 steps, and at the end
+    from moshi_ttt import load
+
+    assert load(out / "checkpoint").ttt_config.inner == "linear"  # TTT-Linear trained from the CLI

@@ -10,7 +10,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from test_ttt_streaming import T, patterns, stream, ttt_model
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
-from moshi_ttt import TTTConfig, apply_ttt, exact_streaming, ttt_blocks, ttt_states
+from moshi_ttt import LegacyConfig, TTTConfig, apply_ttt, exact_streaming, ttt_blocks, ttt_states
 from moshi_ttt.checkpoints import load, save
 from moshi_ttt.sequence import delayed_input, model_codes
 
@@ -139,4 +139,4 @@ def test_bad_branch_inputs_are_refused(value):
 
 def test_legacy_layout_has_no_before_attention_branch():
     with pytest.raises(ValueError, match="branch_input"):
-        TTTConfig(legacy=True, branch_input=BEFORE)
+        TTTConfig(legacy=LegacyConfig(), branch_input=BEFORE)

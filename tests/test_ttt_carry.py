@@ -29,8 +29,8 @@ def test_carried_chunks_equal_one_call_and_plain_calls_start_from_w_base(share_q
         carry = TTTCarry()
         with carry_ttt_state(model, carry):
             carried = torch.cat([block(x[:, :8]), block(x[:, 8:])], 1)
-            assert sorted(carry.states) == [1, 2] or sorted(carry.states) == [1]
-        assert block.carry is None
+            assert sorted(carry.states) == [1]  # only the block that ran stored a state
+        assert not block.is_streaming  # the carry session ended with the context
         torch.testing.assert_close(carried, block(x), **tol)
         assert not torch.allclose(block(x[:, 8:]), carried[:, 8:])  # without the carry: from W_base
 
@@ -43,7 +43,7 @@ def test_carry_through_the_whole_model_runs_and_stores_every_layer():
         model(codes)
         model(codes)
     assert sorted(carry.states) == [1, 2]
-    assert all(s.position == 0 for s in carry.states.values())  # 8 tokens = two whole mini-batches
+    assert all(bool((s.position == 0).all()) for s in carry.states.values())  # 8 tokens = two whole mini-batches
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

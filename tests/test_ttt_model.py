@@ -9,7 +9,16 @@ from moshi.models.lm import LMGen
 from tiny_models import random_audio_codes, tiny_lm
 from tolerances import FLOAT32, FLOAT64
 
-from moshi_ttt import TTTConfig, apply_ttt, drift, exact_streaming, set_streaming_options, ttt_blocks, ttt_states
+from moshi_ttt import (
+    LegacyConfig,
+    TTTConfig,
+    apply_ttt,
+    drift,
+    exact_streaming,
+    set_streaming_options,
+    ttt_blocks,
+    ttt_states,
+)
 from moshi_ttt.sequence import delayed_input, model_codes
 
 
@@ -257,8 +266,40 @@ def test_share_qk_keys_see_earlier_tokens_and_bad_options_are_refused():
     torch.testing.assert_close(xk[:, :, 1:], xq[:, :, :-1], rtol=0, atol=0)
     assert torch.equal(xk[:, :, 0], torch.zeros_like(xk[:, :, 0])) and history.shape == (2, 2, model.dim)
     with pytest.raises(ValueError, match="share_qk"):
-        TTTConfig(legacy=True, share_qk=True)
+        TTTConfig(legacy=LegacyConfig(), share_qk=True)
     with pytest.raises(ValueError, match="share_qk"):
         ttt_blocks(apply_ttt(tiny_lm(0), TTTConfig(layers="1")))[1].init_qk_shift()
     with pytest.raises(ValueError, match="conv_kernel"):
         TTTConfig(share_qk=True, conv_kernel=0)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["core", "legacy"])
+@pytest.mark.parametrize("share_qk", [False, True], ids=["wq-wk", "share_qk"])
+def test_non_persistent_streaming_respects_exec_mask(share_qk, legacy):
+    if legacy and share_qk:
+        pytest.skip("share_qk is not part of the legacy layout")
+    cfg = TTTConfig(
+        layers="1",
+        mini_batch_size=4,
+        persistent_states=False,
+        share_qk=share_qk,
+        legacy=LegacyConfig() if legacy else None,
+    )
+    model = apply_ttt(tiny_lm(0), cfg).eval()
+    seq = delayed_input(model, model_codes(model, random_audio_codes(2, 9, seed=7)))
+    with torch.no_grad(), exact_streaming(model, 2, 3):
+        model.forward_text(seq[:, :, :3])
+        state = ttt_states(model)[1]
+        frozen = {name: getattr(state, name).clone() for name in ("position", "offset")}
+        moved = copy.deepcopy(state.fast_weights if not legacy else state.weights)
+        model.set_exec_mask(torch.tensor([False, True]))
+        model.forward_text(seq[:, :, 3:6])
+        model.forward_text(seq[:, :, 6:9])
+        state = ttt_states(model)[1]
+        assert state.exec_mask.tolist() == [False, True]  # the per-call reset did not unfreeze row 0
+        for name, before in frozen.items():
+            assert getattr(state, name)[0] == before[0], name
+        assert state.offset[1] == 3 and state.position[1] == 3  # row 1 ran its last call from W_base
+        weights = state.fast_weights if not legacy else state.weights
+        for w, w_before in zip(weights, moved, strict=True):
+            torch.testing.assert_close(w[0], w_before[0], rtol=0, atol=0)

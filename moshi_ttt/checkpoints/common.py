@@ -266,12 +266,11 @@ def fast_weight_keys(model: LMModel) -> set[str]:
     """State-dict keys of the TTT parameters that stay float32 in any model dtype (saved as float32 too)."""
     from ..ttt.layer import FLOAT32_PARAMS
     from ..ttt.legacy import FLOAT32_PARAMS as LEGACY_FLOAT32_PARAMS
-    from ..ttt.legacy import LegacyTTTBlock
 
     keys = set()
     for i, block in ttt_blocks(model).items():
         prefix = f"transformer.layers.{i}.ttt."
-        if isinstance(block, LegacyTTTBlock):
+        if block.cfg.legacy is not None:  # a LegacyTTTBlock (ttt/apply.py)
             names = [*LEGACY_FLOAT32_PARAMS, *(f"weights.{j}" for j in range(len(block.weights)))]
             names += [f"biases.{j}" for j in range(len(block.biases))]
         else:
@@ -282,7 +281,7 @@ def fast_weight_keys(model: LMModel) -> set[str]:
 
 def legacy_notes(cfg: TTTConfig | None) -> list[str]:
     """Plain-language remarks that every report of a legacy-mode model shows."""
-    if cfg is None or not cfg.legacy:
+    if cfg is None or cfg.legacy is None:
         return []
     notes = [
         "Older TTT checkpoint (moshi-finetune TTT fork), evaluated in legacy mode with the fork's own TTT math: "
@@ -292,7 +291,7 @@ def legacy_notes(cfg: TTTConfig | None) -> list[str]:
         "post_norm and wo weights are loaded but not applied, as in the fork."
     ]
     b = cfg.mini_batch_size
-    if not cfg.causal:
+    if not cfg.legacy.causal:
         notes.append(
             f"WARNING: this checkpoint's TTT uses non-causal mini-batches of {b} tokens: each token is scored with "
             f"fast weights that already learned from the later tokens of its mini-batch (up to {b - 1} future "

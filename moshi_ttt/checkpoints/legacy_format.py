@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from moshi.models import loaders
 
-from ..config import TTTConfig, parse_layers
+from ..config import LegacyConfig, TTTConfig, parse_layers
 from ..ttt.apply import apply_ttt
 from .common import (
     HF_PREFIX,
@@ -155,14 +155,15 @@ def _ttt_config(section: dict, shapes: dict[str, tuple[int, ...]], keys: LegacyK
         gating_alpha_init=float(section.get("initial_gating_alpha", 0.1)),
         num_heads=int(H),
         target="legacy",
-        legacy=True,
-        causal=causal,
-        mlp_layers=depth,
-        mlp_hidden_dims=tuple(int(w) for w in widths),
-        use_rope=bool(section.get("use_rope", False)),
-        rope_theta=float(section.get("rope_theta", 10000.0)),
-        ttt_layer_context=section.get("ttt_layer_context"),
-        non_ttt_layer_context=section.get("non_ttt_layer_context"),
+        legacy=LegacyConfig(
+            causal=causal,
+            mlp_layers=depth,
+            mlp_hidden_dims=tuple(int(w) for w in widths),
+            use_rope=bool(section.get("use_rope", False)),
+            rope_theta=float(section.get("rope_theta", 10000.0)),
+            ttt_layer_context=section.get("ttt_layer_context"),
+            non_ttt_layer_context=section.get("non_ttt_layer_context"),
+        ),
     )
 
 

@@ -16,6 +16,7 @@ from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_all_linear_with_lora
 
+from ..moshi_compat import default_lm_kwargs
 from .common import (
     HF_PREFIX,
     PICKLE_SUFFIXES,
@@ -84,7 +85,7 @@ def check_moshi_files(lm_config: dict, weights: Path, lora_weights: Path | None,
 def _from_info(
     info: loaders.CheckpointInfo, *, ref: str, mimi_ref: str | None, device, dtype: torch.dtype, notes: list[str]
 ) -> LoadedCheckpoint:
-    raw_lm = dict(info.lm_config) if info.lm_config is not None else dict(loaders._lm_kwargs)
+    raw_lm = dict(info.lm_config) if info.lm_config is not None else default_lm_kwargs()
     lm_config = lm_kwargs(raw_lm)
     lora_rank = int(raw_lm.get("lora_rank", 128))
     check_moshi_files(lm_config, Path(info.moshi_weights), info.lora_weights, lora_rank)
@@ -115,7 +116,7 @@ def load_moshi_dir(
     """A local moshi checkpoint directory (or one weights file of it) via CheckpointInfo."""
     config_path = directory / "config.json"
     raw = read_json(config_path) if config_path.is_file() else None
-    lm_config = lm_kwargs(raw) if raw is not None else dict(loaders._lm_kwargs)
+    lm_config = lm_kwargs(raw) if raw is not None else default_lm_kwargs()
     notes = [] if raw is not None else [f"{directory} has no config.json: assumed to be Moshi 7B (moshiko)"]
     lora = bool(raw.get("lora", False)) if raw is not None else False
     full_names = (raw.get("moshi_name", loaders.MOSHI_NAME), *FULL_NAMES) if raw is not None else FULL_NAMES

@@ -160,8 +160,8 @@ def load_ours(
     """Loads our format; `load_fn` is `checkpoints.load`, used for a base reference."""
     config = read_config(directory)
     ttt = None if config.get("ttt") is None else TTTConfig.from_dict(config["ttt"])
-    if ttt is not None and ttt.legacy and legacy_causal:
-        ttt = dataclasses.replace(ttt, causal=True)
+    if ttt is not None and ttt.legacy is not None and legacy_causal:
+        ttt = dataclasses.replace(ttt, legacy=dataclasses.replace(ttt.legacy, causal=True))
     weights = directory / WEIGHTS_NAME
     mimi_ref = _resolve_relative(config.get("mimi"), directory)
     notes: list[str] = []

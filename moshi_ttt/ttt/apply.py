@@ -6,17 +6,17 @@ import logging
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer
 
 from ..config import TTTConfig, parse_layers
+from ..moshi_compat import LayerWithBranch, forget_streaming_children, streaming_state
 from .layer import TTTBlock, TTTState
 from .legacy import LegacyTTTBlock, set_legacy_contexts
 
 logger = logging.getLogger(__name__)
 
 
-class TTTTransformerLayer(StreamingTransformerLayer):
+class TTTTransformerLayer(LayerWithBranch):
     """moshi's layer with a TTT block between self-attention and the feed-forward.
 
     `apply_ttt` turns existing `StreamingTransformerLayer`s into this class in place, so the base weights keep
@@ -26,12 +26,12 @@ class TTTTransformerLayer(StreamingTransformerLayer):
 
     ttt: TTTBlock | LegacyTTTBlock
 
-    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
+    def after_self_attention(self, x_in: torch.Tensor, x_sa: torch.Tensor) -> torch.Tensor:
         if self.ttt.cfg.branch_input == "before_attention":
             # x + attn(x) + tanh(alpha) * TTT(norm(x)): the block returns its input plus the gated branch, so
             # subtracting x leaves the branch (exactly 0 with a zero gate).
-            return super()._sa_block(x) + (self.ttt(x) - x)
-        return self.ttt(super()._sa_block(x))
+            return x_sa + (self.ttt(x_in) - x_in)
+        return self.ttt(x_sa)
 
 
 def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
@@ -64,16 +64,15 @@ def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
         layer = layers[i]
         num_heads = cfg.num_heads or layer.self_attn.num_heads
         ref = layer.self_attn.in_projs[0].weight
-        block_cls = LegacyTTTBlock if cfg.legacy else TTTBlock  # legacy: older checkpoints, see ttt/legacy.py
+        block_cls = (
+            LegacyTTTBlock if cfg.legacy is not None else TTTBlock
+        )  # legacy: older checkpoints, see ttt/legacy.py
         block = block_cls(model.dim, num_heads, cfg, device=ref.device, dtype=ref.dtype)
         layer.__class__ = TTTTransformerLayer
         layer.ttt = block
-    if cfg.legacy:
+    if cfg.legacy is not None:
         set_legacy_contexts(model, indices, cfg)
-    # moshi caches the list of streaming children on first use; it must see the new blocks.
-    for module in model.modules():
-        if isinstance(module, StreamingModule):
-            module._cached_children = None
+    forget_streaming_children(model)  # moshi caches the streaming children on first use: it must see the new blocks
     logger.info("TTT applied to layers %s (mini_batch_size=%d)", indices, cfg.mini_batch_size)
     return model
 
@@ -87,7 +86,7 @@ def ttt_states(model: LMModel) -> dict[int, TTTState]:
     """The streaming states of the TTT blocks (the model must be streaming)."""
     states = {}
     for i, block in ttt_blocks(model).items():
-        state = block._streaming_state
+        state = streaming_state(block)
         if state is None:
             raise ValueError("the model is not streaming: TTT states exist only inside streaming()")
         states[i] = state

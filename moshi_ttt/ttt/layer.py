@@ -17,10 +17,10 @@ from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
 from ..config import TTTConfig
-from .ops import FastWeights, InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token, weight_drift
-
-if tp.TYPE_CHECKING:
-    from .carry import TTTCarry
+from ..moshi_compat import streaming_state
+from .ops import INNER_WEIGHTS, AnyWeights, UpdateHook, float32_inner, weight_drift
+from .state import FastWeightState
+from .step import ttt_mlp_step
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def keep_float32(param: torch.nn.Parameter, fn) -> None:
 def apply_keeping_float32(module: nn.Module, super_apply, fn, recurse: bool, names: tp.Iterable[str]) -> nn.Module:
     """`nn.Module._apply` that leaves the named parameters in float32 (float64 allowed): `model.to(torch.bfloat16)`
     must not round the fast weights."""
-    kept = {name: module._parameters.pop(name) for name in names}
+    kept = {name: module._parameters.pop(name) for name in names if name in module._parameters}
     try:
         super_apply(fn, recurse)
     finally:
@@ -59,38 +59,65 @@ def apply_keeping_float32(module: nn.Module, super_apply, fn, recurse: bool, nam
 
 @dataclass
 class TTTState(State):
-    """Streaming state of one TTT block; one row per batch element, float32 (float64 for a float64 model)."""
+    """Streaming state of one TTT block: moshi's State around one FastWeightState (ttt/state.py), one row per batch
+    element, float32 (float64 for a float64 model)."""
 
-    fast_weights: FastWeights  # W0: weights at the start of each row's current mini-batch, [B, H, ...]
-    grad_sums: FastWeights  # sum_s lr_s grad l_s(W0) over the row's tokens of its current mini-batch (0 at a start)
-    position: torch.Tensor  # [B] long: tokens of the current mini-batch already read, in [0, b)
-    offset: torch.Tensor  # [B] long: tokens read since the last reset
-    base_weights: tp.Callable[[int], FastWeights]  # current W_base expanded to a batch, used by reset
+    fast: FastWeightState  # weights, grad sums, position, offset and share_qk history of every row
+    # W_base [H, ...] for `reset`: detached views of the block's parameters (no copy; they follow in-place updates
+    # such as an optimizer step or load_state_dict).
+    base: AnyWeights
     mini_batch_size: int  # b for this streaming session (set_streaming_options may change it before the first call)
     persistent: bool  # False: every forward call starts from W_base
     on_update: UpdateHook | None = None  # telemetry hook, called at each completed mini-batch of chunked calls
     # Telemetry hook, called with the call's keys and values [B, H, T, D] before the inner loop runs (so that an
     # observer need not recompute the projections).
     on_inputs: tp.Callable[[torch.Tensor, torch.Tensor], None] | None = None
-    # share_qk only: the shared q/k projections of the last conv_kernel - 1 tokens, [B, conv_kernel - 1, dim]
-    # (zeros before the first token), so that the causal convolutions see across forward calls.
-    qk_history: torch.Tensor | None = None
+
+    # Read-only names of the parts (telemetry, tests, callers of ttt_states).
+    @property
+    def fast_weights(self) -> AnyWeights:
+        return self.fast.weights
+
+    @property
+    def grad_sums(self) -> AnyWeights:
+        return self.fast.grad_sums
+
+    @property
+    def position(self) -> torch.Tensor:
+        return self.fast.position
+
+    @property
+    def offset(self) -> torch.Tensor:
+        return self.fast.offset
+
+    @property
+    def qk_history(self) -> torch.Tensor | None:
+        return self.fast.history
+
+    def base_weights(self, batch_size: int) -> AnyWeights:
+        """W_base expanded to [batch_size, H, ...] (detached views)."""
+        return type(self.base)(*(w.expand(batch_size, *w.shape) for w in self.base))
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        if self.qk_history is not None:
-            self.qk_history.masked_fill_(reset_mask[:, None, None], 0.0)
-        base = self.base_weights(self.batch_size)
-        _assign(self.fast_weights, base.where(reset_mask, self.fast_weights))
-        _assign(self.grad_sums, self.grad_sums.zeros_like().where(reset_mask, self.grad_sums))
-        self.position.masked_fill_(reset_mask, 0)
-        self.offset.masked_fill_(reset_mask, 0)
+        with torch.no_grad():
+            self._copy_in(self.fast.reset(reset_mask, self.base))
 
+    def write(self, new: FastWeightState) -> None:
+        """Makes `new` the state: in place outside autograd, so that tensors captured by a CUDA graph (moshi's LMGen
+        on GPU) see the new values; rebound (detached) while autograd may still need the old tensors."""
+        if torch.is_grad_enabled():
+            self.fast = new.detach()
+        else:
+            self._copy_in(new)
 
-def _assign(dst: FastWeights, src: FastWeights) -> None:
-    """In-place copy, so that tensors captured by a CUDA graph (moshi's LMGen on GPU) see the new values."""
-    for d, s in zip(dst, src, strict=True):
-        d.copy_(s)
+    def _copy_in(self, new: FastWeightState) -> None:
+        for dst, src in zip((*self.fast.weights, *self.fast.grad_sums), (*new.weights, *new.grad_sums), strict=True):
+            dst.copy_(src)
+        self.fast.position.copy_(new.position)
+        self.fast.offset.copy_(new.offset)
+        if new.history is not None:
+            self.fast.history.copy_(new.history)
 
 
 class TTTBlock(StreamingModule[TTTState]):
@@ -129,18 +156,20 @@ class TTTBlock(StreamingModule[TTTState]):
         self.wo = nn.Linear(dim, dim, bias=True, **factory)
         self.gating_alpha = nn.Parameter(torch.full((dim,), cfg.gating_alpha_init, **factory))
         # W_base: the initial fast weights, trained by the outer loop (ttt-lm-pytorch's initialisation).
-        self.W1 = nn.Parameter(torch.randn(H, D, 4 * D, **f32) * cfg.init_std)
-        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D, **f32))
-        self.W2 = nn.Parameter(torch.randn(H, 4 * D, D, **f32) * cfg.init_std)
-        self.b2 = nn.Parameter(torch.zeros(H, 1, D, **f32))
+        # TTT-Linear: W1 [H, D, D], b1 [H, 1, D]; TTT-MLP adds the hidden layer of 4D and W2, b2.
+        self.weight_kind = INNER_WEIGHTS[cfg.inner]
+        hidden = D if cfg.inner == "linear" else 4 * D
+        self.W1 = nn.Parameter(torch.randn(H, D, hidden, **f32) * cfg.init_std)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, hidden, **f32))
+        if cfg.inner == "mlp":
+            self.W2 = nn.Parameter(torch.randn(H, 4 * D, D, **f32) * cfg.init_std)
+            self.b2 = nn.Parameter(torch.zeros(H, 1, D, **f32))
         self.ttt_norm_weight = nn.Parameter(torch.ones(H, D, **f32))  # gamma of the per-head LayerNorm
         self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D, **f32))  # beta
         # Learning-rate gate: lr_s = base_lr * sigmoid(theta_h . x_s + b_h) / D.
         self.lr_weight = nn.Parameter(torch.randn(H, dim, **f32) * cfg.init_std)
         self.lr_bias = nn.Parameter(torch.zeros(H, **f32))
         self.learnable_token_idx = nn.Parameter(torch.zeros(cfg.mini_batch_size, **f32))
-        # (TTTCarry, layer index) while inside carry_ttt_state; None otherwise.
-        self.carry: tuple[TTTCarry, int] | None = None
 
     def init_qk_shift(self) -> None:
         """share_qk only: the convolutions start as a one-token shift, the query of token t its own projection and
@@ -159,47 +188,55 @@ class TTTBlock(StreamingModule[TTTState]):
     def _apply(self, fn, recurse=True):
         return apply_keeping_float32(self, super()._apply, fn, recurse, FLOAT32_PARAMS)
 
-    def base_weights(self, batch_size: int) -> FastWeights:
+    def base_weights(self, batch_size: int) -> AnyWeights:
         """W_base expanded to [B, H, ...] (a view: gradients flow to the parameters)."""
-        return FastWeights(*(p.expand(batch_size, *p.shape) for p in (self.W1, self.b1, self.W2, self.b2)))
+        return self.weight_kind(*(p.expand(batch_size, *p.shape) for p in self.fast_weight_params()))
+
+    def fast_weight_params(self) -> tuple[nn.Parameter, ...]:
+        """W_base: (W1, b1, W2, b2) for TTT-MLP, (W1, b1) for TTT-Linear."""
+        return tuple(getattr(self, name) for name in self.weight_kind._fields)
 
     def _init_streaming_state(self, batch_size: int) -> TTTState:
-        with torch.no_grad():
-            base = FastWeights(*(w.detach().clone() for w in self.base_weights(batch_size)))
-        device = self.W1.device
-        history = None
-        if self.cfg.share_qk:
-            dtype = torch.promote_types(self.wq.weight.dtype, torch.float32)
-            history = torch.zeros(batch_size, self.cfg.conv_kernel - 1, self.dim, device=device, dtype=dtype)
+        base = self.weight_kind(*(p.detach() for p in self.fast_weight_params()))  # [H, ...] views
+        weights = self.weight_kind(*(w.expand(batch_size, *w.shape).clone() for w in base))
         return TTTState(
             batch_size,
-            device,
-            fast_weights=base,
-            grad_sums=base.zeros_like(),
-            position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            offset=torch.zeros(batch_size, dtype=torch.long, device=device),
-            base_weights=lambda b: FastWeights(*(w.detach() for w in self.base_weights(b))),
+            self.W1.device,
+            fast=FastWeightState.fresh(weights, self._zero_history(batch_size)),
+            base=base,
             mini_batch_size=self.cfg.mini_batch_size,
             persistent=self.cfg.persistent_states,
-            qk_history=history,
         )
+
+    def _zero_history(self, batch_size: int) -> torch.Tensor | None:
+        """share_qk: the q/k history before the first token, [B, conv_kernel - 1, dim] zeros; None without."""
+        if not self.cfg.share_qk:
+            return None
+        dtype = torch.promote_types(self.wq.weight.dtype, torch.float32)
+        return torch.zeros(batch_size, self.cfg.conv_kernel - 1, self.dim, device=self.W1.device, dtype=dtype)
 
     def _project(self, h: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """h [B, T, dim] -> xq, xk, xv [B, H, T, D], lr [B, H, T] in float32 (float64 for a float64 model), and
-        (share_qk) the new q/k history [B, conv_kernel - 1, dim]; `history` is the previous one (None: zeros)."""
-        H = self.num_heads
+        (share_qk) the new q/k history [B, conv_kernel - 1, dim]; `history` is the previous one (None: zeros).
+
+        The linear projections follow an enclosing autocast (mixed precision); what comes after them (the lr gate,
+        the share_qk convolutions, the inner loop) runs in float32."""
         dtype = torch.promote_types(h.dtype, torch.float32)
+        xq = self.wq(h).to(dtype)  # [B, T, dim]
+        xk = None if self.cfg.share_qk else self.wk(h).to(dtype)
+        xv = self.wv(h).to(dtype)
+        return self._heads_and_rates(h.to(dtype), xq, xk, xv, history)
+
+    @float32_inner
+    def _heads_and_rates(self, h, xq, xk, xv, history: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """`_project` after the projections: h, xq, xv (and xk, None with share_qk) [B, T, dim] in float32."""
+        H = self.num_heads
         heads = "b t (h d) -> b h t d"
         if self.cfg.share_qk:
-            xq, xk, history = self._conv_qk(self.wq(h).to(dtype), history)
-            xq, xk = (rearrange(x, heads, h=H) for x in (xq, xk))
-        else:
-            xq, xk = (rearrange(proj(h), heads, h=H).to(dtype) for proj in (self.wq, self.wk))
-        xv = rearrange(self.wv(h), heads, h=H).to(dtype)
+            xq, xk, history = self._conv_qk(xq, history)
+        xq, xk, xv = (rearrange(x, heads, h=H) for x in (xq, xk, xv))
         # [B, T, dim] . [H, dim] -> [B, H, T]
-        gate = (
-            torch.einsum("bti,hi->bht", h.to(dtype), self.lr_weight.to(dtype)) + self.lr_bias.to(dtype)[None, :, None]
-        )
+        gate = torch.einsum("bti,hi->bht", h, self.lr_weight.to(h.dtype)) + self.lr_bias.to(h.dtype)[None, :, None]
         lr = self.cfg.base_lr * torch.sigmoid(gate) / self.head_dim
         return xq, xk, xv, lr, history
 
@@ -224,22 +261,19 @@ class TTTBlock(StreamingModule[TTTState]):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
-        state = self._streaming_state
+        state = streaming_state(self)
         if state is None:
-            # Outside streaming (training, plain `LMModel.forward`): every call starts from W_base, unless the
-            # caller carries state between calls with `moshi_ttt.ttt.carry.carry_ttt_state`.
-            base = self.base_weights(x.shape[0])
-            start, history = (
-                (InnerState(base, None, 0), None) if self.carry is None else self.carry[0].start(self.carry[1], base)
-            )
-            xq, xk, xv, lr, history = self._project(self.norm(x), history)
-            out, end = ttt_mlp_chunk(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
-            if self.carry is not None:
-                self.carry[0].store(self.carry[1], end, history)
+            # Outside streaming (training, plain `LMModel.forward`): every call starts from W_base. Training on
+            # consecutive chunks carries state with `moshi_ttt.ttt.carry.carry_ttt_state`, which streams the blocks.
+            xq, xk, xv, lr, _ = self._project(self.norm(x), None)
+            start = FastWeightState.fresh(self.base_weights(x.shape[0]))
+            out, _ = ttt_mlp_step(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
         else:
             if not state.persistent:
-                state.reset(torch.ones(x.shape[0], dtype=torch.bool, device=state.position.device))
-            xq, xk, xv, lr, history = self._project(self.norm(x), state.qk_history)
+                # Only the rows that run start again from W_base: rows frozen by moshi's exec_mask keep their state
+                # (State.reset marks the rows it resets as executing, so resetting every row would unfreeze them).
+                state.reset(state.exec_mask.clone())
+            xq, xk, xv, lr, history = self._project(self.norm(x), state.fast.history)
             if state.on_inputs is not None:
                 state.on_inputs(xk, xv)
             out = self._forward_streaming(state, xq, xk, xv, lr, history)
@@ -257,79 +291,34 @@ class TTTBlock(StreamingModule[TTTState]):
 
     def _forward_streaming(self, state: TTTState, xq, xk, xv, lr, history: torch.Tensor | None) -> torch.Tensor:
         """One streaming call; `history` is the share_qk convolutions' new input history (None without them)."""
-        _, _, T, _ = xq.shape
+        B, _, T, _ = xq.shape
         kwargs = self._ops_kwargs(state.mini_batch_size)
-        if T == 1:
-            # Branch-free primal step, rows at any positions (CUDA-graph safe: LMGen steps one token at a time).
-            out, weights, sums, position = ttt_mlp_token(
-                state.fast_weights, state.grad_sums, state.position, xq, xk, xv, lr, **kwargs
-            )
-        else:
-            out, weights, sums, position = self._chunk_by_position(state, xq, xk, xv, lr, kwargs)
+        start = state.fast
+        if torch.is_grad_enabled():
+            # Rows that have read nothing since their reset hold W_base: read it from the live parameters, so that
+            # the outer loop's gradient reaches W_base (training on carried chunks restarts files this way, from
+            # W_base as it is now, not as it was at the reset).
+            fresh = start.offset == 0  # [B]
+            start = start._replace(weights=self.base_weights(B).where(fresh, start.weights))
+        out, new = ttt_mlp_step(start, xq, xk, xv, lr, on_update=state.on_update, **kwargs)
+        new = new._replace(history=history)
         keep = state.exec_mask
         with torch.no_grad():  # the streaming state never joins an autograd graph
             # Chunks already synchronised with the host (position groups): skip the selection when every row runs.
             if T == 1 or not bool(keep.all()):
-                weights = weights.where(keep, state.fast_weights)
-                sums = sums.where(keep, state.grad_sums)
-                position = torch.where(keep, position, state.position)
-                if history is not None:
-                    history = history.where(keep[:, None, None], state.qk_history)
-        if torch.is_grad_enabled():
-            # Autograd may still need the old tensors: rebind (detached) instead of writing into them.
-            state.fast_weights = FastWeights(*(w.detach() for w in weights))
-            state.grad_sums = FastWeights(*(w.detach() for w in sums))
-            state.position = position
-            if history is not None:
-                state.qk_history = history.detach().clone()  # a copy: the slice would keep its whole chunk alive
-        else:
-            # In place, so that tensors captured by a CUDA graph (LMGen on GPU) see the new values.
-            _assign(state.fast_weights, weights)
-            _assign(state.grad_sums, sums)
-            state.position.copy_(position)
-            if history is not None:
-                state.qk_history.copy_(history)
-        state.offset.add_(torch.where(keep, T, 0))
+                new = new.where(keep, state.fast)
+        state.write(new)
         return out
-
-    def _chunk_by_position(self, state: TTTState, xq, xk, xv, lr, kwargs):
-        """Chunks of T > 1 tokens: rows that sit at the same position of their mini-batch run together."""
-        B = xq.shape[0]
-        positions = state.position.tolist()
-        groups: dict[int, list[int]] = {}
-        for row, p in enumerate(positions):
-            groups.setdefault(p, []).append(row)
-        if len(groups) == 1:
-            (p,) = groups
-            start = InnerState(state.fast_weights, state.grad_sums if p > 0 else None, p)
-            out, end = ttt_mlp_chunk(start, xq, xk, xv, lr, on_update=state.on_update, **kwargs)
-            sums = end.grad_sums if end.grad_sums is not None else end.weights.zeros_like()
-            return out, end.weights, sums, torch.full_like(state.position, end.position)
-        out = xq.new_empty(xq.shape)
-        weights = FastWeights(*(w.clone() for w in state.fast_weights))
-        sums = FastWeights(*(s.clone() for s in state.grad_sums))
-        position = state.position.clone()
-        for p, rows in groups.items():
-            idx = torch.tensor(rows, device=xq.device)
-            start = InnerState(state.fast_weights.rows(idx), state.grad_sums.rows(idx) if p > 0 else None, p)
-            o, end = ttt_mlp_chunk(start, xq[idx], xk[idx], xv[idx], lr[idx], **kwargs)
-            out[idx] = o
-            for dst, src in zip(weights, end.weights, strict=True):
-                dst[idx] = src
-            for dst, src in zip(sums, end.grad_sums or end.weights.zeros_like(), strict=True):
-                dst[idx] = src
-            position[idx] = end.position
-        logger.debug("TTT chunk of %d rows ran in %d position groups", B, len(groups))
-        return out, weights, sums, position
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, mini_batch_size={self.cfg.mini_batch_size}, "
-            f"base_lr={self.cfg.base_lr}, target={self.cfg.target!r}, alpha_init={self.cfg.gating_alpha_init}"
+            f"base_lr={self.cfg.base_lr}, target={self.cfg.target!r}, alpha_init={self.cfg.gating_alpha_init}, "
+            f"inner={self.cfg.inner!r}"
         )
 
 
 def drift(state: TTTState) -> dict[str, torch.Tensor]:
     """||W - W_base||_F / ||W_base||_F per batch row for W1, b1, W2, b2 of the state's current fast weights
     (the absolute norm where W_base is exactly zero, as for the biases at initialisation)."""
-    return weight_drift(state.fast_weights, state.base_weights(state.batch_size))
+    return weight_drift(state.fast.weights, state.base_weights(state.batch_size))

@@ -314,8 +314,8 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
 
     def __init__(self, dim: int, num_heads: int, cfg: TTTConfig, device=None, dtype=None):
         super().__init__()
-        if not cfg.legacy:
-            raise ValueError("LegacyTTTBlock needs a TTTConfig with legacy=True")
+        if cfg.legacy is None:
+            raise ValueError("LegacyTTTBlock needs a TTTConfig with legacy=LegacyConfig(...)")
         if dim % num_heads != 0:
             raise ValueError(f"model dim {dim} is not divisible by the {num_heads} TTT heads")
         self.cfg = cfg
@@ -331,7 +331,7 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
         self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D, **f32))
         self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(H, 1, dim, **f32) * cfg.init_std)
         self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1, **f32))
-        hidden = list(cfg.mlp_hidden_dims or [4 * D] * (cfg.mlp_layers - 1))
+        hidden = list(cfg.legacy.mlp_hidden_dims or [4 * D] * (cfg.legacy.mlp_layers - 1))
         widths = [D, *hidden, D]
         self.weights = Float32ParameterList(
             nn.Parameter(torch.randn(H, d_in, d_out, **f32) * cfg.init_std)
@@ -372,22 +372,22 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
         B, T, _ = x.shape
         state = self._streaming_state
         if state is not None and not state.persistent:
-            state.reset(torch.ones(B, dtype=torch.bool, device=state.position.device))
+            state.reset(state.exec_mask.clone())  # rows frozen by exec_mask keep their state
         b = self.cfg.mini_batch_size if state is None else state.mini_batch_size
         dtype = torch.promote_types(x.dtype, torch.float32)
         # The fork's zero padding (hybrid_layer.py _apply_ttt_processing_impl): b - 1 zero hidden states after the
         # call's tokens cover any partial last mini-batch; only non-causal reading can see them.
-        n_pad = b - 1 if (not self.cfg.causal and T > 0) else 0
+        n_pad = b - 1 if (not self.cfg.legacy.causal and T > 0) else 0
         h = torch.cat([x, x.new_zeros(B, n_pad, x.shape[-1])], dim=1)  # [B, T + n_pad, dim]
         xq, xk, xv = (
             rearrange(p(h), "b t (h d) -> b h t d", h=self.num_heads).to(dtype) for p in (self.wq, self.wk, self.wv)
         )
         xq, xk = l2_normalize(xq), l2_normalize(xk)
-        if self.cfg.use_rope:
+        if self.cfg.legacy.use_rope:
             start = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.position
             positions = (start[:, None] + torch.arange(T + n_pad, device=x.device)) % b  # [B, T + n_pad]
-            xq = rope_modulo(xq, positions, self.cfg.rope_theta)
-            xk = rope_modulo(xk, positions, self.cfg.rope_theta)
+            xq = rope_modulo(xq, positions, self.cfg.legacy.rope_theta)
+            xk = rope_modulo(xk, positions, self.cfg.legacy.rope_theta)
         ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
         target = reconstruction_target(xk, xv, ln_w.to(dtype), ln_b.to(dtype), self.cfg.target)
         lr = legacy_lr(
@@ -403,7 +403,7 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
             weights, biases = self.base_weights(B)
             empty = xk[:, :, :0]
             start_state = LegacyInner(tuple(weights), tuple(biases), empty, empty, lr[:, :, :0])
-            out, _ = legacy_ttt_chunk(start_state, xq, xk, target, lr, ln_w, ln_b, b, self.cfg.causal, pad)
+            out, _ = legacy_ttt_chunk(start_state, xq, xk, target, lr, ln_w, ln_b, b, self.cfg.legacy.causal, pad)
         else:
             out = self._forward_streaming(state, xq, xk, target, lr, pad)
         y = rearrange(out, "b h t d -> b t (h d)").to(x.dtype)  # [B, T, dim]; no wo, no post_norm (the fork)
@@ -441,7 +441,7 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
                 self.ttt_norm_weight,
                 self.ttt_norm_bias,
                 state.mini_batch_size,
-                self.cfg.causal,
+                self.cfg.legacy.causal,
                 None if pad is None else LegacyPad(*(t[idx] for t in pad)),
             )
             out[idx] = o.to(out.dtype)
@@ -462,7 +462,8 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
     def extra_repr(self) -> str:
         return (
             f"LEGACY heads={self.num_heads}, head_dim={self.head_dim}, mlp_layers={len(self.weights)}, "
-            f"mini_batch_size={self.cfg.mini_batch_size}, causal={self.cfg.causal}, rope={self.cfg.use_rope}"
+            f"mini_batch_size={self.cfg.mini_batch_size}, causal={self.cfg.legacy.causal}, "
+            f"rope={self.cfg.legacy.use_rope}"
         )
 
 
@@ -473,7 +474,7 @@ def set_legacy_contexts(model: tp.Any, ttt_layers: list[int], cfg: TTTConfig) ->
     streaming KV cache, so setting the attribute before streaming changes both consistently.
     """
     for i, layer in enumerate(model.transformer.layers):
-        context = cfg.ttt_layer_context if i in ttt_layers else cfg.non_ttt_layer_context
+        context = cfg.legacy.ttt_layer_context if i in ttt_layers else cfg.legacy.non_ttt_layer_context
         if context is not None:
             if context < 1:
                 raise ValueError(f"attention context must be >= 1 token, got {context} for layer {i}")
@@ -482,16 +483,16 @@ def set_legacy_contexts(model: tp.Any, ttt_layers: list[int], cfg: TTTConfig) ->
 
 @contextlib.contextmanager
 def causal_reading(model: tp.Any) -> tp.Iterator[int]:
-    """Inside the block, the model's non-causal legacy TTT layers read causally (`TTTConfig.causal=True`: each
+    """Inside the block, the model's non-causal legacy TTT layers read causally (`LegacyConfig.causal=True`: each
     token sees only itself and the earlier tokens of its mini-batch), with the same weights; restored on exit.
 
     Yields the number of layers switched (0: nothing was non-causal). Not thread-safe: hold the model's lock.
     """
     switched = []
     for module in model.modules():
-        if isinstance(module, LegacyTTTBlock) and not module.cfg.causal:
+        if isinstance(module, LegacyTTTBlock) and not module.cfg.legacy.causal:
             switched.append((module, module.cfg))
-            module.cfg = dataclasses.replace(module.cfg, causal=True)
+            module.cfg = dataclasses.replace(module.cfg, legacy=dataclasses.replace(module.cfg.legacy, causal=True))
     try:
         yield len(switched)
     finally:

@@ -9,62 +9,48 @@ Inside a mini-batch every gradient is taken at W0, the weights at its start; tok
 W_i = W0 - tau_i * sum_{s<=i} lr_s grad l_s(W0) and outputs q_i + LN(f_{W_i}(q_i)). A full mini-batch of b tokens
 ends with W0 <- W_b.
 
+TTT-Linear (the paper's other variant, ttt-lm-pytorch's TTTLinear) is the same loop with f(x) = x W1 + b1,
+W1 [D, D], b1 [1, D] (`LinearWeights`); every function here takes either kind of weights.
+
 Two ways compute the same numbers:
 - dual form (`_segment`): matrices over the n tokens of a segment, no per-token loop;
 - primal form (`ttt_mlp_token`): a running gradient sum S, one token per row, every row at its own position.
-Nothing here holds state or does I/O; everything is differentiable (training backpropagates through it).
+Nothing here holds state or does I/O; everything is differentiable (training backpropagates through it). The inner
+loop runs in float32 (float64 for float64 inputs) also inside a `torch.autocast` region: autocast would round its
+matmuls to bfloat16 and mix dtypes inside the fused LayerNorm backward (`float32_inner`).
 """
 
 from __future__ import annotations
 
+import functools
 import typing as tp
 
 import torch
 import torch.nn.functional as F
 
+from .weights import INNER_WEIGHTS, AnyWeights, FastWeights, InnerState, LinearWeights  # noqa: F401 (re-exported)
+
 LN_EPS = 1e-6  # per-head LayerNorm epsilon, as in ttt-lm-pytorch
 FORK_TARGET_EPS = 1e-5  # added to the std in the older fork's reconstruction target (`reconstruction_target`)
 
 
-class FastWeights(tp.NamedTuple):
-    """Fast weights of the inner MLP, one set per batch row and head."""
-
-    W1: torch.Tensor  # [B, H, D, F]
-    b1: torch.Tensor  # [B, H, 1, F]
-    W2: torch.Tensor  # [B, H, F, D]
-    b2: torch.Tensor  # [B, H, 1, D]
-
-    def to(self, dtype: torch.dtype) -> FastWeights:
-        return FastWeights(*(w.to(dtype) for w in self))
-
-    def minus_scaled(self, scale: torch.Tensor | float, other: FastWeights) -> FastWeights:
-        """self - scale * other; `scale` broadcasts against [B, H, ., .]."""
-        return FastWeights(*(w - scale * o for w, o in zip(self, other, strict=True)))
-
-    def plus(self, other: FastWeights) -> FastWeights:
-        return FastWeights(*(w + o for w, o in zip(self, other, strict=True)))
-
-    def where(self, mask: torch.Tensor, other: FastWeights) -> FastWeights:
-        """Rows where `mask` [B] is True from self, the others from `other`."""
-        m = mask.view(-1, 1, 1, 1)
-        return FastWeights(*(torch.where(m, w, o) for w, o in zip(self, other, strict=True)))
-
-    def zeros_like(self) -> FastWeights:
-        return FastWeights(*(torch.zeros_like(w) for w in self))
-
-    def rows(self, index: torch.Tensor) -> FastWeights:
-        return FastWeights(*(w[index] for w in self))
-
-
-class InnerState(tp.NamedTuple):
-    """Where the inner loop stands between two calls (all rows at the same position)."""
-
-    weights: FastWeights  # W0, the weights at the start of the current mini-batch
-    grad_sums: FastWeights | None  # sum_s lr_s grad l_s(W0) over the tokens already seen of this mini-batch
-    position: int  # tokens already seen of the current mini-batch, 0 <= position < b
-
-
 UpdateHook = tp.Callable[[FastWeights, FastWeights], None]
+
+
+_F = tp.TypeVar("_F", bound=tp.Callable[..., tp.Any])
+
+
+def float32_inner(fn: _F) -> _F:
+    """Runs `fn` with autocast off on every device type, so that mixed-precision training (moshi-finetune runs
+    under CUDA or CPU autocast) keeps the fast weights and their updates in float32; the functions cast their
+    inputs to float32 themselves."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return tp.cast(_F, wrapper)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +68,7 @@ def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return weight[None, :, None, :] * x_hat + bias[None, :, None, :]
 
 
+@float32_inner
 def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. z of 1/2 |LN(z) - target|^2 (ttt-lm-pytorch's ln_fused_l2_bwd). z, target: [B, H, n, D];
     weight, bias: [H, D]."""
@@ -207,16 +194,43 @@ def _segment(
     return z2q, seg1, seg2
 
 
-def _join(w: FastWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    """FastWeights [B, H, ...] -> augmented [N, D+1, F] and [N, F+1, D] with N = B * H."""
-    w1 = torch.cat([w.W1, w.b1], dim=-2)  # [B, H, D+1, F]
-    w2 = torch.cat([w.W2, w.b2], dim=-2)  # [B, H, F+1, D]
-    return w1.flatten(0, 1), w2.flatten(0, 1)
+def _segment_linear(
+    w1: torch.Tensor,
+    sums: tuple[torch.Tensor] | None,
+    tau_col: torch.Tensor,
+    eta: torch.Tensor,
+    eta_qk: torch.Tensor,
+    xq_aug: torch.Tensor,
+    xk_aug: torch.Tensor,
+    shift: torch.Tensor,
+    lr_col: torch.Tensor,
+    ln_w: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_segment` for TTT-Linear, f(x) = x W1 + b1: w1 = [W1; b1] [N, D+1, D]; `eta` is unused (kept for one
+    signature). Returns f_{W_i}(q_i) [N, n, D] and the segment's sum of lr_s grad l_s(W0) [N, D+1, D]."""
+    z = torch.bmm(xk_aug, w1)  # [N, n, D+1] @ [N, D+1, D] -> [N, n, D]
+    g = _ln_l2_grad(z, ln_w, shift)  # [N, n, D]
+    # Token i reads with W_i = W0 - tau_i (S + sum_{s<=i} lr_s grad l_s(W0)); grad l_s = k_s^T g_s.
+    zq = torch.baddbmm(torch.bmm(xq_aug, w1), eta_qk, g, alpha=-1.0)  # [N, n, D]
+    if sums is not None:
+        zq = zq - tau_col * torch.bmm(xq_aug, sums[0])
+    seg = torch.bmm(xk_aug.transpose(1, 2), lr_col * g)  # [N, D+1, n] @ [N, n, D] -> [N, D+1, D]
+    return zq, seg
 
 
-def _split(w1: torch.Tensor, w2: torch.Tensor, batch: int) -> FastWeights:
-    w1, w2 = w1.unflatten(0, (batch, -1)), w2.unflatten(0, (batch, -1))
-    return FastWeights(w1[..., :-1, :], w1[..., -1:, :], w2[..., :-1, :], w2[..., -1:, :])
+def _join(w: AnyWeights) -> tuple[torch.Tensor, ...]:
+    """Weights [B, H, ...] -> augmented matrices with N = B * H: [N, D+1, F] and [N, F+1, D] (MLP) or
+    [N, D+1, D] (linear)."""
+    pairs = [(w.W1, w.b1)] if isinstance(w, LinearWeights) else [(w.W1, w.b1), (w.W2, w.b2)]
+    return tuple(torch.cat(pair, dim=-2).flatten(0, 1) for pair in pairs)  # [B, H, in+1, out] -> [N, in+1, out]
+
+
+def _split(ws: tuple[torch.Tensor, ...], batch: int) -> AnyWeights:
+    parts = []
+    for w in ws:
+        w = w.unflatten(0, (batch, -1))
+        parts += [w[..., :-1, :], w[..., -1:, :]]
+    return LinearWeights(*parts) if len(ws) == 1 else FastWeights(*parts)
 
 
 def _check_inputs(weights: FastWeights, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size: int) -> None:
@@ -229,10 +243,13 @@ def _check_inputs(weights: FastWeights, xq, xk, xv, lr, ln_weight, ln_bias, mini
         raise ValueError(f"lr must be [B, H, T] = {[B, H, T]}, got {list(lr.shape)}")
     if ln_weight.shape != (H, D) or ln_bias.shape != (H, D):
         raise ValueError(f"ln_weight/ln_bias must be [H, D] = {[H, D]}, got {ln_weight.shape}, {ln_bias.shape}")
-    expected = ((B, H, D, 4 * D), (B, H, 1, 4 * D), (B, H, 4 * D, D), (B, H, 1, D))
+    if isinstance(weights, LinearWeights):
+        expected, names = ((B, H, D, D), (B, H, 1, D)), "W1, b1"
+    else:
+        expected, names = ((B, H, D, 4 * D), (B, H, 1, 4 * D), (B, H, 4 * D, D), (B, H, 1, D)), "W1, b1, W2, b2"
     got = tuple(tuple(w.shape) for w in weights)
     if got != expected:
-        raise ValueError(f"fast weights must have shapes {expected} (W1, b1, W2, b2), got {got}")
+        raise ValueError(f"fast weights must have shapes {expected} ({names}), got {got}")
 
 
 def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Tensor]:
@@ -244,7 +261,7 @@ def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Ten
         name -> [B] float32 (float64 for float64 weights).
     """
     result = {}
-    for name, w, w0 in zip(FastWeights._fields, weights, base, strict=True):
+    for name, w, w0 in zip(weights._fields, weights, base, strict=True):
         w0 = w0.expand_as(w)
         diff = (w - w0).flatten(1).norm(dim=1)  # [B]
         ref = w0.flatten(1).norm(dim=1)  # [B]
@@ -252,6 +269,7 @@ def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Ten
     return result
 
 
+@float32_inner
 def ttt_mlp_chunk(
     state: InnerState,
     xq: torch.Tensor,
@@ -265,7 +283,8 @@ def ttt_mlp_chunk(
     target: str = "difference",
     on_update: UpdateHook | None = None,
 ) -> tuple[torch.Tensor, InnerState]:
-    """Runs the inner loop over T tokens starting from `state`, which may be inside a mini-batch.
+    """Runs the inner loop over T tokens starting from `state`, which may be inside a mini-batch: TTT-MLP for
+    FastWeights, TTT-Linear for LinearWeights.
 
     Continuing a partial mini-batch, whole mini-batches and a trailing partial one all go through the dual form
     (`_segment`), so any chunking of a sequence gives the same numbers as one call over all of it.
@@ -297,8 +316,9 @@ def ttt_mlp_chunk(
     xq_aug, xk_aug = _augment(xq).flatten(0, 1), _augment(xk).flatten(0, 1)  # [N, T, D+1]
     lr_flat = lr.flatten(0, 1)  # [N, T]
     lr_col_all = lr_flat[..., None]  # [N, T, 1]
-    w1, w2 = _join(w0.to(dtype))
+    ws = _join(w0.to(dtype))
     sums = None if grad_sums is None else _join(grad_sums.to(dtype))
+    segment = _segment_linear if isinstance(w0, LinearWeights) else _segment
 
     # Segments: the rest of the current mini-batch, whole mini-batches, a trailing partial one.
     first = min((b - position) % b, T)
@@ -325,19 +345,19 @@ def ttt_mlp_chunk(
         else:
             eta, eta_qk = _coefficients(tau_all[position : position + n], lr_flat[:, seg], xq_aug[:, seg],
                                         xk_aug[:, seg])  # fmt: skip
-        z2q, seg1, seg2 = _segment(
-            w1, w2, sums, tau_all[position : position + n, None], eta, eta_qk,
+        f_q, *segs = segment(
+            *ws, sums, tau_all[position : position + n, None], eta, eta_qk,
             xq_aug[:, seg], xk_aug[:, seg], shift_all[:, seg], lr_col_all[:, seg], ln_w,
         )  # fmt: skip
-        outs.append(z2q)
-        sums = (seg1, seg2) if sums is None else (sums[0] + seg1, sums[1] + seg2)
+        outs.append(f_q)
+        sums = tuple(segs) if sums is None else tuple(a + c for a, c in zip(sums, segs, strict=True))
         position += n
         if position == b:
-            new_w1, new_w2 = w1 - tau_all[-1] * sums[0], w2 - tau_all[-1] * sums[1]
+            new_ws = tuple(w - tau_all[-1] * s for w, s in zip(ws, sums, strict=True))
             if on_update is not None:
-                on_update(_split(w1, w2, B), _split(new_w1, new_w2, B))
-            w1, w2, sums, position = new_w1, new_w2, None, 0
-    end = InnerState(_split(w1, w2, B), None if sums is None else _split(*sums, B), position)
+                on_update(_split(ws, B), _split(new_ws, B))
+            ws, sums, position = new_ws, None, 0
+    end = InnerState(_split(ws, B), None if sums is None else _split(sums, B), position)
     if not outs:
         return xq.new_zeros(xq.shape), end
     f_q = torch.cat(outs, dim=1).unflatten(0, (B, H))  # [B, H, T, D]
@@ -376,6 +396,38 @@ def ttt_mlp(
     return out, state.weights
 
 
+def ttt_linear(
+    weights: LinearWeights,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    mini_batch_size: int,
+    token_idx: torch.Tensor | None = None,
+    target: str = "difference",
+) -> tuple[torch.Tensor, LinearWeights]:
+    """TTT-Linear over a whole sequence starting at a mini-batch boundary: `ttt_mlp` with f(x) = x W1 + b1.
+
+    Args:
+        weights: LinearWeights(W1 [B, H, D, D], b1 [B, H, 1, D]); the rest as `ttt_mlp`.
+    Returns:
+        (out [B, H, T, D], weights after the last full mini-batch).
+    """
+    if not isinstance(weights, LinearWeights):
+        raise ValueError(f"ttt_linear needs LinearWeights(W1, b1), got {type(weights).__name__}")
+    return ttt_mlp(weights, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size, token_idx, target)
+
+
+def inner_forward(weights: AnyWeights, x: torch.Tensor) -> torch.Tensor:
+    """f_W(x) of the inner model, before the output LayerNorm. x: [B, H, n, D] -> [B, H, n, D]."""
+    if isinstance(weights, LinearWeights):
+        return x @ weights.W1 + weights.b1  # [B, H, n, D] @ [B, H, D, D]
+    return gelu_tanh(x @ weights.W1 + weights.b1) @ weights.W2 + weights.b2  # via [B, H, n, F]
+
+
+@float32_inner
 def ttt_mlp_token(
     weights: FastWeights,
     grad_sums: FastWeights,
@@ -390,7 +442,8 @@ def ttt_mlp_token(
     token_idx: torch.Tensor | None = None,
     target: str = "difference",
 ) -> tuple[torch.Tensor, FastWeights, FastWeights, torch.Tensor]:
-    """Primal form for one token per row, each row at its own position in its mini-batch.
+    """Primal form for one token per row, each row at its own position in its mini-batch (TTT-MLP or TTT-Linear by
+    the weights' type).
 
     No data-dependent Python branch (rows finish their mini-batches through `torch.where`), so this step can be
     captured in a CUDA graph, as moshi's LMGen does on GPU.
@@ -409,24 +462,31 @@ def ttt_mlp_token(
     tau = tau_all[position].view(B, 1, 1, 1)  # [B, 1, 1, 1]
     target_k = reconstruction_target(xk, xv, ln_weight, ln_bias, target)  # [B, H, 1, D]
 
-    z1 = xk @ weights.W1 + weights.b1  # [B, H, 1, D] @ [B, H, D, F] -> [B, H, 1, F]
-    act = gelu_tanh(z1)
-    z2 = act @ weights.W2 + weights.b2  # [B, H, 1, F] @ [B, H, F, D] -> [B, H, 1, D]
-    g2 = ln_l2_grad(z2, target_k, ln_weight, ln_bias)
-    g1 = gelu_tanh_backward(g2 @ weights.W2.transpose(-1, -2), z1)  # [B, H, 1, F]
-    lr_g1 = lr[..., None] * g1
-    lr_g2 = lr[..., None] * g2
-    sums = grad_sums.plus(
-        FastWeights(
-            xk.transpose(-1, -2) @ lr_g1,  # [B, H, D, 1] @ [B, H, 1, F] -> [B, H, D, F]
-            lr_g1,
-            act.transpose(-1, -2) @ lr_g2,  # [B, H, F, 1] @ [B, H, 1, D] -> [B, H, F, D]
-            lr_g2,
+    if isinstance(weights, LinearWeights):
+        z = xk @ weights.W1 + weights.b1  # [B, H, 1, D] @ [B, H, D, D] -> [B, H, 1, D]
+        lr_g = lr[..., None] * ln_l2_grad(z, target_k, ln_weight, ln_bias)  # [B, H, 1, D]
+        sums = grad_sums.plus(LinearWeights(xk.transpose(-1, -2) @ lr_g, lr_g))  # [B, H, D, 1] @ [B, H, 1, D]
+        w_i = weights.minus_scaled(tau, sums)
+        out = xq + head_layer_norm(xq @ w_i.W1 + w_i.b1, ln_weight, ln_bias)
+    else:
+        z1 = xk @ weights.W1 + weights.b1  # [B, H, 1, D] @ [B, H, D, F] -> [B, H, 1, F]
+        act = gelu_tanh(z1)
+        z2 = act @ weights.W2 + weights.b2  # [B, H, 1, F] @ [B, H, F, D] -> [B, H, 1, D]
+        g2 = ln_l2_grad(z2, target_k, ln_weight, ln_bias)
+        g1 = gelu_tanh_backward(g2 @ weights.W2.transpose(-1, -2), z1)  # [B, H, 1, F]
+        lr_g1 = lr[..., None] * g1
+        lr_g2 = lr[..., None] * g2
+        sums = grad_sums.plus(
+            FastWeights(
+                xk.transpose(-1, -2) @ lr_g1,  # [B, H, D, 1] @ [B, H, 1, F] -> [B, H, D, F]
+                lr_g1,
+                act.transpose(-1, -2) @ lr_g2,  # [B, H, F, 1] @ [B, H, 1, D] -> [B, H, F, D]
+                lr_g2,
+            )
         )
-    )
-    w_i = weights.minus_scaled(tau, sums)
-    act_q = gelu_tanh(xq @ w_i.W1 + w_i.b1)  # [B, H, 1, F]
-    out = xq + head_layer_norm(act_q @ w_i.W2 + w_i.b2, ln_weight, ln_bias)
+        w_i = weights.minus_scaled(tau, sums)
+        act_q = gelu_tanh(xq @ w_i.W1 + w_i.b1)  # [B, H, 1, F]
+        out = xq + head_layer_norm(act_q @ w_i.W2 + w_i.b2, ln_weight, ln_bias)
 
     done = position + 1 == mini_batch_size  # [B]: the row completes its mini-batch with this token
     new_weights = w_i.where(done, weights)  # tau_i = tau_b on those rows, so W_i is the updated W0

@@ -1,0 +1,99 @@
+"""Every use of moshi's internals (private names and undocumented structure), in one place, for moshi 0.2.13.
+
+Each function here names the moshi code it depends on; `tests/test_moshi_compat.py` has one test per function that
+fails loudly if a moshi release changes it. The rest of moshi_ttt uses moshi's public API only (LMModel.forward,
+forward_text, forward_depformer_training, streaming(), get/set_streaming_state, LMGen, CheckpointInfo).
+"""
+
+from __future__ import annotations
+
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+from moshi.models.lm_utils import _delay_sequence
+from moshi.modules.streaming import State, StreamingModule
+from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention, StreamingTransformerLayer
+
+
+def streaming_state(module: StreamingModule) -> State | None:
+    """The module's streaming state, None outside streaming (`StreamingModule._streaming_state`)."""
+    return module._streaming_state
+
+
+def forget_streaming_children(model: torch.nn.Module) -> None:
+    """moshi caches each StreamingModule's list of streaming children on first use
+    (`StreamingModule._cached_children`); after new streaming modules were added (apply_ttt) the lists must be
+    rebuilt, or the new modules would never get a streaming state."""
+    for module in model.modules():
+        if isinstance(module, StreamingModule):
+            module._cached_children = None
+
+
+class LayerWithBranch(StreamingTransformerLayer):
+    """moshi's transformer layer with a branch between self-attention and what follows it.
+
+    `StreamingTransformerLayer.forward` runs `self._sa_block(x)` (self-attention with its residual), then the
+    cross-attention and feed-forward blocks; overriding `_sa_block` is the one place to put a block in between
+    while moshi's own forward, offsets and streaming stay untouched.
+    """
+
+    def after_self_attention(self, x_in: torch.Tensor, x_sa: torch.Tensor) -> torch.Tensor:
+        """x_in: [B, T, dim] the layer's input; x_sa: the same after self-attention and its residual. Subclasses
+        return the shape of x_sa."""
+        raise NotImplementedError
+
+    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after_self_attention(x, super()._sa_block(x))
+
+
+def initial_token(model: LMModel) -> torch.Tensor:
+    """[1, K, 1] long: the token moshi's LMModel.forward puts before the delayed codes (`_get_initial_token`)."""
+    return model._get_initial_token()
+
+
+def delay_sequence(delays: list[int], codes: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """codes [B, K, T] with stream k shifted right by delays[k], the first steps filled from initial [B, K, 1]:
+    what LMModel.forward does before the transformer (`moshi.models.lm_utils._delay_sequence`)."""
+    return _delay_sequence(delays, codes, initial)
+
+
+def default_lm_kwargs() -> dict:
+    """A copy of moshi's LMModel kwargs of Moshi 7B (moshiko), what `CheckpointInfo` assumes without a
+    config.json (`moshi.models.loaders._lm_kwargs`)."""
+    return dict(loaders._lm_kwargs)
+
+
+def kv_cache_capacity(attention: StreamingMultiheadAttention) -> int | None:
+    """Slots of the streaming self-attention's ring KV cache, None without one (or outside streaming).
+
+    Reads `_MHAState.kv_cache` and `RingKVCache.cache` [2, B, H, capacity, D]."""
+    state = streaming_state(attention)
+    if state is None or state.kv_cache is None:
+        return None
+    return state.kv_cache.cache.shape[3]
+
+
+def widen_kv_cache(attention: StreamingMultiheadAttention, capacity: int) -> None:
+    """Replaces the streaming self-attention's ring KV cache by an empty one of `capacity` slots, with the same
+    batch, heads, head dim, device, dtype and exec-mask behaviour; refused once tokens were written.
+
+    The attention mask keeps reading `attention.context`, so a wider ring only keeps more keys than it needs.
+    Depends on `_MHAState.kv_cache`, `RingKVCache(batch, heads, head_dim, capacity, respect_exec_mask, device,
+    dtype)`, its `cache`, `end_offset` and `respect_exec_mask`.
+    """
+    state = streaming_state(attention)
+    if state is None or state.kv_cache is None:
+        raise ValueError("this attention has no streaming KV cache to widen (not streaming, or no context)")
+    old = state.kv_cache
+    if bool((old.end_offset > 0).any()):
+        raise ValueError("widen_kv_caches must run before the first streaming forward")
+    _, batch, heads, _, head_dim = old.cache.shape  # [2, B, H, capacity, D]
+    state.kv_cache = RingKVCache(
+        batch,
+        heads,
+        head_dim,
+        capacity,
+        respect_exec_mask=old.respect_exec_mask,
+        device=old.cache.device,
+        dtype=old.cache.dtype,
+    )
