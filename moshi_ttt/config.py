@@ -101,11 +101,15 @@ class TTTConfig:
             data["legacy"] = LegacyConfig.from_dict(legacy)
         elif legacy is not None:
             raise ValueError(f"TTTConfig field legacy must be an object, null or (older layout) a bool, got {legacy!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TTTConfig fields: {unknown}")
-        return cls(**data)
+        return _from_known_fields(cls, data)
+
+
+def _from_known_fields(cls: type, data: dict):
+    """cls(**data), refusing fields that `cls` does not have (naming them) instead of a TypeError."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    return cls(**data)
 
 
 def _int_option(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -171,11 +175,7 @@ class LegacyConfig:
     def from_dict(cls, data: dict) -> LegacyConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a LegacyConfig is read from a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LegacyConfig fields: {unknown}")
-        return cls(**data)
+        return _from_known_fields(cls, data)
 
 
 # Options of the older flat layout that now live in LegacyConfig, and the values a non-legacy config had for them.
