@@ -63,6 +63,15 @@ def default_lm_kwargs() -> dict:
     return dict(loaders._lm_kwargs)
 
 
+def set_attention_context(attention: StreamingMultiheadAttention, context: int) -> None:
+    """Sets the attention window of a self-attention outside streaming. moshi reads
+    `StreamingMultiheadAttention.context` (a constructor argument kept as an attribute) both for the attention mask
+    and for the size of the streaming KV cache it creates, so the two change together."""
+    if streaming_state(attention) is not None:
+        raise ValueError("the attention context cannot change while streaming")
+    attention.context = context
+
+
 def kv_cache_capacity(attention: StreamingMultiheadAttention) -> int | None:
     """Slots of the streaming self-attention's ring KV cache, None without one (or outside streaming).
 

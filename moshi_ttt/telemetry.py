@@ -12,8 +12,8 @@ stats):
   `ssl_tgt_last_in_mini_batch_from_mean_mse`, there against the mean over the whole sequence, one token per
   mini-batch and the mean over D: here it stays causal and on the scale of the losses above).
 
-The recorder only observes: the state's `on_inputs` hook hands it the keys and values the block computed, and
-the state's `on_update` hook, called by the inner loop itself in both forms (ttt/step.py), hands it the weights
+The recorder only observes, as the session's observer of each block (ttt/session.py): `inputs` gets the keys and
+values the block computed, and `update`, called by the inner loop itself in both forms (ttt/step.py), the weights
 before and after each update. The numbers do not depend on how the sequence was chunked.
 """
 
@@ -28,6 +28,7 @@ from moshi.models.lm import LMModel
 
 from .ttt.apply import ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState
+from .ttt.session import configure
 from .ttt.ops import AnyWeights, FastWeights, head_layer_norm, inner_forward, reconstruction_target, weight_drift
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ class _LayerRecorder:
         # Updates not yet computed: (step, keys, targets, w_start, w_end); see `flush`.
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, AnyWeights, AnyWeights]] = []
 
-    def before(self, xk: torch.Tensor, xv: torch.Tensor) -> None:
-        """The state's on_inputs hook: buffers the chunk's keys and targets [B, H, n, D], the block's own."""
+    def inputs(self, xk: torch.Tensor, xv: torch.Tensor) -> None:
+        """Observer.inputs (ttt/session.py): buffers the chunk's keys and targets [B, H, n, D], the block's own."""
         state, block = self.state, self.block
         target = reconstruction_target(xk, xv, block.ttt_norm_weight, block.ttt_norm_bias, block.cfg.target)
         positions = state.position.unique()
@@ -135,8 +136,8 @@ class _LayerRecorder:
         self.buffered += xk.shape[2]
         self.steps_read += xk.shape[2]
 
-    def on_update(self, w_start: AnyWeights, w_end: AnyWeights) -> None:
-        """One mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
+    def update(self, w_start: AnyWeights, w_end: AnyWeights) -> None:
+        """Observer.update: one mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
 
         The numbers are computed in batches (`flush`) every FLUSH_EVERY updates and at each snapshot,
         so that a chunk of many mini-batches costs a few batched ops instead of dozens per mini-batch. Weights
@@ -242,10 +243,8 @@ def record(model: LMModel):
         for rec in recorder.layers.values():
             # Observers of this session's own states: a shared model may run other sessions between this one's
             # steps (the app swaps streaming states in and out), and theirs have none.
-            rec.state.on_inputs = rec.before
-            rec.state.on_update = rec.on_update
+            configure(rec.state, observer=rec)
         yield recorder
     finally:
         for rec in recorder.layers.values():
-            rec.state.on_update = None
-            rec.state.on_inputs = None
+            configure(rec.state, observer=None)

@@ -108,3 +108,21 @@ def test_ring_kv_cache_holds_context_slots_and_can_be_widened_before_the_first_t
         assert bool((new.end_offset == 3).all())  # moshi writes into the cache we gave it
         with pytest.raises(ValueError, match="before the first streaming forward"):
             moshi_compat.widen_kv_cache(attention, CONTEXT + 8)
+
+
+def test_set_attention_context_changes_the_mask_and_the_streaming_cache_together():
+    """A model whose attention window was set afterwards equals one built with that window: in its non-streaming
+    forward (the mask) and in streaming (the ring cache has the new number of slots)."""
+    new_context = CONTEXT // 2
+    built = tiny_lm(0, context=new_context)
+    changed = tiny_lm(0)
+    for layer in changed.transformer.layers:
+        moshi_compat.set_attention_context(layer.self_attn, new_context)
+    seq = model_codes(built, random_audio_codes(1, 2 * CONTEXT, seed=3))
+    with torch.no_grad():
+        torch.testing.assert_close(changed(seq).logits, built(seq).logits, rtol=0, atol=0, equal_nan=True)
+        assert not torch.allclose(tiny_lm(0)(seq).logits, built(seq).logits)
+    with changed.streaming(1):
+        assert moshi_compat.kv_cache_capacity(first_attention(changed)) == new_context
+        with pytest.raises(ValueError, match="while streaming"):
+            moshi_compat.set_attention_context(first_attention(changed), CONTEXT)

@@ -6,6 +6,7 @@ from tiny_models import tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks
 from moshi_ttt.ttt.ops import FastWeights, ttt_mlp
+from moshi_ttt.ttt.session import SessionOptions
 from moshi_ttt.ttt.state import FastWeightState
 from moshi_ttt.ttt.step import ttt_mlp_step
 
@@ -94,4 +95,6 @@ def test_streaming_state_wraps_one_value_of_tensors_only():
         # W_base for reset: views of the parameters, no copies and no closures.
         params = (block.W1, block.b1, block.W2, block.b2)
         assert all(w.data_ptr() == p.data_ptr() for w, p in zip(state.base, params, strict=True))
-        assert not any(callable(v) for k, v in vars(state).items() if k not in ("on_update", "on_inputs"))
+        assert not any(callable(v) for v in vars(state).values())
+        # The session's options and observer are one value, the layer's own options by default.
+        assert state.session == SessionOptions(mini_batch_size=4, persistent=True, observer=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import typing as tp
 
 import torch
 from moshi.models.lm import LMModel
@@ -11,7 +12,8 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from ..config import TTTConfig, parse_layers
 from ..moshi_compat import LayerWithBranch, forget_streaming_children, streaming_state
 from .layer import TTTBlock, TTTState
-from .legacy import LegacyTTTBlock, set_legacy_contexts
+from .legacy import LegacyTTTBlock, LegacyTTTState, set_legacy_contexts
+from .session import configure
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +100,18 @@ def set_streaming_options(
 ) -> None:
     """Per-session TTT options, set right after entering streaming(); the model itself is not changed.
 
-    Several users can share one model: each streaming session holds its own mini-batch size and persistence.
+    Several users can share one model: each streaming session holds its own mini-batch size and persistence
+    (`state.session` of each TTT block, ttt/session.py).
     """
     for layer, state in ttt_states(model).items():
-        if mini_batch_size is not None and not isinstance(state, TTTState) and mini_batch_size != state.mini_batch_size:
-            raise ValueError(
-                f"layer {layer} is a legacy TTT layer: its mini-batch size ({state.mini_batch_size}) is part of the "
-                "checkpoint's math and cannot change"
-            )
+        changes: dict[str, tp.Any] = {}
         if mini_batch_size is not None:
-            if mini_batch_size < 1:
-                raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-            if bool((state.offset > 0).any()) or bool((state.position > 0).any()):
-                raise ValueError("set_streaming_options must be called before the first forward of the session")
-            state.mini_batch_size = mini_batch_size
+            if isinstance(state, LegacyTTTState) and mini_batch_size != state.mini_batch_size:
+                raise ValueError(
+                    f"layer {layer} is a legacy TTT layer: its mini-batch size ({state.mini_batch_size}) is part of "
+                    "the checkpoint's math and cannot change"
+                )
+            changes["mini_batch_size"] = mini_batch_size
         if persistent_states is not None:
-            state.persistent = persistent_states
+            changes["persistent"] = persistent_states
+        configure(state, **changes)

@@ -19,6 +19,7 @@ from moshi.models.lm import LMModel
 from ..moshi_compat import streaming_state
 from .apply import ttt_blocks
 from .layer import TTTBlock, TTTState
+from .session import configure
 from .state import FastWeightState
 
 
@@ -90,7 +91,7 @@ def carry_ttt_state(model: LMModel, carry: TTTCarry) -> Iterator[TTTCarry]:
             if state is None:
                 stack.enter_context(block.streaming(batch))
                 state = streaming_state(block)
-                state.persistent = True  # the carry's whole point, whatever the layer's streaming option
+                configure(state, persistent=True)  # the carry's whole point, whatever the layer's option
                 carried = carry.states.get(layer)
                 if carried is not None:
                     if carried.batch_size != batch:

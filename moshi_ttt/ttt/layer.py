@@ -18,7 +18,8 @@ from torch import nn
 
 from ..config import TTTConfig
 from ..moshi_compat import streaming_state
-from .ops import INNER_WEIGHTS, AnyWeights, UpdateHook, float32_inner, weight_drift
+from .ops import INNER_WEIGHTS, AnyWeights, float32_inner, weight_drift
+from .session import SessionOptions
 from .state import FastWeightState
 from .step import ttt_mlp_step
 
@@ -66,12 +67,15 @@ class TTTState(State):
     # W_base [H, ...] for `reset`: detached views of the block's parameters (no copy; they follow in-place updates
     # such as an optimizer step or load_state_dict).
     base: AnyWeights
-    mini_batch_size: int  # b for this streaming session (set_streaming_options may change it before the first call)
-    persistent: bool  # False: every forward call starts from W_base
-    on_update: UpdateHook | None = None  # telemetry hook, called at each completed mini-batch of chunked calls
-    # Telemetry hook, called with the call's keys and values [B, H, T, D] before the inner loop runs (so that an
-    # observer need not recompute the projections).
-    on_inputs: tp.Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    session: SessionOptions  # this session's mini-batch size, persistence and observer (ttt/session.py)
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.session.mini_batch_size
+
+    @property
+    def persistent(self) -> bool:
+        return self.session.persistent
 
     # Read-only names of the parts (telemetry, tests, callers of ttt_states).
     @property
@@ -204,8 +208,7 @@ class TTTBlock(StreamingModule[TTTState]):
             self.W1.device,
             fast=FastWeightState.fresh(weights, self._zero_history(batch_size)),
             base=base,
-            mini_batch_size=self.cfg.mini_batch_size,
-            persistent=self.cfg.persistent_states,
+            session=SessionOptions(self.cfg.mini_batch_size, self.cfg.persistent_states),
         )
 
     def _zero_history(self, batch_size: int) -> torch.Tensor | None:
@@ -274,8 +277,8 @@ class TTTBlock(StreamingModule[TTTState]):
                 # (State.reset marks the rows it resets as executing, so resetting every row would unfreeze them).
                 state.reset(state.exec_mask.clone())
             xq, xk, xv, lr, history = self._project(self.norm(x), state.fast.history)
-            if state.on_inputs is not None:
-                state.on_inputs(xk, xv)
+            if state.session.observer is not None:
+                state.session.observer.inputs(xk, xv)
             out = self._forward_streaming(state, xq, xk, xv, lr, history)
         y = self.wo(rearrange(out, "b h t d -> b t (h d)").to(x.dtype))  # [B, T, dim]
         return x + torch.tanh(self.gating_alpha).to(y.dtype) * y
@@ -300,7 +303,9 @@ class TTTBlock(StreamingModule[TTTState]):
             # W_base as it is now, not as it was at the reset).
             fresh = start.offset == 0  # [B]
             start = start._replace(weights=self.base_weights(B).where(fresh, start.weights))
-        out, new = ttt_mlp_step(start, xq, xk, xv, lr, on_update=state.on_update, **kwargs)
+        observer = state.session.observer
+        on_update = None if observer is None else observer.update
+        out, new = ttt_mlp_step(start, xq, xk, xv, lr, on_update=on_update, **kwargs)
         new = new._replace(history=history)
         keep = state.exec_mask
         with torch.no_grad():  # the streaming state never joins an autograd graph

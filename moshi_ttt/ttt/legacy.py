@@ -58,8 +58,10 @@ from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
 from ..config import TTTConfig
+from ..moshi_compat import set_attention_context, streaming_state
 from .layer import apply_keeping_float32, keep_float32
 from .ops import gelu_tanh, reconstruction_target
+from .session import SessionOptions
 
 logger = logging.getLogger(__name__)
 
@@ -291,16 +293,23 @@ class LegacyTTTState(State):
     lrs: torch.Tensor  # [B, H, b]
     position: torch.Tensor  # [B] long: tokens read of the current mini-batch
     offset: torch.Tensor  # [B] long: tokens read since the last reset
-    base_weights: tp.Callable[[int], tuple[list[torch.Tensor], list[torch.Tensor]]]
-    mini_batch_size: int
-    persistent: bool
+    # W0 of every MLP layer [H, ...]: detached views of the block's parameters (they follow in-place updates).
+    base: tuple[list[torch.Tensor], list[torch.Tensor]]
+    session: SessionOptions  # this session's mini-batch size, persistence and observer (ttt/session.py)
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.session.mini_batch_size
+
+    @property
+    def persistent(self) -> bool:
+        return self.session.persistent
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        base_w, base_b = self.base_weights(self.batch_size)
         m = reset_mask.view(-1, 1, 1, 1)
-        for dst, src in zip(self.weights + self.biases, base_w + base_b, strict=True):
-            dst.copy_(torch.where(m, src, dst))
+        for dst, src in zip(self.weights + self.biases, self.base[0] + self.base[1], strict=True):
+            dst.copy_(torch.where(m, src.expand_as(dst), dst))
         self.position.masked_fill_(reset_mask, 0)
         self.offset.masked_fill_(reset_mask, 0)
 
@@ -362,15 +371,14 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
             lrs=torch.zeros(batch_size, H, b, **f32),
             position=torch.zeros(batch_size, dtype=torch.long, device=f32["device"]),
             offset=torch.zeros(batch_size, dtype=torch.long, device=f32["device"]),
-            base_weights=lambda n: tuple([t.detach() for t in ts] for ts in self.base_weights(n)),
-            mini_batch_size=b,
-            persistent=self.cfg.persistent_states,
+            base=([p.detach() for p in self.weights], [p.detach() for p in self.biases]),
+            session=SessionOptions(b, self.cfg.persistent_states),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
         B, T, _ = x.shape
-        state = self._streaming_state
+        state = streaming_state(self)
         if state is not None and not state.persistent:
             state.reset(state.exec_mask.clone())  # rows frozen by exec_mask keep their state
         b = self.cfg.mini_batch_size if state is None else state.mini_batch_size
@@ -468,17 +476,13 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
 
 
 def set_legacy_contexts(model: tp.Any, ttt_layers: list[int], cfg: TTTConfig) -> None:
-    """Sets the self-attention window of the TTT layers and of the others (the fork's per-layer contexts).
-
-    moshi reads `StreamingMultiheadAttention.context` both for the attention mask and for the size of the
-    streaming KV cache, so setting the attribute before streaming changes both consistently.
-    """
+    """Sets the self-attention window of the TTT layers and of the others (the fork's per-layer contexts)."""
     for i, layer in enumerate(model.transformer.layers):
         context = cfg.legacy.ttt_layer_context if i in ttt_layers else cfg.legacy.non_ttt_layer_context
         if context is not None:
             if context < 1:
                 raise ValueError(f"attention context must be >= 1 token, got {context} for layer {i}")
-            layer.self_attn.context = context
+            set_attention_context(layer.self_attn, context)
 
 
 @contextlib.contextmanager
