@@ -28,8 +28,8 @@ from moshi.models.lm import LMModel
 
 from .ttt.apply import ttt_blocks, ttt_states
 from .ttt.layer import TTTBlock, TTTState
-from .ttt.session import configure
 from .ttt.ops import AnyWeights, FastWeights, head_layer_norm, inner_forward, reconstruction_target, weight_drift
+from .ttt.session import configure
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class _LayerRecorder:
         self.steps_read += xk.shape[2]
 
     def update(self, w_start: AnyWeights, w_end: AnyWeights) -> None:
-        """Observer.update: one mini-batch of b tokens completed: w_start are its W0, w_end the weights after its update.
+        """Observer.update: one mini-batch of b tokens completed; w_start are its W0, w_end the weights after it.
 
         The numbers are computed in batches (`flush`) every FLUSH_EVERY updates and at each snapshot,
         so that a chunk of many mini-batches costs a few batched ops instead of dozens per mini-batch. Weights
