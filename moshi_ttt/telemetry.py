@@ -27,9 +27,10 @@ import torch
 from moshi.models.lm import LMModel
 
 from .ttt.apply import ttt_blocks, ttt_states
+from .ttt.inner_math import head_layer_norm, inner_forward, reconstruction_target, weight_drift
 from .ttt.layer import TTTBlock, TTTState
-from .ttt.ops import AnyWeights, FastWeights, head_layer_norm, inner_forward, reconstruction_target, weight_drift
 from .ttt.session import configure
+from .ttt.weights import AnyWeights, FastWeights
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ from torch import nn
 
 from ..config import TTTConfig
 from ..moshi_compat import streaming_state
-from .ops import INNER_WEIGHTS, AnyWeights, float32_inner, weight_drift
+from .inner_math import float32_inner, weight_drift
 from .session import SessionOptions
 from .state import FastWeightState
 from .step import ttt_mlp_step
+from .weights import INNER_WEIGHTS, AnyWeights
 
 logger = logging.getLogger(__name__)
 

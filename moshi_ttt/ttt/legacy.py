@@ -59,8 +59,8 @@ from torch import nn
 
 from ..config import TTTConfig
 from ..moshi_compat import set_attention_context, streaming_state
+from .inner_math import gelu_tanh, reconstruction_target
 from .layer import apply_keeping_float32, keep_float32
-from .ops import gelu_tanh, reconstruction_target
 from .session import SessionOptions
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ W1 [D, D], b1 [1, D] (`LinearWeights`); every function here takes either kind of
 
 Two ways compute the same numbers:
 - dual form (`_segment`): matrices over the n tokens of a segment, no per-token loop;
-- primal form (`ttt_mlp_token`): a running gradient sum S, one token per row, every row at its own position.
+- primal form (`ttt_mlp_token`, primal.py): a running gradient sum S, one token per row, every row at its own position.
 Nothing here holds state or does I/O; everything is differentiable (training backpropagates through it). The inner
 loop runs in float32 (float64 for float64 inputs) also inside a `torch.autocast` region: autocast would round its
 matmuls to bfloat16 and mix dtypes inside the fused LayerNorm backward (`float32_inner`).
@@ -22,106 +22,27 @@ matmuls to bfloat16 and mix dtypes inside the fused LayerNorm backward (`float32
 
 from __future__ import annotations
 
-import functools
-import typing as tp
-
 import torch
 import torch.nn.functional as F
 
-from .weights import INNER_WEIGHTS, AnyWeights, FastWeights, InnerState, LinearWeights  # noqa: F401 (re-exported)
-
-LN_EPS = 1e-6  # per-head LayerNorm epsilon, as in ttt-lm-pytorch
-FORK_TARGET_EPS = 1e-5  # added to the std in the older fork's reconstruction target (`reconstruction_target`)
-
-
-UpdateHook = tp.Callable[[FastWeights, FastWeights], None]
-
-
-_F = tp.TypeVar("_F", bound=tp.Callable[..., tp.Any])
-
-
-def float32_inner(fn: _F) -> _F:
-    """Runs `fn` with autocast off on every device type, so that mixed-precision training (moshi-finetune runs
-    under CUDA or CPU autocast) keeps the fast weights and their updates in float32; the functions cast their
-    inputs to float32 themselves."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return fn(*args, **kwargs)
-
-    return tp.cast(_F, wrapper)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-def gelu_tanh_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad * gelu_tanh'(x), one fused (and differentiable) ATen op."""
-    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
-
-
-def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over D per head. x: [B, H, n, D]; weight, bias: [H, D]."""
-    x_hat = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-    return weight[None, :, None, :] * x_hat + bias[None, :, None, :]
-
-
-@float32_inner
-def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. z of 1/2 |LN(z) - target|^2 (ttt-lm-pytorch's ln_fused_l2_bwd). z, target: [B, H, n, D];
-    weight, bias: [H, D]."""
-    return _ln_l2_grad(z, weight[None, :, None, :], bias[None, :, None, :] - target)
-
-
-def _ln_l2_grad(z: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`ln_l2_grad` with gamma broadcast to z and shift = beta - target precomputed (the inner loop's form).
-
-    Uses ATen's fused layer-norm kernels (few ops in the sequential inner loop); both are differentiable, so the
-    outer loop still backpropagates through this gradient exactly (checked by gradcheck in the tests).
-    """
-    d = z.shape[-1]
-    z_hat, mean, rstd = torch.native_layer_norm(z, [d], None, None, LN_EPS)
-    grad_y = torch.addcmul(shift, weight, z_hat)  # dL/dLN(z) = gamma * z_hat + beta - target
-    grad_z, _, _ = torch.ops.aten.native_layer_norm_backward(
-        grad_y * weight, z, [d], mean, rstd, None, None, [True, False, False]
-    )
-    return grad_z
-
-
-def reconstruction_target(
-    xk: torch.Tensor, xv: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, mode: str = "difference"
-) -> torch.Tensor:
-    """The value the inner MLP learns to produce from k: LN(v - k).
-
-    "legacy" is the older moshi-finetune TTT fork's target, as its active code computes it: its
-    `moshi_ttt/models/ssm/ttt_layer.py` `ln_reconstruction_target` normalises the difference d = v - k with the mean
-    and torch's *unbiased* std over D, eps added to the std: gamma * (d - mean) / (std + 1e-5) + beta, then adds k
-    back, which its inner loss (`models/ssm/ops/ttt_mlp.py`, `reconstruction_target = XV - XK`) subtracts again; both
-    roundings are kept.
-    """
-    if mode == "difference":
-        return head_layer_norm(xv - xk, ln_weight, ln_bias)
-    if mode == "legacy":
-        diff = xv - xk  # [B, H, T, D]
-        mean, std = diff.mean(dim=-1, keepdim=True), diff.std(dim=-1, keepdim=True)  # unbiased std, as the fork
-        normed = ln_weight[None, :, None, :] * (diff - mean) / (std + FORK_TARGET_EPS) + ln_bias[None, :, None, :]
-        return (normed + xk) - xk
-    raise ValueError(f"unknown reconstruction target mode {mode!r}; expected 'difference' or 'legacy'")
-
-
-def position_factors(token_idx: torch.Tensor | None, mini_batch_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """tau_i = max(0, 1/i + learnable_token_idx[i]) for i = 1..b, shape [b].
-
-    A `token_idx` shorter than b is padded with zeros, a longer one truncated: a checkpoint trained with one
-    mini-batch size can be evaluated with another.
-    """
-    tau = 1.0 / torch.arange(1, mini_batch_size + 1, dtype=dtype, device=device)
-    if token_idx is not None:
-        offsets = token_idx.to(dtype)[:mini_batch_size]
-        tau = tau + F.pad(offsets, (0, mini_batch_size - offsets.shape[0]))
-    return tau.clamp_min(0.0)
+# Re-exported: the names callers know from this module (DESIGN.md's contract is `moshi_ttt.ttt.ops.ttt_mlp`).
+from .inner_math import (  # noqa: F401
+    FORK_TARGET_EPS,
+    LN_EPS,
+    UpdateHook,
+    _ln_l2_grad,
+    float32_inner,
+    gelu_tanh,
+    gelu_tanh_backward,
+    head_layer_norm,
+    inner_forward,
+    ln_l2_grad,
+    position_factors,
+    reconstruction_target,
+    weight_drift,
+)
+from .primal import ttt_mlp_token  # noqa: F401
+from .weights import INNER_WEIGHTS, AnyWeights, FastWeights, InnerState, LinearWeights  # noqa: F401
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -250,23 +171,6 @@ def _check_inputs(weights: FastWeights, xq, xk, xv, lr, ln_weight, ln_bias, mini
     got = tuple(tuple(w.shape) for w in weights)
     if got != expected:
         raise ValueError(f"fast weights must have shapes {expected} ({names}), got {got}")
-
-
-def weight_drift(weights: FastWeights, base: FastWeights) -> dict[str, torch.Tensor]:
-    """||W - W_base||_F / ||W_base||_F per batch row for each weight; the absolute norm where W_base is zero.
-
-    Args:
-        weights: FastWeights with [B, H, ...] tensors; base: the same shapes (or broadcastable).
-    Returns:
-        name -> [B] float32 (float64 for float64 weights).
-    """
-    result = {}
-    for name, w, w0 in zip(weights._fields, weights, base, strict=True):
-        w0 = w0.expand_as(w)
-        diff = (w - w0).flatten(1).norm(dim=1)  # [B]
-        ref = w0.flatten(1).norm(dim=1)  # [B]
-        result[name] = torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny), diff)
-    return result
 
 
 @float32_inner
@@ -418,78 +322,3 @@ def ttt_linear(
     if not isinstance(weights, LinearWeights):
         raise ValueError(f"ttt_linear needs LinearWeights(W1, b1), got {type(weights).__name__}")
     return ttt_mlp(weights, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size, token_idx, target)
-
-
-def inner_forward(weights: AnyWeights, x: torch.Tensor) -> torch.Tensor:
-    """f_W(x) of the inner model, before the output LayerNorm. x: [B, H, n, D] -> [B, H, n, D]."""
-    if isinstance(weights, LinearWeights):
-        return x @ weights.W1 + weights.b1  # [B, H, n, D] @ [B, H, D, D]
-    return gelu_tanh(x @ weights.W1 + weights.b1) @ weights.W2 + weights.b2  # via [B, H, n, F]
-
-
-@float32_inner
-def ttt_mlp_token(
-    weights: FastWeights,
-    grad_sums: FastWeights,
-    position: torch.Tensor,
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
-    lr: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    mini_batch_size: int,
-    token_idx: torch.Tensor | None = None,
-    target: str = "difference",
-) -> tuple[torch.Tensor, FastWeights, FastWeights, torch.Tensor]:
-    """Primal form for one token per row, each row at its own position in its mini-batch (TTT-MLP or TTT-Linear by
-    the weights' type).
-
-    No data-dependent Python branch (rows finish their mini-batches through `torch.where`), so this step can be
-    captured in a CUDA graph, as moshi's LMGen does on GPU.
-
-    Args:
-        weights: W0 per row; grad_sums: running sums per row (zeros at a mini-batch start); position: [B] long.
-        xq, xk, xv: [B, H, 1, D]; lr: [B, H, 1].
-    Returns:
-        out [B, H, 1, D], new W0, new grad sums, new positions.
-    """
-    dtype = torch.promote_types(xq.dtype, torch.float32)
-    xq, xk, xv, lr, ln_weight, ln_bias = (t.to(dtype) for t in (xq, xk, xv, lr, ln_weight, ln_bias))
-    weights, grad_sums = weights.to(dtype), grad_sums.to(dtype)
-    B = xq.shape[0]
-    tau_all = position_factors(token_idx, mini_batch_size, dtype, xq.device)  # [b]
-    tau = tau_all[position].view(B, 1, 1, 1)  # [B, 1, 1, 1]
-    target_k = reconstruction_target(xk, xv, ln_weight, ln_bias, target)  # [B, H, 1, D]
-
-    if isinstance(weights, LinearWeights):
-        z = xk @ weights.W1 + weights.b1  # [B, H, 1, D] @ [B, H, D, D] -> [B, H, 1, D]
-        lr_g = lr[..., None] * ln_l2_grad(z, target_k, ln_weight, ln_bias)  # [B, H, 1, D]
-        sums = grad_sums.plus(LinearWeights(xk.transpose(-1, -2) @ lr_g, lr_g))  # [B, H, D, 1] @ [B, H, 1, D]
-        w_i = weights.minus_scaled(tau, sums)
-        out = xq + head_layer_norm(xq @ w_i.W1 + w_i.b1, ln_weight, ln_bias)
-    else:
-        z1 = xk @ weights.W1 + weights.b1  # [B, H, 1, D] @ [B, H, D, F] -> [B, H, 1, F]
-        act = gelu_tanh(z1)
-        z2 = act @ weights.W2 + weights.b2  # [B, H, 1, F] @ [B, H, F, D] -> [B, H, 1, D]
-        g2 = ln_l2_grad(z2, target_k, ln_weight, ln_bias)
-        g1 = gelu_tanh_backward(g2 @ weights.W2.transpose(-1, -2), z1)  # [B, H, 1, F]
-        lr_g1 = lr[..., None] * g1
-        lr_g2 = lr[..., None] * g2
-        sums = grad_sums.plus(
-            FastWeights(
-                xk.transpose(-1, -2) @ lr_g1,  # [B, H, D, 1] @ [B, H, 1, F] -> [B, H, D, F]
-                lr_g1,
-                act.transpose(-1, -2) @ lr_g2,  # [B, H, F, 1] @ [B, H, 1, D] -> [B, H, F, D]
-                lr_g2,
-            )
-        )
-        w_i = weights.minus_scaled(tau, sums)
-        act_q = gelu_tanh(xq @ w_i.W1 + w_i.b1)  # [B, H, 1, F]
-        out = xq + head_layer_norm(act_q @ w_i.W2 + w_i.b2, ln_weight, ln_bias)
-
-    done = position + 1 == mini_batch_size  # [B]: the row completes its mini-batch with this token
-    new_weights = w_i.where(done, weights)  # tau_i = tau_b on those rows, so W_i is the updated W0
-    new_sums = sums.zeros_like().where(done, sums)
-    new_position = torch.where(done, torch.zeros_like(position), position + 1)
-    return out, new_weights, new_sums, new_position

@@ -14,7 +14,7 @@ import typing as tp
 import torch
 from moshi.modules.streaming import State
 
-from .ops import AnyWeights
+from .weights import AnyWeights
 
 
 class Observer(tp.Protocol):

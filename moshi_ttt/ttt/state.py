@@ -13,7 +13,7 @@ import typing as tp
 
 import torch
 
-from .ops import AnyWeights, FastWeights, LinearWeights
+from .weights import AnyWeights, FastWeights, LinearWeights
 
 
 class FastWeightState(tp.NamedTuple):

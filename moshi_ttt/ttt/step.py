@@ -13,8 +13,11 @@ import logging
 
 import torch
 
-from .ops import InnerState, UpdateHook, ttt_mlp_chunk, ttt_mlp_token
+from .inner_math import UpdateHook
+from .ops import ttt_mlp_chunk
+from .primal import ttt_mlp_token
 from .state import FastWeightState
+from .weights import InnerState
 
 logger = logging.getLogger(__name__)
 
