@@ -19,7 +19,7 @@ from torch import nn
 from ..config import TTTConfig
 from ..moshi_compat import streaming_state
 from .inner_math import float32_inner, weight_drift
-from .session import SessionOptions
+from .session import SessionOptions, SessionOptionsView
 from .state import FastWeightState
 from .step import ttt_mlp_step
 from .weights import INNER_WEIGHTS, AnyWeights
@@ -60,7 +60,7 @@ def apply_keeping_float32(module: nn.Module, super_apply, fn, recurse: bool, nam
 
 
 @dataclass
-class TTTState(State):
+class TTTState(SessionOptionsView, State):
     """Streaming state of one TTT block: moshi's State around one FastWeightState (ttt/state.py), one row per batch
     element, float32 (float64 for a float64 model)."""
 
@@ -69,14 +69,6 @@ class TTTState(State):
     # such as an optimizer step or load_state_dict).
     base: AnyWeights
     session: SessionOptions  # this session's mini-batch size, persistence and observer (ttt/session.py)
-
-    @property
-    def mini_batch_size(self) -> int:
-        return self.session.mini_batch_size
-
-    @property
-    def persistent(self) -> bool:
-        return self.session.persistent
 
     # Read-only names of the parts (telemetry, tests, callers of ttt_states).
     @property

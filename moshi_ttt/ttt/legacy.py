@@ -61,7 +61,7 @@ from ..config import TTTConfig
 from ..moshi_compat import set_attention_context, streaming_state
 from .inner_math import gelu_tanh, reconstruction_target
 from .layer import apply_keeping_float32, keep_float32
-from .session import SessionOptions
+from .session import SessionOptions, SessionOptionsView
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class Float32ParameterList(nn.ParameterList):
 
 
 @dataclass
-class LegacyTTTState(State):
+class LegacyTTTState(SessionOptionsView, State):
     """Streaming state of one LegacyTTTBlock; one row per batch element."""
 
     weights: list[torch.Tensor]  # W0 per MLP layer, [B, H, d_l, d_{l+1}]
@@ -296,14 +296,6 @@ class LegacyTTTState(State):
     # W0 of every MLP layer [H, ...]: detached views of the block's parameters (they follow in-place updates).
     base: tuple[list[torch.Tensor], list[torch.Tensor]]
     session: SessionOptions  # this session's mini-batch size, persistence and observer (ttt/session.py)
-
-    @property
-    def mini_batch_size(self) -> int:
-        return self.session.mini_batch_size
-
-    @property
-    def persistent(self) -> bool:
-        return self.session.persistent
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)

@@ -36,6 +36,20 @@ class SessionOptions:
     observer: Observer | None = None  # telemetry; None: nothing observes this block
 
 
+class SessionOptionsView:
+    """Read-only shortcuts for a state class with a `session: SessionOptions` field."""
+
+    session: SessionOptions
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.session.mini_batch_size
+
+    @property
+    def persistent(self) -> bool:
+        return self.session.persistent
+
+
 def configure(state: State, **changes: tp.Any) -> None:
     """Replaces fields (mini_batch_size, persistent, observer) of the `session` of a TTT block's state (TTTState,
     LegacyTTTState): the one writer of session options.
