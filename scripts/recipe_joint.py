@@ -2,7 +2,8 @@
 
 Both models are the demo's LM (build_demo_assets.LM_CONFIG) from the same seeded initialisation; the TTT model adds
 a TTT block (TTTConfig.branch_input="before_attention": it reads the layer input beside attention)
-with wq and wv started as the identity and the share_qk convolutions as a one-token shift. Every step both see the
+with wq and wv started as the identity and the share_qk convolutions as a one-token shift; --inner picks TTT-MLP or
+TTT-Linear. Every step both see the
 same batch: whole short repeat clips (--short-work, passage read 3 times, > 4 s apart) mixed with random crops of
 the demo corpus's training clips. Validation: the last --val training repeat and plain clips (never trained on);
 --heldout scores the held-out clips once at the end.
@@ -52,7 +53,7 @@ def build(kind: str, args) -> LMModel:
         cfg = TTTConfig(
             layers=args.layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
             gating_alpha_init=args.alpha, share_qk=True, num_heads=args.heads, init_std=args.init_std,
-            branch_input=f"{args.read}_attention",
+            branch_input=f"{args.read}_attention", inner=args.inner,
         )  # fmt: skip
         apply_ttt(model, cfg)
         for block in ttt_blocks(model).values():
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="0")
     p.add_argument("--read", choices=("after", "before"), default="before")
     p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--inner", choices=("mlp", "linear"), default="mlp", help="TTTConfig.inner (linear: W1, b1 only)")
     p.add_argument("--mini-batch-size", type=int, default=16)
     p.add_argument("--base-lr", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=0.1)
