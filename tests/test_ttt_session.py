@@ -93,5 +93,8 @@ def test_legacy_state_has_the_same_session_and_keeps_its_mini_batch_size():
         assert not any(callable(v) for v in vars(state).values())
         set_streaming_options(model, mini_batch_size=4, persistent_states=False)
         assert state.session == SessionOptions(4, False)
-        with pytest.raises(ValueError, match="legacy TTT layer"):
+        with pytest.raises(ValueError, match="layer 1: .*legacy TTT layer"):
             set_streaming_options(model, mini_batch_size=2)
+        with pytest.raises(ValueError, match="legacy TTT layer"):
+            configure(state, mini_batch_size=2)  # the rule is the state's, whoever configures it
+        assert state.session == SessionOptions(4, False)

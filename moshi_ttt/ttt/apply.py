@@ -12,7 +12,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from ..config import TTTConfig, parse_layers
 from ..moshi_compat import LayerWithBranch, forget_streaming_children, streaming_state
 from .layer import TTTBlock, TTTState
-from .legacy import LegacyTTTBlock, LegacyTTTState, set_legacy_contexts
+from .legacy import LegacyTTTBlock, set_legacy_contexts
 from .session import configure
 
 logger = logging.getLogger(__name__)
@@ -106,12 +106,10 @@ def set_streaming_options(
     for layer, state in ttt_states(model).items():
         changes: dict[str, tp.Any] = {}
         if mini_batch_size is not None:
-            if isinstance(state, LegacyTTTState) and mini_batch_size != state.mini_batch_size:
-                raise ValueError(
-                    f"layer {layer} is a legacy TTT layer: its mini-batch size ({state.mini_batch_size}) is part of "
-                    "the checkpoint's math and cannot change"
-                )
             changes["mini_batch_size"] = mini_batch_size
         if persistent_states is not None:
             changes["persistent"] = persistent_states
-        configure(state, **changes)
+        try:
+            configure(state, **changes)
+        except ValueError as err:
+            raise ValueError(f"layer {layer}: {err}") from None

@@ -296,6 +296,7 @@ class LegacyTTTState(SessionOptionsView, State):
     # W0 of every MLP layer [H, ...]: detached views of the block's parameters (they follow in-place updates).
     base: tuple[list[torch.Tensor], list[torch.Tensor]]
     session: SessionOptions  # this session's mini-batch size, persistence and observer (ttt/session.py)
+    fixed_mini_batch_size: tp.ClassVar[bool] = True  # b is part of the fork's math (its lr divides by it)
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
@@ -413,11 +414,6 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
     def _forward_streaming(self, state: LegacyTTTState, xq, xk, target, lr, pad: LegacyPad | None) -> torch.Tensor:
         """Rows at the same position of their mini-batch run together; the state keeps each partial mini-batch."""
         T = xq.shape[2]
-        if state.keys.shape[2] != state.mini_batch_size:  # set_streaming_options changed b before the first call
-            B, H, _, D = state.keys.shape
-            state.keys = state.keys.new_zeros(B, H, state.mini_batch_size, D)
-            state.targets = state.targets.new_zeros(B, H, state.mini_batch_size, D)
-            state.lrs = state.lrs.new_zeros(B, H, state.mini_batch_size)
         out = xq.new_empty(xq.shape)
         keep = state.exec_mask
         groups: dict[int, list[int]] = {}

@@ -40,6 +40,9 @@ class SessionOptionsView:
     """Read-only shortcuts for a state class with a `session: SessionOptions` field."""
 
     session: SessionOptions
+    # True where the mini-batch size is part of the layer's trained math (legacy layers): `configure` refuses to
+    # change it.
+    fixed_mini_batch_size: tp.ClassVar[bool] = False
 
     @property
     def mini_batch_size(self) -> int:
@@ -59,6 +62,11 @@ def configure(state: State, **changes: tp.Any) -> None:
         b = changes["mini_batch_size"]
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"mini_batch_size must be an integer >= 1, got {b!r}")
+        if b != state.session.mini_batch_size and state.fixed_mini_batch_size:
+            raise ValueError(
+                f"this is a legacy TTT layer: its mini-batch size ({state.session.mini_batch_size}) is part of the "
+                "checkpoint's math and cannot change"
+            )
         if b != state.session.mini_batch_size and (bool((state.offset > 0).any()) or bool((state.position > 0).any())):
             raise ValueError("the mini-batch size of a session must be set before its first forward")
     if "persistent" in changes and not isinstance(changes["persistent"], bool):
