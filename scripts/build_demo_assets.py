@@ -1,5 +1,5 @@
-"""Reproducible build of demo_assets/: a synthetic speech corpus, a small Mimi-architecture codec, a baseline LM, the
-TTT model with its fair baseline, and the evaluation written to demo_assets/MANIFEST.md.
+"""Reproducible build of demo_assets/: a synthetic speech corpus, a small Mimi-architecture codec, the TTT LM with
+its fair baseline, and the evaluation written to demo_assets/MANIFEST.md.
 
 Needs: espeak-ng (`apt-get install espeak-ng`) and the Python requirements of this repo. CPU only, seeded; stages
 cache their outputs in --work (outside the repo) and can be run one by one:
@@ -7,8 +7,10 @@ cache their outputs in --work (outside the repo) and can be run one by one:
     NO_TORCH_COMPILE=1 python scripts/build_demo_assets.py --stage all --work /tmp/demo_work
     NO_TORCH_COMPILE=1 python scripts/build_demo_assets.py --stage eval   # re-evaluates the saved assets
 
-Stages: corpus (espeak-ng clips) -> codec (k-means/EMA codebooks, codes of every clip) -> baseline (plain LM
-training) -> ttt (TTT model and fair baseline, same extra steps) -> eval (losses, MANIFEST.md).
+Stages: corpus (espeak-ng clips) -> codec (k-means/EMA codebooks, codes of every clip) -> short (short repeat
+clips, encoded) -> joint (the TTT model and its fair baseline, trained from one initialisation on the same batches:
+scripts/recipe_joint.py with JOINT_RECIPE; --variant trains one, so both can run at once) -> eval (losses,
+MANIFEST.md).
 Bit-stability holds for a fixed --threads on the same machine and torch build (float sums depend on both).
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -27,23 +28,27 @@ from pathlib import Path
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: moshi_ttt without installing
 
-import numpy as np  # noqa: E402
+import recipe_joint  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
-from demo_corpus import FRAME, SAMPLE_RATE, SentenceMaker, check_espeak, plain_clip, repeat_clip  # noqa: E402
+from demo_corpus import (  # noqa: E402
+    SAMPLE_RATE,
+    SentenceMaker,
+    check_espeak,
+    plain_clip,
+    read_corpus,
+    repeat_clip,
+    short_repeat_clips,
+)
 from demo_eval import evaluate, write_manifest  # noqa: E402
-from moshi.models.lm import LMModel  # noqa: E402
+from demo_lm_config import LM_CONFIG  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
-from moshi_ttt.checkpoints import load, save  # noqa: E402
+from moshi_ttt.checkpoints import save  # noqa: E402
 from moshi_ttt.codec import build_codec, load_codec, save_codec  # noqa: E402
-from moshi_ttt.sequence import model_codes  # noqa: E402
-from moshi_ttt.train import TrainConfig, Trainer, audio_loss  # noqa: E402
-from moshi_ttt.train_data import CodeBatcher, training_codes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("corpus", "codec", "baseline", "ttt", "eval")
+STAGES = ("corpus", "codec", "short", "joint", "eval")
 
 # --- corpus: (name prefix, count, kind, split). Durations in seconds. ---
 # The baseline learns from every training clip (crops shorter than a passage and its next reading); the TTT
@@ -76,27 +81,17 @@ CODEC_CONFIG = {
 }  # fmt: skip
 CODEC_PASSES = 40  # training-mode quantizer passes: 8 k-means initialisations (one level each), then EMA updates
 
-# --- LM: moshi's LMModel, small; attention context 50 tokens = 4 s. ---
-LM_CONFIG = {
-    "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1], "n_q": 8, "dep_q": 8, "card": 256, "text_card": 8,
-    "existing_text_padding_id": 3, "dim": 128, "num_heads": 4, "num_layers": 4, "hidden_scale": 4.0,
-    "causal": True, "context": 50, "max_period": 10000, "gating": "silu", "norm": "rms_norm_f32",
-    "positional_embedding": "rope", "depformer_dim": 64, "depformer_dim_feedforward": 128,
-    "depformer_num_heads": 2, "depformer_num_layers": 1, "depformer_context": 8, "depformer_max_period": 10000,
-    "depformer_gating": "silu", "depformer_pos_emb": "none", "depformer_weights_per_step": True,
-    "depformer_multi_linear": True,
-}  # fmt: skip
-BASELINE = {"steps": 150, "batch_size": 12, "seq_len": 100, "lr": 3e-3, "warmup": 30}
-# share_qk (ttt-lm-pytorch's causal convolutions on one q/k projection), started as a one-token shift: the key of
-# token t is made from token t - 1 and its query from token t, so the fast weights store "what followed" and a query
-# can recall it (see MANIFEST.md, "What was tried", for the runs without them).
-TTT = TTTConfig(layers="1,2,3", mini_batch_size=16, base_lr=4.0, gating_alpha_init=0.1, share_qk=True)
-# Only the TTT weights train (the baseline's weights stay frozen: training them too overfits the 80 clips within
-# ~100 steps), so the fair baseline is the baseline itself. Chunks of 864 tokens hold a whole clip (every clip is
-# < 69 s): a passage and its readings sit in one backpropagation graph. W_base at 3x lr, the gate at 10x lr.
-EXTRA = TrainConfig(
-    steps=300, batch_size=2, chunk_size=864, lr=3e-3, weight_lr_multiplier=3.0, alpha_lr_multiplier=10.0
-)
+SHORT_CLIPS = 1440  # short repeat clips (demo_corpus.short_repeat_clips), each seen ~2.5 times in training
+# The models (scripts/recipe_joint.py, MANIFEST.md "Issue 13"): the TTT LM and its fair baseline trained from the same
+# seeded initialisation on the same batches for the same steps; the TTT model adds one TTT block in layer 0 that
+# reads the layer input beside attention (one head of width 128, share_qk started as a one-token shift, wq = wv =
+# identity). Each is one process (--variant): run both at once on 2 cores.
+JOINT_RECIPE = (
+    "--layers", "0", "--read", "before", "--heads", "1", "--inner", "mlp", "--mini-batch-size", "16",
+    "--base-lr", "4", "--alpha", "0.1", "--batch-size", "6", "--seq-len", "416", "--short-frac", "0.33",
+    "--copy-frac", "0.33", "--steps", "1800", "--lr", "3e-3", "--eval-every", "100",
+)  # fmt: skip
+VARIANTS = {"ttt": "ttt", "fair_baseline": "baseline"}  # asset dir -> recipe_joint --kind
 
 
 def log(msg: str) -> None:
@@ -130,18 +125,6 @@ def stage_corpus(work: Path, out: Path, seed: int) -> None:
         s: sum(v["samples"] for v in index.values() if v["split"] == s) / SAMPLE_RATE / 60 for s in ("train", "heldout")
     }
     log(f"corpus: {len(index)} clips, {total['train']:.1f} min train, {total['heldout']:.1f} min held out")
-
-
-def read_corpus(work: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    corpus = work / "corpus"
-    index = json.loads((corpus / "index.json").read_text())
-    audio = {}
-    for name in index:
-        data, sr = sf.read(corpus / f"{name}.wav", dtype="float32")
-        assert sr == SAMPLE_RATE
-        pad = (-len(data)) % FRAME  # whole frames: the codec gives one code per 1920 samples
-        audio[name] = torch.from_numpy(np.pad(data, (0, pad)))[None, None]  # [1, 1, samples]
-    return index, audio
 
 
 # ---------------------------------------------------------------- codec
@@ -180,73 +163,30 @@ def read_codes(work: Path, split: str) -> dict[str, torch.Tensor]:
     return {n: codes[n].long() for n, v in index.items() if v["split"] == split}
 
 
-# ---------------------------------------------------------------- baseline
-def stage_baseline(work: Path, seed: int) -> None:
-    index = json.loads((work / "corpus" / "index.json").read_text())
-    # All training clips, so that the TTT model's extra training adds no data the baseline has not seen: random
-    # crops of 100 tokens, where a 50-token attention window cannot reach an earlier reading of a passage.
-    files = list(read_codes(work, "train").values())
-    heldout = [c for n, c in read_codes(work, "heldout").items() if index[n]["kind"] == "plain"]
-    torch.manual_seed(seed)
-    model = LMModel(device="cpu", dtype=torch.float32, **LM_CONFIG).train()
-    cfg = BASELINE
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
-    rng = random.Random(seed)
-    weights = [f.shape[1] for f in files]
-    losses, heldout_losses = [], {}
-    for step in range(cfg["steps"]):
-        crops = []
-        for f in rng.choices(files, weights=weights, k=cfg["batch_size"]):
-            start = rng.randrange(0, f.shape[1] - cfg["seq_len"] + 1)
-            crops.append(f[:, start : start + cfg["seq_len"]])
-        warm = min(1.0, (step + 1) / cfg["warmup"])
-        for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * warm * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
-        loss = audio_loss(model, model_codes(model, torch.stack(crops)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            with torch.no_grad():
-                model.eval()
-                val = [audio_loss(model, model_codes(model, c[None])).item() for c in heldout]
-                model.train()
-            heldout_losses[step + 1] = float(np.mean(val))
-            train_loss = np.mean(losses[-50:])
-            log(f"baseline step {step + 1}/{cfg['steps']}: loss {train_loss:.4f}, held out {np.mean(val):.4f}")
-    save(work / "baseline", model, lm_config=LM_CONFIG, overwrite=True)
-    (work / "baseline_losses.json").write_text(json.dumps({"train": losses, "heldout": heldout_losses}))
+# ---------------------------------------------------------------- short repeat clips
+def stage_short(work: Path, out: Path) -> None:
+    """SHORT_CLIPS short repeat clips (new sentences, the six voices), encoded with the codec in `out`."""
+    index, audio = short_repeat_clips(SHORT_CLIPS)
+    (work / "short" / "corpus").mkdir(parents=True, exist_ok=True)
+    (work / "short" / "corpus" / "index.json").write_text(json.dumps(index, indent=1))
+    mimi = load_codec(out / "codec")
+    with torch.no_grad():
+        codes = {name: mimi.encode(a)[0].contiguous() for name, a in audio.items()}  # [8, frames] each
+    save_file(codes, str(work / "short" / "codes.safetensors"))
+    log(f"short: {len(codes)} clips, {sum(c.shape[1] for c in codes.values())} frames")
 
 
-# ---------------------------------------------------------------- ttt + fair baseline
-VARIANTS = ("ttt", "fair_baseline")
-
-
-def stage_ttt(work: Path, out: Path, seed: int, variants: tuple[str, ...] = VARIANTS) -> None:
-    """The TTT model: the baseline plus TTT layers, only those trained ("ttt"); the fair baseline: the baseline,
-    whose weights that training leaves unchanged, with its loss on the same training batches ("fair_baseline")."""
-    index = json.loads((work / "corpus" / "index.json").read_text())
-    files = [c for n, c in read_codes(work, "train").items() if index[n]["kind"] == "repeat"]
-    cfg = dataclasses.replace(EXTRA, seed=seed)
+# ---------------------------------------------------------------- joint training: ttt + fair baseline
+def stage_joint(work: Path, out: Path, seed: int, threads: int, variants: tuple[str, ...]) -> None:
+    """Trains each asset model with JOINT_RECIPE (recipe_joint.train) and saves it to `out`, with its validation
+    history and held-out scores in work/joint_<name>.json."""
     for name in variants:
-        model = load(str(work / "baseline")).model
-        torch.manual_seed(seed)  # after the load: the TTT initialisation must not depend on how loading works
-        if name == "ttt":
-            apply_ttt(model, TTT)
-            for block in ttt_blocks(model).values():
-                block.init_qk_shift()
-            trainer = Trainer(model, files, cfg)
-            losses = trainer.run(on_step=lambda s, v: s % 20 == 0 and log(f"ttt step {s}: loss {v:.4f}"))
-        else:  # frozen: the loss of the same batches in the same order
-            batcher = CodeBatcher(files, cfg.batch_size, cfg.chunk_size, cfg.seed)
-            with torch.no_grad():
-                losses = [
-                    audio_loss(model, training_codes(model, batcher.next_batch()[0])).item() for _ in range(cfg.steps)
-                ]
-        save(out / name, model.eval(), lm_config=LM_CONFIG, mimi_ref="../codec", overwrite=True)
-        (work / f"extra_losses_{name}.json").write_text(json.dumps(losses))
+        argv = [*JOINT_RECIPE, "--kind", VARIANTS[name], "--seed", str(seed), "--threads", str(threads)]
+        argv += ["--work", str(work), "--short-work", str(work / "short"), "--heldout", "--tag", name]
+        args = recipe_joint.parser().parse_args(argv)
+        model, result = recipe_joint.train(args, log=log)
+        save(out / name, model, lm_config=LM_CONFIG, mimi_ref="../codec", overwrite=True)
+        (work / f"joint_{name}.json").write_text(json.dumps(result, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     parser.add_argument(
-        "--variant", choices=VARIANTS, help="stage ttt: train only this model (run both in parallel on 2 cores)"
+        "--variant", choices=tuple(VARIANTS), help="stage joint: train only this model (run both at once on 2 cores)"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -271,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             stage_corpus(args.work, args.out, args.seed)
         elif stage == "codec":
             stage_codec(args.work, args.out, args.seed)
-        elif stage == "baseline":
-            stage_baseline(args.work, args.seed)
-        elif stage == "ttt":
-            stage_ttt(args.work, args.out, args.seed, (args.variant,) if args.variant else VARIANTS)
+        elif stage == "short":
+            stage_short(args.work, args.out)
+        elif stage == "joint":
+            stage_joint(
+                args.work, args.out, args.seed, args.threads, (args.variant,) if args.variant else tuple(VARIANTS)
+            )
         else:
             results = evaluate(args.work, args.out)
             write_manifest(args.work, args.out, results)

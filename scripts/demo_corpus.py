@@ -7,15 +7,19 @@ Used by scripts/build_demo_assets.py; not part of the library.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import random
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
+import torch
 
 SAMPLE_RATE = 24000
 FRAME = 1920  # samples per codec frame (24 kHz / 12.5 Hz)
@@ -180,3 +184,33 @@ def repeat_clip(name: str, maker: SentenceMaker, rng: random.Random, passage_s: 
             texts.append("[filler] " + " ".join(filler))
     parts.append(silence(0.5))
     return Clip(name, np.concatenate(parts), "\n".join(texts), voice, readings)
+
+
+def read_corpus(work: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    corpus = work / "corpus"
+    index = json.loads((corpus / "index.json").read_text())
+    audio = {}
+    for name in index:
+        data, sr = sf.read(corpus / f"{name}.wav", dtype="float32")
+        assert sr == SAMPLE_RATE
+        pad = (-len(data)) % FRAME  # whole frames: the codec gives one code per 1920 samples
+        audio[name] = torch.from_numpy(np.pad(data, (0, pad)))[None, None]  # [1, 1, samples]
+    return index, audio
+
+
+SHORT_SEED = 101  # sentences and voices of the short repeat clips (the demo corpus uses seeds 0 and 1)
+
+
+def short_repeat_clips(count: int, seed: int = SHORT_SEED) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`count` short repeat clips (a 4.5-12 s passage read 3 times, 1.5 s+ of filler between): their index entries
+    and audio [1, 1, samples] padded to whole codec frames. Deterministic for a seed (espeak-ng is)."""
+    maker, rng, index, audio = SentenceMaker(seed), random.Random(seed + 1), {}, {}
+    for i in range(count):
+        name = f"train_short_{i:03d}"
+        clip = repeat_clip(name, maker, rng, 4.5, 1.5)
+        index[name] = {
+            "kind": "repeat", "split": "train", "text": clip.text, "voice": dataclasses.asdict(clip.voice),
+            "samples": len(clip.audio), "readings": clip.readings,
+        }  # fmt: skip
+        audio[name] = torch.from_numpy(np.pad(clip.audio, (0, (-len(clip.audio)) % FRAME)))[None, None]
+    return index, audio

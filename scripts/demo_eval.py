@@ -20,7 +20,7 @@ from moshi_ttt.checkpoints import load
 from moshi_ttt.codec import load_codec
 
 MODELS = ("fair_baseline", "ttt")  # in demo_assets/
-# What was tried before these assets (measured while writing this script, 2 shared CPU cores, no time for more).
+# What was tried for the assets before the joint recipe (TTT layers added to a trained baseline), 2 shared cores.
 TRIED = [
     "First corpus: random speed and pitch per clip (every clip a new speaker), 20 repeat clips in the baseline's "
     "data, extra training 160 steps x 4 x 192 tokens, lr 5e-4, TTT base_lr 4, gate 0.1: the baseline memorised the "
@@ -212,7 +212,7 @@ def _score_clips(model, codes: dict[str, torch.Tensor], index: dict) -> dict:
 
 
 def evaluate(work: Path, out: Path) -> dict:
-    """Scores the held-out clips with the saved assets (and the work dir's baseline, for reference)."""
+    """Scores the held-out clips with the saved assets."""
     index = json.loads((work / "corpus" / "index.json").read_text())
     all_codes = load_file(str(work / "codes.safetensors"))
     codes = {n: all_codes[n].long() for n, v in index.items() if v["split"] == "heldout"}
@@ -220,7 +220,6 @@ def evaluate(work: Path, out: Path) -> dict:
     mimi = load_codec(out / "codec")
     loaded = {name: load(str(out / name)).model for name in MODELS}
     load_s = time.time() - start
-    loaded["baseline"] = load(str(work / "baseline")).model
     results = {"load_assets_s": load_s, "models": {}}
     for name, model in loaded.items():
         with torch.no_grad():
@@ -271,12 +270,19 @@ def findings(work: Path, out: Path, results: dict) -> list[str]:
         + ", ".join(f"layer {k}: {v:.2f}" for k, v in drift.items())
         + ". The fast weights do learn in context; whether the model reads them is what the gate and the losses say.",
     ]
-    curve_path = work / "baseline_losses.json"
-    if curve_path.exists():
-        curve = json.loads(curve_path.read_text())
-        if isinstance(curve, dict) and curve.get("heldout"):
-            points = ", ".join(f"{k}: {v:.2f}" for k, v in curve["heldout"].items())
-            lines.append(f"- Baseline held-out loss during its training (step: nats): {points}.")
+    history = {m: json.loads((work / f"joint_{m}.json").read_text()) for m in MODELS}
+    steps = [k for k in history["ttt"]["val"] if int(k) % 500 == 0 or k == list(history["ttt"]["val"])[-1]]
+    points = ", ".join(
+        f"{k}: {history['ttt']['val'][k]['readings23']:.3f} / {history['fair_baseline']['val'][k]['readings23']:.3f}"
+        for k in steps
+    )
+    lines.append(f"- Validation 2nd+3rd readings during training (step: ttt / fair baseline, nats): {points}.")
+    if "memory_accuracy" in history["ttt"]:
+        acc = " / ".join(f"{a:.2f}" for a in history["ttt"]["memory_accuracy"])
+        lines.append(
+            f"- The TTT block's own next-frame recall on the validation repeat clips (readings 1 / 2 / 3): {acc}; its "
+            f"gated branch is {history['ttt']['branch_norm_ratio']:.2f} x the residual stream it reads (mean norms)."
+        )
     return lines
 
 
@@ -328,7 +334,9 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
     for path in sorted(work.glob("timings*.json")):
         suffix = path.stem.removeprefix("timings").lstrip("_")
         timings.update({f"{k} ({suffix})" if suffix else k: v for k, v in json.loads(path.read_text()).items()})
-    extra = {m: json.loads((work / f"extra_losses_{m}.json").read_text()) for m in MODELS}
+    joint = {m: json.loads((work / f"joint_{m}.json").read_text()) for m in MODELS}
+    recipe = joint["ttt"]["args"]
+    n_short = len(json.loads((work / "short" / "corpus" / "index.json").read_text()))
     commands_path = work / "commands.json"
     commands = json.loads(commands_path.read_text()) if commands_path.exists() else {}
     ttt_cfg = json.loads((out / "ttt" / "config.json").read_text())["ttt"]
@@ -370,18 +378,28 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         "- Corpus: seeded sentences from a small word list, six espeak-ng speakers; 100 clips of ~20 s that never",
         f"  repeat, 80 clips of ~45 s where a {passage} s passage comes back twice, and held-out clips of both",
         "  kinds (never trained on; the evaluation below).",
-        "- `fair_baseline/`: the baseline LM (moshi `LMModel`, dim 128, 4 layers, attention context 50 tokens = 4 s,",
-        "  8 codebooks), trained on random crops of 100 tokens of every training clip (150 AdamW steps: it",
-        "  overfits after that).",
-        "- `ttt/`: the same baseline plus TTT layers, and only the TTT weights trained (`moshi_ttt.train.Trainer`;",
-        "  the base weights stay frozen, so the fair baseline for the same extra steps is the baseline itself; the",
-        "  clips with repeated passages read whole, one per batch row, the TTT state reset at each new clip).",
-        f"  TTT: layers {ttt_cfg['layers']} of 4, mini-batch {ttt_cfg['mini_batch_size']} tokens, base_lr "
-        f"{ttt_cfg['base_lr']}, gate alpha init {ttt_cfg['gating_alpha_init']}, share_qk {ttt_cfg['share_qk']}",
+        f"- Short repeat clips (training only): {n_short} more clips of the six voices, "
+        "new sentences, a 4.5-12 s passage read three times with 1.5 s+ of filler between (readings more than 4 s",
+        "  apart: out of attention's reach).",
+        "- `fair_baseline/`: the LM (moshi `LMModel`, dim 128, 4 layers, attention context 50 tokens = 4 s, 8",
+        "  codebooks, `demo_lm_config.py`). `ttt/`: the same LM from the same seeded initialisation plus one TTT",
+        f"  block in layer {ttt_cfg['layers']}: it reads the layer input beside attention (`branch_input`",
+        f"  {ttt_cfg['branch_input']}), TTT-{ttt_cfg['inner'].upper()}, {ttt_cfg['num_heads']} head(s), mini-batch "
+        f"{ttt_cfg['mini_batch_size']} tokens, base_lr {ttt_cfg['base_lr']}, gate alpha init "
+        f"{ttt_cfg['gating_alpha_init']}, share_qk",
         f"  (q and k from one projection through causal convolutions of {ttt_cfg['conv_kernel']} tokens, started as a",
-        "  one-token shift: key from the previous token, query from the current one); all in `ttt/config.json`.",
-        f"  Extra steps: {len(extra['ttt'])}; last-50-step mean training loss on the same batches: ttt "
-        f"{sum(extra['ttt'][-50:]) / 50:.4f}, fair baseline {sum(extra['fair_baseline'][-50:]) / 50:.4f}.",
+        "  one-token shift: key from the previous token, query from the current one; wq = wv = identity at the",
+        "  start); all in `ttt/config.json`.",
+        "- Both trained together from scratch (`scripts/recipe_joint.py`, `JOINT_RECIPE` in the build):",
+        f"  {recipe['steps']} AdamW steps on the same batches of {recipe['batch_size']} x {recipe['seq_len']} tokens:"
+        " a share "
+        f"{recipe['short_frac']} of whole short repeat clips, {recipe['copy_frac']} of synthetic copy clips (random",
+        "  codes, a passage of 57-150 frames read three times: only an in-context memory predicts its 2nd and 3rd",
+        "  readings) and the rest random crops of the training clips; lr "
+        f"{recipe['lr']} with warmup and a cosine decay, the gate at 10x. The last {recipe['val']} training repeat",
+        "  and plain clips are held back for validation.",
+        f"  Last-50-step mean training loss: ttt {sum(joint['ttt']['train_losses'][-50:]) / 50:.4f}, fair baseline "
+        f"{sum(joint['fair_baseline']['train_losses'][-50:]) / 50:.4f}.",
         "",
         "## Evaluation (held-out clips; nats per codebook entry)",
         "",
@@ -391,7 +409,7 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         "| model | repeat clips: 1st reading | repeat clips: 2nd+3rd readings | non-repeating clips |",
         "|---|---:|---:|---:|",
     ]
-    for model in ("baseline", "fair_baseline", "ttt"):
+    for model in MODELS:
         m = s[model]
         lines.append(f"| {model} | {m['repeat_reading1']:.4f} | {m['repeat_readings23']:.4f} | {m['plain']:.4f} |")
     lines += [

@@ -1,6 +1,6 @@
 """Joint training from scratch: a TTT LM and its fair baseline (same init, same batches, same steps), issue 13.
 
-Both models are the demo's LM (build_demo_assets.LM_CONFIG) from the same seeded initialisation; the TTT model adds
+Both models are the demo's LM (demo_lm_config.LM_CONFIG) from the same seeded initialisation; the TTT model adds
 a TTT block (TTTConfig.branch_input="before_attention": it reads the layer input beside attention)
 with wq and wv started as the identity and the share_qk convolutions as a one-token shift; --inner picks TTT-MLP or
 TTT-Linear. Every step both see the
@@ -26,14 +26,15 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from build_demo_assets import LM_CONFIG  # noqa: E402
 from demo_corpus import FRAME  # noqa: E402
+from demo_lm_config import LM_CONFIG  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
 from probe_memory import next_frame_accuracy  # noqa: E402
 from recipe_search import evaluate  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
+from moshi_ttt.checkpoints import save  # noqa: E402
 from moshi_ttt.sequence import delayed_input, model_codes  # noqa: E402
 from moshi_ttt.train import audio_loss  # noqa: E402
 from moshi_ttt.train_data import training_codes  # noqa: E402
@@ -97,15 +98,31 @@ def memory_accuracy(model, clips: dict[str, torch.Tensor], index: dict, layer: i
     return (per / len(clips)).tolist(), sum(ratios) / len(ratios)
 
 
+def copy_clip(rng: random.Random, length: int, card: int = 256, n_q: int = 8) -> torch.Tensor:
+    """A synthetic repeat clip [n_q, length] of uniformly random codes: a passage of 57-150 frames (4.6-12 s, longer
+    than the 50-token attention window) read three times with fresh random filler of 19-60 frames between, so that
+    on the 2nd and 3rd readings nothing but an in-context memory predicts the next frame (the weights cannot)."""
+    g = torch.Generator().manual_seed(rng.randrange(2**62))
+    passage = torch.randint(0, card, (n_q, rng.randint(57, 150)), generator=g)
+    parts = [torch.randint(0, card, (n_q, rng.randint(1, 12)), generator=g), passage]
+    for _ in range(2):
+        parts += [torch.randint(0, card, (n_q, rng.randint(19, 60)), generator=g), passage]
+    return torch.cat(parts, dim=1)[:, :length]
+
+
 def batches(args, short: list[torch.Tensor], long: list[torch.Tensor]):
-    """Yields audio codes [B, 8, L] (-1 = padding): whole short clips and crops of the long ones."""
+    """Yields audio codes [B, 8, L] (-1 = padding): synthetic copy clips (--copy-frac), whole short clips
+    (--short-frac) and crops of the long ones (the rest)."""
     rng = random.Random(args.seed)
     L = args.seq_len
     weights = [f.shape[1] for f in long]
     while True:
         rows = []
         for _ in range(args.batch_size):
-            if rng.random() < args.short_frac:
+            u = rng.random()
+            if u < args.copy_frac:
+                f = copy_clip(rng, L)
+            elif u < args.copy_frac + args.short_frac:
                 f = rng.choice(short)[:, :L]
             else:
                 f = rng.choices(long, weights=weights)[0]
@@ -115,7 +132,8 @@ def batches(args, short: list[torch.Tensor], long: list[torch.Tensor]):
         yield torch.stack(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's options (scripts/build_demo_assets.py's stage joint parses its fixed recipe with it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/demo_work"))
     p.add_argument("--short-work", type=Path, required=True)
@@ -133,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=288)
     p.add_argument("--short-frac", type=float, default=0.5)
+    p.add_argument("--copy-frac", type=float, default=0.0, help="rows of random-code repeat clips (copy_clip)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--alpha-lr-multiplier", type=float, default=10.0)
     p.add_argument("--warmup", type=int, default=30)
@@ -143,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save", type=Path)
     p.add_argument("--tag", default="joint")
-    args = p.parse_args(argv)
+    return p
+
+
+def train(args: argparse.Namespace, log=print) -> tuple[LMModel, dict]:
+    """Trains one model of the recipe (args.kind) and returns it (in eval mode) with its validation history,
+    training losses and (args.heldout) held-out scores; `log` gets a progress line every args.eval_every steps."""
     torch.set_num_threads(args.threads)
     index, codes = read(args.work)
-    sindex, scodes = read(args.short_work)
+    _, scodes = read(args.short_work)
     rep = [n for n, v in index.items() if v["split"] == "train" and v["kind"] == "repeat"]
     pla = [n for n, v in index.items() if v["split"] == "train" and v["kind"] == "plain"]
     val = {n: codes[n] for n in rep[-args.val :] + pla[-args.val :]}
@@ -177,23 +201,29 @@ def main(argv: list[str] | None = None) -> int:
             history[s] = evaluate(model, val, index)
             gates = {i: round(float(torch.tanh(b.gating_alpha.detach()).abs().mean()), 3)
                      for i, b in ttt_blocks(model).items()}  # fmt: skip
-            print(f"[{args.tag}] step {s} train {sum(losses[-20:]) / len(losses[-20:]):.4f} val "
-                  f"{json.dumps({k: round(v, 4) for k, v in history[s].items()})} gate {gates} "
-                  f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
+            log(f"[{args.tag}] step {s} train {sum(losses[-20:]) / len(losses[-20:]):.4f} val "
+                f"{json.dumps({k: round(v, 4) for k, v in history[s].items()})} gate {gates} "
+                f"({time.time() - start:.0f} s)")  # fmt: skip
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "val": history, "train_losses": losses}
     if args.kind == "ttt":
         repeats = {n: c for n, c in val.items() if index[n]["readings"]}
         result["memory_accuracy"], result["branch_norm_ratio"] = memory_accuracy(model.eval(), repeats, index)
-        print(f"[{args.tag}] in-model next-frame accuracy {result['memory_accuracy']}, branch / residual norm "
-              f"{result['branch_norm_ratio']:.3f}", flush=True)  # fmt: skip
+        log(f"[{args.tag}] in-model next-frame accuracy {result['memory_accuracy']}, branch / residual norm "
+            f"{result['branch_norm_ratio']:.3f}")  # fmt: skip
     if args.heldout:
         held = {n: codes[n] for n, v in index.items() if v["split"] == "heldout"}
         result["heldout"] = evaluate(model, held, index)
-        print(f"[{args.tag}] held out {json.dumps(result['heldout'])}", flush=True)
+        log(f"[{args.tag}] held out {json.dumps(result['heldout'])}")
+    return model.eval(), result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    model, result = train(args, log=lambda line: print(line, flush=True))
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         (args.save / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-        torch.save(model.state_dict(), args.save / f"{args.tag}.pt")
+        save(args.save / args.tag, model, lm_config=LM_CONFIG, overwrite=True)
     return 0
 
 

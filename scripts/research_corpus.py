@@ -11,26 +11,21 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from build_demo_assets import read_corpus  # noqa: E402
-from demo_corpus import FRAME, SentenceMaker, repeat_clip  # noqa: E402
+from demo_corpus import read_corpus, short_repeat_clips  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from moshi_ttt.codec import load_codec  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT_SEED = 101  # sentences and voices of the short clips (the demo corpus uses 0 and 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,16 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "codes":
         _, audio = read_corpus(args.work)
     else:
+        index, audio = short_repeat_clips(args.count)
         (args.work / "corpus").mkdir(parents=True, exist_ok=True)
-        maker, rng, index, audio = SentenceMaker(SHORT_SEED), random.Random(SHORT_SEED + 1), {}, {}
-        for i in range(args.count):
-            name = f"train_short_{i:03d}"
-            clip = repeat_clip(name, maker, rng, 4.5, 1.5)
-            index[name] = {
-                "kind": "repeat", "split": "train", "text": clip.text, "voice": dataclasses.asdict(clip.voice),
-                "samples": len(clip.audio), "readings": clip.readings,
-            }  # fmt: skip
-            audio[name] = torch.from_numpy(np.pad(clip.audio, (0, (-len(clip.audio)) % FRAME)))[None, None]
         (args.work / "corpus" / "index.json").write_text(json.dumps(index, indent=1))
     with torch.no_grad():
         codes = {name: mimi.encode(a)[0].contiguous() for name, a in audio.items()}  # [8, frames] each
