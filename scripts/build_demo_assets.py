@@ -7,7 +7,8 @@ cache their outputs in --work (outside the repo) and can be run one by one:
     NO_TORCH_COMPILE=1 python scripts/build_demo_assets.py --stage all --work /tmp/demo_work
     NO_TORCH_COMPILE=1 python scripts/build_demo_assets.py --stage eval   # re-evaluates the saved assets
 
-Stages: corpus (espeak-ng clips) -> codec (k-means/EMA codebooks, codes of every clip) -> short (short repeat
+Stages: corpus (espeak-ng clips) -> codec (k-means/EMA codebooks, codes of every clip; or codes: the corpus
+encoded with the codec already in --out, as these assets were) -> short (short repeat
 clips, encoded) -> joint (the TTT model and its fair baseline, trained from one initialisation on the same batches:
 scripts/recipe_joint.py with JOINT_RECIPE; --variant trains one, so both can run at once) -> eval (losses,
 MANIFEST.md).
@@ -42,7 +43,7 @@ from demo_corpus import (  # noqa: E402
 )
 from demo_eval import evaluate, write_manifest  # noqa: E402
 from demo_lm_config import LM_CONFIG  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from moshi_ttt.checkpoints import save  # noqa: E402
 from moshi_ttt.codec import build_codec, load_codec, save_codec  # noqa: E402
@@ -140,15 +141,20 @@ def stage_codec(work: Path, out: Path, seed: int) -> None:
             mimi.quantizer(train, mimi.frame_rate)  # moshi's k-means init, EMA updates, dead-code replacement
         mimi.quantizer.eval()
         codes = {n: mimi.quantizer.encode(lat)[0].contiguous() for n, lat in latents.items()}  # [8, frames]
-    heldout = torch.cat([codes[n] for n, v in index.items() if v["split"] == "heldout"], dim=1)
-    bins = CODEC_CONFIG["quantizer"]["bins"]
-    usage = [len(torch.unique(heldout[k])) / bins for k in range(heldout.shape[0])]
     save_codec(out / "codec", mimi, CODEC_CONFIG)
     reloaded = load_codec(out / "codec")
     with torch.no_grad():
         name = next(iter(DEMO_CLIPS))
         if not torch.equal(reloaded.encode(audio[name])[0], codes[name]):
             raise RuntimeError("the saved codec does not reproduce the codes it was fit with")
+    write_codes(work, index, codes)
+
+
+def write_codes(work: Path, index: dict, codes: dict[str, torch.Tensor]) -> None:
+    """work/codes.safetensors and codec_report.json (held-out codebook usage)."""
+    heldout = torch.cat([codes[n] for n, v in index.items() if v["split"] == "heldout"], dim=1)
+    bins = CODEC_CONFIG["quantizer"]["bins"]
+    usage = [len(torch.unique(heldout[k])) / bins for k in range(heldout.shape[0])]
     save_file(codes, str(work / "codes.safetensors"))
     report = {"usage_heldout": usage, "heldout_frames": heldout.shape[1], "passes": CODEC_PASSES}
     (work / "codec_report.json").write_text(json.dumps(report, indent=1))
@@ -157,10 +163,14 @@ def stage_codec(work: Path, out: Path, seed: int) -> None:
         log("WARNING: a codebook uses < 50% of its entries on held-out speech")
 
 
-def read_codes(work: Path, split: str) -> dict[str, torch.Tensor]:
-    index = json.loads((work / "corpus" / "index.json").read_text())
-    codes = load_file(str(work / "codes.safetensors"))
-    return {n: codes[n].long() for n, v in index.items() if v["split"] == split}
+def stage_codes(work: Path, out: Path) -> None:
+    """The corpus encoded with the codec already in `out` (no refit): the k-means fit of stage codec is
+    bit-stable only on the CPU and torch build that ran it, so a rebuild elsewhere starts from the shipped codec."""
+    index, audio = read_corpus(work)
+    mimi = load_codec(out / "codec")
+    with torch.no_grad():
+        codes = {n: mimi.encode(a)[0].contiguous() for n, a in audio.items()}  # [8, frames]
+    write_codes(work, index, codes)
 
 
 # ---------------------------------------------------------------- short repeat clips
@@ -191,7 +201,7 @@ def stage_joint(work: Path, out: Path, seed: int, threads: int, variants: tuple[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--stage", choices=[*STAGES, "codes", "all"], default="all")
     parser.add_argument("--work", type=Path, default=Path("/tmp/demo_work"), help="cache of the stages' outputs")
     parser.add_argument("--out", type=Path, default=REPO / "demo_assets", help="where the assets go")
     parser.add_argument("--seed", type=int, default=0)
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_corpus(args.work, args.out, args.seed)
         elif stage == "codec":
             stage_codec(args.work, args.out, args.seed)
+        elif stage == "codes":
+            stage_codes(args.work, args.out)
         elif stage == "short":
             stage_short(args.work, args.out)
         elif stage == "joint":

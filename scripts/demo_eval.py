@@ -174,6 +174,27 @@ RECIPE_ROWS = [
         "gain by step 100 / 200 / 300 / 400 / 500: -0.06 / 1.19 / 2.53 / 3.92 / 3.81%; the fair baseline's "
         "training loss falls fast from step 400 (4.28 -> 3.99 at 700) while its val loss stays ~4.55-4.59",
     ),
+    (
+        "J6: J4 with TTT-Linear (`--inner linear`), 300 steps (cosine over 300), 1 thread each, run concurrently",
+        "300",
+        "4.5184 / 4.5363 (+0.39%)",
+        "4.5265 / 4.5263",
+        "4.5911 / 4.6097 (+0.40%); 4.6101 / 4.6089",
+        "~0.8-0.9 s per step on 1 thread; in-model recall 0.10 / 0.82 / 0.94 (higher than TTT-MLP's 0.67 at 500) yet "
+        "a smaller gain than J1/J4 at 300 steps; gate 0.1 -> 0.26; branch 1.45 x the residual",
+    ),
+    (
+        "E2: J4 with a third of the rows synthetic copy clips (`--copy-frac 0.33 --short-frac 0.33`: random codes, a "
+        "57-150-frame passage read 3 times with random filler between; only an in-context memory predicts them)",
+        "500",
+        "4.4050 / 4.5281 (+2.72%)",
+        "4.5360 / 4.5259",
+        "4.4880 / 4.6088 (+2.62%); 4.6188 / 4.6032",
+        "gain by step 100 / 200 / 300 / 400 / 500: 0.35 / 0.73 / 1.90 / 2.55 / 2.72% (J4: 0.06 / 1.13 / 2.29 / 2.81 / "
+        "2.90%); held out better than J4 (+2.62% against +2.31%); in-model recall 0.09 / 0.45 / 0.87, branch 2.96 x "
+        "the residual; the copy rows cannot be memorised by the weights, so they keep asking for the memory in a long "
+        "run: chosen for the build",
+    ),
 ]
 
 

@@ -315,7 +315,8 @@ def test_ttt_config_json_round_trip_nests_the_legacy_options():
 
 
 def test_old_flat_ttt_config_layout_still_loads():
-    """Configs saved before LegacyConfig had the legacy options at the top level (demo_assets/ttt still does)."""
+    """Configs saved before LegacyConfig had the legacy options at the top level (as the first demo_assets/ttt did:
+    its TTT section is tests/data/flat_ttt_config_v1.json)."""
     old_defaults = {"causal": True, "mlp_layers": 2, "mlp_hidden_dims": None, "use_rope": False}
     old_defaults.update(rope_theta=10000.0, ttt_layer_context=None, non_ttt_layer_context=None)
     flat = {"layers": "1,2", "mini_batch_size": 4, "target": "legacy", "legacy": True, **old_defaults}
@@ -325,8 +326,9 @@ def test_old_flat_ttt_config_layout_still_loads():
     assert TTTConfig.from_dict({"legacy": True}).legacy == LegacyConfig()  # old flat defaults: causal=True
     ours = {"layers": "1", "legacy": False, "share_qk": True, **old_defaults}
     assert TTTConfig.from_dict(ours) == TTTConfig(layers="1", share_qk=True)
-    demo = json.loads((Path(__file__).parents[1] / "demo_assets" / "ttt" / "config.json").read_text())["ttt"]
-    assert demo["legacy"] is False and TTTConfig.from_dict(demo).legacy is None
+    demo = json.loads((Path(__file__).parent / "data" / "flat_ttt_config_v1.json").read_text())
+    assert demo["legacy"] is False and "causal" in demo
+    assert TTTConfig.from_dict(demo) == TTTConfig(layers="1,2,3", mini_batch_size=16, base_lr=4.0, share_qk=True)
     with pytest.raises(ValueError, match=r"\['mlp_layers', 'use_rope'\] exist only for legacy checkpoints"):
         TTTConfig.from_dict({**ours, "mlp_layers": 3, "use_rope": True})
     with pytest.raises(ValueError, match=r"unknown TTTConfig fields: \['bogus', 'causal'\]"):
