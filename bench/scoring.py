@@ -1,8 +1,8 @@
 """Scoring speed and memory on a demo-sized random model on CPU: tokens/s per mode, peak memory vs sequence length.
 
 A benchmark, not a test. Everything is measured in the same run, so the ratios are what to read.
-The model has the demo checkpoint's shape (scripts/build_demo_assets.py: dim 128, 4 layers, context 50, card 256,
-TTT on layers 1-3 with b = 16) and random weights.
+The model has the demo checkpoints' shape, read from demo_assets/*/config.json (dim 128, 4 layers, context 50,
+card 256; the TTT model's TTTConfig as shipped) and random weights.
 
 Usage: NO_TORCH_COMPILE=1 python -m bench.scoring [--threads 2] [--tokens 1500] [--stream-tokens 300]
            [--memory-tokens 1500 6000]
