@@ -155,6 +155,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--alpha-lr-multiplier", type=float, default=10.0)
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument(
+        "--decay-start", type=float, default=0.0,
+        help="fraction of the steps at the peak lr before the cosine decay (0: cosine over all steps)",
+    )  # fmt: skip
     p.add_argument("--val", type=int, default=6)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--heldout", action="store_true")
@@ -163,6 +167,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path)
     p.add_argument("--tag", default="joint")
     return p
+
+
+def cosine_factor(step: int, steps: int, decay_start: float = 0.0) -> float:
+    """The lr's multiplier at `step`: 1 for the first decay_start * steps steps, then a cosine from 1 to 0 (with
+    decay_start 0 exactly the plain cosine over all steps that J1-J7 used)."""
+    if not 0.0 <= decay_start < 1.0:
+        raise ValueError(f"decay_start must lie in [0, 1), got {decay_start}")
+    if decay_start == 0.0:
+        return 0.5 * (1 + math.cos(math.pi * step / steps))
+    flat = decay_start * steps
+    return 1.0 if step < flat else 0.5 * (1 + math.cos(math.pi * (step - flat) / (steps - flat)))
 
 
 def train(args: argparse.Namespace, log=print) -> tuple[LMModel, dict]:
@@ -189,7 +204,7 @@ def train(args: argparse.Namespace, log=print) -> tuple[LMModel, dict]:
     for step in range(args.steps):
         warm = min(1.0, (step + 1) / args.warmup)
         for g in opt.param_groups:
-            g["lr"] = g["base"] * warm * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            g["lr"] = g["base"] * warm * cosine_factor(step, args.steps, args.decay_start)
         loss = audio_loss(model, training_codes(model, next(stream)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
