@@ -90,7 +90,7 @@ SHORT_CLIPS = 1440  # short repeat clips (demo_corpus.short_repeat_clips), each 
 JOINT_RECIPE = (
     "--layers", "0", "--read", "before", "--heads", "1", "--inner", "mlp", "--mini-batch-size", "16",
     "--base-lr", "4", "--alpha", "0.1", "--batch-size", "6", "--seq-len", "416", "--short-frac", "0.33",
-    "--copy-frac", "0.33", "--steps", "1800", "--lr", "3e-3", "--eval-every", "100",
+    "--copy-frac", "0.33", "--steps", "1800", "--lr", "3e-3", "--decay-start", "0.5", "--eval-every", "100",
 )  # fmt: skip
 VARIANTS = {"ttt": "ttt", "fair_baseline": "baseline"}  # asset dir -> recipe_joint --kind
 

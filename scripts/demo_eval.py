@@ -90,16 +90,18 @@ RECIPE_HEADER = (
     "held out 2nd+3rd / non-repeating: TTT / fair", "notes",
 )  # fmt: skip
 RECIPE_FINDINGS = [
-    "The best recipe, J7 (these assets), gives the TTT model 10.53% lower loss than its fair baseline on the 2nd+3rd "
-    "readings of the validation clips and 9.07% on the held-out ones (4.123 against 4.535 nats), with non-repeating "
-    "held-out speech 0.03% better: the held-out target (10%) is not met, by 0.9 points. Everything before it stayed "
-    "under 4%: the step that mattered was training long enough (J4/E2 at 500 steps: 2.3-2.6% held out) on data the "
-    "weights cannot memorise (1440 short repeat clips seen ~2.5 times each, synthetic copy clips).",
-    "What limits it: the gain grows with the steps while the learning rate is high (+0.9 points per 100 steps up to "
-    "step ~1000) and stops when the cosine schedule has brought it down (10.3-10.5% on validation from step 1400); "
-    "the fair baseline does not overfit (its validation loss is flat from step 700). So more steps at a useful "
-    "learning rate, not a new mechanism, is the next lever: a 3000-step schedule costs ~75 min of one core for the "
-    "TTT model, over the 60-min build budget on 2 cores here, and a few minutes on a GPU (none was lent).",
+    "The best recipe, J8 (these assets), gives the TTT model 12.28% lower loss than its fair baseline on the 2nd+3rd "
+    "readings of the held-out clips (3.935 against 4.486 nats) and 12.97% on the validation ones, with "
+    "non-repeating held-out speech 0.29% worse (allowed: 2%): the issue's targets are met. J8 is J7 with one change "
+    "chosen on J7's validation curve (not on the held-out clips): the peak learning rate held for the first half of "
+    "the steps before the cosine decay (`--decay-start 0.5`). The fair baseline got the same schedule and is "
+    "better for it too (held out 2nd+3rd 4.486 against J7's 4.535), so the gain is the memory's, not the schedule's.",
+    "What limited J7 (9.07% held out): the gain grew while the learning rate was high (+0.9 points per 100 steps "
+    "up to step ~1000) and stopped when the cosine had brought it down (10.3-10.5% on validation from step 1400). "
+    "Holding the peak lr for 900 steps gave 12.96% by step 1400 (J7: 10.27% at 1500); the last 400 steps add "
+    "little (12.13-12.97%). The fair baseline does not overfit in either run. Before J7, everything stayed under 4%: "
+    "what mattered was training long enough (J4/E2 at 500 steps: 2.3-2.6% held out) on data the weights cannot "
+    "memorise (1440 short repeat clips seen ~2.5 times each, synthetic copy clips).",
     "Earlier limits, measured on the trained TTT blocks (validation repeat clips; the probe's decoding applied to "
     "each block's own q, k, v: `recipe_joint.memory_accuracy`): after 300-500 steps the inner loop already recalled "
     "the next frame (0.10 / 0.72 / 0.93 on readings 1 / 2 / 3 after J3, 0.09 / 0.67 / 0.93 after J4) while the loss "
@@ -194,7 +196,7 @@ RECIPE_ROWS = [
         "run: chosen for the build",
     ),
     (
-        "J7 (these assets, `JOINT_RECIPE`): E2 over 1800 steps (cosine over 1800) with 1440 short repeat clips (each "
+        "J7 (the previous assets): E2 over 1800 steps (cosine over 1800) with 1440 short repeat clips (each "
         "seen ~2.5 times)",
         "1800",
         "4.0193 / 4.4923 (+10.53%)",
@@ -207,18 +209,34 @@ RECIPE_ROWS = [
         "the loss gain grows; gate 0.1 -> 0.70; branch 5.9 x the residual; ~1.45 s per TTT step, 0.9 s per baseline "
         "step (1 thread each, concurrently)",
     ),
+    (
+        "J8 (these assets, `JOINT_RECIPE`): J7 with the peak lr held for the first 900 steps, then a cosine over "
+        "the last 900 (`--decay-start 0.5`), for both models",
+        "1800",
+        "3.8662 / 4.4426 (+12.97%)",
+        "4.4243 / 4.4383",
+        "3.9351 / 4.4858 (+12.28%); 4.5395 / 4.5262",
+        "gain by step 300 / 600 / 900 / 1200 / 1400 / 1600 / 1800: 3.33 / 5.68 / 7.22 / 10.11 / 12.96 / 12.88 / "
+        "12.97%; the fair baseline's val 2nd+3rd readings 4.44-4.60 from step 900 (one bump to 4.60 at step 1200, "
+        "at the held peak lr), lower than J7's (4.49): the schedule helps both; plain speech within 2.1% on val all "
+        "along (0.3% better at the end); recall from the block's q, k, v 0.06 / 0.38 / 0.57; gate 0.1 -> 0.85; "
+        "branch 7.0 x the residual; run first with `recipe_joint.py` (1 thread each), then by the build: same "
+        "numbers",
+    ),
 ]
 
 
 # Checked by running the stages again on a fresh machine into an empty work dir and another out dir.
 REPRODUCIBILITY = (
-    "Rerun on a fresh machine (2026-12-03; torch 2.9.1+cu128 on CPU, espeak-ng 1.51, the commands below with "
-    "--threads 1 into an empty work dir, the codec copied from these assets): the corpus WAVs (both demo clips), "
-    "the fair baseline and the TTT checkpoint came out bit-identical (same sha256 as in the table above), and so "
-    "did every validation and held-out figure. The codec itself is the one earlier builds fit: a `--stage codec` "
-    "refit on another machine gave a different codec (k-means on float sums), so the build encodes the corpus "
-    "with the shipped codec (stage codes). Other thread counts, CPUs or torch builds may change float sums and so "
-    "the trained weights; the corpus depends only on espeak-ng's version."
+    "Rerun on a fresh machine (2026-12-03; torch 2.9.1+cu128 on CPU, espeak-ng 1.51, --threads 1, an empty work "
+    "dir, the codec copied from these assets): the corpus WAVs (both demo clips) and the previous assets' (J7) fair "
+    "baseline and TTT checkpoints came out bit-identical (same sha256) to the ones built a session earlier on "
+    "another machine. These assets' checkpoints (J8) were trained twice on the fresh machine, once by "
+    "`scripts/recipe_joint.py` and once by the build's stage joint: same sha256, same validation and held-out "
+    "figures. The codec itself is the one earlier builds fit: a `--stage codec` refit on another machine gave a "
+    "different codec (k-means on float sums), so the build encodes the corpus with the shipped codec (stage codes). "
+    "Other thread counts, CPUs or torch builds may change float sums and so the trained weights; the corpus depends "
+    "only on espeak-ng's version."
 )
 
 
@@ -350,7 +368,7 @@ def issue13_section() -> list[str]:
         'init_std 0.02. `TTTConfig.branch_input = "before_attention"` puts the TTT branch on the layer input.',
         "",
         "Recipes (val: the last 6 training repeat clips and 6 training plain clips, never trained on by the joint",
-        "recipes, J1-J7; the previous assets' baseline, under A-C, saw them as 100-token crops; held out: the",
+        "recipes, J1-J8; the previous assets' baseline, under A-C, saw them as 100-token crops; held out: the",
         "evaluation clips above, scored once at the end of each run; nats per codebook entry):",
         "",
         *_table(RECIPE_HEADER, RECIPE_ROWS),
@@ -364,8 +382,9 @@ def issue13_section() -> list[str]:
         "`python scripts/recipe_search.py --work W --layers 0 --read before --init-identity --steps 150` (A),",
         "`python scripts/recipe_joint.py --work W --short-work S --kind ttt|baseline --batch-size 6 --seq-len 416",
         "--steps 300 --heldout` (J1; J2: `--short-frac 1.0 --alpha 0.5`; J3: `--steps 500`; J4: J3 on the clips of",
-        "`research_corpus.py short --count 720`; E2: J4 with `--copy-frac 0.33 --short-frac 0.33`; J7: the build's",
-        "stage joint, `build_demo_assets.py --stage joint --variant ttt|fair_baseline --threads 1`).",
+        "`research_corpus.py short --count 720`; E2: J4 with `--copy-frac 0.33 --short-frac 0.33`; J7: E2 with",
+        "`--steps 1800 --eval-every 100` on the build's 1440 short clips; J8: the build's stage joint,",
+        "`build_demo_assets.py --stage joint --variant ttt|fair_baseline --threads 1`, J7 with `--decay-start 0.5`).",
         "",
     ]
 
@@ -439,8 +458,9 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         f"  a share {recipe['short_frac']} of whole short repeat clips, {recipe['copy_frac']} of synthetic copy clips",
         "  (random codes, a passage of 57-150 frames read three times: only an in-context memory predicts its 2nd",
         "  and 3rd readings) and the rest random crops of the training clips; lr "
-        f"{recipe['lr']} with warmup and a cosine",
-        f"  decay, the gate at 10x. The last {recipe['val']} training repeat and plain clips are held back for "
+        f"{recipe['lr']} after a warmup, held for a share {recipe.get('decay_start', '0.0')} of the steps, then a "
+        "cosine",
+        f"  decay to 0, the gate at 10x. The last {recipe['val']} training repeat and plain clips are held back for "
         "validation.",
         f"  Last-50-step mean training loss: ttt {sum(joint['ttt']['train_losses'][-50:]) / 50:.4f}, fair baseline "
         f"{sum(joint['fair_baseline']['train_losses'][-50:]) / 50:.4f}.",
