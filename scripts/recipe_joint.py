@@ -174,9 +174,7 @@ def cosine_factor(step: int, steps: int, decay_start: float = 0.0) -> float:
     decay_start 0 exactly the plain cosine over all steps that J1-J7 used)."""
     if not 0.0 <= decay_start < 1.0:
         raise ValueError(f"decay_start must lie in [0, 1), got {decay_start}")
-    if decay_start == 0.0:
-        return 0.5 * (1 + math.cos(math.pi * step / steps))
-    flat = decay_start * steps
+    flat = decay_start * steps  # 0.0 gives step / steps exactly: the same floats as the plain cosine
     return 1.0 if step < flat else 0.5 * (1 + math.cos(math.pi * (step - flat) / (steps - flat)))
 
 
