@@ -23,12 +23,14 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from gradio.components.plot import PlotData  # noqa: E402
 
-from moshi_ttt import app_view, headline, report  # noqa: E402
-from moshi_ttt.app_inputs import AudioFile, Choice, Flag, HubReference, InputError, Number, validate  # noqa: E402
-from moshi_ttt.audio import FRAME_RATE  # noqa: E402
-from moshi_ttt.live import LIVE_MODES, LiveConfig, compare_file, threads_per_run, trim_note  # noqa: E402
-from moshi_ttt.live_plots import figure_json  # noqa: E402
-from moshi_ttt.registry import ModelCache, build_allow_list  # noqa: E402
+from moshi_ttt.app import view as app_view
+from moshi_ttt.app.engine import LIVE_MODES, LiveConfig, compare_file, threads_per_run, trim_note  # noqa: E402
+from moshi_ttt.app.figure import figure_json  # noqa: E402
+from moshi_ttt.app.inputs import AudioFile, Choice, Flag, HubReference, InputError, Number, validate  # noqa: E402
+from moshi_ttt.app.models import ModelCache, build_allow_list  # noqa: E402
+from moshi_ttt.data.audio import FRAME_RATE  # noqa: E402
+from moshi_ttt.reports import headline
+from moshi_ttt.reports import results as report  # noqa: E402
 
 logger = logging.getLogger("moshi_ttt.app")
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, score  # noqa: E402
-from moshi_ttt.moshi_compat import default_lm_kwargs  # noqa: E402
+from moshi_ttt.compat.moshi import default_lm_kwargs  # noqa: E402
 
 SMALL_OVERRIDES = {  # --small: same structure (16 codebooks, delays, depformer per step), tiny widths
     "dim": 256, "num_heads": 4, "num_layers": 32, "depformer_dim": 64, "depformer_dim_feedforward": 128,

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, exact_streaming  # noqa: E402
-from moshi_ttt.sequence import delayed_input, model_codes  # noqa: E402
+from moshi_ttt.compat.sequence import delayed_input, model_codes  # noqa: E402
 
 
 def bench_model(dim: int, layers: int, context: int) -> LMModel:

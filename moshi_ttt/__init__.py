@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"  # as in pyproject.toml
 
-from .checkpoints import LoadedCheckpoint, load, save
-from .config import LegacyConfig, TTTConfig
-from .streaming import exact_streaming, widen_kv_caches
-from .ttt.apply import apply_ttt, set_streaming_options, ttt_blocks, ttt_states
-from .ttt.layer import TTTBlock, TTTState, drift
-from .ttt.ops import FastWeights, LinearWeights, ttt_linear, ttt_mlp
-from .ttt.state import FastWeightState
+from moshi_ttt.compat.streaming import exact_streaming, widen_kv_caches
+from moshi_ttt.config import LegacyConfig, TTTConfig
+from moshi_ttt.data.checkpoints import LoadedCheckpoint, load, save
+from moshi_ttt.ttt.apply import apply_ttt, set_streaming_options, ttt_blocks, ttt_states
+from moshi_ttt.ttt.layer import TTTBlock, TTTState, drift
+from moshi_ttt.ttt.ops import FastWeights, LinearWeights, ttt_linear, ttt_mlp
+from moshi_ttt.ttt.state import FastWeightState
 
 __all__ = [
     "FastWeightState",
@@ -33,6 +33,6 @@ __all__ = [
 ]
 
 # Scoring (issue 3).
-from .scoring import ScoreConfig, ScoreResult, iter_score, score  # noqa: E402
+from moshi_ttt.scoring.teacher_forcing import ScoreConfig, ScoreResult, iter_score, score  # noqa: E402
 
 __all__ += ["ScoreConfig", "ScoreResult", "iter_score", "score"]

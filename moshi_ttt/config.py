@@ -55,7 +55,7 @@ class TTTConfig:
     # their features: scripts/probe_memory.py, demo_assets/MANIFEST.md).
     branch_input: str = "after_attention"
     # Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork, with the
-    # options of `LegacyConfig`. None: our own TTT. Set by `moshi_ttt.checkpoints.load` for such checkpoints; never
+    # options of `LegacyConfig`. None: our own TTT. Set by `moshi_ttt.data.checkpoints.load` for such checkpoints; never
     # needed for new models.
     legacy: LegacyConfig | None = None
 
@@ -123,7 +123,7 @@ class LegacyConfig:
     """The options of legacy mode (`TTTConfig.legacy`), which reproduces checkpoints of the older moshi-finetune TTT
     fork with its own math (moshi_ttt/ttt/legacy.py): gate x + tanh(clamp(alpha, -3, 3)) * TTT(x) without a
     pre-norm, L2-normalised q and k, per-token rate base_lr * sigmoid(.) / (head_dim * mini_batch_size) without the
-    1/i factor, no output projection. `moshi_ttt.checkpoints.load` builds it from the fork's training config.
+    1/i factor, no output projection. `moshi_ttt.data.checkpoints.load` builds it from the fork's training config.
     """
 
     # False: every token of a mini-batch reads with the weights after the whole mini-batch's gradient step, so

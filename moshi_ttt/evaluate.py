@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 -m moshi_ttt.evaluate --manifest files.jsonl --out results/   # sharded
 
 Each file gets OUT/<nnnn>_<stem>/ with results.json (DESIGN.md contract), results.csv and report.html;
-older non-causal TTT checkpoints are also scored causally (results.json `causal_comparison`, moshi_ttt.report), and
+older non-causal TTT checkpoints are also scored causally (results.json `causal_comparison`), and
 a run whose loss went NaN/inf at valid tokens gets a one-sentence warning naming it and the codebooks;
 OUT/index.json lists every file with its mean losses (rank 0 merges it under torchrun). Bad input ends with a
 one-line message and a non-zero exit status, never a traceback.
@@ -26,13 +26,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import audio as audio_io
-from . import headline, sweeps
-from .memory import PeakMemory
-from .report import causal_comparison, non_finite_message, results_document, run_record, write_json, write_report
-from .scoring import MODES, ScoreConfig, non_causal_mini_batch, score
-from .ttt.apply import ttt_blocks
-from .ttt.legacy import causal_reading
+from moshi_ttt.data import audio as audio_io
+from moshi_ttt.reports import headline, sweeps
+from moshi_ttt.reports.results import (
+    causal_comparison,
+    non_finite_message,
+    results_document,
+    run_record,
+    write_json,
+    write_report,
+)
+from moshi_ttt.scoring.peak_memory import PeakMemory
+from moshi_ttt.scoring.teacher_forcing import MODES, ScoreConfig, non_causal_mini_batch, score
+from moshi_ttt.ttt.apply import ttt_blocks
+from moshi_ttt.ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +95,8 @@ def read_manifest(path: Path) -> list[Path]:
 
 
 def _load_checkpoint(ref: str, device: str, dtype: torch.dtype):
-    """moshi_ttt.checkpoints.load, imported here so that the CLI starts without it (tests replace this)."""
-    from .checkpoints import load
+    """moshi_ttt.data.checkpoints.load, imported here so that the CLI starts without it (tests replace this)."""
+    from moshi_ttt.data.checkpoints import load
 
     return load(ref, device=device, dtype=dtype, load_mimi=True)
 

@@ -25,13 +25,13 @@ from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoints import LoadedCheckpoint, load, save
-from .config import TTTConfig
-from .evaluate import UsageError, read_manifest
-from .train_data import CodeBatcher, cached_codes, training_codes
-from .ttt.apply import apply_ttt, ttt_blocks
-from .ttt.carry import TTTCarry, carry_ttt_state
-from .ttt.state import FastWeightState
+from moshi_ttt.config import TTTConfig
+from moshi_ttt.data.checkpoints import LoadedCheckpoint, load, save
+from moshi_ttt.evaluate import UsageError, read_manifest
+from moshi_ttt.training.data import CodeBatcher, cached_codes, training_codes
+from moshi_ttt.ttt.apply import apply_ttt, ttt_blocks
+from moshi_ttt.ttt.carry import TTTCarry, carry_ttt_state
+from moshi_ttt.ttt.state import FastWeightState
 
 logger = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ from demo_eval import evaluate, write_manifest  # noqa: E402
 from demo_lm_config import LM_CONFIG  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from moshi_ttt.checkpoints import save  # noqa: E402
-from moshi_ttt.codec import build_codec, load_codec, save_codec  # noqa: E402
+from moshi_ttt.data.checkpoints import save  # noqa: E402
+from moshi_ttt.data.codec import build_codec, load_codec, save_codec  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("corpus", "codec", "short", "joint", "eval")

@@ -173,7 +173,7 @@ def repeat_clip(name: str, maker: SentenceMaker, rng: random.Random, passage_s: 
         start = sum(len(p) for p in parts)
         parts.append(passage_audio)
         readings.append((start, start + len(passage_audio)))
-        span = f"{start / SAMPLE_RATE:.3f}-{(start + len(passage_audio)) / SAMPLE_RATE:.3f} s"  # moshi_ttt.headline
+        span = f"{start / SAMPLE_RATE:.3f}-{(start + len(passage_audio)) / SAMPLE_RATE:.3f} s"  # reports.headline
         texts.append(f"[reading {reading + 1}: {span}] " + " ".join(passage))
         if reading < 2:
             filler = []

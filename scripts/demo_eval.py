@@ -16,8 +16,8 @@ from demo_corpus import FRAME, SAMPLE_RATE
 from safetensors.torch import load_file
 
 from moshi_ttt import score
-from moshi_ttt.checkpoints import load
-from moshi_ttt.codec import load_codec
+from moshi_ttt.data.checkpoints import load
+from moshi_ttt.data.codec import load_codec
 
 MODELS = ("fair_baseline", "ttt")  # in demo_assets/
 # What was tried for the assets before the joint recipe (TTT layers added to a trained baseline), 2 shared cores.
@@ -437,7 +437,7 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         "  are *random* (not trained); only the codebooks are fit, with moshi's k-means init and EMA updates",
         f"  ({codec['passes']} training-mode passes over the training corpus). The decoder is untrained, so decoded",
         "  audio is noise; the codes are what matter.",
-        "  Load with `moshi_ttt.codec.load_codec('demo_assets/codec')`.",
+        "  Load with `moshi_ttt.data.codec.load_codec('demo_assets/codec')`.",
         "- Corpus: seeded sentences from a small word list, six espeak-ng speakers; 100 clips of ~20 s that never",
         f"  repeat, 80 clips of ~45 s where a {passage} s passage comes back twice, and held-out clips of both",
         "  kinds (never trained on; the evaluation below).",

@@ -35,8 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 from demo_corpus import FRAME  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from moshi_ttt.checkpoints import load  # noqa: E402
-from moshi_ttt.sequence import delayed_input, model_codes  # noqa: E402
+from moshi_ttt.compat.sequence import delayed_input, model_codes  # noqa: E402
+from moshi_ttt.data.checkpoints import load  # noqa: E402
 from moshi_ttt.ttt.ops import FastWeights, head_layer_norm, position_factors, ttt_mlp  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,10 +34,10 @@ from recipe_search import evaluate  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
-from moshi_ttt.checkpoints import save  # noqa: E402
-from moshi_ttt.sequence import delayed_input, model_codes  # noqa: E402
+from moshi_ttt.compat.sequence import delayed_input, model_codes  # noqa: E402
+from moshi_ttt.data.checkpoints import save  # noqa: E402
 from moshi_ttt.train import audio_loss  # noqa: E402
-from moshi_ttt.train_data import training_codes  # noqa: E402
+from moshi_ttt.training.data import training_codes  # noqa: E402
 from moshi_ttt.ttt.ops import InnerState, head_layer_norm, ttt_mlp_chunk  # noqa: E402
 
 

@@ -31,8 +31,8 @@ from demo_corpus import FRAME  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
-from moshi_ttt.checkpoints import load  # noqa: E402
-from moshi_ttt.sequence import model_codes  # noqa: E402
+from moshi_ttt.compat.sequence import model_codes  # noqa: E402
+from moshi_ttt.data.checkpoints import load  # noqa: E402
 from moshi_ttt.train import TrainConfig, Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from demo_corpus import read_corpus, short_repeat_clips  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from moshi_ttt.codec import load_codec  # noqa: E402
+from moshi_ttt.data.codec import load_codec  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from tiny_models import tiny_lm, tiny_lm_config
 
 import app
 from moshi_ttt import TTTConfig, apply_ttt, save
-from moshi_ttt.codec import build_codec, save_codec
-from moshi_ttt.registry import ModelCache, build_allow_list
+from moshi_ttt.app.models import ModelCache, build_allow_list
+from moshi_ttt.data.codec import build_codec, save_codec
 
 # Tiny models: one thread beats OpenMP's overhead on their small ops (and on a busy 2-core machine, by far).
 torch.set_num_threads(1)

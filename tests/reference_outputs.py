@@ -26,7 +26,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from tiny_models import random_audio_codes, tiny_lm  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, exact_streaming, score, ttt_states  # noqa: E402
-from moshi_ttt.sequence import delayed_input, model_codes  # noqa: E402
+from moshi_ttt.compat.sequence import delayed_input, model_codes  # noqa: E402
 from moshi_ttt.ttt.ops import FastWeights, LinearWeights, ttt_linear, ttt_mlp  # noqa: E402
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import app
-from moshi_ttt.live import LiveConfig, compare_file
-from moshi_ttt.live_plots import live_figure
-from moshi_ttt.registry import ModelCache, build_allow_list
+from moshi_ttt.app.engine import LiveConfig, compare_file
+from moshi_ttt.app.figure import live_figure
+from moshi_ttt.app.models import ModelCache, build_allow_list
 
 
 def handler(cache, assets):
@@ -172,7 +172,7 @@ def test_stop_cancels_a_running_job_and_frees_the_models(server, assets, cache, 
 
 
 def test_cpu_threads_are_shared_out_between_concurrent_runs():
-    from moshi_ttt.live import threads_per_run
+    from moshi_ttt.app.engine import threads_per_run
 
     assert [threads_per_run(c, cpus=2) for c in (1, 2, 3)] == [2, 1, 1]
     assert threads_per_run(2, cpus=16) == 8
@@ -183,7 +183,7 @@ def test_cpu_threads_are_shared_out_between_concurrent_runs():
 def test_the_live_json_is_the_validated_figure():
     """The app sends figure_json at every update: exactly the JSON of plotly's validated live_figure, built without
     plotly's objects."""
-    from moshi_ttt.live_plots import figure_json
+    from moshi_ttt.app.figure import figure_json
 
     loss = {"baseline": list(np.linspace(3, 2, 400)), "ttt": [float("nan")] + list(np.linspace(3, 1.5, 399))}
     record = {"W1": list(np.linspace(0, 1, 25)), "W2": list(np.linspace(0, 2, 25)), "t": list(range(16, 401, 16))}

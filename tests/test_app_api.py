@@ -20,7 +20,7 @@ import soundfile as sf
 from conftest import SR, speechlike
 
 import app
-from moshi_ttt.registry import ModelCache, build_allow_list
+from moshi_ttt.app.models import ModelCache, build_allow_list
 
 KEEP_RUNS = 3  # the server's cap on result folders of session-less callers
 

@@ -112,7 +112,7 @@ def demo_server():
     if not (DEMO / "ttt").is_dir():
         pytest.skip("demo_assets/ is not built")
     import app
-    from moshi_ttt.registry import ModelCache, build_allow_list
+    from moshi_ttt.app.models import ModelCache, build_allow_list
 
     cache = ModelCache(build_allow_list([DEMO], use_env=False))
     demo = app.build_demo(cache, app.example_clips(DEMO))

@@ -8,8 +8,8 @@ import soundfile as sf
 from conftest import SR, speechlike
 
 import app
-from moshi_ttt.app_inputs import AudioFile, Choice, Flag, InputError, Number, validate
-from moshi_ttt.audio import load_audio
+from moshi_ttt.app.inputs import AudioFile, Choice, Flag, InputError, Number, validate
+from moshi_ttt.data.audio import load_audio
 
 MINI_BATCH = Number("TTT mini_batch_size", 1, 64, integer=True)
 SECONDS = Number("Max duration (s)", 5, 600)

@@ -13,8 +13,8 @@ import soundfile as sf
 from conftest import SR
 
 import app
-from moshi_ttt.app_inputs import HubReference, InputError
-from moshi_ttt.live import LiveConfig, compare_file
+from moshi_ttt.app.engine import LiveConfig, compare_file
+from moshi_ttt.app.inputs import HubReference, InputError
 
 OUTPUTS = ("figure", "status", "headline", "table", "readings", "files", "notes")
 

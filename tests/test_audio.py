@@ -8,7 +8,7 @@ from tiny_mimi import tiny_mimi
 from tiny_models import tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, score
-from moshi_ttt.audio import FRAME_SIZE, SAMPLE_RATE, encode, encode_streaming, load_audio
+from moshi_ttt.data.audio import FRAME_SIZE, SAMPLE_RATE, encode, encode_streaming, load_audio
 
 NEEDS_MP3 = pytest.mark.skipif("MP3" not in sf.available_formats(), reason="this libsndfile has no mp3")
 

@@ -17,9 +17,9 @@ from tiny_mimi import tiny_mimi
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import evaluate, load, score
-from moshi_ttt.live import LiveConfig, compare_live
-from moshi_ttt.report import non_finite_message, run_record
-from moshi_ttt.scoring import _cross_entropy
+from moshi_ttt.app.engine import LiveConfig, compare_live
+from moshi_ttt.reports.results import non_finite_message, run_record
+from moshi_ttt.scoring.teacher_forcing import _cross_entropy
 from moshi_ttt.ttt.legacy import causal_reading
 
 BROKEN_CODEBOOK = 3
@@ -116,7 +116,7 @@ def test_cli_scores_legacy_checkpoints_causally_next_to_the_leaky_scoring(tmp_pa
     assert "causal_comparison" not in doc["runs"]["baseline"]
     # The numbers are those of the causal variant loaded on its own, and of the legacy (leaky) scoring.
     directory, base = legacy_dirs["legacy"]
-    from moshi_ttt.audio import encode, load_audio
+    from moshi_ttt.data.audio import encode, load_audio
 
     codes = encode(tiny_mimi(), load_audio(cli))
     causal = score(load(directory, base=str(base), legacy_causal=True).model, codes, "chunked").loss[0]
@@ -145,7 +145,7 @@ def test_causal_reading_switches_only_inside_the_block(legacy_dirs):
 
 
 def test_app_comparison_scores_legacy_checkpoints_causally_too(legacy_dirs):
-    """The app's live comparison (moshi_ttt.live) adds the causal comparison and its note to the results document."""
+    """The app's live comparison adds the causal comparison and its note to the results document."""
     directory, base = legacy_dirs["legacy"]
     loaded = {"base": load(base), "legacy": load(directory, base=str(base))}
     locks = {id(c.model): threading.Lock() for c in loaded.values()}

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import LegacyConfig, TTTConfig, apply_ttt, load, save
-from moshi_ttt.checkpoints import common
-from moshi_ttt.sequence import model_codes
+from moshi_ttt.compat.sequence import model_codes
+from moshi_ttt.data.checkpoints import common
 
 
 def outputs(model: LMModel, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

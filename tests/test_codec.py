@@ -11,7 +11,7 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moshi_ttt.codec import build_codec, is_codec_dir, load_codec, save_codec  # noqa: E402
+from moshi_ttt.data.codec import build_codec, is_codec_dir, load_codec, save_codec  # noqa: E402
 
 FRAME = 1920  # samples per frame at 24 kHz and 12.5 Hz
 

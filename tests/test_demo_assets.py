@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moshi_ttt import load, score
-from moshi_ttt.audio import encode, load_audio
+from moshi_ttt.data.audio import encode, load_audio
 
 DEMO = Path(__file__).resolve().parent.parent / "demo_assets"
 

@@ -15,11 +15,11 @@ from tiny_mimi import tiny_mimi
 from tiny_models import tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, evaluate, score
-from moshi_ttt.audio import encode, load_audio
+from moshi_ttt.data.audio import encode, load_audio
 
 
 def fake_load(ref, device, dtype):
-    """Stands in for moshi_ttt.checkpoints.load: "base" and "ttt" refs give tiny models, anything else fails."""
+    """Stands in for moshi_ttt.data.checkpoints.load: "base" and "ttt" refs give tiny models, anything else fails."""
     if ref == "missing":
         raise FileNotFoundError("checkpoint missing does not exist")
     model = tiny_lm(0) if ref == "base" else apply_ttt(tiny_lm(0), TTTConfig(layers="1,2", mini_batch_size=4))

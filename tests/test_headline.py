@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from moshi_ttt import headline as hl
-from moshi_ttt.report import past_context_fields, position_bins
+from moshi_ttt.reports import headline as hl
+from moshi_ttt.reports.results import past_context_fields, position_bins
 
 CONTEXT = 50  # tokens (4 s at 12.5 Hz), as the demo models
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import exact_streaming, load, save, score, ttt_blocks
-from moshi_ttt.checkpoints import common
-from moshi_ttt.sequence import delayed_input, model_codes
+from moshi_ttt.compat.sequence import delayed_input, model_codes
+from moshi_ttt.data.checkpoints import common
 
 H, DIM, MINI_BATCH, BASE_LR = 4, 32, 4, 3.0
 HD = DIM // H

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from moshi_ttt.live_plots import UIREVISION, figure_dict, figure_json, live_figure
+from moshi_ttt.app.figure import UIREVISION, figure_dict, figure_json, live_figure
 
 LOSS = {"baseline": [2.0, 1.9, float("nan"), 1.7, 1.8, 1.6], "ttt": [2.0, 1.8, 1.6, 1.5, 1.9, 1.4]}
 DRIFT = {"1": {"W1": [0.1, 0.2], "W2": [0.05, 0.1], "t": [2, 4]}, "2": {"W1": [0.3], "W2": [0.2], "t": [2]}}

@@ -7,8 +7,8 @@ from moshi.modules.streaming import State
 from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformerLayer
 from tiny_models import CONTEXT, random_audio_codes, tiny_lm
 
-from moshi_ttt import moshi_compat
-from moshi_ttt.sequence import model_codes
+from moshi_ttt.compat import moshi as moshi_compat
+from moshi_ttt.compat.sequence import model_codes
 
 
 def first_attention(model: LMModel) -> StreamingMultiheadAttention:

@@ -10,9 +10,9 @@ import torch
 from tiny_models import random_audio_codes, tiny_lm
 
 from moshi_ttt import ScoreResult, TTTConfig, apply_ttt, score
-from moshi_ttt.headline import Reading
-from moshi_ttt.plots import bins_figure, inner_loss_figure, moving_average
-from moshi_ttt.report import (
+from moshi_ttt.reports.figures import bins_figure, inner_loss_figure, moving_average
+from moshi_ttt.reports.headline import Reading
+from moshi_ttt.reports.results import (
     improvement_per_bin,
     least_squares_slope,
     position_bins,
@@ -23,7 +23,7 @@ from moshi_ttt.report import (
     write_json,
     write_report,
 )
-from moshi_ttt.sweeps import sweep_context_length, sweep_mini_batch_size, sweep_persistent_states
+from moshi_ttt.reports.sweeps import sweep_context_length, sweep_mini_batch_size, sweep_persistent_states
 
 
 def test_slope_of_a_line_with_gaps_is_exact():
@@ -160,7 +160,7 @@ def test_inner_loss_figure_draws_the_target_variance_when_the_record_has_it():
 
 
 def test_report_file_names_carry_the_clip_stem(tmp_path):
-    from moshi_ttt.report import file_stem
+    from moshi_ttt.reports.results import file_stem
 
     assert file_stem({"audio": {"name": "my clip (1).wav"}}) == "my_clip_1_"
     assert file_stem({"audio": {}}) == "audio"

@@ -7,7 +7,7 @@ from tiny_models import CONTEXT, random_audio_codes, tiny_lm
 from tolerances import FLOAT32, FLOAT64_STORED
 
 from moshi_ttt import ScoreConfig, TTTConfig, apply_ttt, iter_score, score, ttt_blocks
-from moshi_ttt.sequence import model_codes
+from moshi_ttt.compat.sequence import model_codes
 
 T = 45  # longer than the 16-token attention window of the tiny models
 
@@ -143,7 +143,7 @@ def test_bad_requests_are_clear_value_errors():
 def test_default_chunks_hold_whole_ttt_mini_batches():
     """Chunked TTT scoring defaults to the largest multiple of the mini-batch that fits the attention window
     (whole inner-loop steps are faster; any chunking gives the same numbers)."""
-    from moshi_ttt.scoring import _chunk_size
+    from moshi_ttt.scoring.teacher_forcing import _chunk_size
 
     model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=5)).eval()
     assert _chunk_size(model, ScoreConfig(mode="chunked"), 100) == CONTEXT - CONTEXT % 5
@@ -153,7 +153,7 @@ def test_default_chunks_hold_whole_ttt_mini_batches():
 
 
 def test_a_score_config_and_the_keyword_shortcuts_are_the_same_call():
-    from moshi_ttt.scoring import score_config
+    from moshi_ttt.scoring.teacher_forcing import score_config
 
     model = ttt_lm(4)
     codes = random_audio_codes(1, 20, seed=8)

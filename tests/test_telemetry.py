@@ -6,8 +6,8 @@ from tiny_models import random_audio_codes, tiny_lm
 from tolerances import FLOAT32, FLOAT64_STORED
 
 from moshi_ttt import TTTConfig, apply_ttt, drift, exact_streaming, score, ttt_blocks, ttt_states
-from moshi_ttt.sequence import delayed_input, model_codes
-from moshi_ttt.telemetry import WEIGHT_NAMES, reconstruction_loss, weight_drift
+from moshi_ttt.compat.sequence import delayed_input, model_codes
+from moshi_ttt.scoring.telemetry import WEIGHT_NAMES, reconstruction_loss, weight_drift
 from moshi_ttt.ttt.ops import FastWeights, gelu_tanh, head_layer_norm
 
 T = 45
@@ -153,7 +153,7 @@ def test_target_variance_is_the_loss_of_the_mean_target_and_the_same_in_every_mo
 
 
 def test_results_record_names_the_target_variance():
-    from moshi_ttt.report import telemetry_record
+    from moshi_ttt.reports.results import telemetry_record
 
     model = ttt_lm(4)
     telemetry = score(model, random_audio_codes(1, 12, seed=6), "chunked", 4).telemetry

@@ -9,7 +9,7 @@ from tiny_models import random_audio_codes, tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks
 from moshi_ttt.train import TrainConfig, Trainer
-from moshi_ttt.train_data import CodeBatcher
+from moshi_ttt.training.data import CodeBatcher
 
 
 def ttt_lm(seed=0, share_qk=False):

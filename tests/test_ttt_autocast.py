@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tiny_models import random_audio_codes, tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks
-from moshi_ttt.sequence import model_codes
+from moshi_ttt.compat.sequence import model_codes
 from moshi_ttt.ttt.ops import FastWeights, ttt_mlp, ttt_mlp_token
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}

@@ -11,8 +11,8 @@ from test_ttt_streaming import T, patterns, stream, ttt_model
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import LegacyConfig, TTTConfig, apply_ttt, exact_streaming, ttt_blocks, ttt_states
-from moshi_ttt.checkpoints import load, save
-from moshi_ttt.sequence import delayed_input, model_codes
+from moshi_ttt.compat.sequence import delayed_input, model_codes
+from moshi_ttt.data.checkpoints import load, save
 
 BEFORE = "before_attention"
 

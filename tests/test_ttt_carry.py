@@ -6,7 +6,7 @@ from tiny_models import random_audio_codes, tiny_lm
 from tolerances import FLOAT32, FLOAT64
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks
-from moshi_ttt.sequence import model_codes
+from moshi_ttt.compat.sequence import model_codes
 from moshi_ttt.ttt.carry import TTTCarry, carry_ttt_state
 
 

@@ -17,7 +17,7 @@ from moshi_ttt import (
     ttt_blocks,
     ttt_states,
 )
-from moshi_ttt.sequence import delayed_input, model_codes
+from moshi_ttt.compat.sequence import delayed_input, model_codes
 from moshi_ttt.ttt.ops import InnerState, LinearWeights, head_layer_norm, ttt_linear, ttt_mlp_chunk, ttt_mlp_token
 from moshi_ttt.ttt.state import FastWeightState
 

@@ -19,7 +19,7 @@ from moshi_ttt import (
     ttt_blocks,
     ttt_states,
 )
-from moshi_ttt.sequence import delayed_input, model_codes
+from moshi_ttt.compat.sequence import delayed_input, model_codes
 
 
 def per_token_loss(model, codes: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ import torch
 from tiny_models import random_audio_codes, tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, score, set_streaming_options, ttt_states
+from moshi_ttt.compat.sequence import delayed_input, model_codes
 from moshi_ttt.config import LegacyConfig
-from moshi_ttt.sequence import delayed_input, model_codes
-from moshi_ttt.telemetry import record
+from moshi_ttt.scoring.telemetry import record
 from moshi_ttt.ttt.session import SessionOptions, configure
 
 

@@ -6,7 +6,7 @@ from tiny_models import CONTEXT, random_audio_codes, tiny_lm
 from tolerances import FLOAT32, FLOAT64
 
 from moshi_ttt import TTTConfig, apply_ttt, exact_streaming, ttt_states
-from moshi_ttt.sequence import delayed_input, model_codes
+from moshi_ttt.compat.sequence import delayed_input, model_codes
 
 T = 45  # longer than the 16-token attention window
 

@@ -9,11 +9,11 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingTransformerLayer
 
-from ..config import TTTConfig, parse_layers
-from ..moshi_compat import LayerWithBranch, forget_streaming_children, streaming_state
-from .layer import TTTBlock, TTTState
-from .legacy import LegacyTTTBlock, set_legacy_contexts
-from .session import configure
+from moshi_ttt.compat.moshi import LayerWithBranch, forget_streaming_children, streaming_state
+from moshi_ttt.config import TTTConfig, parse_layers
+from moshi_ttt.ttt.layer import TTTBlock, TTTState
+from moshi_ttt.ttt.legacy import LegacyTTTBlock, set_legacy_contexts
+from moshi_ttt.ttt.session import configure
 
 logger = logging.getLogger(__name__)
 

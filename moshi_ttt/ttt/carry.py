@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from moshi.models.lm import LMModel
 
-from ..moshi_compat import streaming_state
-from .apply import ttt_blocks
-from .layer import TTTBlock, TTTState
-from .session import configure
-from .state import FastWeightState
+from moshi_ttt.compat.moshi import streaming_state
+from moshi_ttt.ttt.apply import ttt_blocks
+from moshi_ttt.ttt.layer import TTTBlock, TTTState
+from moshi_ttt.ttt.session import configure
+from moshi_ttt.ttt.state import FastWeightState
 
 
 @dataclass

@@ -11,7 +11,7 @@ import typing as tp
 import torch
 import torch.nn.functional as F
 
-from .weights import AnyWeights, FastWeights, LinearWeights
+from moshi_ttt.ttt.weights import AnyWeights, FastWeights, LinearWeights
 
 LN_EPS = 1e-6  # per-head LayerNorm epsilon, as in ttt-lm-pytorch
 FORK_TARGET_EPS = 1e-5  # added to the std in the older fork's reconstruction target (`reconstruction_target`)

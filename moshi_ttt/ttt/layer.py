@@ -16,13 +16,13 @@ from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
-from ..config import TTTConfig
-from ..moshi_compat import streaming_state
-from .inner_math import float32_inner, weight_drift
-from .session import SessionOptions, SessionOptionsView
-from .state import FastWeightState
-from .step import ttt_mlp_step
-from .weights import INNER_WEIGHTS, AnyWeights
+from moshi_ttt.compat.moshi import streaming_state
+from moshi_ttt.config import TTTConfig
+from moshi_ttt.ttt.inner_math import float32_inner, weight_drift
+from moshi_ttt.ttt.session import SessionOptions, SessionOptionsView
+from moshi_ttt.ttt.state import FastWeightState
+from moshi_ttt.ttt.step import ttt_mlp_step
+from moshi_ttt.ttt.weights import INNER_WEIGHTS, AnyWeights
 
 logger = logging.getLogger(__name__)
 

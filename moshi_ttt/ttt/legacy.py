@@ -57,11 +57,11 @@ from einops import rearrange
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from ..config import TTTConfig
-from ..moshi_compat import set_attention_context, streaming_state
-from .inner_math import gelu_tanh, reconstruction_target
-from .layer import apply_keeping_float32, keep_float32
-from .session import SessionOptions, SessionOptionsView
+from moshi_ttt.compat.moshi import set_attention_context, streaming_state
+from moshi_ttt.config import TTTConfig
+from moshi_ttt.ttt.inner_math import gelu_tanh, reconstruction_target
+from moshi_ttt.ttt.layer import apply_keeping_float32, keep_float32
+from moshi_ttt.ttt.session import SessionOptions, SessionOptionsView
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 # Re-exported: the names callers know from this module (DESIGN.md's contract is `moshi_ttt.ttt.ops.ttt_mlp`).
-from .inner_math import (  # noqa: F401
+from moshi_ttt.ttt.inner_math import (  # noqa: F401
     FORK_TARGET_EPS,
     LN_EPS,
     UpdateHook,
@@ -41,8 +41,8 @@ from .inner_math import (  # noqa: F401
     reconstruction_target,
     weight_drift,
 )
-from .primal import ttt_mlp_token  # noqa: F401
-from .weights import INNER_WEIGHTS, AnyWeights, FastWeights, InnerState, LinearWeights  # noqa: F401
+from moshi_ttt.ttt.primal import ttt_mlp_token  # noqa: F401
+from moshi_ttt.ttt.weights import INNER_WEIGHTS, AnyWeights, FastWeights, InnerState, LinearWeights  # noqa: F401
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:

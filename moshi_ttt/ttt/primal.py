@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .inner_math import (
+from moshi_ttt.ttt.inner_math import (
     float32_inner,
     gelu_tanh,
     gelu_tanh_backward,
@@ -17,7 +17,7 @@ from .inner_math import (
     position_factors,
     reconstruction_target,
 )
-from .weights import FastWeights, LinearWeights
+from moshi_ttt.ttt.weights import FastWeights, LinearWeights
 
 
 @float32_inner

@@ -14,7 +14,7 @@ import typing as tp
 import torch
 from moshi.modules.streaming import State
 
-from .weights import AnyWeights
+from moshi_ttt.ttt.weights import AnyWeights
 
 
 class Observer(tp.Protocol):

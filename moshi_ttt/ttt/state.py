@@ -13,7 +13,7 @@ import typing as tp
 
 import torch
 
-from .weights import AnyWeights, FastWeights, LinearWeights
+from moshi_ttt.ttt.weights import AnyWeights, FastWeights, LinearWeights
 
 
 class FastWeightState(tp.NamedTuple):

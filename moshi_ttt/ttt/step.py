@@ -13,11 +13,11 @@ import logging
 
 import torch
 
-from .inner_math import UpdateHook
-from .ops import ttt_mlp_chunk
-from .primal import ttt_mlp_token
-from .state import FastWeightState
-from .weights import InnerState
+from moshi_ttt.ttt.inner_math import UpdateHook
+from moshi_ttt.ttt.ops import ttt_mlp_chunk
+from moshi_ttt.ttt.primal import ttt_mlp_token
+from moshi_ttt.ttt.state import FastWeightState
+from moshi_ttt.ttt.weights import InnerState
 
 logger = logging.getLogger(__name__)
 

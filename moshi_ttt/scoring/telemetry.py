@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from moshi.models.lm import LMModel
 
-from .ttt.apply import ttt_blocks, ttt_states
-from .ttt.inner_math import head_layer_norm, inner_forward, reconstruction_target, weight_drift
-from .ttt.layer import TTTBlock, TTTState
-from .ttt.session import configure
-from .ttt.weights import AnyWeights, FastWeights
+from moshi_ttt.ttt.apply import ttt_blocks, ttt_states
+from moshi_ttt.ttt.inner_math import head_layer_norm, inner_forward, reconstruction_target, weight_drift
+from moshi_ttt.ttt.layer import TTTBlock, TTTState
+from moshi_ttt.ttt.session import configure
+from moshi_ttt.ttt.weights import AnyWeights, FastWeights
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
-from ..codec import is_codec_dir, load_codec
-from .common import (
+from moshi_ttt.data.checkpoints.common import (
     HF_PREFIX,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -23,9 +22,10 @@ from .common import (
     parse_hf_ref,
     read_json,
 )
-from .legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
-from .moshi_format import load_moshi_dir, load_moshi_hub
-from .ours import CONFIG_NAME, is_ours, load_ours
+from moshi_ttt.data.checkpoints.legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
+from moshi_ttt.data.checkpoints.moshi_format import load_moshi_dir, load_moshi_hub
+from moshi_ttt.data.checkpoints.ours import CONFIG_NAME, is_ours, load_ours
+from moshi_ttt.data.codec import is_codec_dir, load_codec
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _load_hub(ref: str, *, base: str | None, device, dtype: torch.dtype, legacy_
 
 def load_mimi_codec(mimi_ref: str, lm_config: dict, device: torch.device | str = "cpu") -> MimiModel:
     """Builds the Mimi codec from a local safetensors file or an hf://owner/repo/file reference (moshi's config),
-    or from a directory of ours (`moshi_ttt.codec.save_codec`).
+    or from a directory of ours (`moshi_ttt.data.codec.save_codec`).
 
     The number of codebooks follows the LM, as CheckpointInfo.get_mimi does.
     """

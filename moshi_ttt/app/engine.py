@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from . import report
-from .memory import PeakMemory
-from .registry import ModelCache, StreamingSession
-from .scoring import ScoreResult, iter_score, non_causal_mini_batch, score
-from .ttt.legacy import causal_reading
+from moshi_ttt.app.models import ModelCache, StreamingSession
+from moshi_ttt.reports import results as report
+from moshi_ttt.scoring.peak_memory import PeakMemory
+from moshi_ttt.scoring.teacher_forcing import ScoreResult, iter_score, non_causal_mini_batch, score
+from moshi_ttt.ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _final(latest, names, notes, cfg: LiveConfig, audio_info: dict, start: float
 def summary_table(document: dict) -> list[dict]:
     """Rows for the app's table: mean loss (whole clip, past the context), improvement of TTT over the baseline on
     both, slope, tokens/s, peak memory."""
-    from .headline import improvement_pct
+    from moshi_ttt.reports.headline import improvement_pct
 
     runs = document["runs"]
     base = runs.get("baseline", {})
@@ -276,7 +276,7 @@ def compare_file(
     Raises:
         ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
     """
-    from .audio import encode, load_audio
+    from moshi_ttt.data.audio import encode, load_audio
 
     audio = load_audio(audio_path, max_seconds=max_seconds, trim=True, allow_silence=allow_silence)
     baseline = cache.get(baseline_name)

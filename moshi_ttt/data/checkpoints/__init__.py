@@ -1,8 +1,8 @@
 """Checkpoints: our format (save/load), moshi's own (CheckpointInfo, Hub, moshi-finetune LoRA or full) and the
 older TTT fork's layout (loaded in legacy mode). Only safetensors are read; every key is checked by name."""
 
-from .common import LoadedCheckpoint
-from .loader import load, load_mimi_codec
-from .ours import save
+from moshi_ttt.data.checkpoints.common import LoadedCheckpoint
+from moshi_ttt.data.checkpoints.loader import load, load_mimi_codec
+from moshi_ttt.data.checkpoints.ours import save
 
 __all__ = ["LoadedCheckpoint", "load", "load_mimi_codec", "save"]

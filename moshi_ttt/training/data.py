@@ -13,8 +13,8 @@ from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .audio import encode, load_audio
-from .sequence import model_codes
+from moshi_ttt.compat.sequence import model_codes
+from moshi_ttt.data.audio import encode, load_audio
 
 
 @dataclass

@@ -16,8 +16,8 @@ from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_all_linear_with_lora
 
-from ..moshi_compat import default_lm_kwargs
-from .common import (
+from moshi_ttt.compat.moshi import default_lm_kwargs
+from moshi_ttt.data.checkpoints.common import (
     HF_PREFIX,
     PICKLE_SUFFIXES,
     LoadedCheckpoint,

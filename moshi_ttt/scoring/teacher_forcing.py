@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMModel
 
-from .sequence import delayed_input, depformer_targets, model_codes
-from .streaming import exact_streaming
-from .telemetry import Telemetry, record
-from .ttt.apply import set_streaming_options, ttt_blocks
+from moshi_ttt.compat.sequence import delayed_input, depformer_targets, model_codes
+from moshi_ttt.compat.streaming import exact_streaming
+from moshi_ttt.scoring.telemetry import Telemetry, record
+from moshi_ttt.ttt.apply import set_streaming_options, ttt_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import headline
-from .audio import FRAME_RATE
-from .scoring import ScoreResult
-from .telemetry import Telemetry
+from moshi_ttt.data.audio import FRAME_RATE
+from moshi_ttt.reports import headline
+from moshi_ttt.scoring.teacher_forcing import ScoreResult
+from moshi_ttt.scoring.telemetry import Telemetry
 
 RESULTS_VERSION = 2  # 2 adds "mean_loss_past_context", "context_tokens" and "readings" to each run
 DEFAULT_BIN_SIZE = 250  # tokens per position bin (20 s)
@@ -266,7 +266,7 @@ def versions() -> dict[str, str]:
     """Versions of the packages that produced a result: moshi_ttt, moshi, torch."""
     from importlib import metadata
 
-    from . import __version__
+    from moshi_ttt import __version__
 
     found = {"moshi_ttt": __version__, "torch": torch.__version__}
     try:
@@ -416,7 +416,7 @@ def write_report(
     Args:
         prefix: put before each file name (the app uses the clip's stem and "_", so downloads say which clip).
     """
-    from . import plots  # plotly is only needed for the HTML page
+    from moshi_ttt.reports import figures as plots  # plotly is only needed for the HTML page
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

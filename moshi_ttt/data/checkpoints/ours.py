@@ -17,9 +17,8 @@ import torch
 from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
-from ..config import TTTConfig, parse_layers
-from ..ttt.apply import apply_ttt, ttt_blocks
-from .common import (
+from moshi_ttt.config import TTTConfig, parse_layers
+from moshi_ttt.data.checkpoints.common import (
     LoadedCheckpoint,
     build_lm,
     fast_weight_keys,
@@ -31,6 +30,7 @@ from .common import (
     read_tensors,
     ttt_prefixes,
 )
+from moshi_ttt.ttt.apply import apply_ttt, ttt_blocks
 
 logger = logging.getLogger(__name__)
 

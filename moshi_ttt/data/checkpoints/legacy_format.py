@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from moshi.models import loaders
 
-from ..config import LegacyConfig, TTTConfig, parse_layers
-from ..ttt.apply import apply_ttt
-from .common import (
+from moshi_ttt.config import LegacyConfig, TTTConfig, parse_layers
+from moshi_ttt.data.checkpoints.common import (
     HF_PREFIX,
     LoadedCheckpoint,
     build_lm,
@@ -37,6 +36,7 @@ from .common import (
     tensor_shapes,
     ttt_prefixes,
 )
+from moshi_ttt.ttt.apply import apply_ttt
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@ server; app.py only places these strings and rows into components."""
 
 from __future__ import annotations
 
-from . import headline
-from .audio import FRAME_RATE
-from .live import PERSISTENCE_HELP, LiveUpdate
+from moshi_ttt.app.engine import PERSISTENCE_HELP, LiveUpdate
+from moshi_ttt.data.audio import FRAME_RATE
+from moshi_ttt.reports import headline
 
 # One short explanation, shown collapsed under the title.
 EXPLANATION = """\

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from moshi.models.lm import LMModel
 
-from .moshi_compat import delay_sequence, initial_token
+from moshi_ttt.compat.moshi import delay_sequence, initial_token
 
 
 def model_codes(model: LMModel, audio_codes: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from .audio import FRAME_RATE
+from moshi_ttt.data.audio import FRAME_RATE
 
 
 def moving_average(values, window: int) -> np.ndarray:

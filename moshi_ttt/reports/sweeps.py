@@ -13,9 +13,9 @@ import math
 import torch
 from moshi.models.lm import LMModel
 
-from .audio import FRAME_RATE
-from .report import least_squares_slope, summarize
-from .scoring import ScoreResult, score
+from moshi_ttt.data.audio import FRAME_RATE
+from moshi_ttt.reports.results import least_squares_slope, summarize
+from moshi_ttt.scoring.teacher_forcing import ScoreResult, score
 
 DEFAULT_MINI_BATCH_SIZES = (1, 4, 8, 16, 32)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from moshi.models.lm import LMModel
 
-from .checkpoints import LoadedCheckpoint, load
-from .codec import is_codec_dir
-from .ttt.apply import ttt_blocks
+from moshi_ttt.data.checkpoints import LoadedCheckpoint, load
+from moshi_ttt.data.codec import is_codec_dir
+from moshi_ttt.ttt.apply import ttt_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import FRAME_RATE
+from moshi_ttt.data.audio import FRAME_RATE
 
 CAVEAT_WINDOWS = 3  # a clip shorter than this many attention windows gets a caveat, not a bold percentage
 MIN_CLIP_TOKENS = 125  # ... and so does any clip under 10 s, whatever the context

@@ -21,8 +21,8 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors import safe_open
 
-from ..config import TTTConfig
-from ..ttt.apply import ttt_blocks
+from moshi_ttt.config import TTTConfig
+from moshi_ttt.ttt.apply import ttt_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _MAX_NAMED = 8  # key names quoted per category in an error message
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
-    """What `moshi_ttt.checkpoints.load` returns."""
+    """What `moshi_ttt.data.checkpoints.load` returns."""
 
     model: LMModel  # in eval mode, TTT applied when the checkpoint has it
     mimi: MimiModel | None  # the codec, when loaded (load(..., load_mimi=True)), else None
@@ -264,8 +264,8 @@ def hub_folder(repo: str, subfolder: str) -> Path:
 
 def fast_weight_keys(model: LMModel) -> set[str]:
     """State-dict keys of the TTT parameters that stay float32 in any model dtype (saved as float32 too)."""
-    from ..ttt.layer import FLOAT32_PARAMS
-    from ..ttt.legacy import FLOAT32_PARAMS as LEGACY_FLOAT32_PARAMS
+    from moshi_ttt.ttt.layer import FLOAT32_PARAMS
+    from moshi_ttt.ttt.legacy import FLOAT32_PARAMS as LEGACY_FLOAT32_PARAMS
 
     keys = set()
     for i, block in ttt_blocks(model).items():

@@ -22,7 +22,7 @@ import json
 import numpy as np
 import plotly.graph_objects as go
 
-from .plots import FRAME_RATE, moving_average
+from moshi_ttt.reports.figures import FRAME_RATE, moving_average
 
 RUN_COLORS = {"baseline": "#1f3fbf", "ttt": "#ef553b"}
 RUN_LABELS = {"baseline": "baseline", "ttt": "TTT"}

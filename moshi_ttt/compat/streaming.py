@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingMultiheadAttention
 
-from .moshi_compat import kv_cache_capacity, widen_kv_cache
+from moshi_ttt.compat.moshi import kv_cache_capacity, widen_kv_cache
 
 
 def widen_kv_caches(module: StreamingModule, max_chunk: int) -> None:
