@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from gradio.components.plot import PlotData  # noqa: E402
 
 from moshi_ttt.app import view as app_view
-from moshi_ttt.app.engine import LIVE_MODES, LiveConfig, compare_file, threads_per_run, trim_note  # noqa: E402
+from moshi_ttt.app.engine import LIVE_MODES, compare_file, live_options, threads_per_run, trim_note  # noqa: E402
 from moshi_ttt.app.figure import figure_json  # noqa: E402
 from moshi_ttt.app.inputs import AudioFile, Choice, Flag, HubReference, InputError, Number, validate  # noqa: E402
 from moshi_ttt.app.models import ModelCache, build_allow_list  # noqa: E402
@@ -199,20 +199,16 @@ def run_handler(
             raise refuse(str(e)) from None
         for name in (args["baseline"], args["ttt"]):
             cache.get(name)  # a checkpoint that fails to load is a fault of the server: its traceback is logged
-        cfg = LiveConfig(
-            mode=LIVE_MODES[args["mode"]],
-            mini_batch_size=args["mini_batch_size"],
-            persistent_states=args["persistent_states"],
-        )
+        options = live_options(LIVE_MODES[args["mode"]], args["mini_batch_size"], args["persistent_states"])
         session = request.session_hash if request is not None else None
         stop_requested = stops.start(session)
         readings = headline.readings_of_known_clip(args["audio"], known)
-        updates = compare_file(cache, args["audio"], args["baseline"], args["ttt"], cfg, args["max_seconds"],
+        updates = compare_file(cache, args["audio"], args["baseline"], args["ttt"], options, args["max_seconds"],
                                allow_silence=args["allow_silence"], readings=readings,
                                stop_requested=stop_requested)  # fmt: skip
         skip = gr.skip()
         phase = "reading and encoding the audio, then scoring" + (
-            " the whole clip in one call (the figure comes at the end)…" if cfg.mode == "full" else "…"
+            " the whole clip in one call (the figure comes at the end)…" if options.mode == "full" else "…"
         )
         yield skip, app_view.status_text(None, phase), "", skip, skip, skip, skip
         try:
@@ -259,8 +255,18 @@ def add_hub_checkpoint(cache: ModelCache):
     return add
 
 
-def _persistence_note(mode: str) -> str:
-    return "persistent_states: " + app_view.persistence_help(LIVE_MODES.get(mode, "chunked"), LiveConfig.update_every)
+def _checkpoint_mini_batch(cache: ModelCache, ttt_name: str | None) -> int:
+    """The slider's start: the chosen TTT checkpoint's own mini_batch_size (16 for a model without TTT layers)."""
+    size = cache.mini_batch_size(ttt_name) if ttt_name in cache.names() else None
+    return size if size is not None else 16
+
+
+def _persistence_note(cache: ModelCache, ttt_name: str | None) -> str:
+    """The note under persistent_states for the chosen TTT checkpoint (its attention context sets the reset period)."""
+    context = cache.context_tokens(ttt_name) if ttt_name in cache.names() else None
+    if context is None:
+        return "persistent_states: on, the fast weights carry through the clip; off, reset every attention window."
+    return "persistent_states: " + app_view.persistence_help(context)
 
 
 def build_demo(
@@ -299,10 +305,10 @@ def build_demo(
                         hub = gr.Textbox(label="Add a checkpoint from the Hub", placeholder="hf://owner/repo")
                         add = gr.Button("Add", size="sm")
                     hub_note = gr.Markdown()
-                mini_batch = _slider(specs["mini_batch_size"], 16, step=1)
+                mini_batch = _slider(specs["mini_batch_size"], _checkpoint_mini_batch(cache, ttt_default), step=1)
                 mode = gr.Radio(list(specs["mode"].choices), value="chunked", label=specs["mode"].label)
                 persistent = gr.Checkbox(value=True, label="persistent_states (keep the fast weights between calls)")
-                persistent_note = gr.Markdown(_persistence_note("chunked"))
+                persistent_note = gr.Markdown(_persistence_note(cache, ttt_default))
                 allow_silence = gr.Checkbox(value=False, label="allow silence (score a silent clip anyway)")
                 duration = _slider(specs["max_seconds"], min(120, max_seconds), step=5)
                 with gr.Row():
@@ -317,7 +323,8 @@ def build_demo(
                                         interactive=False, visible=False, elem_id="readings")  # fmt: skip
                 downloads = gr.File(label="results.json, results.csv, report.html", file_count="multiple")
                 notes = gr.Markdown()
-        mode.change(_persistence_note, mode, persistent_note, queue=False, show_progress="hidden")
+        ttt.change(lambda name: (_persistence_note(cache, name), _checkpoint_mini_batch(cache, name)), ttt,
+                   [persistent_note, mini_batch], queue=False, show_progress="hidden")  # fmt: skip
         inputs = [audio, baseline, ttt, mini_batch, persistent, mode, duration, allow_silence]
         outputs = [plot, status, headline_md, table, readings, downloads, notes]
         handler = run_handler(cache, specs, runs, examples, stops)

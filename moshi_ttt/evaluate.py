@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from moshi_ttt.data import audio as audio_io
+from moshi_ttt.options import MODES, RunOptions
 from moshi_ttt.reports import headline, sweeps
 from moshi_ttt.reports.results import (
     causal_comparison,
@@ -37,7 +38,7 @@ from moshi_ttt.reports.results import (
     write_report,
 )
 from moshi_ttt.scoring.peak_memory import PeakMemory
-from moshi_ttt.scoring.teacher_forcing import MODES, ScoreConfig, non_causal_mini_batch, score
+from moshi_ttt.scoring.teacher_forcing import non_causal_mini_batch, score
 from moshi_ttt.ttt.apply import ttt_blocks
 from moshi_ttt.ttt.legacy import causal_reading
 
@@ -63,7 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="chunked")
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: min(250, context))")
     p.add_argument("--mini-batch-size", type=int, default=None, help="TTT inner mini-batch size for this run")
-    p.add_argument("--no-persistent-states", action="store_true", help="reset fast weights at every chunk")
+    p.add_argument(
+        "--no-persistent-states",
+        action="store_true",
+        help="reset the fast weights to W_base every --reset-every tokens (default: the attention context)",
+    )
+    p.add_argument(
+        "--reset-every",
+        type=int,
+        default=None,
+        help="tokens between resets of the fast weights (turns persistence off); the same in every mode",
+    )
     p.add_argument("--no-telemetry", action="store_true", help="skip drift and inner-loop losses")
     p.add_argument("--max-seconds", type=float, default=audio_io.DEFAULT_MAX_SECONDS, help="longest file accepted")
     p.add_argument("--allow-silence", action="store_true", help="score silent files instead of rejecting them")
@@ -115,7 +126,7 @@ def _out_name(index: int, file: Path) -> str:
     return f"{index:04d}_{stem}"
 
 
-def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfig) -> dict:
+def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOptions) -> dict:
     """Scores one file under every model, writes its reports; returns its index.json entry."""
     out_dir = args.out / _out_name(index, file)
     done = out_dir / "results.json"
@@ -129,7 +140,7 @@ def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfi
     runs, tables = {}, {}
     for name, (ref, model) in models.items():
         with PeakMemory(device) as memory:
-            result = score(model, codes.to(device), config=cfg)
+            result = score(model, codes.to(device), options=options)
         runs[name] = run_record(
             result, checkpoint=ref, peak_memory_mb=memory.peak_mb, bin_size=args.bin_size,
             context_tokens=model.context, readings=readings,
@@ -137,13 +148,13 @@ def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfi
         leaky_b = non_causal_mini_batch(model)
         if leaky_b is not None:  # an older non-causal TTT checkpoint: the same weights, scored causally, next to it
             with causal_reading(model):
-                causal = score(model, codes.to(device), config=dataclasses.replace(cfg, telemetry=False))
+                causal = score(model, codes.to(device), options=options.replace(telemetry=False))
             runs[name]["causal_comparison"] = causal_comparison(runs[name], causal, leaky_b)
         message = non_finite_message(name, runs[name])
         if message:
             tqdm.write(f"warning: {file}: {message}", file=sys.stderr)
         if args.sweep:
-            tables.update(_sweep_tables(name, model, codes.to(device), result, cfg))
+            tables.update(_sweep_tables(name, model, codes.to(device), result, options))
     info = {
         "path": str(file),
         "name": audio.name,
@@ -153,7 +164,12 @@ def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfi
         "silent": audio.silent,
         "tokens": int(codes.shape[-1]),
     }
-    config = {**dataclasses.asdict(cfg), "device": args.device, "dtype": args.dtype, "max_seconds": args.max_seconds}
+    config = {
+        **dataclasses.asdict(options),
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_seconds": args.max_seconds,
+    }
     document = results_document(info, config, runs, bin_size=args.bin_size)
     if tables:
         document["tables"] = tables
@@ -174,29 +190,35 @@ def score_file(file: Path, index: int, models: dict, mimi, args, cfg: ScoreConfi
     return entry
 
 
-def _sweep_tables(name: str, model, codes: torch.Tensor, result, cfg: ScoreConfig) -> dict[str, list[dict]]:
-    """Sweep tables for report.html; "full" mode sweeps in "chunked" mode (one call has no chunks to persist over)."""
+def _sweep_tables(name: str, model, codes: torch.Tensor, result, options: RunOptions) -> dict[str, list[dict]]:
+    """Sweep tables for report.html, each varying one option of the run."""
     tables = {f"{name}: loss by context length": sweeps.sweep_context_length(result)}
     if ttt_blocks(model):
-        options = {"mode": "chunked" if cfg.mode == "full" else cfg.mode, "chunk_size": cfg.chunk_size}
-        tables[f"{name}: inner mini-batch size"] = sweeps.sweep_mini_batch_size(model, codes, **options)
-        tables[f"{name}: persistent states"] = sweeps.sweep_persistent_states(model, codes, **options)
+        tables[f"{name}: inner mini-batch size"] = sweeps.sweep_mini_batch_size(model, codes, options)
+        tables[f"{name}: persistent states"] = sweeps.sweep_persistent_states(model, codes, options)
     return tables
+
+
+def run_options_from_args(args) -> RunOptions:
+    """The run's options from the command line, built once (RunOptions validates them)."""
+    try:
+        return RunOptions(
+            mode=args.mode,
+            chunk_size=args.chunk_size,
+            mini_batch_size=args.mini_batch_size,
+            persistent_states=False if args.no_persistent_states or args.reset_every is not None else None,
+            reset_every=args.reset_every,
+            telemetry=not args.no_telemetry,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def run(args) -> int:
     """Scores the files of this rank; returns the exit status."""
     rank, world = _init_distributed(args.device)
     files = list(args.audio) if args.audio is not None else read_manifest(args.manifest)
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    cfg = ScoreConfig(
-        mode=args.mode,
-        chunk_size=args.chunk_size,
-        mini_batch_size=args.mini_batch_size,
-        persistent_states=False if args.no_persistent_states else None,
-        telemetry=not args.no_telemetry,
-    )
+    options = run_options_from_args(args)
     refs = _checkpoint_refs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     models, mimi = {}, None
@@ -210,7 +232,7 @@ def run(args) -> int:
     entries, failures = [], []
     for index, file in tqdm(mine, desc=f"scoring (rank {rank})" if world > 1 else "scoring", unit="file"):
         try:
-            entries.append({"index": index, **score_file(file, index, models, mimi, args, cfg)})
+            entries.append({"index": index, **score_file(file, index, models, mimi, args, options)})
         except (ValueError, FileNotFoundError) as e:
             failures.append({"index": index, "path": str(file), "error": str(e)})
             tqdm.write(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import app
-from moshi_ttt.app.engine import LiveConfig, compare_file
+from moshi_ttt.app.engine import compare_file, live_options
 from moshi_ttt.app.figure import live_figure
 from moshi_ttt.app.models import ModelCache, build_allow_list
 
@@ -60,7 +60,7 @@ def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
 
 def test_live_and_chunked_modes_give_the_same_losses(assets, cache):
     def losses(mode):
-        cfg = LiveConfig(mode=mode, mini_batch_size=4)
+        cfg = live_options(mode, mini_batch_size=4)
         *_, last = compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", cfg, 60)
         return {k: np.array(v["loss_per_token"], dtype=float) for k, v in last.document["runs"].items()}
 

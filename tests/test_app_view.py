@@ -13,7 +13,7 @@ import soundfile as sf
 from conftest import SR
 
 import app
-from moshi_ttt.app.engine import LiveConfig, compare_file
+from moshi_ttt.app.engine import compare_file, live_options
 from moshi_ttt.app.inputs import HubReference, InputError
 
 OUTPUTS = ("figure", "status", "headline", "table", "readings", "files", "notes")
@@ -55,14 +55,14 @@ def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(ass
 
 def test_whole_sequence_mode_gives_the_chunked_numbers_in_one_update(assets, cache):
     def losses(mode):
-        *_, last = compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", LiveConfig(mode=mode), 60)
+        *_, last = compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", live_options(mode), 60)
         return last, {k: np.array(v["loss_per_token"], dtype=float) for k, v in last.document["runs"].items()}
 
     whole, a = losses("full")
     _, b = losses("chunked")
     for run in a:
         np.testing.assert_allclose(a[run], b[run], atol=1e-4, rtol=0, equal_nan=True)
-    assert len(list(compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", LiveConfig(mode="full"), 60))) == 1
+    assert len(list(compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", live_options("full"), 60))) == 1
     assert whole.inner_loss and whole.drift
 
 
@@ -91,8 +91,10 @@ def test_allow_silence_scores_a_silent_clip_that_is_refused_otherwise(cache, tmp
 
 def test_live_updates_are_paced_without_losing_the_last_one(assets, cache):
     def count(interval):
-        cfg = LiveConfig(mode="stream", mini_batch_size=4, stream_update_every=5, min_interval_s=interval)
-        updates = list(compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", cfg, 60))
+        options = live_options("stream", mini_batch_size=4).replace(record_every=5)
+        updates = list(
+            compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", options, 60, min_interval_s=interval)
+        )
         assert updates[-1].complete and updates[-1].tokens_done == 38
         return len(updates)
 
@@ -101,17 +103,11 @@ def test_live_updates_are_paced_without_losing_the_last_one(assets, cache):
     assert count(1e9) == 2  # the first update, then nothing until the final one
 
 
-@pytest.mark.parametrize(
-    ("mode", "text"),
-    [
-        ("chunked", "every chunk of 25 tokens (2 s)"),
-        ("live token by token", "at every token"),
-        ("whole sequence", "No effect"),
-    ],  # fmt: skip
-    ids=["chunked", "stream", "whole"],
-)
-def test_the_persistence_note_says_what_resets_in_each_mode(mode, text):
-    assert text in app._persistence_note(mode)
+def test_the_persistence_note_gives_the_reset_period_of_the_chosen_ttt_checkpoint(cache):
+    context = cache.context_tokens("ttt")
+    note = app._persistence_note(cache, "ttt")
+    assert f"({context} tokens, {context / 12.5:.1f} s)" in note and "the same in every mode" in note
+    assert "reset every attention window" in app._persistence_note(cache, "no such checkpoint")
 
 
 def test_hub_references_only_with_allow_hub(cache):

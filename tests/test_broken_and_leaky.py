@@ -17,7 +17,7 @@ from tiny_mimi import tiny_mimi
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import evaluate, load, score
-from moshi_ttt.app.engine import LiveConfig, compare_live
+from moshi_ttt.app.engine import compare_live, live_options
 from moshi_ttt.reports.results import non_finite_message, run_record
 from moshi_ttt.scoring.teacher_forcing import _cross_entropy
 from moshi_ttt.ttt.legacy import causal_reading
@@ -151,7 +151,9 @@ def test_app_comparison_scores_legacy_checkpoints_causally_too(legacy_dirs):
     locks = {id(c.model): threading.Lock() for c in loaded.values()}
     cache = types.SimpleNamespace(get=loaded.__getitem__, lock=lambda model: locks[id(model)])
     codes = random_audio_codes(1, 14, seed=6)
-    updates = list(compare_live(cache, "base", "legacy", codes, LiveConfig(mode="chunked", update_every=8)))
+    updates = list(
+        compare_live(cache, "base", "legacy", codes, live_options("chunked").replace(chunk_size=8, record_every=8))
+    )
     doc = updates[-1].document
     comp = doc["runs"]["ttt"]["causal_comparison"]
     expected = score(load(directory, base=str(base), legacy_causal=True).model, codes, "chunked").loss[0]

@@ -10,6 +10,7 @@ import torch
 from tiny_models import random_audio_codes, tiny_lm
 
 from moshi_ttt import ScoreResult, TTTConfig, apply_ttt, score
+from moshi_ttt.options import RunOptions
 from moshi_ttt.reports.figures import bins_figure, inner_loss_figure, moving_average
 from moshi_ttt.reports.headline import Reading
 from moshi_ttt.reports.results import (
@@ -128,8 +129,11 @@ def test_sweeps_return_one_row_per_setting():
     assert [r["mini_batch_size"] for r in rows] == [1, 4, 8]
     assert rows[1]["mean_loss"] == pytest.approx(summarize(score(model, codes).loss[0]).mean_loss, rel=1e-6)
     assert len({round(r["mean_loss"], 6) for r in rows}) == 3
-    rows = sweep_persistent_states(model, codes, chunk_size=8)
+    rows = sweep_persistent_states(model, codes, RunOptions(chunk_size=8, reset_every=8))
     assert [r["persistent_states"] for r in rows] == [True, False] and rows[0]["mean_loss"] != rows[1]["mean_loss"]
+    assert [r["reset_every"] for r in rows] == [None, 8]
+    rows = sweep_persistent_states(model, codes)  # off: every attention context (16 tokens in the tiny models)
+    assert [r["reset_every"] for r in rows] == [None, 16]
 
 
 def test_context_length_sweep_on_constructed_losses():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tiny_models import CONTEXT, random_audio_codes, tiny_lm
 from tolerances import FLOAT32, FLOAT64_STORED
 
-from moshi_ttt import ScoreConfig, TTTConfig, apply_ttt, iter_score, score, ttt_blocks
+from moshi_ttt import RunOptions, TTTConfig, apply_ttt, iter_score, score, ttt_blocks
 from moshi_ttt.compat.sequence import model_codes
 
 T = 45  # longer than the 16-token attention window of the tiny models
@@ -91,13 +91,14 @@ def test_rows_of_a_batch_are_scored_independently(dtype):
         torch.testing.assert_close(solo, batch[row : row + 1], **tol, equal_nan=True)
 
 
-def test_persistent_states_off_resets_the_fast_weights_every_chunk():
+def test_persistent_states_off_resets_the_fast_weights_every_attention_window():
     model = ttt_lm(4)
     codes = random_audio_codes(1, T, seed=6)
     on = score(model, codes, "chunked", 8).loss
-    off = score(model, codes, "chunked", 8, persistent_states=False).loss
-    assert_same(off[..., :7], on[..., :7])  # the first chunk (steps 0-7, delays 0/1) is the same
+    off = score(model, codes, "chunked", 8, persistent_states=False).loss  # reset every CONTEXT tokens
+    assert_same(off[..., : CONTEXT - 1], on[..., : CONTEXT - 1])  # the first window (minus the one-step delay)
     assert not torch.allclose(off.nan_to_num(), on.nan_to_num())
+    assert_same(score(model, codes, "full", persistent_states=False).loss, off)  # the same in every mode
 
 
 def test_iter_score_yields_growing_prefixes_that_end_with_the_score():
@@ -113,7 +114,7 @@ def test_iter_score_yields_growing_prefixes_that_end_with_the_score():
         assert not partial.complete
         assert_same(partial.loss, final.loss[..., : partial.tokens_done], atol=0)
         assert len(partial.telemetry.layers[1].update_step) <= len(final.telemetry.layers[1].update_step)
-    chunked = list(iter_score(model, codes, config=ScoreConfig(mode="chunked", chunk_size=16, record_every=10)))
+    chunked = list(iter_score(model, codes, options=RunOptions(mode="chunked", chunk_size=16, record_every=10)))
     assert [r.tokens_done for r in chunked] == [15, 31, T]  # at chunk ends, minus the one-step delay
     assert_same(chunked[-1].loss, final.loss)
     assert final.loss_per_token.shape == (2, T) and final.tokens_per_s > 0
@@ -124,14 +125,14 @@ def test_bad_requests_are_clear_value_errors():
     codes = random_audio_codes(1, 10)
     with pytest.raises(ValueError, match="mode must be one of"):
         score(model, codes, "fast")
-    with pytest.raises(ValueError, match="exceeds the model's attention context of 16"):
+    with pytest.raises(ValueError, match="exceeds the model's attention context \\(16 tokens\\)"):
         score(model, codes, "chunked", 17)
     with pytest.raises(ValueError, match="no audio codes"):
         score(model, codes[..., :0])
     with pytest.raises(ValueError, match="audio codebooks"):
         score(model, codes[:, :4])
-    with pytest.raises(ValueError, match="either a ScoreConfig or separate options"):
-        score(model, codes, "full", config=ScoreConfig())
+    with pytest.raises(ValueError, match="either a RunOptions or separate options"):
+        score(model, codes, "full", options=RunOptions())
     with pytest.raises(ValueError, match="eval mode"):
         score(model.train(), codes)
     model.eval()
@@ -146,51 +147,63 @@ def test_default_chunks_hold_whole_ttt_mini_batches():
     from moshi_ttt.scoring.teacher_forcing import _chunk_size
 
     model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=5)).eval()
-    assert _chunk_size(model, ScoreConfig(mode="chunked"), 100) == CONTEXT - CONTEXT % 5
-    assert _chunk_size(model, ScoreConfig(mode="chunked", mini_batch_size=3), 100) == CONTEXT - CONTEXT % 3
-    assert _chunk_size(model, ScoreConfig(mode="chunked", chunk_size=7), 100) == 7  # an explicit size is kept
-    assert _chunk_size(tiny_lm(0).eval(), ScoreConfig(mode="chunked"), 100) == CONTEXT
+    assert _chunk_size(model, RunOptions(mode="chunked"), 100) == CONTEXT - CONTEXT % 5
+    assert _chunk_size(model, RunOptions(mode="chunked", mini_batch_size=3), 100) == CONTEXT - CONTEXT % 3
+    assert _chunk_size(model, RunOptions(mode="chunked", chunk_size=7), 100) == 7  # an explicit size is kept
+    assert _chunk_size(tiny_lm(0).eval(), RunOptions(mode="chunked"), 100) == CONTEXT
 
 
-def test_a_score_config_and_the_keyword_shortcuts_are_the_same_call():
-    from moshi_ttt.scoring.teacher_forcing import score_config
+def test_run_options_and_the_keyword_shortcuts_are_the_same_call():
+    from moshi_ttt.options import run_options
 
     model = ttt_lm(4)
     codes = random_audio_codes(1, 20, seed=8)
-    cfg = ScoreConfig(mode="chunked", chunk_size=8, persistent_states=False)
-    by_config = score(model, codes, cfg).loss
-    assert_same(score(model, codes, config=cfg).loss, by_config, atol=0)
-    assert_same(score(model, codes, mode="chunked", chunk_size=8, persistent_states=False).loss, by_config, atol=0)
-    assert_same(score(model, codes, "chunked", 8, persistent_states=False).loss, by_config, atol=0)
-    assert not torch.equal(score(model, codes, "chunked", 8).loss.nan_to_num(), by_config.nan_to_num())
-    # One place resolves the defaults: shortcuts left at None are ScoreConfig's own.
-    assert score_config() == ScoreConfig()
-    assert score_config("stream", telemetry=None, chunk_size=None) == ScoreConfig(mode="stream")
-    assert score_config(cfg) is cfg and score_config(config=cfg) is cfg
+    options = RunOptions(mode="chunked", chunk_size=8, reset_every=8)
+    by_options = score(model, codes, options=options).loss
+    assert_same(score(model, codes, mode="chunked", chunk_size=8, reset_every=8).loss, by_options, atol=0)
+    assert_same(score(model, codes, "chunked", 8, persistent_states=False, reset_every=8).loss, by_options, atol=0)
+    assert not torch.equal(score(model, codes, "chunked", 8).loss.nan_to_num(), by_options.nan_to_num())
+    # One place resolves the defaults: shortcuts left at None are RunOptions' own.
+    assert run_options() == RunOptions()
+    assert run_options(mode="stream", telemetry=None, chunk_size=None) == RunOptions(mode="stream")
+    assert run_options(options) is options
     with pytest.raises(ValueError, match="not both"):
-        score_config(cfg, chunk_size=4)
-    with pytest.raises(ValueError, match="not both"):
-        score_config(cfg, config=cfg)
-    with pytest.raises(ValueError, match="unknown scoring options \\['chunks'\\]"):
-        score_config(chunks=4)
-    with pytest.raises(TypeError, match="config must be a ScoreConfig"):
-        score_config(config={"mode": "full"})
+        run_options(options, chunk_size=4)
+    with pytest.raises(ValueError, match="unknown run options \\['chunks'\\]"):
+        run_options(chunks=4)
+    with pytest.raises(TypeError, match="options must be a RunOptions"):
+        run_options({"mode": "full"})
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
         ({"mode": ["full"]}, "mode must be one of"),
-        ({"chunk_size": 2.5}, "chunk_size must be an integer >= 1, got 2.5"),
-        ({"chunk_size": float("nan")}, "chunk_size must be an integer"),
-        ({"chunk_size": True}, "chunk_size must be an integer"),
-        ({"mini_batch_size": "4"}, "mini_batch_size must be an integer"),
+        ({"chunk_size": 2.5}, "chunk_size must be a whole number >= 1, got 2.5"),
+        ({"chunk_size": float("nan")}, "chunk_size must be a whole number"),
+        ({"chunk_size": True}, "chunk_size must be a whole number"),
+        ({"mini_batch_size": "4"}, "mini_batch_size must be a whole number"),
+        ({"mini_batch_size": 0}, "mini_batch_size must be >= 1"),
+        ({"reset_every": -3}, "reset_every must be >= 1"),
+        ({"reset_every": 8, "persistent_states": True}, "persistent_states cannot be true"),
         ({"record_every": 0}, "record_every must be >= 1, got 0"),
         ({"persistent_states": "no"}, "persistent_states must be true, false or None"),
         ({"telemetry": 1}, "telemetry must be true or false"),
     ],
-    ids=["mode-list", "chunk-float", "chunk-nan", "chunk-bool", "b-string", "record-zero", "persist-str", "telem-int"],
+    ids=[
+        "mode-list",
+        "chunk-float",
+        "chunk-nan",
+        "chunk-bool",
+        "b-string",
+        "b-zero",
+        "reset-negative",
+        "reset-and-persistent",
+        "record-zero",
+        "persist-str",
+        "telem-int",
+    ],  # fmt: skip
 )
-def test_score_config_refuses_json_values_of_the_wrong_kind(options, message):
+def test_run_options_refuse_json_values_of_the_wrong_kind(options, message):
     with pytest.raises(ValueError, match=message):
-        ScoreConfig(**options)
+        RunOptions(**options)

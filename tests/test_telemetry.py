@@ -105,12 +105,13 @@ def test_reconstruction_loss_is_half_the_squared_error_averaged_over_heads_and_t
     torch.testing.assert_close(reconstruction_loss(weights, xk, target, ln_w, ln_b), expected)
 
 
-def test_without_persistent_states_every_chunk_starts_at_w_base():
+@pytest.mark.parametrize("mode, chunk", [("chunked", 8), ("chunked", 5), ("stream", None), ("full", None)])
+def test_with_a_reset_period_every_period_starts_at_w_base_in_every_mode(mode, chunk):
     model = ttt_lm(4)
     codes = random_audio_codes(1, T, seed=3)
-    layer = score(model, codes, "chunked", 8, persistent_states=False).telemetry.layers[1]
+    layer = score(model, codes, mode, chunk, reset_every=8).telemetry.layers[1]
     assert layer.update_step.tolist() == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44]
-    # Chunks of 8 = two mini-batches: the first of each chunk starts at W_base, the second after one update.
+    # Periods of 8 = two mini-batches: the first of each period starts at W_base, the second after one update.
     torch.testing.assert_close(layer.loss_start[:, ::2], layer.loss_base[:, ::2])
     assert not torch.allclose(layer.loss_start[:, 1::2], layer.loss_base[:, 1::2])
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMGen
-from tiny_models import random_audio_codes, tiny_lm
+from tiny_models import CONTEXT, random_audio_codes, tiny_lm
 from tolerances import FLOAT32, FLOAT64
 
 from moshi_ttt import (
     LegacyConfig,
+    RunOptions,
     TTTConfig,
     apply_ttt,
     drift,
@@ -151,7 +152,7 @@ def test_non_persistent_streaming_starts_every_call_from_w_base(share_qk, dtype)
                 torch.testing.assert_close(block(x[:, s:e]), _fresh_block_output(block, x[:, s:e]), **tol)
         # With persistence (a per-session option: the model is not changed) later calls differ from fresh ones.
         with model.streaming(2):
-            set_streaming_options(model, persistent_states=True)
+            set_streaming_options(model, RunOptions(persistent_states=True))
             block(x[:, :9])
             assert not torch.allclose(block(x[:, 9:18]), _fresh_block_output(block, x[:, 9:18]))
     assert block.cfg.persistent_states is False
@@ -168,12 +169,12 @@ def _fresh_block_output(block, x):
 def test_set_streaming_options_is_per_session():
     model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4))
     with model.streaming(1):
-        set_streaming_options(model, mini_batch_size=8, persistent_states=False)
+        set_streaming_options(model, RunOptions(mini_batch_size=8, persistent_states=False))
         state = ttt_states(model)[1]
-        assert (state.mini_batch_size, state.persistent) == (8, False)
+        assert (state.mini_batch_size, state.persistent, state.reset_every) == (8, True, CONTEXT)
     with model.streaming(1):
         state = ttt_states(model)[1]
-        assert (state.mini_batch_size, state.persistent) == (4, True)
+        assert (state.mini_batch_size, state.persistent, state.reset_every) == (4, True, None)
     assert ttt_blocks(model)[1].cfg.mini_batch_size == 4
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import random_audio_codes, tiny_lm
 
-from moshi_ttt import TTTConfig, apply_ttt, score, set_streaming_options, ttt_states
+from moshi_ttt import RunOptions, TTTConfig, apply_ttt, score, set_streaming_options, ttt_states
 from moshi_ttt.compat.sequence import delayed_input, model_codes
 from moshi_ttt.config import LegacyConfig
 from moshi_ttt.scoring.telemetry import record
@@ -28,25 +28,20 @@ class Counting:
         self.updates += 1
 
 
-def test_configure_is_the_one_writer_and_refuses_bad_values():
+def test_configure_is_the_one_writer_and_refuses_what_the_state_cannot_take():
+    """Values come validated (RunOptions); configure checks what depends on the state."""
     model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4))
     seq = delayed_input(model, model_codes(model, random_audio_codes(1, 6)))
     with torch.no_grad(), model.streaming(1):
         state = ttt_states(model)[1]
-        before = state.session
-        for bad in (0, -1, 2.5, True, "4", None):
-            with pytest.raises(ValueError, match="mini_batch_size must be an integer >= 1"):
-                configure(state, mini_batch_size=bad)
-        for bad in (1, "false", None):
-            with pytest.raises(ValueError, match="persistent must be True or False"):
-                configure(state, persistent=bad)
-        assert state.session is before  # a refused change changes nothing
         configure(state, mini_batch_size=2)
         model.forward_text(seq[:, :, :3])
+        before = state.session
         with pytest.raises(ValueError, match="before its first forward"):
             configure(state, mini_batch_size=4)
-        configure(state, mini_batch_size=2, persistent=False)  # the same size and other fields: allowed
-        assert state.session == SessionOptions(2, False)
+        assert state.session is before  # a refused change changes nothing
+        configure(state, mini_batch_size=2, persistent=False, reset_every=8)  # the same size, other fields: allowed
+        assert state.session == SessionOptions(2, False, reset_every=8)
     with pytest.raises(dataclasses.FrozenInstanceError):
         SessionOptions(4, True).persistent = False  # frozen: only replaced whole
 
@@ -79,7 +74,7 @@ def test_an_observer_sees_its_own_session_only():
 def test_scoring_options_stay_in_the_session():
     model = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4))
     codes = random_audio_codes(1, 20)
-    score(model, codes, "chunked", mini_batch_size=2, persistent_states=False)
+    score(model, codes, "chunked", mini_batch_size=2, reset_every=6)
     with model.streaming(1):
         assert ttt_states(model)[1].session == SessionOptions(4, True)  # the layer's own again
 
@@ -91,10 +86,12 @@ def test_legacy_state_has_the_same_session_and_keeps_its_mini_batch_size():
         state = ttt_states(model)[1]
         assert state.session == SessionOptions(4, True)
         assert not any(callable(v) for v in vars(state).values())
-        set_streaming_options(model, mini_batch_size=4, persistent_states=False)
-        assert state.session == SessionOptions(4, False)
+        set_streaming_options(model, RunOptions(mini_batch_size=4, reset_every=8))
+        assert state.session == SessionOptions(4, True, reset_every=8)
         with pytest.raises(ValueError, match="layer 1: .*legacy TTT layer"):
-            set_streaming_options(model, mini_batch_size=2)
+            set_streaming_options(model, RunOptions(mini_batch_size=2))
+        with pytest.raises(ValueError, match="layer 1: .*reset_every \\(6\\) must be a multiple of 4"):
+            set_streaming_options(model, RunOptions(reset_every=6))
         with pytest.raises(ValueError, match="legacy TTT layer"):
             configure(state, mini_batch_size=2)  # the rule is the state's, whoever configures it
-        assert state.session == SessionOptions(4, False)
+        assert state.session == SessionOptions(4, True, reset_every=8)

@@ -10,52 +10,47 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
 from moshi_ttt.app.models import ModelCache, StreamingSession
+from moshi_ttt.options import RunOptions
 from moshi_ttt.reports import results as report
 from moshi_ttt.scoring.peak_memory import PeakMemory
 from moshi_ttt.scoring.teacher_forcing import ScoreResult, iter_score, non_causal_mini_batch, score
+from moshi_ttt.ttt.apply import ttt_blocks
 from moshi_ttt.ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
 
 LIVE_MODES = {"live token by token": "stream", "chunked": "chunked", "whole sequence": "full"}
-# What persistent_states=False resets, per mode: the UI shows it next to the checkbox.
-PERSISTENCE_HELP = {
-    "stream": "Off: the fast weights go back to W_base at every token (each token is its own call), so each token "
-    "sees only its own inner-loop step. On: they carry through the whole clip.",
-    "chunked": "Off: the fast weights go back to W_base at the start of every chunk of {chunk} tokens "
-    "({seconds:.0f} s). On: they carry through the whole clip.",
-    "full": "No effect: the whole clip is one call, so the fast weights carry through it either way.",
-}
+LIVE_CHUNK_TOKENS = 25  # chunked mode: tokens per chunk, one update per chunk (25 tokens = 2 s of audio)
+# Stream mode: tokens between recorded updates (1.6 s of audio). Recording at every token doubles the scoring time on
+# the demo models; every 5-20 tokens costs the scoring nothing. But each update costs the browser ~0.2-0.4 s of
+# drawing (Gradio redraws and resizes the 4-row figure): on 2 cores shared with the browser, every 10 tokens made
+# the page fall behind and the run take 52 s instead of 26 s for demo_repeat.wav.
+STREAM_RECORD_EVERY = 20
+MIN_INTERVAL_S = 0.05  # at most ~20 updates a second reach the UI; the scoring never waits for them
+# What persistent_states=False does (options.py, docs/ARCHITECTURE.md "Persistence"): the UI shows it under the box.
+PERSISTENCE_HELP = (
+    "On: the fast weights carry through the whole clip. Off: they go back to W_base every attention window of the "
+    "TTT model ({tokens} tokens, {seconds:.1f} s), counted from the start of the clip, the same in every mode: TTT "
+    "then remembers nothing that attention could not see."
+)
 
 
-@dataclass(frozen=True)
-class LiveConfig:
-    """Options of one live comparison (the app's controls)."""
-
-    mode: str = "chunked"  # "chunked", "stream" or "full" (the whole sequence in one call)
-    mini_batch_size: int | None = None  # TTT inner mini-batch for this run; None: the checkpoint's
-    persistent_states: bool = True  # keep fast weights from chunk to chunk
-    update_every: int = 25  # chunked mode: tokens per chunk, one update per chunk (25 tokens = 2 s of audio)
-    # Stream mode: tokens between recorded updates (1.6 s of audio). Recording at every token doubles the scoring time
-    # on the demo models; every 5-20 tokens costs the scoring nothing. But each update costs the browser ~0.2-0.4 s
-    # of drawing (Gradio redraws and resizes the 4-row figure): on 2 cores shared with the browser, every 10 tokens
-    # made the page fall behind and the run take 52 s instead of 26 s for demo_repeat.wav.
-    stream_update_every: int = 20
-    min_interval_s: float = 0.05  # at most ~20 updates a second reach the UI; the scoring never waits for them
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("chunked", "stream", "full"):
-            raise ValueError(f"mode must be 'chunked', 'stream' or 'full', got {self.mode!r}")
-        if self.update_every < 1 or self.stream_update_every < 1:
-            raise ValueError(f"update_every must be >= 1, got {self.update_every} / {self.stream_update_every}")
-        if not self.min_interval_s >= 0:
-            raise ValueError(f"min_interval_s must be >= 0, got {self.min_interval_s}")
+def live_options(mode: str, mini_batch_size: int | None = None, persistent_states: bool | None = None) -> RunOptions:
+    """The app's RunOptions for a mode ("stream", "chunked", "full"): chunks of LIVE_CHUNK_TOKENS, a figure update
+    every STREAM_RECORD_EVERY tokens in stream mode; None takes the checkpoint's value."""
+    return RunOptions(
+        mode=mode,
+        chunk_size=LIVE_CHUNK_TOKENS if mode == "chunked" else None,
+        mini_batch_size=mini_batch_size,
+        persistent_states=persistent_states,
+        record_every=STREAM_RECORD_EVERY if mode == "stream" else LIVE_CHUNK_TOKENS,
+    )
 
 
 @dataclass
@@ -83,16 +78,19 @@ def compare_live(
     baseline_name: str,
     ttt_name: str,
     audio_codes: torch.Tensor,
-    cfg: LiveConfig,
+    options: RunOptions,
     audio_info: dict | None = None,
     readings: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    min_interval_s: float = MIN_INTERVAL_S,
 ) -> Iterator[LiveUpdate]:
-    """Scores `audio_codes` [1, 8, T] with both models, yielding a LiveUpdate per chunk (chunked), every
-    `cfg.stream_update_every` tokens (stream) or once (full), at most one per `cfg.min_interval_s`, then a last one
-    with the results document.
+    """Scores `audio_codes` [1, 8, T] with both models, yielding a LiveUpdate every `options.record_every` tokens
+    (at chunk boundaries; once in "full" mode), at most one per `min_interval_s`, then a last one with the results
+    document.
 
     Args:
+        options: the run's options (`live_options` for the app's); the chunk size is capped at each model's
+            context and rounded to whole mini-batches of older non-causal TTT layers.
         readings: `headline.Reading`s of a passage the clip repeats (results.json "readings").
         stop_requested: polled between steps; when it returns True, the last update holds the results of the
             tokens scored so far (`stopped=True`) and the run ends.
@@ -105,26 +103,18 @@ def compare_live(
     codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
     if len(codecs) > 1:
         raise ValueError(f"the baseline {baseline_name!r} and TTT {ttt_name!r} checkpoints use different codecs")
-    chunk = cfg.update_every if cfg.mode == "chunked" else 1
-    record_every = cfg.stream_update_every if cfg.mode == "stream" else cfg.update_every
-    sessions, sizes = {}, {}
+    sessions, run_options = {}, {}
     for run, ckpt in loaded.items():
-        context = ckpt.model.context
-        size = min(chunk, context) if context is not None else chunk
-        whole = non_causal_mini_batch(ckpt.model)
-        if whole is not None:  # legacy non-causal layers: whole mini-batches per chunk
-            size = max(whole, size - size % whole)
-        scores = iter_score(
-            ckpt.model,
-            audio_codes.to(ckpt.model.device),
-            cfg.mode,
-            size if cfg.mode == "chunked" else None,
-            mini_batch_size=cfg.mini_batch_size,
-            persistent_states=cfg.persistent_states,
-            record_every=record_every,
-        )
+        run_options[run] = options
+        if options.mode == "chunked" and options.chunk_size is not None:
+            context = ckpt.model.context
+            size = min(options.chunk_size, context) if context is not None else options.chunk_size
+            whole = non_causal_mini_batch(ckpt.model)
+            if whole is not None:  # legacy non-causal layers: whole mini-batches per chunk
+                size = max(whole, size - size % whole)
+            run_options[run] = options.replace(chunk_size=size)
+        scores = iter_score(ckpt.model, audio_codes.to(ckpt.model.device), options=run_options[run])
         sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
-        sizes[run] = size
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
     last_sent = -float("inf")
@@ -144,7 +134,7 @@ def compare_live(
                 if finished == len(sessions):
                     break
                 now = time.perf_counter()
-                if now - last_sent >= cfg.min_interval_s and not all(r.complete for r in latest.values()):
+                if now - last_sent >= min_interval_s and not all(r.complete for r in latest.values()):
                     last_sent = now
                     yield _update(latest, start)
         causal = {}  # older non-causal TTT checkpoints: the same weights scored causally (report.causal_comparison)
@@ -152,14 +142,13 @@ def compare_live(
             b = non_causal_mini_batch(ckpt.model)
             if b is not None and not stopped:
                 with cache.lock(ckpt.model), causal_reading(ckpt.model):
-                    chunk = sizes[run] if cfg.mode == "chunked" else None
-                    options = {"mini_batch_size": cfg.mini_batch_size, "persistent_states": cfg.persistent_states}
-                    result = score(ckpt.model, audio_codes.to(ckpt.model.device), cfg.mode, chunk, **options)
+                    result = score(ckpt.model, audio_codes.to(ckpt.model.device), options=run_options[run])
                 causal[run] = (result, b)
         context = {run: ckpt.model.context for run, ckpt in loaded.items()}
         notes = {run: list(ckpt.notes) for run, ckpt in loaded.items()}
-        yield _final(latest, names, notes, cfg, audio_info or {}, start, context, readings, memory.peak_mb, stopped,
-                     causal)  # fmt: skip
+        resets = _reset_periods(loaded, options)
+        yield _final(latest, names, notes, options, audio_info or {}, start, context, readings, memory.peak_mb,
+                     stopped, causal, resets)  # fmt: skip
     finally:
         for session in sessions.values():
             session.close()
@@ -185,8 +174,19 @@ def _scored_part(result: ScoreResult, done: int) -> ScoreResult:
                    total_tokens=done)  # fmt: skip
 
 
-def _final(latest, names, notes, cfg: LiveConfig, audio_info: dict, start: float, context: dict, readings, peak_mb,
-           stopped: bool, causal=None) -> LiveUpdate:  # fmt: skip
+def _reset_periods(loaded: dict, options: RunOptions) -> dict[str, int | None]:
+    """Tokens between resets of each run's fast weights (None: never; runs without TTT layers are left out)."""
+    periods = {}
+    for run, ckpt in loaded.items():
+        blocks = ttt_blocks(ckpt.model)
+        if blocks:
+            persistent = all(block.cfg.persistent_states for block in blocks.values())
+            periods[run] = options.resets(persistent, ckpt.model.context)
+    return periods
+
+
+def _final(latest, names, notes, options: RunOptions, audio_info: dict, start: float, context: dict, readings,
+           peak_mb, stopped: bool, causal=None, resets=None) -> LiveUpdate:  # fmt: skip
     update = _update(latest, start)
     done = update.tokens_done
     runs = {
@@ -197,9 +197,8 @@ def _final(latest, names, notes, cfg: LiveConfig, audio_info: dict, start: float
     for run, (result, b) in (causal or {}).items():
         runs[run]["causal_comparison"] = report.causal_comparison(runs[run], result, b)
     config = {
-        "mode": cfg.mode,
-        "mini_batch_size": cfg.mini_batch_size,
-        "persistent_states": cfg.persistent_states,
+        **asdict(options),
+        "reset_every_by_run": resets or {},
         "peak_memory": "both runs together (they run interleaved): GPU max_memory_allocated or CPU RSS growth",
         "notes": notes,
     }
@@ -258,12 +257,13 @@ def compare_file(
     audio_path: str,
     baseline_name: str,
     ttt_name: str,
-    cfg: LiveConfig,
+    options: RunOptions,
     max_seconds: float,
     *,
     allow_silence: bool = False,
     readings: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    min_interval_s: float = MIN_INTERVAL_S,
 ) -> Iterator[LiveUpdate]:
     """Reads and encodes an uploaded file with the baseline's codec, then `compare_live`.
 
@@ -272,7 +272,7 @@ def compare_file(
 
     Args:
         allow_silence: score a silent file instead of refusing it.
-        readings, stop_requested: see `compare_live`.
+        readings, stop_requested, min_interval_s: see `compare_live`.
     Raises:
         ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
     """
@@ -289,7 +289,8 @@ def compare_file(
             "tokens": int(codes.shape[-1]), "silent": audio.silent}  # fmt: skip
     if audio.trimmed_from_s is not None:
         info["trimmed_from_s"] = audio.trimmed_from_s
-    yield from compare_live(cache, baseline_name, ttt_name, codes, cfg, info, readings, stop_requested)
+    yield from compare_live(cache, baseline_name, ttt_name, codes, options, info, readings, stop_requested,
+                            min_interval_s)  # fmt: skip
 
 
 def threads_per_run(concurrency: int, cpus: int | None = None) -> int:

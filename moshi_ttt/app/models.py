@@ -118,6 +118,16 @@ class ModelCache:
     def lock(self, model: LMModel) -> threading.Lock:
         return self._locks[id(model)]
 
+    def context_tokens(self, name: str) -> int | None:
+        """The attention context of an allowed checkpoint's model, in tokens (loads it once)."""
+        return self.get(name).model.context
+
+    def mini_batch_size(self, name: str) -> int | None:
+        """The checkpoint's own TTT mini-batch size (its first TTT layer's), None without TTT layers (loads it once).
+        The app's slider starts there."""
+        blocks = ttt_blocks(self.get(name).model)
+        return next(iter(blocks.values())).cfg.mini_batch_size if blocks else None
+
 
 def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
     """Makes the non-TTT tensors of `ttt_model` the very tensors of `base_model` where they are equal.

@@ -26,9 +26,10 @@ reads chunks of 2 s, *whole sequence* reads the clip in one call (fastest; one u
 """
 
 
-def persistence_help(mode: str, chunk_tokens: int) -> str:
-    """What persistent_states=False resets in `mode` ("stream", "chunked" or "full")."""
-    return PERSISTENCE_HELP[mode].format(chunk=chunk_tokens, seconds=chunk_tokens / FRAME_RATE)
+def persistence_help(context_tokens: int) -> str:
+    """What persistent_states does, for a TTT model with an attention context of `context_tokens` (the same text in
+    every mode: the reset period does not depend on it)."""
+    return PERSISTENCE_HELP.format(tokens=context_tokens, seconds=context_tokens / FRAME_RATE)
 
 
 def status_text(update: LiveUpdate | None, phase: str = "") -> str:

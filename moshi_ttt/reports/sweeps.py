@@ -1,7 +1,7 @@
 """Sweeps the researchers asked for, each returned as a table (a list of row dicts, one per setting).
 
 - mini-batch size of the inner loop (1, 4, 8, 16, 32 by default), per run, without changing the model;
-- persistent_states on and off;
+- persistent_states on and off (off: reset every `reset_every` tokens, docs/ARCHITECTURE.md "Persistence");
 - context length: the mean loss over the first L tokens of one run (scoring is causal, so this equals scoring the
   L-token prefix, without running the model again).
 """
@@ -14,10 +14,12 @@ import torch
 from moshi.models.lm import LMModel
 
 from moshi_ttt.data.audio import FRAME_RATE
+from moshi_ttt.options import RunOptions
 from moshi_ttt.reports.results import least_squares_slope, summarize
 from moshi_ttt.scoring.teacher_forcing import ScoreResult, score
 
 DEFAULT_MINI_BATCH_SIZES = (1, 4, 8, 16, 32)
+DEFAULT_OPTIONS = RunOptions()
 
 
 def _row(result: ScoreResult, **setting) -> dict:
@@ -34,25 +36,29 @@ def _row(result: ScoreResult, **setting) -> dict:
 def sweep_mini_batch_size(
     model: LMModel,
     audio_codes: torch.Tensor,
+    options: RunOptions = DEFAULT_OPTIONS,
     sizes: tuple[int, ...] = DEFAULT_MINI_BATCH_SIZES,
-    mode: str = "chunked",
-    chunk_size: int | None = None,
 ) -> list[dict]:
-    """One row per inner-loop mini-batch size (batch row 0 of `audio_codes` [B, 8, T])."""
+    """One row per inner-loop mini-batch size (batch row 0 of `audio_codes` [B, 8, T]), the run's other options
+    unchanged."""
     return [
-        _row(score(model, audio_codes, mode, chunk_size, mini_batch_size=b, telemetry=False), mini_batch_size=b)
+        _row(score(model, audio_codes, options=options.replace(mini_batch_size=b, telemetry=False)), mini_batch_size=b)
         for b in sizes
     ]
 
 
 def sweep_persistent_states(
-    model: LMModel, audio_codes: torch.Tensor, mode: str = "chunked", chunk_size: int | None = None
+    model: LMModel, audio_codes: torch.Tensor, options: RunOptions = DEFAULT_OPTIONS
 ) -> list[dict]:
-    """Rows for persistent_states on (fast weights carried across chunks) and off (reset at every chunk)."""
-    return [
-        _row(score(model, audio_codes, mode, chunk_size, persistent_states=p, telemetry=False), persistent_states=p)
-        for p in (True, False)
-    ]
+    """Rows for persistent_states on (the fast weights carry through the file) and off (back to W_base every
+    `options.reset_every` tokens; None: every attention context), the run's other options unchanged."""
+    rows = []
+    for persistent in (True, False):
+        run = options.replace(persistent_states=persistent, reset_every=None if persistent else options.reset_every)
+        period = run.resets(persistent, model.context)
+        rows.append(_row(score(model, audio_codes, options=run.replace(telemetry=False)), persistent_states=persistent,
+                         reset_every=period))  # fmt: skip
+    return rows
 
 
 def sweep_context_length(result: ScoreResult, lengths: tuple[int, ...] | None = None, window: int = 250) -> list[dict]:

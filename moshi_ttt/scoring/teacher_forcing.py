@@ -21,7 +21,7 @@ import math
 import time
 import typing as tp
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,84 +29,17 @@ from moshi.models.lm import LMModel
 
 from moshi_ttt.compat.sequence import delayed_input, depformer_targets, model_codes
 from moshi_ttt.compat.streaming import exact_streaming
+from moshi_ttt.options import RunOptions, run_options
 from moshi_ttt.scoring.telemetry import Telemetry, record
 from moshi_ttt.ttt.apply import set_streaming_options, ttt_blocks
 
 logger = logging.getLogger(__name__)
 
-MODES = ("full", "chunked", "stream")
 DEFAULT_CHUNK_SIZE = 250  # tokens per chunk in "chunked" mode (20 s of audio), capped at the model's context
 # The depth transformer has no state across time steps (each step's 8 codebooks only), so "stream" and "chunked"
 # modes run it over up to this many buffered steps at once: the same numbers, without its per-call overhead at every
 # token or chunk.
 DEPTH_GROUP = 256
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """How to score; the TTT options apply to this run only."""
-
-    # "full" (one LMModel.forward), "chunked" (chunks of chunk_size tokens) or "stream" (one token at a time).
-    mode: str = "chunked"
-    # Tokens per chunk in "chunked" mode; None: min(250, model context), rounded down to whole TTT mini-batches.
-    # Must not exceed the model's context.
-    chunk_size: int | None = None
-    # Inner-loop mini-batch size for this run; None: each TTT layer's own (its TTTConfig).
-    mini_batch_size: int | None = None
-    # Keep fast weights from one chunk to the next; None: each TTT layer's own. False resets them every chunk.
-    persistent_states: bool | None = None
-    # Record drift and inner-loop losses of the TTT layers (ScoreResult.telemetry).
-    telemetry: bool = True
-    # iter_score yields a partial result every `record_every` tokens (at chunk boundaries) and one at the end.
-    record_every: int = 250
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.mode, str) or self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("chunk_size", "mini_batch_size", "record_every"):
-            value = getattr(self, name)
-            if value is None and name != "record_every":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.persistent_states is not None and not isinstance(self.persistent_states, bool):
-            raise ValueError(f"persistent_states must be true, false or None, got {self.persistent_states!r}")
-        if not isinstance(self.telemetry, bool):
-            raise ValueError(f"telemetry must be true or false, got {self.telemetry!r}")
-
-
-def score_config(
-    mode: str | ScoreConfig | None = None, config: ScoreConfig | None = None, **options: tp.Any
-) -> ScoreConfig:
-    """The one place that turns the arguments of `score` and `iter_score` into a ScoreConfig.
-
-    Either a ScoreConfig (as `mode`, the third positional argument, or as `config=`) or keyword shortcuts that
-    build one; a shortcut left at None takes ScoreConfig's default.
-
-    Raises:
-        ValueError: for both a ScoreConfig and shortcuts, an unknown option, or a bad value (ScoreConfig's checks).
-        TypeError: for a `config` that is not a ScoreConfig.
-    """
-    if isinstance(mode, ScoreConfig):
-        if config is not None:
-            raise ValueError("pass either a ScoreConfig or separate options, not both (two ScoreConfigs given)")
-        mode, config = None, mode
-    given = {name: value for name, value in {"mode": mode, **options}.items() if value is not None}
-    unknown = sorted(set(given) - set(SCORE_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown scoring options {unknown}; expected some of {list(SCORE_OPTIONS)}")
-    if config is None:
-        return ScoreConfig(**given)
-    if not isinstance(config, ScoreConfig):
-        raise TypeError(f"config must be a ScoreConfig, got {type(config).__name__}")
-    if given:
-        raise ValueError(f"pass either a ScoreConfig or separate options, not both (got config and {sorted(given)})")
-    return config
-
-
-SCORE_OPTIONS = tuple(f.name for f in fields(ScoreConfig))
 
 
 @dataclass(frozen=True)
@@ -146,35 +79,35 @@ def non_causal_mini_batch(model: LMModel) -> int | None:
     return sizes.pop() if sizes else None
 
 
-def _chunk_size(model: LMModel, cfg: ScoreConfig, steps: int) -> int:
+def _chunk_size(model: LMModel, options: RunOptions, steps: int) -> int:
     whole = non_causal_mini_batch(model)
-    if cfg.mode == "stream" and whole is not None and whole > 1:
+    if options.mode == "stream" and whole is not None and whole > 1:
         raise ValueError(
             "this checkpoint's TTT layers are non-causal (every token sees its whole mini-batch), which token-by-token "
             "reading cannot reproduce; score it in 'full' or 'chunked' mode"
         )
-    if cfg.mode == "stream":
+    if options.mode == "stream":
         return 1
-    if cfg.mode == "full":
+    if options.mode == "full":
         return max(steps, 1)
     context = model.context
-    if cfg.chunk_size is None:
+    if options.chunk_size is None:
         chunk = DEFAULT_CHUNK_SIZE if context is None else min(DEFAULT_CHUNK_SIZE, context)
         # Non-causal mini-batches must not be cut: whole mini-batches per chunk reproduce "full".
         if whole is not None:
             return max(whole, chunk - chunk % whole)
         # Causal TTT: any chunk gives the same numbers, whole mini-batches are faster (no partial inner-loop steps).
-        sizes = {cfg.mini_batch_size or block.cfg.mini_batch_size for block in ttt_blocks(model).values()}
+        sizes = {options.mini_batch_size or block.cfg.mini_batch_size for block in ttt_blocks(model).values()}
         step = math.lcm(*sizes) if sizes else 1
         return chunk - chunk % step if chunk >= step else chunk
-    if context is not None and cfg.chunk_size > context:
-        raise ValueError(f"chunk_size {cfg.chunk_size} exceeds the model's attention context of {context} tokens")
-    if whole is not None and cfg.chunk_size % whole:
+    if context is not None and options.chunk_size > context:
+        raise ValueError(f"chunk_size {options.chunk_size} exceeds the model's attention context ({context} tokens)")
+    if whole is not None and options.chunk_size % whole:
         raise ValueError(
-            f"chunk_size {cfg.chunk_size} cuts the non-causal TTT mini-batches of {whole} tokens; use a multiple of "
-            f"{whole} so that chunked scoring reproduces 'full'"
+            f"chunk_size {options.chunk_size} cuts the non-causal TTT mini-batches of {whole} tokens; use a multiple "
+            f"of {whole} so that chunked scoring reproduces 'full'"
         )
-    return cfg.chunk_size
+    return options.chunk_size
 
 
 def _check_model(model: LMModel) -> None:
@@ -209,24 +142,20 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def iter_score(
     model: LMModel,
     audio_codes: torch.Tensor,
-    mode: str | ScoreConfig | None = None,
+    mode: str | None = None,
     chunk_size: int | None = None,
     *,
-    mini_batch_size: int | None = None,
-    persistent_states: bool | None = None,
-    telemetry: bool | None = None,
-    record_every: int | None = None,
-    config: ScoreConfig | None = None,
+    options: RunOptions | None = None,
+    **shortcuts: tp.Any,
 ) -> tp.Iterator[ScoreResult]:
     """Scores `audio_codes` step by step, yielding partial results for live plots.
 
     Args:
         model: a moshi LMModel in eval mode (with or without TTT layers), not streaming.
         audio_codes: [B, K, T] long Moshi-stream audio codes (K = model.dep_q = 8), on the model's device.
-        mode: a ScoreConfig, or its `mode` ("chunked" when None).
-        chunk_size, mini_batch_size, persistent_states, telemetry, record_every: shortcuts for the ScoreConfig
-            fields (None: ScoreConfig's default); see `score_config`.
-        config: a ScoreConfig (instead of the shortcuts).
+        mode, chunk_size, **shortcuts: RunOptions fields by name (mini_batch_size, persistent_states, reset_every,
+            telemetry, record_every; None: the default), or
+        options: a RunOptions (moshi_ttt/options.py) instead.
     Yields:
         ScoreResult with the first `tokens_done` steps every `record_every` tokens (at chunk boundaries; the loss
         and mask tensors are views that later steps do not change) and a last one with all T steps: the same
@@ -234,21 +163,20 @@ def iter_score(
     Raises:
         ValueError: for a bad mode, chunk size, option, codes or a model that cannot be scored.
     """
-    cfg = score_config(
-        mode, config, chunk_size=chunk_size, mini_batch_size=mini_batch_size, persistent_states=persistent_states,
-        telemetry=telemetry, record_every=record_every,
-    )  # fmt: skip
-    return _iter_score(model, audio_codes, cfg, partial=True)
+    options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
+    return _iter_score(model, audio_codes, options, partial=True)
 
 
-def _iter_score(model: LMModel, audio_codes: torch.Tensor, cfg: ScoreConfig, partial: bool) -> tp.Iterator[ScoreResult]:
-    """iter_score with a resolved config; `partial=False` yields only the final result (`score`)."""
+def _iter_score(
+    model: LMModel, audio_codes: torch.Tensor, options: RunOptions, partial: bool
+) -> tp.Iterator[ScoreResult]:
+    """iter_score with the run's options; `partial=False` yields only the final result (`score`)."""
     _check_model(model)
     codes = model_codes(model, audio_codes)  # [B, 1 + n_q, T]
     B, _, T = codes.shape
     if T == 0:
         raise ValueError("there are no audio codes to score (T = 0)")
-    chunk = _chunk_size(model, cfg, T)
+    chunk = _chunk_size(model, options, T)
     audio = slice(model.audio_offset, model.audio_offset + model.dep_q)
     delays = model.delays[audio]
     max_delay = max(delays)
@@ -257,13 +185,13 @@ def _iter_score(model: LMModel, audio_codes: torch.Tensor, cfg: ScoreConfig, par
     steps = torch.arange(T, device=codes.device)
     mask = valid & torch.stack([steps < T - d for d in delays])[None]  # moshi's _undelay_sequence mask
     start_time = time.perf_counter()
-    use_telemetry = cfg.telemetry and bool(ttt_blocks(model))
+    use_telemetry = options.telemetry and bool(ttt_blocks(model))
 
     with ExitStack() as stack:
         stack.enter_context(exact_streaming(model.transformer, B, chunk))
-        set_streaming_options(model, mini_batch_size=cfg.mini_batch_size, persistent_states=cfg.persistent_states)
+        set_streaming_options(model, options)
         recorder = stack.enter_context(record(model)) if use_telemetry else None
-        if cfg.mode == "full":
+        if options.mode == "full":
             with torch.no_grad():
                 out = model(codes)  # LMOutput, logits [B, K, T, V] already undelayed
                 loss.copy_(torch.where(mask, _cross_entropy(out.logits, codes[:, audio]), loss))
@@ -271,7 +199,7 @@ def _iter_score(model: LMModel, audio_codes: torch.Tensor, cfg: ScoreConfig, par
         else:
             inputs = delayed_input(model, codes)  # [B, 1 + n_q, T]: step s predicts delayed step s
             targets = depformer_targets(model, codes)  # [B, 1 + n_q, T]
-            next_record = cfg.record_every
+            next_record = options.record_every
             group = max(chunk, DEPTH_GROUP)  # delayed steps per depth-transformer call
             pending, scored = [], 0  # temporal outputs of delayed steps [scored, stop) not yet through the depformer
             for start in range(0, T, chunk):
@@ -285,7 +213,7 @@ def _iter_score(model: LMModel, audio_codes: torch.Tensor, cfg: ScoreConfig, par
                 pending, scored = [], stop
                 done = T if stop == T else max(0, stop - max_delay)  # steps whose every codebook is scored
                 if partial and next_record <= done < T:
-                    next_record = (done // cfg.record_every + 1) * cfg.record_every
+                    next_record = (done // options.record_every + 1) * options.record_every
                     yield _result(loss, mask, recorder, done, T, start_time)
         loss.masked_fill_(~mask, float("nan"))
         final = _result(loss, mask, recorder, T, T, start_time)
@@ -323,34 +251,28 @@ def _result(loss, mask, recorder, done: int, total: int, start_time: float) -> S
 def score(
     model: LMModel,
     audio_codes: torch.Tensor,
-    mode: str | ScoreConfig | None = None,
+    mode: str | None = None,
     chunk_size: int | None = None,
     *,
-    mini_batch_size: int | None = None,
-    persistent_states: bool | None = None,
-    telemetry: bool | None = None,
-    config: ScoreConfig | None = None,
+    options: RunOptions | None = None,
+    **shortcuts: tp.Any,
 ) -> ScoreResult:
-    """Per-token teacher-forced cross-entropy of audio codes (DESIGN.md contract), from fresh TTT state.
+    """Per-token teacher-forced cross-entropy of audio codes (docs/ARCHITECTURE.md contract), from fresh TTT state.
 
-    `score(model, codes, ScoreConfig(...))`, `score(model, codes, config=...)` and the keyword shortcuts
-    `score(model, codes, mode="chunked", chunk_size=..., ...)` are the same call (`score_config`).
+    `score(model, codes, mode="chunked", chunk_size=..., mini_batch_size=..., persistent_states=...)` and
+    `score(model, codes, options=RunOptions(...))` are the same call.
 
     Args:
         model: a moshi LMModel in eval mode (with or without TTT layers), not streaming.
         audio_codes: [B, K, T] long Moshi-stream audio codes (K = model.dep_q = 8), on the model's device.
-        mode: a ScoreConfig, or "full", "chunked" or "stream" (same numbers, different speed and memory; None:
-            "chunked").
+        mode: "full", "chunked" or "stream" (same numbers, different speed and memory; None: "chunked").
         chunk_size: tokens per chunk in "chunked" mode (None: min(250, context), in whole TTT mini-batches).
-        mini_batch_size, persistent_states: TTT options for this run only (None: the layers' own).
-        telemetry: record drift and inner-loop losses of the TTT layers (None: yes).
-        config: a ScoreConfig instead of the shortcuts.
+        **shortcuts: the other RunOptions fields by name: mini_batch_size and persistent_states (None: the layers'
+            own), reset_every (tokens between resets with persistence off; None: the attention context), telemetry.
+        options: a RunOptions instead of the keywords.
     Returns:
         ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T] and telemetry.
     """
-    cfg = score_config(
-        mode, config, chunk_size=chunk_size, mini_batch_size=mini_batch_size, persistent_states=persistent_states,
-        telemetry=telemetry,
-    )  # fmt: skip
-    *_, result = _iter_score(model, audio_codes, cfg, partial=False)
+    options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
+    *_, result = _iter_score(model, audio_codes, options, partial=False)
     return result

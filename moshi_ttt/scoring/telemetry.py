@@ -125,8 +125,8 @@ class _LayerRecorder:
         positions = state.position.unique()
         if positions.numel() != 1:
             raise ValueError("telemetry needs every batch row at the same inner-loop position")
-        position = 0 if not state.persistent else int(positions[0])
-        if not state.persistent:  # the block resets to W_base at the start of this call
+        position = int(positions[0])
+        if bool((state.offset == 0).all()):  # a fresh inner loop: session start, per-call or periodic reset
             self.keys, self.targets, self.buffered, self.buffer_start = None, None, 0, self.steps_read
         if self.buffered != position:
             raise ValueError(f"telemetry lost track of the inner loop: {self.buffered} tokens buffered at {position}")

@@ -11,6 +11,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 
 from moshi_ttt.compat.moshi import LayerWithBranch, forget_streaming_children, streaming_state
 from moshi_ttt.config import TTTConfig, parse_layers
+from moshi_ttt.options import RunOptions
 from moshi_ttt.ttt.layer import TTTBlock, TTTState
 from moshi_ttt.ttt.legacy import LegacyTTTBlock, set_legacy_contexts
 from moshi_ttt.ttt.session import configure
@@ -95,21 +96,26 @@ def ttt_states(model: LMModel) -> dict[int, TTTState]:
     return states
 
 
-def set_streaming_options(
-    model: LMModel, *, mini_batch_size: int | None = None, persistent_states: bool | None = None
-) -> None:
-    """Per-session TTT options, set right after entering streaming(); the model itself is not changed.
+def set_streaming_options(model: LMModel, options: RunOptions) -> None:
+    """Puts one run's TTT options into the model's streaming session, right after entering streaming(); the model
+    itself is not changed.
 
-    Several users can share one model: each streaming session holds its own mini-batch size and persistence
-    (`state.session` of each TTT block, ttt/session.py).
+    Several users can share one model: each streaming session holds its own mini-batch size and resets
+    (`state.session` of each TTT block, ttt/session.py). Persistence is the run's (RunOptions.resets): the layers'
+    per-call reset of raw streaming is off, the reset period, if any, on.
+
+    Raises:
+        ValueError: naming the layer, for options its state refuses (ttt/session.configure).
     """
+    if not isinstance(options, RunOptions):
+        raise TypeError(f"options must be a moshi_ttt.RunOptions, got {type(options).__name__}")
     for layer, state in ttt_states(model).items():
-        changes: dict[str, tp.Any] = {}
-        if mini_batch_size is not None:
-            changes["mini_batch_size"] = mini_batch_size
-        if persistent_states is not None:
-            changes["persistent"] = persistent_states
+        block = ttt_blocks(model)[layer]
+        changes: dict[str, tp.Any] = {"persistent": True}
+        if options.mini_batch_size is not None:
+            changes["mini_batch_size"] = options.mini_batch_size
         try:
+            changes["reset_every"] = options.resets(block.cfg.persistent_states, model.context)
             configure(state, **changes)
         except ValueError as err:
             raise ValueError(f"layer {layer}: {err}") from None

@@ -19,7 +19,7 @@ from torch import nn
 from moshi_ttt.compat.moshi import streaming_state
 from moshi_ttt.config import TTTConfig
 from moshi_ttt.ttt.inner_math import float32_inner, weight_drift
-from moshi_ttt.ttt.session import SessionOptions, SessionOptionsView
+from moshi_ttt.ttt.session import SessionOptions, SessionOptionsView, periodic_reset, reset_segments
 from moshi_ttt.ttt.state import FastWeightState
 from moshi_ttt.ttt.step import ttt_mlp_step
 from moshi_ttt.ttt.weights import INNER_WEIGHTS, AnyWeights
@@ -269,12 +269,19 @@ class TTTBlock(StreamingModule[TTTState]):
                 # Only the rows that run start again from W_base: rows frozen by moshi's exec_mask keep their state
                 # (State.reset marks the rows it resets as executing, so resetting every row would unfreeze them).
                 state.reset(state.exec_mask.clone())
-            xq, xk, xv, lr, history = self._project(self.norm(x), state.fast.history)
-            if state.session.observer is not None:
-                state.session.observer.inputs(xk, xv)
-            out = self._forward_streaming(state, xq, xk, xv, lr, history)
+            # A reset period (session.reset_every) cuts the call where rows reach it: same numbers as any other cut.
+            parts = x.split(reset_segments(state, x.shape[1]), dim=1)
+            out = torch.cat([self._read_part(state, part) for part in parts], dim=2)  # [B, H, T, D]
         y = self.wo(rearrange(out, "b h t d -> b t (h d)").to(x.dtype))  # [B, T, dim]
         return x + torch.tanh(self.gating_alpha).to(y.dtype) * y
+
+    def _read_part(self, state: TTTState, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, dim] of one part of a streaming call -> inner-loop outputs [B, H, T, D]."""
+        periodic_reset(state)
+        xq, xk, xv, lr, history = self._project(self.norm(x), state.fast.history)
+        if state.session.observer is not None:
+            state.session.observer.inputs(xk, xv)
+        return self._forward_streaming(state, xq, xk, xv, lr, history)
 
     def _ops_kwargs(self, mini_batch_size: int) -> dict[str, tp.Any]:
         return {

@@ -61,7 +61,7 @@ from moshi_ttt.compat.moshi import set_attention_context, streaming_state
 from moshi_ttt.config import TTTConfig
 from moshi_ttt.ttt.inner_math import gelu_tanh, reconstruction_target
 from moshi_ttt.ttt.layer import apply_keeping_float32, keep_float32
-from moshi_ttt.ttt.session import SessionOptions, SessionOptionsView
+from moshi_ttt.ttt.session import SessionOptions, SessionOptionsView, periodic_reset, reset_segments
 
 logger = logging.getLogger(__name__)
 
@@ -370,10 +370,19 @@ class LegacyTTTBlock(StreamingModule[LegacyTTTState]):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] residual stream after self-attention; returns the same shape and dtype."""
-        B, T, _ = x.shape
         state = streaming_state(self)
         if state is not None and not state.persistent:
             state.reset(state.exec_mask.clone())  # rows frozen by exec_mask keep their state
+        if state is None:
+            return self._read_part(None, x)
+        # A reset period (session.reset_every, a multiple of b) cuts the call at whole mini-batches where rows reach it.
+        return torch.cat([self._read_part(state, p) for p in x.split(reset_segments(state, x.shape[1]), dim=1)], 1)
+
+    def _read_part(self, state: LegacyTTTState | None, x: torch.Tensor) -> torch.Tensor:
+        """One part of a call: x [B, T, dim] -> x + gate * TTT(x)."""
+        B, T, _ = x.shape
+        if state is not None:
+            periodic_reset(state)
         b = self.cfg.mini_batch_size if state is None else state.mini_batch_size
         dtype = torch.promote_types(x.dtype, torch.float32)
         # The fork's zero padding (hybrid_layer.py _apply_ttt_processing_impl): b - 1 zero hidden states after the

@@ -1,0 +1,111 @@
+"""The options of one scoring run: built once at the edge (the app's controls, the CLI's flags, a library call),
+validated once here, and passed down unchanged to the TTT layers' streaming sessions.
+
+    slider -> app.inputs (raw JSON) -> RunOptions -> app.engine / evaluate -> scoring.iter_score
+           -> ttt.apply.set_streaming_options -> each block's SessionOptions -> ttt.step -> ttt.ops
+
+Persistence has one definition everywhere (docs/ARCHITECTURE.md, "Persistence"): with `persistent_states` on, the
+fast weights carry through the whole file; off, they go back to W_base every `reset_every` tokens counted from the
+start of the file (default: the model's attention context, so TTT then remembers nothing that attention could not
+see). The resets sit at the same absolute positions whatever the mode or chunk size, so "full", "chunked" and
+"stream" still give the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+from dataclasses import dataclass
+
+MODES = ("full", "chunked", "stream")
+
+
+def _whole(name: str, value: object, minimum: int = 1) -> None:
+    # bool is an int in Python, and JSON true is not a number anyone meant.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to score one run; None takes the checkpoint's own value (its TTTConfig) or the documented default."""
+
+    # "full" (one LMModel.forward), "chunked" (chunks of chunk_size tokens) or "stream" (one token at a time): the
+    # same numbers, different speed and memory.
+    mode: str = "chunked"
+    # Tokens per forward call in "chunked" mode; None: min(250, model context), in whole TTT mini-batches. Must not
+    # exceed the model's attention context.
+    chunk_size: int | None = None
+    # TTT inner-loop mini-batch size b for this run; None: each TTT layer's own (TTTConfig.mini_batch_size).
+    mini_batch_size: int | None = None
+    # Carry the fast weights through the whole file (True) or reset them every `reset_every` tokens (False);
+    # None: the checkpoint's TTTConfig.persistent_states.
+    persistent_states: bool | None = None
+    # Tokens between two resets of the fast weights to W_base when persistent_states is False, counted from the
+    # start of the file; None: the model's attention context. Giving it turns persistence off.
+    reset_every: int | None = None
+    # Record drift and inner-loop losses of the TTT layers (ScoreResult.telemetry).
+    telemetry: bool = True
+    # iter_score yields a partial result every `record_every` tokens (at chunk boundaries) and one at the end.
+    record_every: int = 250
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("chunk_size", "mini_batch_size", "reset_every"):
+            if getattr(self, name) is not None:
+                _whole(name, getattr(self, name))
+        _whole("record_every", self.record_every)
+        if self.persistent_states is not None and not isinstance(self.persistent_states, bool):
+            raise ValueError(f"persistent_states must be true, false or None, got {self.persistent_states!r}")
+        if self.reset_every is not None and self.persistent_states is True:
+            raise ValueError("reset_every resets the fast weights, so persistent_states cannot be true with it")
+        if not isinstance(self.telemetry, bool):
+            raise ValueError(f"telemetry must be true or false, got {self.telemetry!r}")
+
+    def replace(self, **changes: tp.Any) -> RunOptions:
+        """A copy with `changes` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def resets(self, layer_persistent: bool, context: int | None) -> int | None:
+        """Tokens between resets for a layer whose checkpoint says `layer_persistent`, in a model with attention
+        `context`; None: never reset.
+
+        Raises:
+            ValueError: persistence off in a model without an attention context and no `reset_every`.
+        """
+        persistent = self.persistent_states
+        if persistent is None:
+            persistent = layer_persistent and self.reset_every is None
+        if persistent:
+            return None
+        if self.reset_every is not None:
+            return self.reset_every
+        if context is None:
+            raise ValueError("the model has no attention context: give reset_every (tokens) to turn persistence off")
+        return context
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
+def run_options(options: RunOptions | None = None, **shortcuts: tp.Any) -> RunOptions:
+    """`options` as given, or a RunOptions built from keyword shortcuts (None: the default); never both.
+
+    Raises:
+        ValueError: both, an unknown option, or a bad value.
+        TypeError: `options` that is not a RunOptions.
+    """
+    given = {name: value for name, value in shortcuts.items() if value is not None}
+    unknown = sorted(set(given) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown run options {unknown}; expected some of {list(OPTION_NAMES)}")
+    if options is None:
+        return RunOptions(**given)
+    if not isinstance(options, RunOptions):
+        raise TypeError(f"options must be a RunOptions, got {type(options).__name__}")
+    if given:
+        raise ValueError(f"pass either a RunOptions or separate options, not both (got options and {sorted(given)})")
+    return options
