@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import torch
 
 from moshi_ttt.app.models import ModelCache, StreamingSession
@@ -33,12 +32,6 @@ LIVE_CHUNK_TOKENS = 25  # chunked mode: tokens per chunk, one update per chunk (
 # the page fall behind and the run take 52 s instead of 26 s for demo_repeat.wav.
 STREAM_RECORD_EVERY = 20
 MIN_INTERVAL_S = 0.05  # at most ~20 updates a second reach the UI; the scoring never waits for them
-# What persistent_states=False does (options.py, docs/ARCHITECTURE.md "Persistence"): the UI shows it under the box.
-PERSISTENCE_HELP = (
-    "On: the fast weights carry through the whole clip. Off: they go back to W_base every attention window of the "
-    "TTT model ({tokens} tokens, {seconds:.1f} s), counted from the start of the clip, the same in every mode: TTT "
-    "then remembers nothing that attention could not see."
-)
 
 
 def live_options(mode: str, mini_batch_size: int | None = None, persistent_states: bool | None = None) -> RunOptions:
@@ -205,42 +198,9 @@ def _final(latest, names, notes, options: RunOptions, audio_info: dict, start: f
     if stopped:
         audio_info = {**audio_info, "partial": {"tokens_scored": done, "total_tokens": update.total_tokens}}
     update.document = report.results_document(audio_info, config, runs)
-    update.summary = summary_table(update.document)
+    update.summary = report.summary_rows(update.document)
     update.stopped = stopped
     return update
-
-
-def summary_table(document: dict) -> list[dict]:
-    """Rows for the app's table: mean loss (whole clip, past the context), improvement of TTT over the baseline on
-    both, slope, tokens/s, peak memory."""
-    from moshi_ttt.reports.headline import improvement_pct
-
-    runs = document["runs"]
-    base = runs.get("baseline", {})
-    rows = []
-    for run, rec in runs.items():
-        gain = gain_past = None
-        if run != "baseline" and base:
-            gain = improvement_pct(base.get("mean_loss"), rec["mean_loss"])
-            gain_past = improvement_pct(base.get("mean_loss_past_context"), rec.get("mean_loss_past_context"))
-        rows.append(
-            {
-                "run": run,
-                "checkpoint": rec["checkpoint"],
-                "mean loss": _round(rec["mean_loss"], 4),
-                "improvement %": _round(gain, 2),
-                "mean loss past context": _round(rec.get("mean_loss_past_context"), 4),
-                "improvement % past context": _round(gain_past, 2),
-                "slope / 1k tokens": _round(rec["slope_per_1k_tokens"], 4),
-                "tokens/s": _round(rec["tokens_per_s"], 1),
-                "peak MB": _round(rec.get("peak_memory_mb"), 1),
-            }
-        )
-    return rows
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None or not np.isfinite(value) else round(float(value), digits)
 
 
 def check_compatible(baseline_config: dict, ttt_config: dict) -> None:

@@ -3,7 +3,9 @@ server; app.py only places these strings and rows into components."""
 
 from __future__ import annotations
 
-from moshi_ttt.app.engine import PERSISTENCE_HELP, LiveUpdate
+import math
+
+from moshi_ttt.app.engine import LiveUpdate
 from moshi_ttt.data.audio import FRAME_RATE
 from moshi_ttt.reports import headline
 
@@ -24,6 +26,13 @@ the loss over the clip, per 1,000 tokens (80 s): negative means the model predic
 **Modes** give the same numbers: *live token by token* reads one token per call as in real-time use, *chunked* \
 reads chunks of 2 s, *whole sequence* reads the clip in one call (fastest; one update at the end).
 """
+
+# What persistent_states=False does (options.py, docs/ARCHITECTURE.md "Persistence"): the UI shows it under the box.
+PERSISTENCE_HELP = (
+    "On: the fast weights carry through the whole clip. Off: they go back to W_base every attention window of the "
+    "TTT model ({tokens} tokens, {seconds:.1f} s), counted from the start of the clip, the same in every mode: TTT "
+    "then remembers nothing that attention could not see."
+)
 
 
 def persistence_help(context_tokens: int) -> str:
@@ -55,9 +64,19 @@ def headline_for(update: LiveUpdate) -> str:
 
 
 def table_rows(rows: list[dict], columns: list[str], partial: bool) -> list[list]:
-    """Rows of dicts as table rows in `columns` order; the run name says "(partial)" after a stop."""
-    out = [[row.get(c) for c in columns] for row in rows]
+    """Rows of dicts as table rows in `columns` order, numbers rounded for the eye (percentages to 2 decimals, the
+    rest to 4, non-finite as empty); the run name says "(partial)" after a stop."""
+    out = [[_rounded(column, row.get(column)) for column in columns] for row in rows]
     if partial:
         for row in out:
             row[0] = f"{row[0]} (partial)"
     return out
+
+
+def _rounded(column: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if not math.isfinite(value):
+        return None
+    digits = 2 if "%" in column else 1 if column in ("tokens/s", "peak MB") else 4
+    return round(float(value), digits)

@@ -365,17 +365,30 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def summary_rows(document: dict) -> list[dict]:
-    """One row per run of a results document: the table at the top of report.html."""
+def summary_rows(document: dict, baseline_run: str = "baseline") -> list[dict]:
+    """One row per run of a results document: the summary table of report.html and of the app (which shows some
+    of its columns, rounded). Improvements are TTT's over `baseline_run` in percent (positive: lower loss), None
+    for the baseline itself or without one."""
+    from moshi_ttt.reports.headline import improvement_pct
+
+    runs = document["runs"]
+    base = runs.get(baseline_run)
     rows = []
-    for name, run in document["runs"].items():
+    for name, run in runs.items():
+        compared = base is not None and name != baseline_run
         rows.append(
             {
                 "run": name,
                 "checkpoint": run.get("checkpoint"),
                 "tokens": run.get("tokens"),
                 "mean loss": run.get("mean_loss"),
+                "improvement %": improvement_pct(base.get("mean_loss"), run.get("mean_loss")) if compared else None,
                 "mean loss past context": run.get("mean_loss_past_context"),
+                "improvement % past context": (
+                    improvement_pct(base.get("mean_loss_past_context"), run.get("mean_loss_past_context"))
+                    if compared
+                    else None
+                ),
                 "perplexity": run.get("perplexity"),
                 "slope / 1k tokens": run.get("slope_per_1k_tokens"),
                 "tokens/s": run.get("tokens_per_s"),
