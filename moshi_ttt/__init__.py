@@ -1,6 +1,6 @@
 """moshi-ttt: Test-Time Training layers inside Kyutai's Moshi, with exact streaming, chunked and full scoring."""
 
-__version__ = "0.1.0"  # as in pyproject.toml
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (tool.setuptools.dynamic)
 
 from moshi_ttt.compat.streaming import exact_streaming, widen_kv_caches
 from moshi_ttt.config import LegacyConfig, TTTConfig

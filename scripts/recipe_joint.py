@@ -38,7 +38,7 @@ from moshi_ttt.compat.sequence import delayed_input, model_codes  # noqa: E402
 from moshi_ttt.data.checkpoints import save  # noqa: E402
 from moshi_ttt.train import audio_loss  # noqa: E402
 from moshi_ttt.training.data import training_codes  # noqa: E402
-from moshi_ttt.ttt.ops import InnerState, head_layer_norm, ttt_mlp_chunk  # noqa: E402
+from moshi_ttt.ttt.ops import head_layer_norm, ttt_mlp  # noqa: E402
 
 
 def read(work: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -82,8 +82,8 @@ def memory_accuracy(model, clips: dict[str, torch.Tensor], index: dict, layer: i
                 x = captured["x"]
                 xq, xk, xv, lr, _ = block._project(block.norm(x), None)
                 ln = (block.ttt_norm_weight, block.ttt_norm_bias)
-                start = InnerState(block.base_weights(1), None, 0)
-                out, _ = ttt_mlp_chunk(start, xq, xk, xv, lr, *ln, block.cfg.mini_batch_size, block.learnable_token_idx)
+                w_base = block.base_weights(1)
+                out, _ = ttt_mlp(w_base, xq, xk, xv, lr, *ln, block.cfg.mini_batch_size, block.learnable_token_idx)
                 answers = (out - xq)[0].transpose(0, 1).flatten(1)  # [T, dim]
                 targets = head_layer_norm(xv - xk, *ln)[0]
                 targets = targets.transpose(0, 1).flatten(1)

@@ -5,13 +5,14 @@ import torch
 
 from moshi_ttt.ttt.ops import (
     FastWeights,
-    InnerState,
     gelu_tanh,
     head_layer_norm,
     ttt_mlp,
     ttt_mlp_chunk,
     ttt_mlp_token,
 )
+from moshi_ttt.ttt.params import InnerInputs, InnerParams
+from moshi_ttt.ttt.state import FastWeightState
 
 
 def random_problem(B=2, H=2, T=11, D=4, b=4, dtype=torch.float64, seed=0, learnable=True):
@@ -108,13 +109,11 @@ def test_no_token_idx_means_zero_offsets():
 def test_chunked_calls_equal_one_call(chunks, b):
     weights, xq, xk, xv, lr, ln_w, ln_b, token_idx = random_problem(T=13, b=b, seed=7)
     full_out, full_w = ttt_mlp(weights, xq, xk, xv, lr, ln_w, ln_b, b, token_idx)
-    state = InnerState(weights, None, 0)
+    state, params = FastWeightState.fresh(weights), InnerParams(ln_w, ln_b, b, token_idx)
     outs, start = [], 0
     for n in chunks:
         sl = slice(start, start + n)
-        out, state = ttt_mlp_chunk(
-            state, xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl], ln_w, ln_b, b, token_idx
-        )
+        out, state = ttt_mlp_chunk(state, InnerInputs(xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl]), params)
         outs.append(out)
         start += n
     torch.testing.assert_close(torch.cat(outs, 2), full_out, rtol=1e-10, atol=1e-10)
@@ -127,8 +126,7 @@ def test_primal_token_steps_equal_dual_form_with_rows_at_different_positions(b):
     weights, xq, xk, xv, lr, ln_w, ln_b, token_idx = random_problem(T=10, b=b, seed=11)
     full_out, full_w = ttt_mlp(weights, xq, xk, xv, lr, ln_w, ln_b, b, token_idx)
     # Row 1 starts two tokens later than row 0: the rows sit at different positions of their mini-batches.
-    w, sums = weights, weights.zeros_like()
-    pos = torch.zeros(2, dtype=torch.long)
+    state, params = FastWeightState.fresh(weights), InnerParams(ln_w, ln_b, b, token_idx)
     outs = {0: [], 1: []}
     for step in range(12):
         t = torch.tensor([step, step - 2])
@@ -136,15 +134,14 @@ def test_primal_token_steps_equal_dual_form_with_rows_at_different_positions(b):
         tt = t.clamp(0, 9)
         take = [xx[torch.arange(2), :, tt][:, :, None] for xx in (xq, xk, xv)]
         lr_t = lr[torch.arange(2), :, tt][:, :, None]
-        out, w_new, s_new, p_new = ttt_mlp_token(w, sums, pos, *take, lr_t, ln_w, ln_b, b, token_idx)
-        w, sums = w_new.where(active, w), s_new.where(active, sums)
-        pos = torch.where(active, p_new, pos)
+        out, new = ttt_mlp_token(state, InnerInputs(*take, lr_t), params)
+        state = new.where(active, state)
         for r in range(2):
             if active[r]:
                 outs[r].append(out[r])
     for r in range(2):
         torch.testing.assert_close(torch.cat(outs[r], 1), full_out[r], rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(w.W2[r], full_w.W2[r], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(state.weights.W2[r], full_w.W2[r], rtol=1e-10, atol=1e-10)
 
 
 def test_float32_inside_for_low_precision_inputs():

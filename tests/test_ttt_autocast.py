@@ -8,6 +8,8 @@ from tiny_models import random_audio_codes, tiny_lm
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks
 from moshi_ttt.compat.sequence import model_codes
 from moshi_ttt.ttt.ops import FastWeights, ttt_mlp, ttt_mlp_token
+from moshi_ttt.ttt.params import InnerInputs, InnerParams
+from moshi_ttt.ttt.state import FastWeightState
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
 
@@ -39,11 +41,14 @@ def test_ttt_mlp_inside_autocast_is_the_float32_computation_exactly():
 
 def test_primal_token_step_inside_autocast_is_the_float32_computation_exactly():
     weights, xq, xk, xv, lr, ln_w, ln_b = inputs(T=1)
-    args = (weights, weights.zeros_like(), torch.tensor([0, 2]), xq, xk, xv, lr, ln_w, ln_b, 4)
-    ref = ttt_mlp_token(*args)
+    state = FastWeightState.fresh(weights)._replace(position=torch.tensor([0, 2]))
+    args = (state, InnerInputs(xq, xk, xv, lr), InnerParams(ln_w, ln_b, 4))
+    ref_out, ref = ttt_mlp_token(*args)
     with torch.autocast(**BF16):
-        got = ttt_mlp_token(*args)
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        got_out, got = ttt_mlp_token(*args)
+    got_all, ref_all = ((o, *s.weights, *s.grad_sums, s.position) for o, s in ((got_out, got), (ref_out, ref)))
+    torch.testing.assert_close(got_all, ref_all, rtol=0, atol=0)
+    assert got.weights.W1.dtype == torch.float32
 
 
 def ttt_model(share_qk: bool):

@@ -18,7 +18,8 @@ from moshi_ttt import (
     ttt_states,
 )
 from moshi_ttt.compat.sequence import delayed_input, model_codes
-from moshi_ttt.ttt.ops import InnerState, LinearWeights, head_layer_norm, ttt_linear, ttt_mlp_chunk, ttt_mlp_token
+from moshi_ttt.ttt.ops import LinearWeights, head_layer_norm, ttt_linear, ttt_mlp_chunk, ttt_mlp_token
+from moshi_ttt.ttt.params import InnerInputs, InnerParams
 from moshi_ttt.ttt.state import FastWeightState
 
 
@@ -75,19 +76,21 @@ def test_ttt_linear_matches_slow_reference(b, T):
 def test_chunked_calls_and_primal_steps_equal_one_call(chunks):
     weights, xq, xk, xv, lr, ln_w, ln_b, token_idx = problem()
     ref_out, _ = ttt_linear(weights, xq, xk, xv, lr, ln_w, ln_b, 4, token_idx)
-    state, outs, start = InnerState(weights, None, 0), [], 0
+    params = InnerParams(ln_w, ln_b, 4, token_idx)
+    state, outs, start = FastWeightState.fresh(weights), [], 0
     for n in chunks:
         seg = slice(start, start + n)
-        out, state = ttt_mlp_chunk(state, xq[:, :, seg], xk[:, :, seg], xv[:, :, seg], lr[:, :, seg], ln_w, ln_b, 4,
-                                   token_idx)  # fmt: skip
+        out, state = ttt_mlp_chunk(
+            state, InnerInputs(xq[:, :, seg], xk[:, :, seg], xv[:, :, seg], lr[:, :, seg]), params
+        )
         outs.append(out)
         start += n
     torch.testing.assert_close(torch.cat(outs, dim=2), ref_out, rtol=1e-11, atol=1e-11)
     # Primal form, token by token.
-    w, sums, pos = weights, weights.zeros_like(), torch.zeros(2, dtype=torch.long)
+    state = FastWeightState.fresh(weights)
     for t in range(11):
         take = [x[:, :, t : t + 1] for x in (xq, xk, xv)]
-        out, w, sums, pos = ttt_mlp_token(w, sums, pos, *take, lr[:, :, t : t + 1], ln_w, ln_b, 4, token_idx)
+        out, state = ttt_mlp_token(state, InnerInputs(*take, lr[:, :, t : t + 1]), params)
         torch.testing.assert_close(out, ref_out[:, :, t : t + 1], rtol=1e-11, atol=1e-11)
 
 

@@ -6,6 +6,7 @@ from tiny_models import tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks
 from moshi_ttt.ttt.ops import FastWeights, ttt_mlp
+from moshi_ttt.ttt.params import InnerInputs, InnerParams
 from moshi_ttt.ttt.session import SessionOptions
 from moshi_ttt.ttt.state import FastWeightState
 from moshi_ttt.ttt.step import ttt_mlp_step
@@ -78,7 +79,8 @@ def test_step_takes_and_returns_the_state_and_agrees_with_ttt_mlp():
     ref_out, ref_w = ttt_mlp(w0, xq, xk, xv, lr, ln_w, ln_b, b)
     state, outs = FastWeightState.fresh(w0), []
     for s, e in ((0, 3), (3, 4), (4, 9), (9, 11)):  # a single token, partial and whole mini-batches
-        out, state = ttt_mlp_step(state, xq[:, :, s:e], xk[:, :, s:e], xv[:, :, s:e], lr[:, :, s:e], ln_w, ln_b, b)
+        inputs = InnerInputs(xq[:, :, s:e], xk[:, :, s:e], xv[:, :, s:e], lr[:, :, s:e])
+        out, state = ttt_mlp_step(state, inputs, InnerParams(ln_w, ln_b, b))
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, dim=2), ref_out, rtol=1e-12, atol=1e-12)
     for w, w_ref in zip(state.weights, ref_w, strict=True):

@@ -19,6 +19,7 @@ from torch import nn
 from moshi_ttt.compat.moshi import streaming_state
 from moshi_ttt.config import TTTConfig
 from moshi_ttt.ttt.inner_math import float32_inner, weight_drift
+from moshi_ttt.ttt.params import InnerInputs, InnerParams
 from moshi_ttt.ttt.session import SessionOptions, SessionOptionsView, periodic_reset, reset_segments
 from moshi_ttt.ttt.state import FastWeightState
 from moshi_ttt.ttt.step import ttt_mlp_step
@@ -263,7 +264,7 @@ class TTTBlock(StreamingModule[TTTState]):
             # consecutive chunks carries state with `moshi_ttt.ttt.carry.carry_ttt_state`, which streams the blocks.
             xq, xk, xv, lr, _ = self._project(self.norm(x), None)
             start = FastWeightState.fresh(self.base_weights(x.shape[0]))
-            out, _ = ttt_mlp_step(start, xq, xk, xv, lr, **self._ops_kwargs(self.cfg.mini_batch_size))
+            out, _ = ttt_mlp_step(start, InnerInputs(xq, xk, xv, lr), self._inner_params(self.cfg.mini_batch_size))
         else:
             if not state.persistent:
                 # Only the rows that run start again from W_base: rows frozen by moshi's exec_mask keep their state
@@ -283,19 +284,15 @@ class TTTBlock(StreamingModule[TTTState]):
             state.session.observer.inputs(xk, xv)
         return self._forward_streaming(state, xq, xk, xv, lr, history)
 
-    def _ops_kwargs(self, mini_batch_size: int) -> dict[str, tp.Any]:
-        return {
-            "ln_weight": self.ttt_norm_weight,
-            "ln_bias": self.ttt_norm_bias,
-            "mini_batch_size": mini_batch_size,
-            "token_idx": self.learnable_token_idx,
-            "target": self.cfg.target,
-        }
+    def _inner_params(self, mini_batch_size: int) -> InnerParams:
+        return InnerParams(
+            self.ttt_norm_weight, self.ttt_norm_bias, mini_batch_size, self.learnable_token_idx, self.cfg.target
+        )
 
     def _forward_streaming(self, state: TTTState, xq, xk, xv, lr, history: torch.Tensor | None) -> torch.Tensor:
         """One streaming call; `history` is the share_qk convolutions' new input history (None without them)."""
         B, _, T, _ = xq.shape
-        kwargs = self._ops_kwargs(state.mini_batch_size)
+        params = self._inner_params(state.mini_batch_size)
         start = state.fast
         if torch.is_grad_enabled():
             # Rows that have read nothing since their reset hold W_base: read it from the live parameters, so that
@@ -305,7 +302,7 @@ class TTTBlock(StreamingModule[TTTState]):
             start = start._replace(weights=self.base_weights(B).where(fresh, start.weights))
         observer = state.session.observer
         on_update = None if observer is None else observer.update
-        out, new = ttt_mlp_step(start, xq, xk, xv, lr, on_update=on_update, **kwargs)
+        out, new = ttt_mlp_step(start, InnerInputs(xq, xk, xv, lr), params, on_update)
         new = new._replace(history=history)
         keep = state.exec_mask
         with torch.no_grad():  # the streaming state never joins an autograd graph

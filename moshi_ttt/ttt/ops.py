@@ -22,6 +22,8 @@ matmuls to bfloat16 and mix dtypes inside the fused LayerNorm backward (`float32
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -41,8 +43,12 @@ from moshi_ttt.ttt.inner_math import (  # noqa: F401
     reconstruction_target,
     weight_drift,
 )
+from moshi_ttt.ttt.params import InnerInputs, InnerParams
 from moshi_ttt.ttt.primal import ttt_mlp_token  # noqa: F401
-from moshi_ttt.ttt.weights import INNER_WEIGHTS, AnyWeights, FastWeights, InnerState, LinearWeights  # noqa: F401
+from moshi_ttt.ttt.state import FastWeightState
+from moshi_ttt.ttt.weights import INNER_WEIGHTS, AnyWeights, FastWeights, LinearWeights  # noqa: F401
+
+logger = logging.getLogger(__name__)
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -154,16 +160,17 @@ def _split(ws: tuple[torch.Tensor, ...], batch: int) -> AnyWeights:
     return LinearWeights(*parts) if len(ws) == 1 else FastWeights(*parts)
 
 
-def _check_inputs(weights: FastWeights, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size: int) -> None:
-    if mini_batch_size < 1:
-        raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+def _check_inputs(weights: AnyWeights, inputs: InnerInputs, params: InnerParams) -> None:
+    xq, xk, xv, lr = inputs
     if xq.dim() != 4 or xq.shape != xk.shape or xq.shape != xv.shape:
         raise ValueError(f"xq, xk, xv must share a shape [B, H, T, D]; got {xq.shape}, {xk.shape}, {xv.shape}")
     B, H, T, D = xq.shape
     if lr.shape != (B, H, T):
         raise ValueError(f"lr must be [B, H, T] = {[B, H, T]}, got {list(lr.shape)}")
-    if ln_weight.shape != (H, D) or ln_bias.shape != (H, D):
-        raise ValueError(f"ln_weight/ln_bias must be [H, D] = {[H, D]}, got {ln_weight.shape}, {ln_bias.shape}")
+    if params.ln_weight.shape != (H, D) or params.ln_bias.shape != (H, D):
+        raise ValueError(
+            f"ln_weight/ln_bias must be [H, D] = {[H, D]}, got {params.ln_weight.shape}, {params.ln_bias.shape}"
+        )
     if isinstance(weights, LinearWeights):
         expected, names = ((B, H, D, D), (B, H, 1, D)), "W1, b1"
     else:
@@ -173,47 +180,88 @@ def _check_inputs(weights: FastWeights, xq, xk, xv, lr, ln_weight, ln_bias, mini
         raise ValueError(f"fast weights must have shapes {expected} ({names}), got {got}")
 
 
-@float32_inner
 def ttt_mlp_chunk(
-    state: InnerState,
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
-    lr: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    mini_batch_size: int,
-    token_idx: torch.Tensor | None = None,
-    target: str = "difference",
-    on_update: UpdateHook | None = None,
-) -> tuple[torch.Tensor, InnerState]:
-    """Runs the inner loop over T tokens starting from `state`, which may be inside a mini-batch: TTT-MLP for
-    FastWeights, TTT-Linear for LinearWeights.
+    state: FastWeightState, inputs: InnerInputs, params: InnerParams, on_update: UpdateHook | None = None
+) -> tuple[torch.Tensor, FastWeightState]:
+    """Runs the inner loop over T tokens from `state`, whose rows may sit anywhere inside their mini-batches:
+    TTT-MLP for FastWeights, TTT-Linear for LinearWeights.
 
     Continuing a partial mini-batch, whole mini-batches and a trailing partial one all go through the dual form
-    (`_segment`), so any chunking of a sequence gives the same numbers as one call over all of it.
+    (`_dual_form`), so any chunking of a sequence gives the same numbers as one call over all of it. The rows that
+    sit at the same position of their mini-batch run together (one host sync reads the positions).
 
     Args:
-        state: weights at the start of the current mini-batch, the gradient sums of its tokens so far, its position.
-        xq, xk, xv: [B, H, T, D]; lr: [B, H, T] (lr_s before tau); ln_weight, ln_bias: [H, D].
-        token_idx: [b] learnable offsets of the position factors, or None.
-        target: "difference" (correct) or "legacy" (see `reconstruction_target`).
-        on_update: called as on_update(w_start, w_end) at every completed mini-batch.
+        state: where each row stands; its `history` is passed through unchanged (the caller owns the share_qk
+            convolutions).
+        inputs: xq, xk, xv [B, H, T, D]; lr [B, H, T] (lr_s before tau).
+        params: the layer's LayerNorm, mini-batch size b, token_idx offsets and target mode.
+        on_update: called as on_update(w_start, w_end) at every completed mini-batch (telemetry; every row must
+            then sit at the same position).
     Returns:
-        out [B, H, T, D] in the compute dtype (float32, or float64 for float64 inputs) and the new state.
+        out [B, H, T, D] in the compute dtype (float32, or float64 for float64 inputs) and the next state (offset
+        advanced by T).
     """
-    w0, grad_sums, position = state
-    _check_inputs(w0, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size)
-    if not 0 <= position < mini_batch_size:
-        raise ValueError(f"state position must be in [0, {mini_batch_size}), got {position}")
-    if (position > 0) != (grad_sums is not None):
-        raise ValueError("grad_sums must be given exactly when the state is inside a mini-batch (position > 0)")
-    dtype = torch.promote_types(xq.dtype, torch.float32)
-    xq, xk, xv, lr, ln_weight, ln_bias = (t.to(dtype) for t in (xq, xk, xv, lr, ln_weight, ln_bias))
-    b = mini_batch_size
+    _check_inputs(state.weights, inputs, params)
+    B, _, T, _ = inputs.xq.shape
+    groups: dict[int, list[int]] = {}
+    for row, p in enumerate(state.position.tolist()):
+        if not 0 <= p < params.mini_batch_size:
+            raise ValueError(f"state position must be in [0, {params.mini_batch_size}), got {p} in row {row}")
+        groups.setdefault(p, []).append(row)
+    if len(groups) > 1 and on_update is not None:
+        raise ValueError("update observers need every batch row at the same inner-loop position")
+    offset = state.offset + T
+    if len(groups) == 1:
+        (p,) = groups
+        out, weights, sums, p_end = _dual_form(
+            state.weights, state.grad_sums if p > 0 else None, p, inputs, params, on_update
+        )
+        sums = weights.zeros_like() if sums is None else sums
+        return out, FastWeightState(weights, sums, torch.full_like(state.position, p_end), offset, state.history)
+    dtype = torch.promote_types(inputs.xq.dtype, torch.float32)
+    out = inputs.xq.new_empty(inputs.xq.shape, dtype=dtype)  # [B, H, T, D]
+    weights = type(state.weights)(*(w.clone() for w in state.weights))
+    sums = type(state.grad_sums)(*(s.clone() for s in state.grad_sums))
+    position = state.position.clone()
+    for p, rows in groups.items():
+        idx = torch.tensor(rows, device=position.device)
+        grad_sums = state.grad_sums.rows(idx) if p > 0 else None
+        o, w_end, s_end, p_end = _dual_form(state.weights.rows(idx), grad_sums, p, inputs.rows(idx), params)
+        out[idx] = o
+        for dst, src in zip(weights, w_end, strict=True):
+            dst[idx] = src
+        for dst, src in zip(sums, w_end.zeros_like() if s_end is None else s_end, strict=True):
+            dst[idx] = src
+        position[idx] = p_end
+    logger.debug("TTT chunk of %d rows ran in %d position groups", B, len(groups))
+    return out, FastWeightState(weights, sums, position, offset, state.history)
+
+
+@float32_inner
+def _dual_form(
+    w0: AnyWeights,
+    grad_sums: AnyWeights | None,
+    position: int,
+    inputs: InnerInputs,
+    params: InnerParams,
+    on_update: UpdateHook | None = None,
+) -> tuple[torch.Tensor, AnyWeights, AnyWeights | None, int]:
+    """The dual form over T tokens, every row at the same `position` of its mini-batch.
+
+    Args:
+        w0: the weights at the start of the current mini-batch; grad_sums: the gradient sums of its tokens so far,
+            None exactly when `position` is 0.
+    Returns:
+        out [B, H, T, D] in the compute dtype, then the end's W0, gradient sums (None at a mini-batch start) and
+        position.
+    """
+    b = params.mini_batch_size
+    dtype = torch.promote_types(inputs.xq.dtype, torch.float32)
+    (xq, xk, xv, lr), params = inputs.to(dtype), params.to(dtype)
+    ln_weight, ln_bias = params.ln_weight, params.ln_bias
     B, H, T, D = xq.shape
-    tau_all = position_factors(token_idx, b, dtype, xq.device)  # [b]
-    target_all = reconstruction_target(xk, xv, ln_weight, ln_bias, target)  # [B, H, T, D]
+    tau_all = position_factors(params.token_idx, b, dtype, xq.device)  # [b]
+    target_all = reconstruction_target(xk, xv, ln_weight, ln_bias, params.target)  # [B, H, T, D]
     # Flatten batch and heads: N = B * H.
     shift_all = (ln_bias[None, :, None, :] - target_all).flatten(0, 1)  # [N, T, D]
     ln_w = ln_weight[None, :, None, :].expand(B, H, 1, D).flatten(0, 1)  # [N, 1, D]
@@ -261,11 +309,11 @@ def ttt_mlp_chunk(
             if on_update is not None:
                 on_update(_split(ws, B), _split(new_ws, B))
             ws, sums, position = new_ws, None, 0
-    end = InnerState(_split(ws, B), None if sums is None else _split(sums, B), position)
+    end = (_split(ws, B), None if sums is None else _split(sums, B), position)
     if not outs:
-        return xq.new_zeros(xq.shape), end
+        return xq.new_zeros(xq.shape), *end
     f_q = torch.cat(outs, dim=1).unflatten(0, (B, H))  # [B, H, T, D]
-    return xq + head_layer_norm(f_q, ln_weight, ln_bias), end
+    return xq + head_layer_norm(f_q, ln_weight, ln_bias), *end
 
 
 def ttt_mlp(
@@ -294,10 +342,11 @@ def ttt_mlp(
         (out [B, H, T, D], weights after the last full mini-batch). The trailing partial mini-batch gives causal
         outputs and does not update the weights.
     """
-    out, state = ttt_mlp_chunk(
-        InnerState(weights, None, 0), xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size, token_idx, target
-    )
-    return out, state.weights
+    inputs = InnerInputs(xq, xk, xv, lr)
+    params = InnerParams(ln_weight, ln_bias, mini_batch_size, token_idx, target)
+    _check_inputs(weights, inputs, params)
+    out, new_weights, _, _ = _dual_form(weights, None, 0, inputs, params)
+    return out, new_weights
 
 
 def ttt_linear(

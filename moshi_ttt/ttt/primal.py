@@ -17,24 +17,15 @@ from moshi_ttt.ttt.inner_math import (
     position_factors,
     reconstruction_target,
 )
+from moshi_ttt.ttt.params import InnerInputs, InnerParams
+from moshi_ttt.ttt.state import FastWeightState
 from moshi_ttt.ttt.weights import FastWeights, LinearWeights
 
 
 @float32_inner
 def ttt_mlp_token(
-    weights: FastWeights,
-    grad_sums: FastWeights,
-    position: torch.Tensor,
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
-    lr: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    mini_batch_size: int,
-    token_idx: torch.Tensor | None = None,
-    target: str = "difference",
-) -> tuple[torch.Tensor, FastWeights, FastWeights, torch.Tensor]:
+    state: FastWeightState, inputs: InnerInputs, params: InnerParams
+) -> tuple[torch.Tensor, FastWeightState]:
     """Primal form for one token per row, each row at its own position in its mini-batch (TTT-MLP or TTT-Linear by
     the weights' type).
 
@@ -42,18 +33,20 @@ def ttt_mlp_token(
     captured in a CUDA graph, as moshi's LMGen does on GPU.
 
     Args:
-        weights: W0 per row; grad_sums: running sums per row (zeros at a mini-batch start); position: [B] long.
-        xq, xk, xv: [B, H, 1, D]; lr: [B, H, 1].
+        state: W0, the running gradient sums (zeros at a mini-batch start) and the position of each row; its
+            `history` is passed through unchanged.
+        inputs: xq, xk, xv [B, H, 1, D]; lr [B, H, 1].
     Returns:
-        out [B, H, 1, D], new W0, new grad sums, new positions.
+        out [B, H, 1, D] (float32, float64 for float64 inputs) and the next state (offset advanced by 1).
     """
-    dtype = torch.promote_types(xq.dtype, torch.float32)
-    xq, xk, xv, lr, ln_weight, ln_bias = (t.to(dtype) for t in (xq, xk, xv, lr, ln_weight, ln_bias))
-    weights, grad_sums = weights.to(dtype), grad_sums.to(dtype)
+    dtype = torch.promote_types(inputs.xq.dtype, torch.float32)
+    (xq, xk, xv, lr), params = inputs.to(dtype), params.to(dtype)
+    weights, grad_sums, position = state.weights.to(dtype), state.grad_sums.to(dtype), state.position
+    ln_weight, ln_bias = params.ln_weight, params.ln_bias
     B = xq.shape[0]
-    tau_all = position_factors(token_idx, mini_batch_size, dtype, xq.device)  # [b]
+    tau_all = position_factors(params.token_idx, params.mini_batch_size, dtype, xq.device)  # [b]
     tau = tau_all[position].view(B, 1, 1, 1)  # [B, 1, 1, 1]
-    target_k = reconstruction_target(xk, xv, ln_weight, ln_bias, target)  # [B, H, 1, D]
+    target_k = reconstruction_target(xk, xv, ln_weight, ln_bias, params.target)  # [B, H, 1, D]
 
     if isinstance(weights, LinearWeights):
         z = xk @ weights.W1 + weights.b1  # [B, H, 1, D] @ [B, H, D, D] -> [B, H, 1, D]
@@ -81,8 +74,8 @@ def ttt_mlp_token(
         act_q = gelu_tanh(xq @ w_i.W1 + w_i.b1)  # [B, H, 1, F]
         out = xq + head_layer_norm(act_q @ w_i.W2 + w_i.b2, ln_weight, ln_bias)
 
-    done = position + 1 == mini_batch_size  # [B]: the row completes its mini-batch with this token
+    done = position + 1 == params.mini_batch_size  # [B]: the row completes its mini-batch with this token
     new_weights = w_i.where(done, weights)  # tau_i = tau_b on those rows, so W_i is the updated W0
     new_sums = sums.zeros_like().where(done, sums)
     new_position = torch.where(done, torch.zeros_like(position), position + 1)
-    return out, new_weights, new_sums, new_position
+    return out, FastWeightState(new_weights, new_sums, new_position, state.offset + 1, state.history)

@@ -58,11 +58,3 @@ class LinearWeights(tp.NamedTuple):
 
 AnyWeights = FastWeights | LinearWeights
 INNER_WEIGHTS = {"mlp": FastWeights, "linear": LinearWeights}
-
-
-class InnerState(tp.NamedTuple):
-    """Where the inner loop stands between two calls (all rows at the same position)."""
-
-    weights: FastWeights  # W0, the weights at the start of the current mini-batch
-    grad_sums: FastWeights | None  # sum_s lr_s grad l_s(W0) over the tokens already seen of this mini-batch
-    position: int  # tokens already seen of the current mini-batch, 0 <= position < b

@@ -1,0 +1,50 @@
+"""What the TTT inner loop reads besides its state, as two values: a call's tokens and a layer's parameters.
+
+Notation: B batch rows, H heads, T tokens, D head dim, b mini-batch size.
+
+Every form of the loop (ops.py's dual form over a chunk, primal.py's one-token form, step.py's choice between them)
+takes `(state, InnerInputs, InnerParams)`, so the argument list is written here once; the DESIGN.md contract
+functions `ttt_mlp` and `ttt_linear` keep their flat signatures and build the two values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import torch
+
+
+class InnerInputs(tp.NamedTuple):
+    """The tokens of one call, projected per head."""
+
+    xq: torch.Tensor  # [B, H, T, D] queries: what each token reads with its fast weights
+    xk: torch.Tensor  # [B, H, T, D] keys: the inner model's training inputs
+    xv: torch.Tensor  # [B, H, T, D] values: its training targets are LN(v - k)
+    lr: torch.Tensor  # [B, H, T] per-token inner learning rates lr_s, before the position factor tau
+
+    def to(self, dtype: torch.dtype) -> InnerInputs:
+        return InnerInputs(*(t.to(dtype) for t in self))
+
+    def rows(self, index: torch.Tensor) -> InnerInputs:
+        """The batch rows `index` [R] of every tensor."""
+        return InnerInputs(*(t[index] for t in self))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
+class InnerParams:
+    """A layer's inner-loop parameters, the same for every token of a call: trained tensors and hyper-parameters."""
+
+    ln_weight: torch.Tensor  # [H, D] gamma of the per-head LayerNorm (outputs and reconstruction target)
+    ln_bias: torch.Tensor  # [H, D] beta
+    mini_batch_size: int  # b: tokens per inner gradient step
+    token_idx: torch.Tensor | None = None  # [b] learnable offsets of the position factors tau, or None (zeros)
+    target: str = "difference"  # reconstruction target: "difference" (correct) or "legacy" (`reconstruction_target`)
+
+    def __post_init__(self) -> None:
+        if self.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
+
+    def to(self, dtype: torch.dtype) -> InnerParams:
+        """The LayerNorm tensors in `dtype` (`position_factors` casts token_idx itself)."""
+        return dataclasses.replace(self, ln_weight=self.ln_weight.to(dtype), ln_bias=self.ln_bias.to(dtype))
