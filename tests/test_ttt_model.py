@@ -304,3 +304,35 @@ def test_non_persistent_streaming_respects_exec_mask(share_qk, legacy):
         weights = state.fast_weights if not legacy else state.weights
         for w, w_before in zip(weights, moved, strict=True):
             torch.testing.assert_close(w[0], w_before[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["ttt", "legacy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_ttt_blocks_built_on_meta_fill_like_any_module(legacy, dtype):
+    """The standard way to build a big model without allocating it: on the meta device, then `to_empty` and a
+    state dict, or `load_state_dict(assign=True)` as moshi's loader does. Both give the original model's logits,
+    with the fast weights in float32 whatever the model's dtype."""
+    extra = {"target": "legacy", "legacy": LegacyConfig(causal=True, mlp_layers=2)} if legacy else {}
+    cfg = TTTConfig(layers="1,2", mini_batch_size=4, gating_alpha_init=0.5, **extra)
+    original = apply_ttt(tiny_lm(0, dtype=dtype), cfg)
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            if ".ttt." in name:  # trained-looking values, so that a block left uninitialised would show
+                p.add_(torch.randn_like(p) * 0.1)
+    state = original.state_dict()
+    codes = model_codes(original, random_audio_codes(2, 12, seed=4))
+    with torch.no_grad():
+        expected = original(codes).logits
+
+    emptied = apply_ttt(tiny_lm(0, dtype=dtype, device="meta"), cfg, device="meta")
+    assert all(p.is_meta for p in emptied.parameters())
+    emptied.to_empty(device="cpu")
+    emptied.load_state_dict(state)
+    assigned = apply_ttt(tiny_lm(0, dtype=dtype, device="meta"), cfg, device="meta")
+    assigned.load_state_dict(state, assign=True)
+    for model in (emptied, assigned):
+        block = ttt_blocks(model)[1]
+        fast = block.ttt_norm_weight if legacy else block.W1
+        assert fast.dtype == torch.float32 and not fast.is_meta and block.wq.weight.dtype == dtype
+        with torch.no_grad():
+            torch.testing.assert_close(model(codes).logits, expected, rtol=0, atol=0, equal_nan=True)

@@ -62,10 +62,11 @@ def tiny_lm_config(
     }
 
 
-def tiny_lm(seed: int = 0, *, dtype: torch.dtype = torch.float32, **config) -> LMModel:
-    """A tiny LMModel on CPU in eval mode, seeded; `config` overrides `tiny_lm_config`'s arguments."""
+def tiny_lm(seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu", **config) -> LMModel:
+    """A tiny LMModel on CPU (or `device`, e.g. "meta") in eval mode, seeded; `config` overrides `tiny_lm_config`'s
+    arguments."""
     torch.manual_seed(seed)
-    return LMModel(**tiny_lm_config(**config), device="cpu", dtype=dtype).eval()
+    return LMModel(**tiny_lm_config(**config), device=device, dtype=dtype).eval()
 
 
 def random_audio_codes(batch: int, steps: int, card: int = 24, seed: int = 0) -> torch.Tensor:

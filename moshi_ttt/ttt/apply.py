@@ -37,12 +37,15 @@ class TTTTransformerLayer(LayerWithBranch):
         return self.ttt(x_sa)
 
 
-def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
+def apply_ttt(model: LMModel, cfg: TTTConfig, *, device: torch.device | str | None = None) -> LMModel:
     """Wraps the layers named by `cfg.layers` of `model.transformer` with TTT blocks (DESIGN.md contract).
 
     Args:
         model: a moshi LMModel; the depth transformer is left alone.
         cfg: where and how; `layers="none"` returns the model unchanged.
+        device: where the new blocks are built; None: beside each layer's weights. "meta" builds them without
+            memory or random initialisation, to be filled with `load_state_dict(..., assign=True)` (checkpoint
+            loading, as moshi's own loader builds the LMModel) or `to_empty`.
     Returns:
         The same LMModel object, usable unchanged by moshi's LMGen, forward and streaming().
     Raises:
@@ -70,7 +73,7 @@ def apply_ttt(model: LMModel, cfg: TTTConfig) -> LMModel:
         block_cls = (
             LegacyTTTBlock if cfg.legacy is not None else TTTBlock
         )  # legacy: older checkpoints, see ttt/legacy.py
-        block = block_cls(model.dim, num_heads, cfg, device=ref.device, dtype=ref.dtype)
+        block = block_cls(model.dim, num_heads, cfg, device=ref.device if device is None else device, dtype=ref.dtype)
         layer.__class__ = TTTTransformerLayer
         layer.ttt = block
     if cfg.legacy is not None:

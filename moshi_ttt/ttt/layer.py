@@ -41,10 +41,31 @@ FLOAT32_PARAMS = (
 )
 
 
-def keep_float32(param: torch.nn.Parameter, fn) -> None:
-    """Applies a module conversion `fn` to `param` for its device only, and for its dtype never below float32."""
+def keep_float32(param: torch.nn.Parameter, fn) -> torch.nn.Parameter:
+    """Applies a module conversion `fn` to `param` for its device only, and for its dtype never below float32.
+
+    `fn` is whatever `nn.Module._apply` was given: a cast (`.to(dtype)`, `.half()`), a move (`.to(device)`), or
+    `to_empty`'s `empty_like(t, device=...)`. A conversion that keeps float32 runs as it is (so `to_empty` allocates
+    without copying, as for every other parameter); one that would lower the dtype moves the values and keeps
+    float32. A meta tensor holds no values: it gets fresh, uninitialised memory on the new device (what `to_empty`
+    means), never a copy, which would raise "Cannot copy out of meta tensor".
+
+    Returns:
+        The parameter to keep: `param` itself with its new data, or, leaving the meta device (whose tensors cannot
+        take real data in place), a new Parameter, as `nn.Module._apply` does.
+    """
     probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
-    param.data = param.data.to(device=probe.device, dtype=torch.promote_types(probe.dtype, torch.float32))
+    dtype = torch.promote_types(probe.dtype, torch.float32)
+    if probe.dtype == dtype:
+        data = fn(param.data)
+    elif param.is_meta:
+        data = torch.empty_like(param.data, device=probe.device, dtype=dtype)
+    else:
+        data = param.data.to(device=probe.device, dtype=dtype)
+    if data.is_meta != param.is_meta:
+        return nn.Parameter(data, requires_grad=param.requires_grad)
+    param.data = data
+    return param
 
 
 def apply_keeping_float32(module: nn.Module, super_apply, fn, recurse: bool, names: tp.Iterable[str]) -> nn.Module:
@@ -55,8 +76,7 @@ def apply_keeping_float32(module: nn.Module, super_apply, fn, recurse: bool, nam
         super_apply(fn, recurse)
     finally:
         for name, param in kept.items():
-            keep_float32(param, fn)
-            module._parameters[name] = param
+            module._parameters[name] = keep_float32(param, fn)
     return module
 
 

@@ -277,8 +277,8 @@ class Float32ParameterList(nn.ParameterList):
     """A ParameterList whose tensors follow the device but never drop below float32 (the fast weights)."""
 
     def _apply(self, fn, recurse=True):
-        for param in self._parameters.values():
-            keep_float32(param, fn)
+        for name, param in list(self._parameters.items()):
+            self._parameters[name] = keep_float32(param, fn)
         return self
 
 
