@@ -37,6 +37,19 @@ def speechlike(seconds: float, seed: int) -> np.ndarray:
     return (y + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
 
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty local Hugging Face Hub cache in offline mode, as HF_HOME=... HF_HUB_OFFLINE=1 give (huggingface_hub
+    reads both at each call): the real hf:// code paths, no network, never the user's own cache."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_hub_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("assets")

@@ -14,7 +14,7 @@ from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import LegacyConfig, TTTConfig, apply_ttt, load, save
 from moshi_ttt.compat.sequence import model_codes
-from moshi_ttt.data.checkpoints import common
+from moshi_ttt.data.checkpoints import common, hub
 
 
 def outputs(model: LMModel, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,34 +203,19 @@ def test_moshi_lora_with_a_missing_adapter_is_named(tmp_path):
         load(out, base=str(tmp_path / "base"))
 
 
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """Every Hub download fails as huggingface_hub does offline with an empty cache; nothing reaches the network."""
-
-    def offline(*args, **kwargs):
-        raise LocalEntryNotFoundError("offline: cannot find the requested files in the local cache")
-
-    for module, name in [
-        (common, "hf_hub_download"),
-        (common, "snapshot_download"),
-        (loaders, "hf_hub_download"),
-    ]:
-        monkeypatch.setattr(module, name, offline)
-
-
 @pytest.mark.parametrize(
     "ref", ["hf://kyutai/moshiko-pytorch-bf16", "hf://kyutai/moshiko-pytorch-bf16/model.safetensors"]
 )
-def test_offline_hub_reference_says_how_to_predownload(offline_hub, ref):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download kyutai/moshiko-pytorch-bf16") as info:
+def test_offline_hub_reference_says_how_to_predownload(offline_hub_cache, ref):
+    with pytest.raises(FileNotFoundError, match="hf download kyutai/moshiko-pytorch-bf16") as info:
         load(ref)
     assert "local" in str(info.value)
     assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
 
 
-def test_lora_without_base_goes_to_the_hub_and_explains_offline(offline_hub, tmp_path):
+def test_lora_without_base_goes_to_the_hub_and_explains_offline(offline_hub_cache, tmp_path):
     out, _ = _lora_dir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=f"huggingface-cli download {loaders.DEFAULT_REPO}"):
+    with pytest.raises(FileNotFoundError, match=f"hf download {loaders.DEFAULT_REPO}"):
         load(out)
 
 
@@ -261,8 +246,8 @@ def fake_hub(tmp_path, monkeypatch):
     def snapshot(repo_id, allow_patterns=None, **kwargs):
         return str(root / repo_id)
 
-    monkeypatch.setattr(common, "hf_hub_download", download)
-    monkeypatch.setattr(common, "snapshot_download", snapshot)
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot)
     monkeypatch.setattr(loaders, "hf_hub_download", download)
     return root
 

@@ -9,15 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import LocalEntryNotFoundError
-from moshi.models import loaders
 from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import exact_streaming, load, save, score, ttt_blocks
 from moshi_ttt.compat.sequence import delayed_input, model_codes
-from moshi_ttt.data.checkpoints import common
 
 H, DIM, MINI_BATCH, BASE_LR = 4, 32, 4, 3.0
 HD = DIM // H
@@ -514,15 +511,9 @@ def test_per_layer_contexts_of_the_fork_are_applied(tmp_path, base_dir):
     assert [layer.self_attn.context for layer in model.transformer.layers] == [9, 6, 6]
 
 
-def test_ttt_only_checkpoint_without_base_names_the_hub_base(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise LocalEntryNotFoundError("offline")
-
-    monkeypatch.setattr(common, "hf_hub_download", offline)
-    monkeypatch.setattr(common, "snapshot_download", offline)
-    monkeypatch.setattr(loaders, "hf_hub_download", offline)
+def test_ttt_only_checkpoint_without_base_names_the_hub_base(tmp_path, offline_hub_cache):
     write_fork_checkpoint(tmp_path / "c", layout="flat", depth=2, full=False, use_rope=False)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download kyutai/moshiko-pytorch-bf16"):
+    with pytest.raises(FileNotFoundError, match="hf download kyutai/moshiko-pytorch-bf16"):
         load(tmp_path / "c")
 
 

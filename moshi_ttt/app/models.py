@@ -77,9 +77,18 @@ def build_allow_list(
 
 
 class ModelCache:
-    """Loads each allowed checkpoint once per process; thread-safe; hands out shared, read-only models."""
+    """Loads each allowed checkpoint once per process; thread-safe; hands out shared, read-only models.
 
-    def __init__(self, allow_list: dict[str, CheckpointEntry], device: str = "cpu", dtype=torch.float32):
+    A TTT checkpoint that names a base and that base (say the baseline) hold one copy of the base weights, whichever
+    is loaded first: `moshi_ttt.load` shares them as it loads (data/checkpoints/shared.py), so the peak is one base
+    plus the TTT tensors. Standalone checkpoints whose weights are equal are deduplicated after loading
+    (`share_base_weights`). `dtype` None: bfloat16 on a GPU, on the CPU float32 for small models and bfloat16 for
+    large ones (`moshi_ttt.data.checkpoints.common.resolve_dtype`).
+    """
+
+    def __init__(
+        self, allow_list: dict[str, CheckpointEntry], device: str = "cpu", dtype: torch.dtype | None = torch.float32
+    ):
         self.allow_list = allow_list
         self.device = device
         self.dtype = dtype
@@ -130,9 +139,11 @@ class ModelCache:
 
 
 def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
-    """Makes the non-TTT tensors of `ttt_model` the very tensors of `base_model` where they are equal.
+    """Makes the non-TTT tensors of `ttt_model` the very tensors of `base_model` where they are equal (standalone
+    checkpoints saved with their whole base; a checkpoint that names its base shares it as it loads).
 
-    Returns the number of tensors shared. Safe because cached models are never written to.
+    Returns the number of tensors shared (already shared ones included). Safe because cached models are never
+    written to.
     """
     ttt_names = {f"transformer.layers.{i}.ttt." for i in ttt_blocks(ttt_model)}
     base = dict(base_model.named_parameters())
@@ -141,6 +152,9 @@ def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
         if any(name.startswith(prefix) for prefix in ttt_names):
             continue
         other = base.get(name)
+        if other is not None and other.data_ptr() == param.data_ptr():  # loaded over the same base: nothing to do
+            shared += 1
+            continue
         same = other is not None and other.shape == param.shape and other.dtype == param.dtype
         if same and torch.equal(other, param):
             param.data = other.data

@@ -1,4 +1,4 @@
-"""Shared pieces of checkpoint loading: the result dataclass, safetensors reading, key checks, Hub downloads."""
+"""Shared pieces of checkpoint loading: the result dataclass, safetensors reading, key checks, model building."""
 
 from __future__ import annotations
 
@@ -8,15 +8,7 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 import torch
-from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-)
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors import safe_open
@@ -26,7 +18,6 @@ from moshi_ttt.ttt.apply import ttt_blocks
 
 logger = logging.getLogger(__name__)
 
-HF_PREFIX = "hf://"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft", ".sfts")
 # Keys of a moshi config.json that are not LMModel kwargs (CheckpointInfo.from_hf_repo pops the same ones; the
@@ -152,18 +143,37 @@ def ttt_prefixes(model: LMModel) -> list[str]:
     return [f"transformer.layers.{i}.ttt." for i in ttt_blocks(model)]
 
 
-# Below this many parameters (about; see `build_lm`), a model loaded onto the CPU is built there directly.
+# Below this many parameters (about; see `approx_params`), a model loaded onto the CPU is built there directly.
 SMALL_MODEL_PARAMS = 50_000_000
+# From this many parameters on, dtype=None ("auto") loads a model in bfloat16 on the CPU too: Moshi 7B (7.7e9
+# parameters) takes 14.3 GiB in bfloat16 and 28.6 GiB in float32.
+LARGE_MODEL_PARAMS = 1_000_000_000
 
 
-def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype) -> LMModel:
+def approx_params(lm_config: dict) -> int:
+    """About how many parameters the LMModel of `lm_config` has (temporal transformer and embeddings/heads)."""
+    dim, layers = int(lm_config["dim"]), int(lm_config["num_layers"])
+    return 12 * dim * dim * layers + 2 * (int(lm_config.get("n_q", 8)) + 1) * int(lm_config.get("card", 2048)) * dim
+
+
+def resolve_dtype(dtype: torch.dtype | None, lm_config: dict, device: torch.device | str) -> torch.dtype:
+    """`dtype`, or what None ("auto") stands for: bfloat16 on a GPU (how kyutai's checkpoints are stored and run);
+    on the CPU float32 for models under LARGE_MODEL_PARAMS (exact numerics; the demo models) and bfloat16 from there
+    on (memory: two 7B models in float32 need 57 GiB). TTT fast weights are float32 in every case."""
+    if dtype is not None:
+        return dtype
+    if torch.device(device).type != "cpu" or approx_params(lm_config) >= LARGE_MODEL_PARAMS:
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype | None) -> LMModel:
     """A moshi LMModel to fill with `load_full`: built on the meta device (no memory, no random initialisation),
     except a small model bound for the CPU, which is built there directly: initialising meta tensors runs
     torch's Python reference kernels, whose first call imports torch._dynamo (~1 s, more than the whole load of
-    the demo models)."""
-    dim, layers = int(lm_config["dim"]), int(lm_config["num_layers"])
-    approx = 12 * dim * dim * layers + 2 * (int(lm_config.get("n_q", 8)) + 1) * int(lm_config.get("card", 2048)) * dim
-    small = approx < SMALL_MODEL_PARAMS and torch.device(device).type == "cpu"
+    the demo models). `dtype` None: see `resolve_dtype`."""
+    dtype = resolve_dtype(dtype, lm_config, device)
+    small = approx_params(lm_config) < SMALL_MODEL_PARAMS and torch.device(device).type == "cpu"
     if not small:
         return LMModel(device="meta", dtype=dtype, **lm_config)
     with torch.random.fork_rng(devices=[]):  # the random initialisation must not move the caller's RNG
@@ -190,76 +200,29 @@ def load_full(model: LMModel, tensors: dict[str, torch.Tensor], source: str, dev
 
 
 def load_part(
-    model: LMModel, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
+    model: LMModel,
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    source: str,
+    device: torch.device | str,
 ) -> None:
-    """Loads the tensors that replace part of an already-loaded model; `expected` are the keys they must be.
+    """Loads the tensors that replace or complete part of a loaded model (TTT blocks built on the meta device, base
+    weights of a layer); `expected` are the keys they must be.
+
+    The model's other tensors may be shared with other models (`shared.py`), so nothing is written into them:
+    every tensor is assigned (load_state_dict(assign=True)), the new ones on `device`.
 
     Raises:
-        ValueError: naming unknown, missing or mis-shaped keys.
+        ValueError: naming unknown, missing or mis-shaped keys, or parameters still without values.
     """
     check_keys(expected, {k: tuple(v.shape) for k, v in tensors.items()}, source)
     state = model.state_dict()
     merged = dict(state)
-    merged.update({k: _cast_like(v, state[k], state[k].device) for k, v in tensors.items()})
-    model.load_state_dict(merged, strict=True)
-
-
-def parse_hf_ref(ref: str) -> tuple[str, str]:
-    """'hf://owner/repo[/path]' -> ('owner/repo', 'path' or '')."""
-    parts = ref.removeprefix(HF_PREFIX).strip("/").split("/")
-    if len(parts) < 2 or not all(parts[:2]):
-        raise ValueError(f"a Hub reference must look like hf://owner/repo[/file], got {ref!r}")
-    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
-
-
-def offline_message(repo: str, what: str) -> str:
-    return (
-        f"cannot download {what} from the Hugging Face Hub repo {repo} (no network, or offline mode). Pre-download "
-        f"it where there is network with `huggingface-cli download {repo} --local-dir <DIR>` and load '<DIR>' "
-        "instead, or point at a local checkpoint path"
-    )
-
-
-def hub_call(repo: str, what: str, fn: tp.Callable[[], tp.Any]) -> tp.Any:
-    """Runs a Hub download, turning network and missing-file failures into one readable error.
-
-    Raises:
-        FileNotFoundError: offline or unreachable Hub (with how to pre-download), or no such repo or file.
-    """
-    try:
-        return fn()
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout) as e:
-        raise FileNotFoundError(offline_message(repo, what)) from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {repo} not found (or private: run `huggingface-cli login`)") from e
-    except EntryNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {repo} has no {what}") from e
-
-
-def hub_file(repo: str, filename: str) -> Path:
-    """Downloads (or finds in the local cache) one file of a Hub repo."""
-    return Path(hub_call(repo, filename, lambda: hf_hub_download(repo, filename)))
-
-
-def hub_file_or_none(repo: str, filename: str) -> Path | None:
-    """Like hub_file, but None when the repo exists and has no such file."""
-    try:
-        return Path(hf_hub_download(repo, filename))
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(offline_message(repo, filename)) from e
-    except EntryNotFoundError:
-        return None
-    except (OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout) as e:
-        raise FileNotFoundError(offline_message(repo, filename)) from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {repo} not found (or private: run `huggingface-cli login`)") from e
-
-
-def hub_folder(repo: str, subfolder: str) -> Path:
-    """Downloads the files of one folder of a Hub repo; returns the local folder."""
-    pattern = f"{subfolder}/*" if subfolder else "*"
-    root = hub_call(repo, f"folder {subfolder or '/'}", lambda: snapshot_download(repo, allow_patterns=[pattern]))
-    return Path(root) / subfolder
+    merged.update({k: _cast_like(v, state[k], device) for k, v in tensors.items()})
+    model.load_state_dict(merged, strict=True, assign=True)
+    empty = [name for name, value in model.state_dict().items() if value.is_meta]
+    if empty:
+        raise ValueError(f"{source} leaves tensors of the model without values: {_named(empty)}")
 
 
 def fast_weight_keys(model: LMModel) -> set[str]:

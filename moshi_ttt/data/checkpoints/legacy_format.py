@@ -23,7 +23,6 @@ from moshi.models import loaders
 
 from moshi_ttt.config import LegacyConfig, TTTConfig, parse_layers
 from moshi_ttt.data.checkpoints.common import (
-    HF_PREFIX,
     LoadedCheckpoint,
     build_lm,
     legacy_notes,
@@ -36,6 +35,7 @@ from moshi_ttt.data.checkpoints.common import (
     tensor_shapes,
     ttt_prefixes,
 )
+from moshi_ttt.data.checkpoints.hub import HF_PREFIX
 from moshi_ttt.ttt.apply import apply_ttt
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def load_legacy(
     ref: str,
     base: str | None,
     device: torch.device | str,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     legacy_causal: bool,
     load_fn: tp.Callable[..., LoadedCheckpoint],
 ) -> LoadedCheckpoint:
@@ -223,7 +223,7 @@ def load_legacy(
         lm_config = lm_kwargs(raw)
         _check_declared_layers(section, keys.ttt_layers, int(lm_config["num_layers"]))
         model = build_lm(lm_config, device, dtype)
-        apply_ttt(model, cfg)
+        apply_ttt(model, cfg, device="meta")  # filled by load_full, never randomly initialised
         tensors = read_tensors(path, keys.ours.values())
         load_full(model, {ours: tensors[k] for ours, k in keys.ours.items()}, str(path), device)
         mimi_ref = f"{HF_PREFIX}{_base_repo(training)}/{loaders.MIMI_NAME}"
@@ -235,12 +235,12 @@ def load_legacy(
         model, lm_config, mimi_ref = base_ckpt.model, base_ckpt.lm_config, base_ckpt.mimi_ref
         notes = list(base_ckpt.notes) + notes
         _check_declared_layers(section, keys.ttt_layers, len(model.transformer.layers))
-        apply_ttt(model, cfg)
+        apply_ttt(model, cfg, device="meta")
         expected = model_shapes(model, ttt_prefixes(model))
         all_shapes = model_shapes(model)
         expected.update({k: all_shapes[k] for k in keys.ours if k in all_shapes})
         tensors = read_tensors(path, keys.ours.values())
-        load_part(model, {ours: tensors[k] for ours, k in keys.ours.items()}, expected, str(path))
+        load_part(model, {ours: tensors[k] for ours, k in keys.ours.items()}, expected, str(path), device)
     model.eval()
     logger.info("loaded older TTT checkpoint %s (%s layout, layers %s)", path, keys.layout, keys.ttt_layers)
     return LoadedCheckpoint(

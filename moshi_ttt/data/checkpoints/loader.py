@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -10,18 +11,15 @@ import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
+from moshi_ttt.data.checkpoints import shared
 from moshi_ttt.data.checkpoints.common import (
-    HF_PREFIX,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     LoadedCheckpoint,
     check_weights_file,
-    hub_file,
-    hub_file_or_none,
-    hub_folder,
-    parse_hf_ref,
     read_json,
 )
+from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, hub_file, hub_file_or_none, hub_folder
 from moshi_ttt.data.checkpoints.legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
 from moshi_ttt.data.checkpoints.moshi_format import load_moshi_dir, load_moshi_hub
 from moshi_ttt.data.checkpoints.ours import CONFIG_NAME, is_ours, load_ours
@@ -35,33 +33,64 @@ def load(
     *,
     base: str | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     legacy_causal: bool = False,
     load_mimi: bool = False,
+    share: bool = True,
 ) -> LoadedCheckpoint:
     """Loads a checkpoint of any supported kind; the model comes back in eval mode.
 
+    Models of one process loaded over the same base share its tensors, in any loading order (`shared.py`): a TTT
+    checkpoint over `hf://kyutai/moshiko-pytorch-bf16` and that baseline hold one copy of the base weights, and
+    the TTT checkpoint only adds its TTT tensors. Shared tensors are read-only: train a model loaded with
+    share=False.
+
     Args:
-        ref: a local directory or safetensors file, or `hf://owner/repo[/path]`. Kinds: ours (config.json with
-            "format": "moshi-ttt"), the older TTT fork's (a directory with training_config.json), moshi's
-            (CheckpointInfo: Hub repos, local copies, moshi-finetune outputs with LoRA or full weights).
+        ref: a local directory or safetensors file, or `hf://owner/repo[@revision][/path]`. Kinds: ours
+            (config.json with "format": "moshi-ttt"), the older TTT fork's (a directory with training_config.json),
+            moshi's (CheckpointInfo: Hub repos, local copies, moshi-finetune outputs with LoRA or full weights). Hub
+            references load offline (HF_HUB_OFFLINE=1 or no network) once their files are in the local Hugging
+            Face cache (`hf download owner/repo`).
         base: where the base weights come from when the checkpoint holds only part of them (ours with a base,
             older TTT checkpoints with lora.safetensors, moshi-finetune LoRA): a local path or hf:// reference.
             None uses the base the checkpoint names.
-        device, dtype: of the model; TTT fast-weight parameters are float32 whatever `dtype`.
+        device, dtype: of the model; TTT fast-weight parameters are float32 whatever `dtype`. dtype None ("auto"):
+            bfloat16 on a GPU, on the CPU float32 for small models and bfloat16 from 1e9 parameters on
+            (`common.resolve_dtype`).
         legacy_causal: for legacy-mode checkpoints, the causal variant of the same weights (no future tokens of a
             mini-batch leak into earlier tokens' outputs).
-        load_mimi: also build the Mimi codec from `mimi_ref` (may download it).
+        load_mimi: also build the Mimi codec from `mimi_ref` (may download it); one codec per file and device is
+            shared by the checkpoints that name it.
+        share: take the base tensors of a model this process already loaded, and offer this one's; False reads
+            every file again and gives a model that shares nothing.
+    Returns:
+        The LoadedCheckpoint (model, config, codec reference, notes).
     Raises:
-        FileNotFoundError: missing files, or a Hub reference that cannot be downloaded (the message says how to
-            pre-download it).
+        FileNotFoundError: missing files, or a Hub reference that cannot be downloaded and is not in the local
+            cache (the message says how to pre-download it).
         ValueError: pickle checkpoints, unknown/missing/mis-shaped keys (named), inconsistent configs.
     """
     ref = str(ref)
+    key = shared.base_key(ref, base, device) if share else None
+    ckpt = shared.take(key, dtype, ref) if key is not None else None
+    if ckpt is None:
+        ckpt = _load_new(ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal, share=share)
+        if key is not None and ckpt.ttt_config is None:
+            shared.offer(key, ckpt)
+    if load_mimi and ckpt.mimi_ref is not None:
+        mimi = load_mimi_codec(ckpt.mimi_ref, ckpt.lm_config, device=device, share=share)
+        ckpt = dataclasses.replace(ckpt, mimi=mimi)
+    logger.info("loaded %s checkpoint %s", ckpt.kind, ref)
+    return ckpt
+
+
+def _load_new(ref: str, *, base: str | None, device, dtype, legacy_causal: bool, share: bool) -> LoadedCheckpoint:
+    """`load` from the files (the base of a checkpoint that names one may still come from the pool)."""
+    kwargs = {"base": base, "device": device, "dtype": dtype, "legacy_causal": legacy_causal, "share": share}
     if ref.startswith(HF_PREFIX):
-        ckpt = _load_hub(ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal)
+        ckpt = _load_hub(ref, **kwargs)
     else:
-        ckpt = _load_local(Path(ref), ref=ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal)
+        ckpt = _load_local(Path(ref), ref=ref, **kwargs)
     if ckpt.mimi_ref is not None and not ckpt.mimi_ref.startswith(HF_PREFIX) and not ref.startswith(HF_PREFIX):
         # A relative codec path in a local checkpoint is relative to the checkpoint's directory; resolved, so that
         # two checkpoints naming the same codec compare equal.
@@ -69,15 +98,11 @@ def load(
         candidate = local / ckpt.mimi_ref
         codec = candidate if not Path(ckpt.mimi_ref).is_absolute() and candidate.exists() else Path(ckpt.mimi_ref)
         ckpt = dataclasses.replace(ckpt, mimi_ref=str(codec.resolve()))
-    if load_mimi and ckpt.mimi_ref is not None:
-        mimi = load_mimi_codec(ckpt.mimi_ref, ckpt.lm_config, device=device)
-        ckpt = dataclasses.replace(ckpt, mimi=mimi)
-    logger.info("loaded %s checkpoint %s", ckpt.kind, ref)
     return ckpt
 
 
 def _load_local(
-    path: Path, *, ref: str, base: str | None, device, dtype: torch.dtype, legacy_causal: bool
+    path: Path, *, ref: str, base: str | None, device, dtype: torch.dtype | None, legacy_causal: bool, share: bool
 ) -> LoadedCheckpoint:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -87,54 +112,61 @@ def _load_local(
             raise ValueError(f"{path}: expected a .safetensors weights file or a checkpoint directory")
         return load_moshi_dir(path.parent, ref=ref, weights=path, base=base, device=device, dtype=dtype)
     config_path = path / CONFIG_NAME
+    kwargs = {"ref": ref, "base": base, "device": device, "dtype": dtype, "legacy_causal": legacy_causal}
     if config_path.is_file() and is_ours(read_json(config_path)):
-        return load_ours(
-            path, ref=ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal, load_fn=load
-        )
+        return load_ours(path, load_fn=functools.partial(load, share=share), **kwargs)
     if is_legacy(path):
-        return load_legacy(
-            path, ref=ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal, load_fn=load
-        )
+        return load_legacy(path, load_fn=functools.partial(load, share=share), **kwargs)
     return load_moshi_dir(path, ref=ref, base=base, device=device, dtype=dtype)
 
 
-def _load_hub(ref: str, *, base: str | None, device, dtype: torch.dtype, legacy_causal: bool) -> LoadedCheckpoint:
-    repo, sub = parse_hf_ref(ref)
-    suffix = Path(sub).suffix
+def _load_hub(
+    ref: str, *, base: str | None, device, dtype: torch.dtype | None, legacy_causal: bool, share: bool
+) -> LoadedCheckpoint:
+    hub = HubRef.parse(ref)
+    suffix = Path(hub.path).suffix
     if suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{ref} is a pickle/torch.save checkpoint; only safetensors files are accepted")
     if suffix in SAFETENSORS_SUFFIXES:
         # One weights file of a repo: its directory's config.json, if any, comes along.
-        folder = Path(sub).parent.as_posix()
-        local = hub_file(repo, sub)
-        config = hub_file_or_none(repo, f"{folder}/{CONFIG_NAME}" if folder != "." else CONFIG_NAME)
+        folder = Path(hub.path).parent.as_posix()
+        local = hub_file(hub, hub.path)
+        config = hub_file_or_none(hub, f"{folder}/{CONFIG_NAME}" if folder != "." else CONFIG_NAME)
         directory = config.parent if config is not None else local.parent
         return load_moshi_dir(directory, ref=ref, weights=local, base=base, device=device, dtype=dtype)
-    join = (lambda name: f"{sub}/{name}") if sub else (lambda name: name)
-    config = hub_file_or_none(repo, join(CONFIG_NAME))
+    config = hub_file_or_none(hub, hub.file(CONFIG_NAME))
     kwargs = {"ref": ref, "base": base, "device": device, "dtype": dtype, "legacy_causal": legacy_causal}
+    load_fn = functools.partial(load, share=share)
     if config is not None and is_ours(read_json(config)):
-        return load_ours(hub_folder(repo, sub), load_fn=load, **kwargs)
-    if hub_file_or_none(repo, join(TRAINING_CONFIG)) is not None:
-        return load_legacy(hub_folder(repo, sub), load_fn=load, **kwargs)
-    if sub:
-        return load_moshi_dir(hub_folder(repo, sub), ref=ref, base=base, device=device, dtype=dtype)
-    return load_moshi_hub(repo, ref=ref, device=device, dtype=dtype)
+        return load_ours(hub_folder(hub, hub.path), load_fn=load_fn, **kwargs)
+    if hub_file_or_none(hub, hub.file(TRAINING_CONFIG)) is not None:
+        return load_legacy(hub_folder(hub, hub.path), load_fn=load_fn, **kwargs)
+    if hub.path:
+        return load_moshi_dir(hub_folder(hub, hub.path), ref=ref, base=base, device=device, dtype=dtype)
+    return load_moshi_hub(hub, ref=ref, device=device, dtype=dtype)
 
 
-def load_mimi_codec(mimi_ref: str, lm_config: dict, device: torch.device | str = "cpu") -> MimiModel:
-    """Builds the Mimi codec from a local safetensors file or an hf://owner/repo/file reference (moshi's config),
-    or from a directory of ours (`moshi_ttt.data.codec.save_codec`).
+def load_mimi_codec(
+    mimi_ref: str, lm_config: dict, device: torch.device | str = "cpu", share: bool = True
+) -> MimiModel:
+    """Builds the Mimi codec from a local safetensors file or an hf://owner/repo[@revision]/file reference (moshi's
+    config), or from a directory of ours (`moshi_ttt.data.codec.save_codec`).
 
-    The number of codebooks follows the LM, as CheckpointInfo.get_mimi does.
+    The number of codebooks follows the LM, as CheckpointInfo.get_mimi does. With `share`, a codec already built
+    from the same file for the same device and codebooks is returned (encoding does not change it).
     """
     if mimi_ref.startswith(HF_PREFIX):
-        repo, sub = parse_hf_ref(mimi_ref)
-        path = hub_file(repo, sub or loaders.MIMI_NAME)
+        hub = HubRef.parse(mimi_ref)
+        path = hub_file(hub, hub.path or loaders.MIMI_NAME)
     else:
         path = Path(mimi_ref)
         if is_codec_dir(path):  # one of our small Mimi-architecture codecs (e.g. the demo codec)
             return load_codec(path, device=device)
     check_weights_file(path)
     dep_q, n_q = int(lm_config.get("dep_q", 8)), int(lm_config.get("n_q", 8))
-    return loaders.get_mimi(path, None, device=device, num_codebooks=max(dep_q, n_q - dep_q))
+    codebooks = max(dep_q, n_q - dep_q)
+
+    def build() -> MimiModel:
+        return loaders.get_mimi(path, None, device=device, num_codebooks=codebooks)
+
+    return shared.shared_mimi(path, codebooks, device, build) if share else build()

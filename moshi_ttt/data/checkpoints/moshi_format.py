@@ -18,19 +18,17 @@ from moshi.modules.lora import replace_all_linear_with_lora
 
 from moshi_ttt.compat.moshi import default_lm_kwargs
 from moshi_ttt.data.checkpoints.common import (
-    HF_PREFIX,
     PICKLE_SUFFIXES,
     LoadedCheckpoint,
     check_keys,
     check_weights_file,
-    hub_call,
-    hub_file,
     lm_kwargs,
     model_shapes,
-    parse_hf_ref,
     read_json,
+    resolve_dtype,
     tensor_shapes,
 )
+from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, hub_call, hub_file, hub_file_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +54,8 @@ def base_weights(base: str | None) -> Path:
     if base is None:
         base = f"{HF_PREFIX}{loaders.DEFAULT_REPO}"
     if base.startswith(HF_PREFIX):
-        repo, sub = parse_hf_ref(base)
-        return hub_file(repo, sub or loaders.MOSHI_NAME)
+        hub = HubRef.parse(base)
+        return hub_file(hub, hub.path or loaders.MOSHI_NAME)
     path = Path(base)
     if path.is_dir():
         found = _find_weights(path, FULL_NAMES)
@@ -83,14 +81,14 @@ def check_moshi_files(lm_config: dict, weights: Path, lora_weights: Path | None,
 
 
 def _from_info(
-    info: loaders.CheckpointInfo, *, ref: str, mimi_ref: str | None, device, dtype: torch.dtype, notes: list[str]
+    info: loaders.CheckpointInfo, *, ref: str, mimi_ref: str | None, device, dtype: torch.dtype | None, notes: list[str]
 ) -> LoadedCheckpoint:
     raw_lm = dict(info.lm_config) if info.lm_config is not None else default_lm_kwargs()
     lm_config = lm_kwargs(raw_lm)
     lora_rank = int(raw_lm.get("lora_rank", 128))
     check_moshi_files(lm_config, Path(info.moshi_weights), info.lora_weights, lora_rank)
     # fuse_lora: the adapter is merged, so the result is a plain LMModel that TTT and scoring can use.
-    model = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
+    model = info.get_moshi(device=device, dtype=resolve_dtype(dtype, lm_config, device), fuse_lora=True)
     model.eval()
     return LoadedCheckpoint(
         model=model,
@@ -111,7 +109,7 @@ def load_moshi_dir(
     weights: Path | None = None,
     base: str | None,
     device: torch.device | str,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
 ) -> LoadedCheckpoint:
     """A local moshi checkpoint directory (or one weights file of it) via CheckpointInfo."""
     config_path = directory / "config.json"
@@ -154,9 +152,27 @@ def load_moshi_dir(
     return _from_info(info, ref=ref, mimi_ref=mimi_ref, device=device, dtype=dtype, notes=notes)
 
 
-def load_moshi_hub(repo: str, *, ref: str, device: torch.device | str, dtype: torch.dtype) -> LoadedCheckpoint:
-    """A moshi Hub repo (e.g. kyutai/moshiko-pytorch-bf16) via CheckpointInfo.from_hf_repo (downloads)."""
-    info = hub_call(repo, "the moshi checkpoint", lambda: loaders.CheckpointInfo.from_hf_repo(repo))
+def load_moshi_hub(hub: HubRef, *, ref: str, device: torch.device | str, dtype: torch.dtype | None) -> LoadedCheckpoint:
+    """A moshi Hub repo (e.g. kyutai/moshiko-pytorch-bf16) at the reference's revision, via CheckpointInfo.
+
+    Its config.json is optional (moshi assumes Moshi 7B without one); offline, a config.json that is not in the cached
+    snapshot is taken as absent, where moshi's `from_hf_repo` would stop at the probe.
+    """
+    config = hub_file_or_none(hub, "config.json")
+    notes = []
+    if config is not None:
+        info = hub_call(
+            hub,
+            "the moshi checkpoint",
+            lambda: loaders.CheckpointInfo.from_hf_repo(hub.repo, config_path=config, revision=hub.revision),
+        )
+    else:  # what from_hf_repo does for a repo without config.json
+        notes.append(f"{hub} has no config.json: assumed to be Moshi 7B (moshiko)")
+        info = loaders.CheckpointInfo(
+            moshi_weights=hub_file(hub, loaders.MOSHI_NAME),
+            mimi_weights=hub_file(hub, loaders.MIMI_NAME),
+            tokenizer=hub_file(hub, loaders.TEXT_TOKENIZER_NAME),
+        )
     if info.lora_weights is not None:
         check_weights_file(Path(info.lora_weights))
-    return _from_info(info, ref=ref, mimi_ref=str(info.mimi_weights), device=device, dtype=dtype, notes=[])
+    return _from_info(info, ref=ref, mimi_ref=str(info.mimi_weights), device=device, dtype=dtype, notes=notes)

@@ -153,7 +153,7 @@ def load_ours(
     ref: str,
     base: str | None,
     device: torch.device | str,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     legacy_causal: bool,
     load_fn: LoadFn,
 ) -> LoadedCheckpoint:
@@ -169,10 +169,11 @@ def load_ours(
         lm_config = dict(config["lm_config"])
         model = build_lm(lm_config, device, dtype)
         if ttt is not None:
-            apply_ttt(model, ttt)
+            apply_ttt(model, ttt, device="meta")  # filled by load_full, never randomly initialised
         load_full(model, read_tensors(weights), str(weights), device)
     else:
         base_ref = base or _resolve_relative(config["base"], directory)
+        # The base's tensors: read from its files, or those of a model of this process loaded from it (shared.py).
         base_ckpt = load_fn(base_ref, device=device, dtype=dtype)
         if base_ckpt.ttt_config is not None:
             raise ValueError(f"the base {base_ref} of {directory} already has TTT layers; a base must be a plain model")
@@ -180,8 +181,8 @@ def load_ours(
             raise ValueError(f"{directory / CONFIG_NAME} names a base but no TTT config: it would add nothing")
         model, lm_config, notes = base_ckpt.model, base_ckpt.lm_config, list(base_ckpt.notes)
         mimi_ref = mimi_ref or base_ckpt.mimi_ref
-        apply_ttt(model, ttt)
-        load_part(model, read_tensors(weights), model_shapes(model, ttt_prefixes(model)), str(weights))
+        apply_ttt(model, ttt, device="meta")
+        load_part(model, read_tensors(weights), model_shapes(model, ttt_prefixes(model)), str(weights), device)
     model.eval()
     return LoadedCheckpoint(
         model=model,

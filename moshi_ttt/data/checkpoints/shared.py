@@ -1,0 +1,185 @@
+"""Load once: every model of this process loaded from the same base holds the same base tensors.
+
+A TTT checkpoint over a base (config.json `"base": "hf://kyutai/moshiko-pytorch-bf16"`) and that base loaded as a
+baseline share one copy of the base weights, whatever the loading order: the first load reads the file; a later
+load of the same base (same reference and revision, `base` override, device and dtype) builds its LMModel on the
+meta device and takes the tensors of a model already loaded with `load_state_dict(assign=True)`, as moshi's own
+loader takes a file's tensors. A TTT checkpoint then adds its TTT tensors, nothing more.
+
+The pool holds no tensor: only weak references to the models that hold them, and a fingerprint of each tensor
+(its memory address and in-place version counter). The weights go with the last model that holds them. A model
+whose base tensors were changed in place (an optimizer step) or replaced (`model.to(...)`) since they were pooled
+no longer matches its fingerprints, and the next load reads the file again instead of sharing changed weights.
+Shared tensors are read-only by contract: changing them in place changes every model that holds them (load with
+`share=False` to get a private copy to train).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMModel
+
+from moshi_ttt.data.checkpoints.common import LoadedCheckpoint, resolve_dtype
+from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaseKey:
+    """What makes two loads the same base."""
+
+    ref: str  # the reference, canonical: hf://owner/repo@revision[/path] (revision "main" if none), or an absolute path
+    base: str | None  # the `base` override of the load (the weights a LoRA adapter goes on), canonical too
+    device: str  # e.g. "cpu", "cuda:0"
+
+
+@dataclass
+class _Entry:
+    """One loaded base: what rebuilds a LoadedCheckpoint around its tensors, and who holds them."""
+
+    dtype: torch.dtype  # of the loaded model
+    auto: bool  # `resolve_dtype(None, ...)` gives this dtype: a load with dtype=None (auto) may share it
+    lm_config: dict
+    mimi_ref: str | None
+    kind: str
+    notes: list[str]
+    fingerprints: dict[str, tuple[int, int]]  # state-dict name -> (data_ptr, _version) when pooled
+    holders: list[weakref.ref] = field(default_factory=list)  # models holding the tensors (weak)
+
+
+_LOCK = threading.Lock()
+_POOL: dict[BaseKey, list[_Entry]] = {}
+_MIMI: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (path, codebooks, device) -> MimiModel
+
+
+def canonical_ref(ref: str) -> str:
+    """One spelling per reference: hf://owner/repo@main for hf://owner/repo, absolute paths for local ones."""
+    if ref.startswith(HF_PREFIX):
+        hub = HubRef.parse(ref)
+        return str(HubRef(hub.repo, hub.revision or "main", hub.path))
+    return str(Path(ref).resolve())
+
+
+def device_name(device: torch.device | str) -> str:
+    """ "cuda" and "cuda:0" are one device (the current one)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def base_key(ref: str, base: str | None, device: torch.device | str) -> BaseKey:
+    return BaseKey(canonical_ref(ref), None if base is None else canonical_ref(base), device_name(device))
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.data_ptr(), tensor._version  # _version: torch's in-place counter, shared by every alias
+
+
+def _live_tensors(entry: _Entry) -> dict[str, torch.Tensor] | None:
+    """The pooled tensors, taken from the live holders; None if any is gone or changed since it was pooled."""
+    entry.holders = [ref for ref in entry.holders if ref() is not None]
+    states = [holder.state_dict() for holder in (ref() for ref in entry.holders) if holder is not None]
+    tensors = {}
+    for name, fingerprint in entry.fingerprints.items():
+        found = next((s[name] for s in states if name in s and _fingerprint(s[name]) == fingerprint), None)
+        if found is None:
+            return None
+        tensors[name] = found
+    return tensors
+
+
+def take(key: BaseKey, dtype: torch.dtype | None, ref: str) -> LoadedCheckpoint | None:
+    """A new model over the tensors of the same base loaded before, if a live model holds them unchanged.
+
+    Args:
+        key: the load's `base_key`.
+        dtype: the load's dtype; None (auto) takes an entry loaded in the dtype that auto gives.
+        ref: the reference as the caller wrote it (the result's `ref`).
+    Returns:
+        A LoadedCheckpoint (eval mode, no codec) whose model holds the pooled tensors, or None.
+    """
+    with _LOCK:
+        entries = _POOL.get(key, [])
+        for entry in list(entries):
+            if not (entry.dtype == dtype or (dtype is None and entry.auto)):
+                continue
+            tensors = _live_tensors(entry)
+            if tensors is None:  # freed, moved or changed in place: not shared again
+                entries.remove(entry)
+                continue
+            model = LMModel(device="meta", dtype=entry.dtype, **entry.lm_config)
+            model.load_state_dict(tensors, strict=True, assign=True)
+            model.eval()
+            entry.holders.append(weakref.ref(model))
+            logger.info("%s: shares the %d base tensors of a model loaded before", ref, len(tensors))
+            return LoadedCheckpoint(
+                model=model,
+                mimi=None,
+                mimi_ref=entry.mimi_ref,
+                lm_config=dict(entry.lm_config),
+                ttt_config=None,
+                kind=entry.kind,
+                ref=ref,
+                notes=list(entry.notes),
+            )
+        if not entries:
+            _POOL.pop(key, None)
+        return None
+
+
+def offer(key: BaseKey, ckpt: LoadedCheckpoint) -> None:
+    """Pools the tensors of a plain model (no TTT layers) just loaded, for later loads of the same base."""
+    if ckpt.ttt_config is not None:
+        raise ValueError("only plain models are bases; this one has TTT layers")
+    state = ckpt.model.state_dict()
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    if dtype is None:  # a model of mixed floating dtypes comes from no single `dtype` argument
+        return
+    entry = _Entry(
+        dtype=dtype,
+        auto=resolve_dtype(None, ckpt.lm_config, key.device) == dtype,
+        lm_config=dict(ckpt.lm_config),
+        mimi_ref=ckpt.mimi_ref,
+        kind=ckpt.kind,
+        notes=list(ckpt.notes),
+        fingerprints={name: _fingerprint(t) for name, t in state.items()},
+        holders=[weakref.ref(ckpt.model)],
+    )
+    with _LOCK:
+        entries = _POOL.setdefault(key, [])
+        entries[:] = [e for e in entries if e.dtype != dtype] + [entry]
+
+
+def shared_mimi(path: Path, codebooks: int, device: torch.device | str, build) -> MimiModel:
+    """The codec of `path` with `codebooks` on `device`: the one already built, if a checkpoint still holds it,
+    else `build()`'s. Encoding does not change it, so the baseline and the TTT model can use one codec."""
+    key = (str(path.resolve()), int(codebooks), device_name(device))
+    with _LOCK:
+        mimi = _MIMI.get(key)
+        if mimi is None:
+            mimi = build()
+            _MIMI[key] = mimi
+        return mimi
+
+
+def weight_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct memory that the modules' parameters and buffers hold: a tensor shared by two models,
+    or by two names of one model, counts once."""
+    storages = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_meta:
+                continue
+            storage = tensor.untyped_storage()
+            storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())

@@ -1,0 +1,120 @@
+"""Hub references offline and at revisions, and load once: a TTT checkpoint and its base share the base's tensors.
+
+Repos are written in kyutai's Hub layout into an offline local Hugging Face cache (`offline_hub_cache`), so the real
+huggingface_hub and moshi CheckpointInfo code runs, with no network.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from tiny_models import random_audio_codes, tiny_lm_config
+
+from bench.hub_cache import write_moshi_repo, write_ttt_checkpoint
+from moshi_ttt import load
+from moshi_ttt.compat.sequence import model_codes
+from moshi_ttt.data.checkpoints.shared import weight_bytes
+from moshi_ttt.ttt.apply import ttt_blocks
+
+REPO = "kyutai/tiny-moshi"
+BASE = f"hf://{REPO}"
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def logits(model) -> torch.Tensor:
+    codes = model_codes(model, random_audio_codes(1, 10, seed=2))
+    with torch.no_grad():
+        return model(codes).logits
+
+
+@pytest.fixture
+def hub_repo(offline_hub_cache):
+    """A tiny moshi repo in the offline cache: main -> commit A (seed 0), tag v2 -> commit B (seed 1)."""
+    write_moshi_repo(offline_hub_cache, tiny_lm_config(), dtype=torch.float32, repo=REPO, commit=COMMIT_A, mimi=False)
+    write_moshi_repo(
+        offline_hub_cache, tiny_lm_config(), dtype=torch.float32, repo=REPO, commit=COMMIT_B, refs=("v2",), seed=1,
+        mimi=False,
+    )  # fmt: skip
+    return offline_hub_cache
+
+
+def snapshot(cache, commit: str):
+    return cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / commit
+
+
+def test_hub_references_load_offline_and_at_their_revision(hub_repo):
+    """No training_config.json, no network: the optional probes say "absent", the repo loads from the cache."""
+    main = load(BASE, share=False)
+    assert main.kind == "moshi" and main.lm_config == tiny_lm_config()
+    expected_a = logits(load(str(snapshot(hub_repo, COMMIT_A)), share=False).model)
+    expected_b = logits(load(str(snapshot(hub_repo, COMMIT_B)), share=False).model)
+    assert not torch.allclose(expected_a.nan_to_num(), expected_b.nan_to_num())
+    torch.testing.assert_close(logits(main.model), expected_a, rtol=0, atol=0, equal_nan=True)
+    for ref in (f"{BASE}@v2", f"{BASE}@{COMMIT_B}"):
+        torch.testing.assert_close(logits(load(ref, share=False).model), expected_b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_revision_missing_from_the_offline_cache_names_the_hub_cli(hub_repo):
+    with pytest.raises(FileNotFoundError, match=f"`hf download {REPO} --revision v3`"):
+        load(f"{BASE}@v3")
+    with pytest.raises(FileNotFoundError, match="`hf download kyutai/other`"):
+        load("hf://kyutai/other")
+
+
+def test_a_repo_without_config_json_is_taken_as_moshi_7b_offline_too(offline_hub_cache):
+    """moshi assumes Moshi 7B without config.json; offline, the missing file must not stop the load first."""
+    write_moshi_repo(offline_hub_cache, tiny_lm_config(), dtype=torch.float32, repo=REPO, with_config=False, mimi=False)
+    with pytest.raises(ValueError, match="does not match the model: missing keys"):
+        load(BASE)  # the tiny weights are not 7B-shaped: the key check speaks, not the Hub
+
+
+@pytest.mark.parametrize("order", ["baseline_first", "ttt_first"])
+def test_a_ttt_checkpoint_and_its_base_hold_one_copy_of_the_base(hub_repo, tmp_path, order):
+    ttt_dir = write_ttt_checkpoint(tmp_path / "ttt", BASE, tiny_lm_config(), layers="1,2", dtype=torch.float32)
+    refs = [BASE, str(ttt_dir)] if order == "baseline_first" else [str(ttt_dir), BASE]
+    loaded = {ref: load(ref).model for ref in refs}
+    baseline, ttt = loaded[BASE], loaded[str(ttt_dir)]
+    assert not ttt_blocks(baseline) and sorted(ttt_blocks(ttt)) == [1, 2]
+    # The baseline adds no byte to the TTT model: every base tensor is the same memory.
+    assert weight_bytes(baseline, ttt) == weight_bytes(ttt) > weight_bytes(baseline)
+    base_weight = "transformer.layers.1.self_attn.in_projs.0.weight"
+    assert baseline.state_dict()[base_weight].data_ptr() == ttt.state_dict()[base_weight].data_ptr()
+    # ...and both compute what models that share nothing compute.
+    alone = {ref: load(ref, share=False).model for ref in refs}
+    assert weight_bytes(*alone.values()) > weight_bytes(baseline, ttt)
+    for ref in refs:
+        torch.testing.assert_close(logits(loaded[ref]), logits(alone[ref]), rtol=0, atol=0, equal_nan=True)
+
+
+def test_revisions_and_dtypes_are_different_bases(hub_repo):
+    main, v2 = load(BASE).model, load(f"{BASE}@v2").model
+    bf16 = load(BASE, dtype=torch.bfloat16).model
+    assert weight_bytes(main, v2) == weight_bytes(main) + weight_bytes(v2)
+    assert weight_bytes(main, bf16) == weight_bytes(main) + weight_bytes(bf16)
+    assert weight_bytes(main, load(f"{BASE}@main").model) == weight_bytes(main)  # one revision, two spellings
+
+
+def test_the_pool_keeps_nothing_alive_and_never_shares_changed_weights(hub_repo, tmp_path):
+    ttt_dir = write_ttt_checkpoint(tmp_path / "ttt", BASE, tiny_lm_config(), layers="1", dtype=torch.float32)
+    expected = logits(load(str(ttt_dir), share=False).model)
+    baseline = load(BASE).model
+    gone = weakref.ref(baseline)
+    del baseline
+    gc.collect()
+    assert gone() is None  # the pool holds weak references only
+    baseline = load(BASE).model
+    with torch.no_grad():  # trained in place after loading: its weights are no longer the file's
+        baseline.transformer.layers[0].self_attn.out_projs[0].weight.add_(1.0)
+    ttt = load(str(ttt_dir)).model
+    assert weight_bytes(baseline, ttt) == weight_bytes(baseline) + weight_bytes(ttt)
+    torch.testing.assert_close(logits(ttt), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_dtype_auto_shares_with_the_dtype_it_stands_for(hub_repo, tmp_path):
+    """dtype=None: float32 for a small model on the CPU, so it shares with an explicit float32 load."""
+    ttt_dir = write_ttt_checkpoint(tmp_path / "ttt", BASE, tiny_lm_config(), layers="1", dtype=torch.float32)
+    baseline = load(BASE, dtype=torch.float32).model
+    ttt = load(str(ttt_dir), dtype=None).model
+    assert ttt_blocks(ttt)[1].wq.weight.dtype == torch.float32
+    assert weight_bytes(baseline, ttt) == weight_bytes(ttt)
