@@ -358,3 +358,17 @@ def test_legacy_config_is_required_for_legacy_mode():
     assert LegacyConfig(rope_theta=500).rope_theta == 500.0 and LegacyConfig(mlp_hidden_dims=[8]).mlp_hidden_dims == (
         8,
     )
+
+
+def test_meta_models_are_built_without_their_random_initialisation():
+    """common.meta_lm skips the initialisation of meta tensors (13 s -> 0.2 s for Moshi 7B on 2 cores), builds every
+    module on meta (moshi makes text_linear without its device argument) and leaves real tensors alone."""
+    config = {**tiny_lm_config(), "dim": 64, "num_heads": 4}
+    fast = common.meta_lm(config, torch.bfloat16)
+    slow = LMModel(device="meta", dtype=torch.bfloat16, **config)
+    shapes = {k: (v.shape, v.dtype, v.device) for k, v in slow.state_dict().items()}
+    assert {k: (v.shape, v.dtype, v.device) for k, v in fast.state_dict().items()} == shapes
+    with common.SkipInitOnMeta():
+        real = torch.nn.init.kaiming_uniform_(torch.zeros(4, 4))
+        meta = torch.nn.init.kaiming_uniform_(torch.zeros(4, 4, device="meta"))
+    assert real.abs().sum() > 0 and meta.is_meta

@@ -12,6 +12,7 @@ import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from moshi_ttt.config import TTTConfig
 from moshi_ttt.ttt.apply import ttt_blocks
@@ -167,6 +168,37 @@ def resolve_dtype(dtype: torch.dtype | None, lm_config: dict, device: torch.devi
     return torch.float32
 
 
+class SkipInitOnMeta(TorchFunctionMode):
+    """Inside: the random initialisation of meta tensors is skipped. It computes nothing (a meta tensor has no
+    values), yet torch runs it through its Python reference kernels. Only in-place initialisations of meta tensors
+    are skipped; they leave shapes and dtypes as they are."""
+
+    SKIPPED = frozenset(
+        {
+            *("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_"),
+            *("xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_", "fill_", "zero_", "clamp_", "erfinv_"),
+            *("mul_", "add_"),
+        }
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        first = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
+        if getattr(func, "__name__", None) in self.SKIPPED and isinstance(first, torch.Tensor) and first.is_meta:
+            return first
+        return func(*args, **kwargs)
+
+
+def meta_lm(lm_config: dict, dtype: torch.dtype) -> LMModel:
+    """The LMModel of `lm_config` on the meta device (no memory), built without running its random
+    initialisation, to be filled with load_state_dict(assign=True).
+
+    The default device is meta too: moshi builds a few modules without its `device` argument (LMModel.text_linear,
+    131M parameters at 7B), which would otherwise be initialised on the CPU and then moved."""
+    with torch.device("meta"), SkipInitOnMeta():
+        return LMModel(device="meta", dtype=dtype, **lm_config)
+
+
 def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype | None) -> LMModel:
     """A moshi LMModel to fill with `load_full`: built on the meta device (no memory, no random initialisation),
     except a small model bound for the CPU, which is built there directly: initialising meta tensors runs
@@ -175,7 +207,7 @@ def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype | N
     dtype = resolve_dtype(dtype, lm_config, device)
     small = approx_params(lm_config) < SMALL_MODEL_PARAMS and torch.device(device).type == "cpu"
     if not small:
-        return LMModel(device="meta", dtype=dtype, **lm_config)
+        return meta_lm(lm_config, dtype)
     with torch.random.fork_rng(devices=[]):  # the random initialisation must not move the caller's RNG
         return LMModel(device="cpu", dtype=dtype, **lm_config)
 

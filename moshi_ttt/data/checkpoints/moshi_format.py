@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 from moshi.models import loaders
-from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_all_linear_with_lora
 
 from moshi_ttt.compat.moshi import default_lm_kwargs
 from moshi_ttt.data.checkpoints.common import (
     PICKLE_SUFFIXES,
     LoadedCheckpoint,
+    SkipInitOnMeta,
     check_keys,
     check_weights_file,
     lm_kwargs,
+    meta_lm,
     model_shapes,
     read_json,
     resolve_dtype,
@@ -72,7 +73,7 @@ def check_moshi_files(lm_config: dict, weights: Path, lora_weights: Path | None,
     Raises:
         ValueError: naming unknown, missing or mis-shaped keys of either file.
     """
-    model = LMModel(device="meta", dtype=torch.float32, **lm_config)
+    model = meta_lm(lm_config, torch.float32)
     check_keys(model_shapes(model), tensor_shapes(weights), str(weights))
     if lora_weights is not None:
         replace_all_linear_with_lora(model, lora_rank, 1.0, device="meta")
@@ -88,7 +89,9 @@ def _from_info(
     lora_rank = int(raw_lm.get("lora_rank", 128))
     check_moshi_files(lm_config, Path(info.moshi_weights), info.lora_weights, lora_rank)
     # fuse_lora: the adapter is merged, so the result is a plain LMModel that TTT and scoring can use.
-    model = info.get_moshi(device=device, dtype=resolve_dtype(dtype, lm_config, device), fuse_lora=True)
+    # moshi builds the LMModel on the meta device and assigns every tensor of the file: its initialisation is skipped.
+    with SkipInitOnMeta():
+        model = info.get_moshi(device=device, dtype=resolve_dtype(dtype, lm_config, device), fuse_lora=True)
     model.eval()
     return LoadedCheckpoint(
         model=model,

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 from moshi.models.compression import MimiModel
-from moshi.models.lm import LMModel
 
-from moshi_ttt.data.checkpoints.common import LoadedCheckpoint, resolve_dtype
+from moshi_ttt.data.checkpoints.common import LoadedCheckpoint, meta_lm, resolve_dtype
 from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef
 
 logger = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def take(key: BaseKey, dtype: torch.dtype | None, ref: str) -> LoadedCheckpoint 
             if tensors is None:  # freed, moved or changed in place: not shared again
                 entries.remove(entry)
                 continue
-            model = LMModel(device="meta", dtype=entry.dtype, **entry.lm_config)
+            model = meta_lm(entry.lm_config, entry.dtype)
             model.load_state_dict(tensors, strict=True, assign=True)
             model.eval()
             entry.holders.append(weakref.ref(model))
