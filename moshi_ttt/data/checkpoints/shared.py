@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
 from moshi.models.compression import MimiModel
 
 from moshi_ttt.data.checkpoints.common import LoadedCheckpoint, meta_lm, resolve_dtype
@@ -38,6 +39,7 @@ class BaseKey:
     ref: str  # the reference, canonical: hf://owner/repo@revision[/path] (revision "main" if none), or an absolute path
     base: str | None  # the `base` override of the load (the weights a LoRA adapter goes on), canonical too
     device: str  # e.g. "cpu", "cuda:0"
+    hub_cache: str  # the Hugging Face cache that hf:// references were read from (HF_HUB_CACHE at load time)
 
 
 @dataclass
@@ -76,7 +78,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def base_key(ref: str, base: str | None, device: torch.device | str) -> BaseKey:
-    return BaseKey(canonical_ref(ref), None if base is None else canonical_ref(base), device_name(device))
+    canonical_base = None if base is None else canonical_ref(base)
+    return BaseKey(canonical_ref(ref), canonical_base, device_name(device), str(constants.HF_HUB_CACHE))
 
 
 def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
