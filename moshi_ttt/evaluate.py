@@ -37,6 +37,7 @@ from moshi_ttt.reports.results import (
     write_json,
     write_report,
 )
+from moshi_ttt.scoring.cost import model_dtype
 from moshi_ttt.scoring.peak_memory import PeakMemory
 from moshi_ttt.scoring.teacher_forcing import non_causal_mini_batch, score
 from moshi_ttt.ttt.apply import ttt_blocks
@@ -47,7 +48,9 @@ logger = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_assets"
 # The demo's baseline is the fair one: the same extra training as the TTT model, without TTT.
 DEMO_CHECKPOINTS = {"baseline": DEMO_DIR / "fair_baseline", "ttt": DEMO_DIR / "ttt"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto": bfloat16 on a GPU; on the CPU float32, bfloat16 for models of 4e9 parameters and more (Moshi 7B: 14.3 GiB
+# instead of 28.6); TTT fast weights stay float32 (moshi_ttt.data.checkpoints.common.resolve_dtype).
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UsageError(Exception):
@@ -80,8 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-silence", action="store_true", help="score silent files instead of rejecting them")
     p.add_argument("--bin-size", type=int, default=250, help="tokens per position bin in the summaries")
     p.add_argument("--sweep", action="store_true", help="add mini-batch size, persistence and context sweeps")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when there is a GPU"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="auto",
+        help="auto: bfloat16 on a GPU; on the CPU float32, bfloat16 from 4e9 parameters (Moshi 7B); "
+        "TTT fast weights stay float32",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     return p
 
@@ -228,6 +239,10 @@ def run(args) -> int:
         mimi = mimi if mimi is not None else ckpt.mimi
     if mimi is None:
         raise UsageError("none of the checkpoints names a Mimi codec to encode the audio with")
+    args.dtype = "/".join(sorted({str(model_dtype(m)).removeprefix("torch.") for _, m in models.values()}))
+    note = _cpu_time_note([m for _, m in models.values()], args.audio, args.device)
+    if note and rank == 0:
+        tqdm.write(note, file=sys.stderr)
     mine = [(i, f) for i, f in enumerate(files) if i % world == rank]
     entries, failures = [], []
     for index, file in tqdm(mine, desc=f"scoring (rank {rank})" if world > 1 else "scoring", unit="file"):
@@ -249,6 +264,36 @@ def run(args) -> int:
                       f"TTT {row['TTT loss']}, {row['improvement %']:+.2f}%")  # fmt: skip
         print(f"{len(entries)} file(s) scored into {args.out}, {len(failures)} failed")
     return 1 if failures else 0
+
+
+def _cpu_time_note(models: list, audio: list[Path] | None, device: str) -> str | None:
+    """For a CPU run with a model of LARGE_MODEL_PARAMS or more: how long scoring will take, from measured
+    seconds per token by model size (moshi_ttt.scoring.cost)."""
+    import soundfile
+
+    from moshi_ttt.data.checkpoints.common import LARGE_MODEL_PARAMS
+    from moshi_ttt.scoring.cost import FRAME_RATE_HZ, scoring_seconds
+
+    largest = max(sum(t.numel() for t in m.parameters()) for m in models)
+    if torch.device(device).type != "cpu" or largest < LARGE_MODEL_PARAMS:
+        return None
+    per_token_s = scoring_seconds(models, 1, device)
+    if per_token_s is None:
+        return None
+    per_audio_s = per_token_s * FRAME_RATE_HZ
+    note = (
+        f"note: scoring on the CPU ({torch.get_num_threads()} threads) with {len(models)} model(s) of up to "
+        f"{largest / 1e9:.1f}e9 parameters takes about {per_audio_s:.0f} s per second of audio"
+    )
+    if audio:
+        seconds = 0.0
+        for file in audio:
+            try:
+                seconds += soundfile.info(str(file)).duration
+            except RuntimeError:  # unreadable (soundfile's LibsndfileError): reported when it is scored
+                continue
+        note += f": about {seconds * per_audio_s / 60:.0f} min for these {len(audio)} file(s) ({seconds:.0f} s)"
+    return note
 
 
 def _init_distributed(device: str) -> tuple[int, int]:

@@ -147,8 +147,9 @@ def ttt_prefixes(model: LMModel) -> list[str]:
 # Below this many parameters (about; see `approx_params`), a model loaded onto the CPU is built there directly.
 SMALL_MODEL_PARAMS = 50_000_000
 # From this many parameters on, dtype=None ("auto") loads a model in bfloat16 on the CPU too: Moshi 7B (7.7e9
-# parameters) takes 14.3 GiB in bfloat16 and 28.6 GiB in float32.
-LARGE_MODEL_PARAMS = 1_000_000_000
+# parameters) takes 14.3 GiB in bfloat16 and 28.6 GiB in float32. Below, float32: exact, and faster on CPUs without
+# native bfloat16 (2.4x per token on an AVX2 AMD EPYC, scoring/cost.py), for at most 16 GB.
+LARGE_MODEL_PARAMS = 4_000_000_000
 
 
 def approx_params(lm_config: dict) -> int:
@@ -159,8 +160,8 @@ def approx_params(lm_config: dict) -> int:
 
 def resolve_dtype(dtype: torch.dtype | None, lm_config: dict, device: torch.device | str) -> torch.dtype:
     """`dtype`, or what None ("auto") stands for: bfloat16 on a GPU (how kyutai's checkpoints are stored and run);
-    on the CPU float32 for models under LARGE_MODEL_PARAMS (exact numerics; the demo models) and bfloat16 from there
-    on (memory: two 7B models in float32 need 57 GiB). TTT fast weights are float32 in every case."""
+    on the CPU float32 for models under LARGE_MODEL_PARAMS (exact numerics, faster there; the demo models) and
+    bfloat16 from there on (Moshi 7B: 14.3 GiB instead of 28.6). TTT fast weights are float32 in every case."""
     if dtype is not None:
         return dtype
     if torch.device(device).type != "cpu" or approx_params(lm_config) >= LARGE_MODEL_PARAMS:
