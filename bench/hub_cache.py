@@ -33,6 +33,7 @@ from moshi_ttt.ttt.apply import ttt_blocks
 REPO = loaders.DEFAULT_REPO
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the snapshot's (made-up) commit hash
 WEIGHT_STD = 0.02  # of the random LM and TTT weights (uniform, this standard deviation)
+RANDOM_PERIOD = 1_000_003  # a prime: the random LM weights repeat with this period (see random_weight)
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.bfloat16: "BF16",
@@ -85,13 +86,19 @@ def write_safetensors(path: Path, specs: tp.Sequence[TensorSpec], make: tp.Calla
 
 
 def random_weight(spec: TensorSpec, seed: int) -> torch.Tensor:
-    """A random tensor for an LM weight: ones for norm scales, uniform noise of std WEIGHT_STD for the rest."""
+    """A random tensor for an LM weight: ones for norm scales, uniform noise of std WEIGHT_STD for the rest.
+
+    The noise is a random sequence of RANDOM_PERIOD values repeated: drawing 7.7e9 independent values takes minutes
+    on 2 cores, copying takes seconds, and the period is prime, so no two rows of a matrix are alike.
+    """
     name, shape, dtype = spec
     if name.endswith(".alpha") or "norm" in name:
         return torch.ones(shape, dtype=dtype)
+    numel = int(torch.Size(shape).numel())
     generator = torch.Generator().manual_seed(seed)
     bound = WEIGHT_STD * 3**0.5
-    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    period = torch.empty(min(numel, RANDOM_PERIOD), dtype=dtype).uniform_(-bound, bound, generator=generator)
+    return period.repeat(-(-numel // period.numel()))[:numel].view(shape)
 
 
 def lm_specs(lm_config: dict, dtype: torch.dtype) -> list[TensorSpec]:
