@@ -118,3 +118,20 @@ def test_dtype_auto_shares_with_the_dtype_it_stands_for(hub_repo, tmp_path):
     ttt = load(str(ttt_dir), dtype=None).model
     assert ttt_blocks(ttt)[1].wq.weight.dtype == torch.float32
     assert weight_bytes(baseline, ttt) == weight_bytes(ttt)
+
+
+def test_a_ttt_checkpoint_on_the_hub_over_a_hub_base_loads_offline(hub_repo, tmp_path):
+    """Our format in a Hub repo (snapshot_download of its folder), its base another Hub repo: both from the cache."""
+    from bench.hub_cache import snapshot_dir
+
+    local = write_ttt_checkpoint(tmp_path / "ttt", f"{BASE}@v2", tiny_lm_config(), layers="1", dtype=torch.float32)
+    remote = snapshot_dir(hub_repo, "me/ttt-run", commit="c" * 40) / "run1"
+    remote.mkdir()
+    for file in local.iterdir():
+        (remote / file.name).write_bytes(file.read_bytes())
+    ckpt = load("hf://me/ttt-run/run1")
+    assert ckpt.kind == "ours" and list(ttt_blocks(ckpt.model)) == [1]
+    torch.testing.assert_close(
+        logits(ckpt.model), logits(load(str(local), share=False).model), rtol=0, atol=0, equal_nan=True
+    )
+    assert weight_bytes(ckpt.model, load(f"{BASE}@v2").model) == weight_bytes(ckpt.model)
