@@ -1,11 +1,12 @@
 """How long scoring takes: measured seconds per token by model size, for estimates before a run.
 
-Each figure is chunked teacher-forced scoring of one model (`score(model, codes, "chunked")`), telemetry off, after a
-warm-up, measured by bench/token_cost.py (7B-width models with fewer layers, demo models) and bench/hub_7b.py (Moshi
-7B from kyutai's Hub layout) on a 2-core AMD EPYC (AVX2, no native bfloat16: bfloat16 matmuls run 2.4x slower than
-float32 there) shared with other jobs (load average 6-8), so they are on the slow side. Between two model sizes
-the cost is interpolated linearly in the parameter count; above the largest it grows in proportion; CPU time is
-taken as inversely proportional to the threads. GPU figures are not measured yet: `seconds_per_token` says None.
+Each figure is chunked teacher-forced scoring of one model (`score(model, codes, "chunked")`), measured by
+bench/token_cost.py (7B-width models with fewer layers, demo models; telemetry off, after a warm-up) and
+bench/hub_7b.py (Moshi 7B from kyutai's Hub layout, through the CLI) on a 2-core AMD EPYC (AVX2, no native bfloat16:
+bfloat16 matmuls run 2.4x slower than float32 there) shared with other jobs (load average 5-9): they vary by up to
+2x from one hour to the next and are on the slow side. Between two model sizes the cost is interpolated linearly in
+the parameter count; above the largest it grows in proportion; CPU time is taken as inversely proportional to the
+threads. GPU figures are not measured yet: `seconds_per_token` says None.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ MEASURED: tuple[TokenCost, ...] = (
     TokenCost(1_521_856_512, 0.34, "cpu", torch.float32, 2, "Moshi kwargs, 2 temporal layers (bench/token_cost.py)"),
     TokenCost(1_521_856_512, 0.83, "cpu", torch.bfloat16, 2, "Moshi kwargs, 2 temporal layers"),
     TokenCost(2_755_031_040, 2.41, "cpu", torch.bfloat16, 2, "Moshi kwargs, 8 temporal layers"),
+    # The baseline of the CLI run of bench/hub_7b.py (8 s of speech, 100 tokens, telemetry on); the TTT model over it
+    # (3 TTT layers, 7.9e9 parameters) ran at 3.8 s per token in the same process, as the machine's load fell.
+    TokenCost(7_687_729_152, 4.56, "cpu", torch.bfloat16, 2, "Moshi 7B (moshiko kwargs, bench/hub_7b.py)"),
 )
 
 
