@@ -82,6 +82,17 @@ def test_validate_checks_every_value_in_order():
         validate(specs, [4, 10, 1])
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(lambda: Number("n", 5, 1), "minimum 5 is above maximum 1"), (lambda: Number("n", 1, 5, default=6), "default 6"),
+     (lambda: Choice("c", ("a", "b"), default="z"), "default 'z' is not one of")],
+    ids=["bounds", "number-default", "choice-default"],
+)  # fmt: skip
+def test_a_spec_whose_default_its_own_check_would_refuse_is_an_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 def test_the_run_handler_takes_the_specs_inputs_in_order(cache, tmp_path):
     specs = app.run_specs(cache.names(), [str(tmp_path)], [])
     run = app.run_handler(cache, specs, app.RunFolders(tmp_path / "runs"))
