@@ -174,6 +174,9 @@ def test_main_serves_without_torch_compile_unless_the_device_is_cuda(monkeypatch
             seen.append(moshi_compile._compile_disabled)
 
     monkeypatch.setattr(server, "build_demo", lambda *args, **kwargs: Demo())
+    # moshi's own no_compile() blocks save and restore this global unlocked: concurrent runs of earlier tests can
+    # leave it True. (Under main's outer no_compile() every save reads True, so it stays True while serving.)
+    monkeypatch.setattr(moshi_compile, "_compile_disabled", False)
     monkeypatch.delenv("MOSHI_TTT_DEVICE", raising=False)
     server.main(["--device", "cpu", "--threads", "1"])
     monkeypatch.setenv("MOSHI_TTT_DEVICE", "cuda")
