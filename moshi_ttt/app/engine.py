@@ -1,7 +1,7 @@
 """Live side-by-side scoring of a baseline and a TTT model: both advance in lockstep, one update per step.
 
 This is the engine of the app: it knows nothing of Gradio. Each run has its own streaming sessions
-(`registry.StreamingSession`), so many users can share the cached models.
+(`app.models.SharedModelRun`), so many users can share the cached models.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from moshi_ttt.app.models import ModelCache, StreamingSession
+from moshi_ttt.app.models import ModelCache, SharedModelRun
 from moshi_ttt.options import RunOptions
 from moshi_ttt.reports import results as report
 from moshi_ttt.scoring.peak_memory import PeakMemory
@@ -107,7 +107,7 @@ def compare_live(
                 size = max(whole, size - size % whole)
             run_options[run] = options.replace(chunk_size=size)
         scores = iter_score(ckpt.model, audio_codes.to(ckpt.model.device), options=run_options[run])
-        sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
+        sessions[run] = SharedModelRun(ckpt.model, cache.lock(ckpt.model), scores)
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
     last_sent = -float("inf")
