@@ -52,7 +52,7 @@ class TTTConfig:
     # x' + tanh(alpha) * TTT(norm(x')) (ttt-video-dit's layout). "before_attention": the layer's input, side by side
     # with self-attention, x + attn(x) + tanh(alpha) * TTT(norm(x)); in layer 0 that is the token embeddings, where
     # frames are distinct and the inner loop recalls a repeated passage (after attention the frames share most of
-    # their features: scripts/probe_memory.py, demo_assets/MANIFEST.md).
+    # their features: research/probe_memory.py, demo_assets/MANIFEST.md).
     branch_input: str = "after_attention"
     # Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork, with the
     # options of `LegacyConfig`. None: our own TTT. Set by `moshi_ttt.data.checkpoints.load` for such checkpoints; never
