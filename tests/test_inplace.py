@@ -11,10 +11,10 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 from tiny_mimi import tiny_mimi
-from tiny_models import CONTEXT, random_audio_codes, tiny_lm
+from tiny_models import CONTEXT, random_audio_codes, tiny_lm, tiny_lm_config
 from tolerances import FLOAT32
 
-from moshi_ttt import evaluate, score
+from moshi_ttt import evaluate, save, score
 from moshi_ttt.config import InPlaceConfig, YarnConfig
 from moshi_ttt.reports.inplace_report import inplace_messages
 from moshi_ttt.reports.results import results_document, run_record
@@ -168,6 +168,7 @@ def test_telemetry_matches_a_hand_computation():
             np.testing.assert_allclose(got[ours], expected[theirs], rtol=1e-5, err_msg=ours)
         assert all(f < 1 for f in got["clip_factor"])  # the clip acted
         np.testing.assert_allclose(got["drift"], got["drift_intended"], rtol=1e-5)  # float32 kept these updates
+        assert max(got["drift_error_relative"]) < 1e-5
         assert got["changed_any"] and min(got["changed_fraction"]) > 0.9
         assert got["entries"] == block.w_down.numel()
         assert got["w0_norm"] == pytest.approx(float(block.w_down.detach().norm()))
@@ -188,6 +189,7 @@ def test_updates_below_float32_resolution_never_change_the_weight_and_say_so():
         assert set(rec["drift"]) == {0.0} and set(rec["step_norm"]) == {0.0}
         np.testing.assert_allclose(rec["update_norm"], 1e-8, rtol=1e-5)  # lr * tau: the clip always acts
         assert 1e-8 < rec["drift_intended"][-1] <= 5e-8  # what exact arithmetic would give: up to 5 updates of 1e-8
+        assert rec["drift_error_relative"] == pytest.approx([1.0] * 5)  # the stored drift (0) misses all of it
     messages = inplace_messages("ttt", run)
     assert messages == [
         f"Run 'ttt', layer {layer}: update 3e-10 per entry, below float32 resolution (6e-08): the fast weight never "
@@ -203,12 +205,12 @@ def test_partly_rounded_updates_are_reported_with_what_float32_kept():
     model = inplace_model(lr=1e-3, clip=1e-5)
     run = run_record(score(model, random_audio_codes(1, 40, seed=8), mode="full"), checkpoint="x")
     messages = inplace_messages("ttt", run)
-    rounded = [layer for layer, rec in run["inplace"].items() if rec["drift"][-1] < 0.5 * rec["drift_intended"][-1]]
+    rounded = [layer for layer, rec in run["inplace"].items() if rec["drift_error_relative"][-1] > 0.5]
     assert rounded and len(messages) == len(rounded)
     for layer, message in zip(rounded, messages, strict=True):
         rec = run["inplace"][layer]
         assert message.startswith(f"Run 'ttt', layer {layer}: update 3e-10 per entry, below float32 resolution")
-        assert "of its entries (those near 0)" in message and 0 < rec["drift"][-1]
+        assert "of its entries (those near 0): the stored drift" in message and 0 < rec["drift"][-1]
         assert 0 < max(rec["changed_fraction"]) < 0.5
     working = run_record(score(inplace_model(), random_audio_codes(1, 40, seed=8), mode="full"), checkpoint="x")
     assert inplace_messages("ttt", working) == []
@@ -278,3 +280,8 @@ def test_evaluate_cli_writes_the_inplace_record_and_says_when_updates_round_away
     assert doc["runs"]["ttt"]["inplace"]["1"]["drift"][-1] > 0.01
     assert "note:" in capsys.readouterr().err
     assert "In-Place fast weight per chunk" in (out / "0000_clip" / "report.html").read_text()
+
+
+def test_our_format_refuses_an_inplace_model(tmp_path):
+    with pytest.raises(ValueError, match="In-Place TTT layers, which our format does not hold"):
+        save(tmp_path / "x", inplace_model(), lm_config=tiny_lm_config())

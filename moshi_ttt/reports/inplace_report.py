@@ -6,7 +6,8 @@ the field `runs.<name>.inplace` of results.json:
      "raw_update_norm": [U] ||Delta W||_F, "clip_factor": [U], "update_norm": [U] ||eta * clipped Delta W||_F,
      "update_per_entry": [U] update_norm / sqrt(entries), "step_norm": [U] the step float32 kept,
      "changed_fraction": [U] of w_down's entries, "drift_intended": [U] ||eta S||_F (the drift the updates add up
-     to, S their float32 sum), "w0_norm", "entries", "float32_resolution" (half an ulp at a typical
+     to, S their float32 sum), "drift_error_relative": [U] ||(W - W0) - eta S||_F / ||eta S||_F (0: float32 kept
+     the updates; about 1: they rounded away), "w0_norm", "entries", "float32_resolution" (half an ulp at a typical
      entry), "lr", "clip", "chunk_size", "updates", "changed_any" (some update changed some entry)}}
 `inplace_messages` says in one sentence per layer when the updates rounded away (the CLI prints them, and
 results_document adds them to config.notes).
@@ -18,7 +19,11 @@ import math
 
 from moshi_ttt.scoring.telemetry import Telemetry
 
-SURVIVAL = 0.5  # a drift below this share of the intended one: float32 ate most of the updates
+LOST = 0.5  # relative error of the stored drift above which float32 lost most of the updates
+
+
+def _ratio(num, den) -> list:
+    return [float(n / d) if d > 0 else None for n, d in zip(num.tolist(), den.tolist(), strict=True)]
 
 
 def inplace_record(telemetry: Telemetry | None, row: int = 0) -> dict:
@@ -33,6 +38,7 @@ def inplace_record(telemetry: Telemetry | None, row: int = 0) -> dict:
             "drift": tel.drift[row].tolist(),
             "drift_relative": (tel.drift[row] / tel.w0_norm).tolist() if tel.w0_norm > 0 else None,
             "drift_intended": tel.intended[row].tolist(),
+            "drift_error_relative": _ratio(tel.error[row], tel.intended[row]),
             "raw_update_norm": tel.raw_norm[row].tolist(),
             "clip_factor": tel.clip_factor[row].tolist(),
             "update_norm": update.tolist(),
@@ -66,13 +72,13 @@ def inplace_messages(name: str, run: dict) -> list[str]:
                 f"({rec['float32_resolution']:.0e}): the fast weight never changed ({detail})."
             )
             continue
-        final, intended = rec["drift"][-1], rec["drift_intended"][-1]
-        if intended > 0 and final < SURVIVAL * intended:
+        error = rec["drift_error_relative"][-1]
+        if error is not None and error > LOST:
             messages.append(
                 f"Run '{name}', layer {layer}: update {per_entry:.0e} per entry, below float32 resolution "
                 f"({rec['float32_resolution']:.0e}) for all but {max(rec['changed_fraction']):.2%} of its entries "
-                f"(those near 0): the fast weight drifted {final:.1e}, not the {intended:.1e} its updates add up to "
-                f"({detail})."
+                f"(those near 0): the stored drift ({rec['drift'][-1]:.1e}) is {error:.0%} off the "
+                f"{rec['drift_intended'][-1]:.1e} its updates add up to ({detail})."
             )
     return messages
 

@@ -8,7 +8,9 @@ Recorded at every completed chunk (ttt/inplace_math.ChunkUpdate, reported throug
 - the step it really took, ||W_{i+1} - W_i||_F as float32 stores W, and the fraction of its entries that changed: an
   update below float32 resolution rounds back to W_i (step 0, nothing changed);
 - the drift ||W - W0||_F after the update (absolute; over ||W0||_F relative), next to ||eta S||_F, the drift the
-  updates add up to (S the sum of the clipped updates, kept apart in float32 as the fork does).
+  updates add up to (S the sum of the clipped updates, kept apart in float32 as the fork does), and how far the
+  stored drift is from it, ||(W - W0) - eta S||_F: near 0 when float32 keeps the updates, near ||eta S||_F when
+  they round away (the few entries near 0 that do change then move by their own rounding, not along the update).
 The numbers do not depend on how the sequence was chunked into calls.
 """
 
@@ -22,7 +24,7 @@ import torch
 from moshi_ttt.ttt.inplace import InPlaceGating, InPlaceState
 from moshi_ttt.ttt.inplace_math import ChunkUpdate
 
-FIELDS = ("raw_norm", "clip_factor", "update_norm", "step_norm", "changed", "drift", "intended")
+FIELDS = ("raw_norm", "clip_factor", "update_norm", "step_norm", "changed", "drift", "intended", "error")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class InPlaceLayerTelemetry:
     changed: torch.Tensor  # [B, U] fraction of w_down's entries the step changed
     drift: torch.Tensor  # [B, U] ||W - W0||_F after the update
     intended: torch.Tensor  # [B, U] ||eta S||_F: the drift if float32 kept every update
+    error: torch.Tensor  # [B, U] ||(W - W0) - eta S||_F: how far from that the stored drift is
     w0_norm: float  # ||W0||_F
     entries: int  # d * h
     lr: float

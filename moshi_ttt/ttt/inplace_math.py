@@ -57,6 +57,7 @@ class ChunkUpdate(tp.NamedTuple):
     changed: torch.Tensor  # fraction of the entries of W that the step changed
     drift: torch.Tensor  # ||W_{i+1} - W0||_F
     intended: torch.Tensor  # ||eta S_{i+1}||_F: the drift if W were stored exactly
+    error: torch.Tensor  # ||(W_{i+1} - W0) - eta S_{i+1}||_F: how far float32 put the drift from the intended one
 
 
 def chunk_target(x0: torch.Tensor, conv_weight: torch.Tensor, target_weight: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,9 @@ def _chunk_step(
                 changed=(flat != 0).float().mean(dim=-1),
                 drift=torch.linalg.vector_norm((w - params.w0).reshape(w.shape[0], -1), dim=-1),
                 intended=torch.linalg.vector_norm((params.lr * delta_sum).reshape(w.shape[0], -1), dim=-1),
+                error=torch.linalg.vector_norm(
+                    ((w - params.w0) - params.lr * delta_sum).reshape(w.shape[0], -1), dim=-1
+                ),
             )
     empty_z, empty_x0 = inner.z[:, :0], inner.x0[:, :0]
     return InPlaceInner(w, delta_sum, empty_z, empty_x0), report
