@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+from moshi.models import loaders
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_lm_config
 
 from moshi_ttt import exact_streaming, load, score
+from moshi_ttt.data.checkpoints import common
 from moshi_ttt.data.checkpoints.inplace_format import InPlaceOptions, is_inplace, load_inplace
 from moshi_ttt.ttt.inplace import inplace_blocks, inplace_states
 
@@ -238,3 +241,14 @@ def test_the_fork_files_are_what_its_trainer_writes():
     assert {"w_down", "w_down_pretrained", "linear_out.weight"} <= {m[1] for k in keys("unfrozen_default_clip")
                                                                     if (m := layer.match(k))}  # fmt: skip
     assert "transformer.layers.0.gating.w_down" in keys("full_default_clip")
+
+
+def test_lora_layout_without_base_names_the_forks_hub_base(monkeypatch):
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(common, "hf_hub_download", offline)
+    monkeypatch.setattr(common, "snapshot_download", offline)
+    monkeypatch.setattr(loaders, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download kyutai/moshiko-pytorch-bf16"):
+        load(FORK_DATA / "ttt_only_lora")
