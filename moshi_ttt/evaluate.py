@@ -29,6 +29,7 @@ from tqdm import tqdm
 from moshi_ttt.data import audio as audio_io
 from moshi_ttt.options import MODES, RunOptions
 from moshi_ttt.reports import headline, sweeps
+from moshi_ttt.reports.inplace_report import inplace_messages
 from moshi_ttt.reports.results import (
     causal_comparison,
     non_finite_message,
@@ -126,8 +127,11 @@ def _out_name(index: int, file: Path) -> str:
     return f"{index:04d}_{stem}"
 
 
-def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOptions) -> dict:
-    """Scores one file under every model, writes its reports; returns its index.json entry."""
+def score_file(
+    file: Path, index: int, models: dict, mimi, args, options: RunOptions, notes: dict | None = None
+) -> dict:
+    """Scores one file under every model, writes its reports; returns its index.json entry. `notes`: the
+    checkpoints' own remarks by run name (LoadedCheckpoint.notes), for results.json config.notes."""
     out_dir = args.out / _out_name(index, file)
     done = out_dir / "results.json"
     if done.exists():
@@ -153,6 +157,8 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         message = non_finite_message(name, runs[name])
         if message:
             tqdm.write(f"warning: {file}: {message}", file=sys.stderr)
+        for message in inplace_messages(name, runs[name]):  # In-Place updates that rounded away in float32
+            tqdm.write(f"note: {file}: {message}", file=sys.stderr)
         if args.sweep:
             tables.update(_sweep_tables(name, model, codes.to(device), result, options))
     info = {
@@ -170,6 +176,8 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         "dtype": args.dtype,
         "max_seconds": args.max_seconds,
     }
+    if notes:
+        config["notes"] = {name: list(values) for name, values in notes.items() if values}
     document = results_document(info, config, runs, bin_size=args.bin_size)
     if tables:
         document["tables"] = tables
@@ -221,10 +229,11 @@ def run(args) -> int:
     options = run_options_from_args(args)
     refs = _checkpoint_refs(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    models, mimi = {}, None
+    models, mimi, notes = {}, None, {}
     for name, ref in refs.items():
         ckpt = _load_checkpoint(ref, args.device, DTYPES[args.dtype])
         models[name] = (ref, ckpt.model.eval())
+        notes[name] = list(getattr(ckpt, "notes", None) or [])
         mimi = mimi if mimi is not None else ckpt.mimi
     if mimi is None:
         raise UsageError("none of the checkpoints names a Mimi codec to encode the audio with")
@@ -232,7 +241,7 @@ def run(args) -> int:
     entries, failures = [], []
     for index, file in tqdm(mine, desc=f"scoring (rank {rank})" if world > 1 else "scoring", unit="file"):
         try:
-            entries.append({"index": index, **score_file(file, index, models, mimi, args, options)})
+            entries.append({"index": index, **score_file(file, index, models, mimi, args, options, notes)})
         except (ValueError, FileNotFoundError) as e:
             failures.append({"index": index, "path": str(file), "error": str(e)})
             tqdm.write(f"error: {e}", file=sys.stderr)

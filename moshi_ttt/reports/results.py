@@ -12,8 +12,11 @@ Fields of a run beyond the DESIGN.md contract:
   mean_loss, "mean_loss_causal": mean loss with every token seeing only its past, "difference": causal - leaky
   (nats; > 0 is the part of the legacy result that came from up to b - 1 future tokens of each mini-batch),
   "loss_per_token_causal": [T]}.
+- `inplace` (In-Place TTT checkpoints only): per layer and chunk update, the drift of the fast weight w_down, the
+  raw and eta-scaled update norms, the clip factor and what float32 kept of each update (reports/inplace_report.py).
 `results_document` adds one plain-language note per such finding to `config["notes"][run]` (the list the app shows),
-and report.html shows the notes, a causal-vs-leaky table and a loss figure per compared run.
+among them one sentence per In-Place layer whose updates rounded away in float32, and report.html shows the notes,
+a causal-vs-leaky table and a loss figure per compared run, and the In-Place figure (log axes).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from moshi_ttt.data.audio import FRAME_RATE
 from moshi_ttt.reports import headline
+from moshi_ttt.reports.inplace_report import inplace_figure, inplace_messages, inplace_record
 from moshi_ttt.scoring.teacher_forcing import ScoreResult
 from moshi_ttt.scoring.telemetry import Telemetry
 
@@ -176,6 +180,7 @@ def run_record(
         "loss_per_bin": {"bin_size": bin_size, "start": summary.bin_starts, "loss": summary.bin_loss},
         "drift": drift,
         "inner_loss": inner,
+        **({"inplace": inplace_record(result.telemetry, row)} if result.telemetry and result.telemetry.inplace else {}),
         "tokens_per_s": result.tokens_per_s,
         "peak_memory_mb": peak_memory_mb,
         **past_context_fields(loss, context_tokens, readings),
@@ -247,6 +252,7 @@ def results_document(audio: dict, config: dict, runs: dict[str, dict], bin_size:
         found = [non_finite_message(name, run)]
         if run.get("causal_comparison"):
             found.append(causal_comparison_message(name, run["causal_comparison"]))
+        found.extend(inplace_messages(name, run))
         for note in filter(None, found):
             notes.setdefault(name, []).append(note)
     if notes or "notes" in config:
@@ -448,6 +454,9 @@ def write_report(
         if run.get("drift"):
             figures.append(plots.drift_figure(run["drift"]).update_layout(title=f"{name}: fast-weight drift"))
             figures.append(plots.inner_loss_figure(run["inner_loss"]).update_layout(title=f"{name}: inner-loop loss"))
+        if run.get("inplace"):
+            title = f"{name}: In-Place fast weight per chunk (log axes)"
+            figures.append(inplace_figure(run["inplace"]).update_layout(title=title))
     comparisons = {name: run["causal_comparison"] for name, run in runs.items() if run.get("causal_comparison")}
     for name, comp in comparisons.items():
         curves = {f"{name} (legacy, leaky)": runs[name]["loss_per_token"]}

@@ -32,6 +32,7 @@ from moshi_ttt.compat.streaming import exact_streaming
 from moshi_ttt.options import RunOptions, run_options
 from moshi_ttt.scoring.telemetry import Telemetry, record
 from moshi_ttt.ttt.apply import set_streaming_options, ttt_blocks
+from moshi_ttt.ttt.inplace import inplace_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def _iter_score(
     steps = torch.arange(T, device=codes.device)
     mask = valid & torch.stack([steps < T - d for d in delays])[None]  # moshi's _undelay_sequence mask
     start_time = time.perf_counter()
-    use_telemetry = options.telemetry and bool(ttt_blocks(model))
+    use_telemetry = options.telemetry and bool(ttt_blocks(model) or inplace_blocks(model))
 
     with ExitStack() as stack:
         stack.enter_context(exact_streaming(model.transformer, B, chunk))

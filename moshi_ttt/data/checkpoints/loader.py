@@ -22,6 +22,7 @@ from moshi_ttt.data.checkpoints.common import (
     parse_hf_ref,
     read_json,
 )
+from moshi_ttt.data.checkpoints.inplace_format import is_inplace, load_inplace
 from moshi_ttt.data.checkpoints.legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
 from moshi_ttt.data.checkpoints.moshi_format import load_moshi_dir, load_moshi_hub
 from moshi_ttt.data.checkpoints.ours import CONFIG_NAME, is_ours, load_ours
@@ -43,7 +44,8 @@ def load(
 
     Args:
         ref: a local directory or safetensors file, or `hf://owner/repo[/path]`. Kinds: ours (config.json with
-            "format": "moshi-ttt"), the older TTT fork's (a directory with training_config.json), moshi's
+            "format": "moshi-ttt"), the older TTT fork's (a directory with training_config.json), the In-Place TTT
+            fork's (config.json with ttt_config.layer_frequency; `inplace_format.load_inplace` has its options), moshi's
             (CheckpointInfo: Hub repos, local copies, moshi-finetune outputs with LoRA or full weights).
         base: where the base weights come from when the checkpoint holds only part of them (ours with a base,
             older TTT checkpoints with lora.safetensors, moshi-finetune LoRA): a local path or hf:// reference.
@@ -85,12 +87,16 @@ def _load_local(
         check_weights_file(path)  # refuses pickles whatever the suffix
         if path.suffix not in SAFETENSORS_SUFFIXES:
             raise ValueError(f"{path}: expected a .safetensors weights file or a checkpoint directory")
+        if is_inplace(path):
+            return load_inplace(path.parent, ref=ref, base=base, device=device, dtype=dtype, load_fn=load)
         return load_moshi_dir(path.parent, ref=ref, weights=path, base=base, device=device, dtype=dtype)
     config_path = path / CONFIG_NAME
     if config_path.is_file() and is_ours(read_json(config_path)):
         return load_ours(
             path, ref=ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal, load_fn=load
         )
+    if is_inplace(path):
+        return load_inplace(path, ref=ref, base=base, device=device, dtype=dtype, load_fn=load)
     if is_legacy(path):
         return load_legacy(
             path, ref=ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal, load_fn=load
@@ -115,6 +121,8 @@ def _load_hub(ref: str, *, base: str | None, device, dtype: torch.dtype, legacy_
     kwargs = {"ref": ref, "base": base, "device": device, "dtype": dtype, "legacy_causal": legacy_causal}
     if config is not None and is_ours(read_json(config)):
         return load_ours(hub_folder(repo, sub), load_fn=load, **kwargs)
+    if config is not None and isinstance(read_json(config).get("ttt_config"), dict):
+        return load_inplace(hub_folder(repo, sub), ref=ref, base=base, device=device, dtype=dtype, load_fn=load)
     if hub_file_or_none(repo, join(TRAINING_CONFIG)) is not None:
         return load_legacy(hub_folder(repo, sub), load_fn=load, **kwargs)
     if sub:
