@@ -79,10 +79,9 @@ class AudioInfo:
 
     @property
     def num_samples(self) -> int:
-        """Samples at 24 kHz that read_blocks yields in all (soxr's length for the resampled signal)."""
-        if self.source_sample_rate == SAMPLE_RATE:
-            return self.source_frames
-        return round(self.source_frames * SAMPLE_RATE / self.source_sample_rate)
+        """Samples at 24 kHz that read_blocks yields in all: soxr's length, n * 24000 / rate rounded half up."""
+        rate = self.source_sample_rate
+        return (2 * self.source_frames * SAMPLE_RATE + rate) // (2 * rate)
 
     @property
     def num_frames(self) -> int:
