@@ -183,10 +183,14 @@ def figures(document: dict) -> list:
     minutes = [(s + document["bin_size"] / 2) / document["frame_rate"] / 60 for s in document["start"]]
 
     def band(fig, name: str, columns: dict, color: str) -> None:
-        low, high = _nullable(columns["ci95_low"]), _nullable(columns["ci95_high"])
+        # The band over the bins that have an interval (two files or more: a prefix, as files reach bins from 0).
+        keep = [i for i, (lo, hi) in enumerate(zip(columns["ci95_low"], columns["ci95_high"], strict=True))
+                if _finite(lo) and _finite(hi)]  # fmt: skip
+        x = [minutes[i] for i in keep]
+        low, high = [columns["ci95_low"][i] for i in keep], [columns["ci95_high"][i] for i in keep]
         fig.add_trace(
             go.Scatter(
-                x=minutes + minutes[::-1],
+                x=x + x[::-1],
                 y=high + low[::-1],
                 fill="toself",
                 fillcolor=color,
@@ -225,6 +229,10 @@ def figures(document: dict) -> list:
 
 def _files_per_bin(document: dict) -> list[int]:
     return [max(document["loss"][run]["files"][i] for run in document["runs"]) for i in range(len(document["start"]))]
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _nullable(values) -> list:
