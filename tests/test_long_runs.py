@@ -184,3 +184,9 @@ def test_damaged_files_are_counted_and_the_others_go_on(clips, tmp_path, capsys)
     assert doc["files"]["scored"] == 2 and doc["files"]["failed"] == 2
     assert doc["loss"]["ttt"]["files"] == [2, 2, 1]  # 32 and 53 tokens in bins of 20
     assert (out / "report.html").stat().st_size > 0 and (out / "aggregate.csv").exists()
+
+
+def test_the_cli_takes_files_of_any_length_unless_capped():
+    parser = evaluate.build_parser()
+    assert parser.parse_args(["--audio", "x.wav", "--out", "o"]).max_seconds is None
+    assert "memory grows with the file" in parser.format_help().replace("\n", " ").replace("  ", " ")
