@@ -14,7 +14,14 @@ ALLOWED = {
     "moshi_ttt.options": set(),
     "moshi_ttt.compat": set(),
     "moshi_ttt.ttt": {"moshi_ttt.config", "moshi_ttt.options", "moshi_ttt.compat"},
-    "moshi_ttt.scoring": {"moshi_ttt.config", "moshi_ttt.options", "moshi_ttt.compat", "moshi_ttt.ttt"},
+    "moshi_ttt.data": {"moshi_ttt.config", "moshi_ttt.options", "moshi_ttt.compat", "moshi_ttt.ttt"},
+    "moshi_ttt.scoring": {
+        "moshi_ttt.config",
+        "moshi_ttt.options",
+        "moshi_ttt.compat",
+        "moshi_ttt.ttt",
+        "moshi_ttt.data",
+    },
 }
 FORBIDDEN_ROOTS = ("research", "scripts", "bench", "app", "tests")
 

@@ -44,3 +44,30 @@ def depformer_targets(model: LMModel, codes: torch.Tensor) -> torch.Tensor:
     B = codes.shape[0]
     initial = initial_token(model).expand(B, -1, -1)
     return delay_sequence(model.delays, codes, initial)
+
+
+def delayed_window(
+    model: LMModel, codes: torch.Tensor, offset: int, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`delayed_input` and `depformer_targets` of steps [start, stop), from the model codes of a window of steps.
+
+    Args:
+        codes: [B, K, w] model codes of steps [offset, offset + w), with offset + w >= stop and either offset = 0 or
+            offset <= start - 1 - max(model.delays) (the earliest code a delayed input of the chunk reads).
+    Returns:
+        (inputs, targets), each [B, K, stop - start]: the same steps of `delayed_input(model, all_codes)` and
+        `depformer_targets(model, all_codes)`.
+    """
+    if not (offset == 0 or offset <= start - 1 - max(model.delays)) or codes.shape[-1] + offset < stop:
+        window = f"[{offset}, {offset + codes.shape[-1]})"
+        raise ValueError(f"a window of steps {window} cannot give the delayed steps [{start}, {stop})")
+    B = codes.shape[0]
+    initial = initial_token(model).expand(B, -1, -1)  # [B, K, 1]
+    # Right for absolute steps >= offset + max delay (all of them when offset = 0): the delayed steps read here.
+    delayed = delay_sequence(model.delays, codes[..., : stop - offset], initial)  # [B, K, stop - offset]
+    targets = delayed[..., start - offset :]
+    if start == 0:
+        inputs = torch.cat([initial, delayed[..., : stop - 1]], dim=2)
+    else:
+        inputs = delayed[..., start - 1 - offset : stop - 1 - offset]
+    return inputs, targets

@@ -35,6 +35,7 @@ import torch
 from moshi_ttt.data.audio import FRAME_RATE
 from moshi_ttt.reports import headline
 from moshi_ttt.reports.inplace_report import inplace_figure, inplace_messages, inplace_record
+from moshi_ttt.reports.outdir import atomic_write_text
 from moshi_ttt.scoring.teacher_forcing import ScoreResult
 from moshi_ttt.scoring.telemetry import Telemetry
 
@@ -298,10 +299,8 @@ def to_json_safe(value):
 
 
 def write_json(path: str | Path, document: dict) -> Path:
-    """Writes `document` as strict JSON (NaN written as null)."""
-    path = Path(path)
-    path.write_text(json.dumps(to_json_safe(document), indent=1, allow_nan=False) + "\n")
-    return path
+    """Writes `document` as strict JSON (NaN written as null), atomically (a temporary file renamed over `path`)."""
+    return atomic_write_text(path, json.dumps(to_json_safe(document), indent=1, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, runs: dict[str, dict], frame_rate: float = FRAME_RATE) -> Path:

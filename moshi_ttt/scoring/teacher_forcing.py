@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMModel
 
-from moshi_ttt.compat.sequence import delayed_input, depformer_targets, model_codes
+from moshi_ttt.compat.sequence import delayed_window, model_codes
 from moshi_ttt.compat.streaming import exact_streaming
 from moshi_ttt.options import RunOptions, run_options
 from moshi_ttt.scoring.telemetry import Telemetry, record
@@ -165,88 +165,270 @@ def iter_score(
         ValueError: for a bad mode, chunk size, option, codes or a model that cannot be scored.
     """
     options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
-    return _iter_score(model, audio_codes, options, partial=True)
+    return _iter_tensor(model, audio_codes, options, partial=True)
 
 
-def _iter_score(
-    model: LMModel, audio_codes: torch.Tensor, options: RunOptions, partial: bool
+def iter_score_blocks(
+    model: LMModel,
+    code_blocks: tp.Iterable[torch.Tensor],
+    *,
+    options: RunOptions | None = None,
+    expected_tokens: int | None = None,
+    partial: bool = True,
 ) -> tp.Iterator[ScoreResult]:
-    """iter_score with the run's options; `partial=False` yields only the final result (`score`)."""
-    _check_model(model)
-    codes = model_codes(model, audio_codes)  # [B, 1 + n_q, T]
-    B, _, T = codes.shape
-    if T == 0:
-        raise ValueError("there are no audio codes to score (T = 0)")
-    chunk = _chunk_size(model, options, T)
-    audio = slice(model.audio_offset, model.audio_offset + model.dep_q)
-    delays = model.delays[audio]
-    max_delay = max(delays)
-    loss = torch.full((B, model.dep_q, T), float("nan"), dtype=torch.float32, device=codes.device)
-    valid = codes[:, audio] != model.zero_token_id  # [B, K, T]
-    steps = torch.arange(T, device=codes.device)
-    mask = valid & torch.stack([steps < T - d for d in delays])[None]  # moshi's _undelay_sequence mask
-    start_time = time.perf_counter()
-    use_telemetry = options.telemetry and bool(ttt_blocks(model) or inplace_blocks(model))
+    """Scores audio codes as they arrive, block by block (from moshi_ttt.data.stream, or a live encoder).
 
-    with ExitStack() as stack:
-        stack.enter_context(exact_streaming(model.transformer, B, chunk))
-        set_streaming_options(model, options)
-        recorder = stack.enter_context(record(model)) if use_telemetry else None
-        if options.mode == "full":
-            with torch.no_grad():
-                out = model(codes)  # LMOutput, logits [B, K, T, V] already undelayed
-                loss.copy_(torch.where(mask, _cross_entropy(out.logits, codes[:, audio]), loss))
-            del out
-        else:
-            inputs = delayed_input(model, codes)  # [B, 1 + n_q, T]: step s predicts delayed step s
-            targets = depformer_targets(model, codes)  # [B, 1 + n_q, T]
-            next_record = options.record_every
-            group = max(chunk, DEPTH_GROUP)  # delayed steps per depth-transformer call
-            pending, scored = [], 0  # temporal outputs of delayed steps [scored, stop) not yet through the depformer
-            for start in range(0, T, chunk):
-                stop = min(start + chunk, T)
-                with torch.no_grad():
-                    pending.append(model.forward_text(inputs[:, :, start:stop])[0])  # [B, n, dim]
-                if stop - scored < group and stop < T and (not partial or stop - max_delay < next_record):
-                    continue
-                with torch.no_grad():
-                    _score_depth(model, targets, torch.cat(pending, dim=1), loss, scored, stop)
-                pending, scored = [], stop
-                done = T if stop == T else max(0, stop - max_delay)  # steps whose every codebook is scored
-                if partial and next_record <= done < T:
-                    next_record = (done // options.record_every + 1) * options.record_every
-                    yield _result(loss, mask, recorder, done, T, start_time)
-        loss.masked_fill_(~mask, float("nan"))
-        final = _result(loss, mask, recorder, T, T, start_time)
+    In "chunked" and "stream" mode each block is scored as soon as it completes a chunk, holding only the steps a
+    chunk still needs: memory stays flat in the length of the audio (beyond the [B, K, T] losses themselves). The
+    numbers are those of `score` on the concatenated codes. "full" mode needs every code at once: it keeps the
+    blocks and scores them at the end, so its memory grows with T (and its attention with T^2).
+
+    Args:
+        model: a moshi LMModel in eval mode, not streaming.
+        code_blocks: [B, K, n] long audio codes (K = model.dep_q), on the model's device; any n, the same B.
+        options: the run's options (None: the defaults).
+        expected_tokens: the T the blocks are expected to add up to, for the partial results' `total_tokens` (a
+            progress bar's total); the last result has the true T.
+        partial: yield partial results every `options.record_every` tokens; False: the last result only.
+    Yields:
+        ScoreResult as `iter_score` (partial ones with `total_tokens` = max(expected_tokens, tokens received,
+        tokens_done + 1)), then the complete one.
+    Raises:
+        ValueError: as `score`, and for blocks of another batch size or codebook count.
+    """
+    with BlockScorer(model, run_options(options), expected_tokens=expected_tokens, partial=partial) as scorer:
+        for block in code_blocks:
+            yield from scorer.push(block)
+        final = scorer.finish()
     yield final
+
+
+def _iter_tensor(model: LMModel, audio_codes: torch.Tensor, options: RunOptions, partial: bool):
+    """iter_score of one [B, K, T] tensor; `partial=False` yields only the final result (`score`)."""
+    scorer = BlockScorer(model, options, total_tokens=audio_codes.shape[-1] if audio_codes.dim() == 3 else None,
+                         partial=partial)  # fmt: skip
+    with scorer:
+        yield from scorer.push(audio_codes)
+        final = scorer.finish()
+    yield final
+
+
+class _Growing:
+    """A [B, K, n] tensor that grows along its last axis (capacity doubling); views of it stay valid."""
+
+    def __init__(self, like: torch.Tensor, capacity: int, fill: float | bool):
+        self.fill = fill
+        self.data = torch.full((*like.shape[:2], max(capacity, 1)), fill, dtype=like.dtype, device=like.device)
+
+    def ensure(self, n: int) -> torch.Tensor:
+        if n > self.data.shape[-1]:
+            grown = torch.full((*self.data.shape[:2], max(n, 2 * self.data.shape[-1])), self.fill,
+                               dtype=self.data.dtype, device=self.data.device)  # fmt: skip
+            grown[..., : self.data.shape[-1]] = self.data
+            self.data = grown
+        return self.data
+
+
+class BlockScorer:
+    """Teacher-forced scoring of audio codes pushed in blocks: the one loop behind `score`, `iter_score` and
+    `iter_score_blocks`.
+
+        with BlockScorer(model, options) as scorer:
+            for block in blocks:                  # [B, K, n] each
+                for partial in scorer.push(block):
+                    ...
+            result = scorer.finish()
+
+    Chunks of the temporal transformer start at multiples of the chunk size whatever the blocks, so the numbers do
+    not depend on how the codes were cut. Between pushes it holds the last `chunk + max delay` codes, the temporal
+    outputs not yet through the depth transformer (< max(chunk, DEPTH_GROUP) steps) and the [B, K, T] losses and
+    masks; "full" mode keeps every block until `finish`.
+    """
+
+    def __init__(
+        self,
+        model: LMModel,
+        options: RunOptions,
+        *,
+        total_tokens: int | None = None,
+        expected_tokens: int | None = None,
+        partial: bool = True,
+    ):
+        """
+        Args:
+            total_tokens: the exact T when known (a whole tensor): its last chunk is then scored as the last one
+                inside `push`, as `score` does.
+            expected_tokens: the T expected, for partial results' `total_tokens` only.
+            partial: yield partial results every `options.record_every` tokens.
+        """
+        _check_model(model)
+        self.model, self.options, self.partial = model, options, partial
+        self.total, self.expected = total_tokens, expected_tokens
+        self.chunk = _chunk_size(model, options, total_tokens or 1)
+        self.audio = slice(model.audio_offset, model.audio_offset + model.dep_q)
+        self.max_delay = max(model.delays[self.audio])
+        self.history = max(model.delays) + 1  # codes before a chunk that its delayed inputs read
+        self.received = 0  # steps pushed so far
+        self.forwarded = 0  # steps through the temporal transformer (a multiple of the chunk size until the end)
+        self.scored = 0  # steps through the depth transformer
+        self.next_record = options.record_every
+        self.window: torch.Tensor | None = None  # [B, 1 + n_q, w] model codes of steps [window_start, received)
+        self.window_start = 0
+        self.blocks: list[torch.Tensor] = []  # "full" mode: every block, scored at `finish`
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (temporal out [B, n, dim], targets [B, K', n])
+        self.loss: _Growing | None = None  # [B, K, T] float32, NaN until scored
+        self.valid: _Growing | None = None  # [B, K, T] bool: not the zero token
+        self.recorder = None
+        self.stack = ExitStack()
+        self.opened = False  # inside the streaming session of model.transformer
+        self.start_time = time.perf_counter()
+
+    def __enter__(self) -> BlockScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leaves the streaming session (the model is as it was before)."""
+        self.stack.close()
+
+    def _open(self, batch: int, chunk: int) -> None:
+        self.opened = True
+        self.stack.enter_context(exact_streaming(self.model.transformer, batch, chunk))
+        set_streaming_options(self.model, self.options)
+        use_telemetry = self.options.telemetry and bool(ttt_blocks(self.model) or inplace_blocks(self.model))
+        self.recorder = self.stack.enter_context(record(self.model)) if use_telemetry else None
+
+    def push(self, audio_codes: torch.Tensor) -> tp.Iterator[ScoreResult]:
+        """Adds audio codes [B, K, n]; scores every chunk they complete, yielding partial results on the way.
+
+        Raises:
+            ValueError: for codes that do not fit the model or the earlier blocks.
+        """
+        codes = model_codes(self.model, audio_codes)  # [B, 1 + n_q, n]
+        B, _, n = codes.shape
+        if self.loss is None:
+            capacity = self.total or self.expected or n
+            self.loss = _Growing(codes[:, self.audio].float(), capacity, float("nan"))
+            self.valid = _Growing(codes[:, self.audio] != 0, capacity, False)
+        elif B != self.loss.data.shape[0]:
+            raise ValueError(f"every block must have batch size {self.loss.data.shape[0]}, got {B}")
+        if self.total is not None and self.received + n > self.total:
+            raise ValueError(f"more codes than the {self.total} steps announced")
+        valid = self.valid.ensure(self.received + n)
+        valid[..., self.received : self.received + n] = codes[:, self.audio] != self.model.zero_token_id
+        self.loss.ensure(self.received + n)
+        self.received += n
+        if self.options.mode == "full":
+            self.blocks.append(codes)
+            return
+        self.window = codes if self.window is None else torch.cat([self.window, codes], dim=2)
+        if not self.opened:
+            self._open(B, self.chunk)
+        while self.forwarded < self.received:
+            stop = self.forwarded + self.chunk
+            if stop > self.received and self.received != self.total:
+                break  # an incomplete chunk: wait for more codes (or `finish`)
+            result = self._step(min(stop, self.received), last=min(stop, self.received) == self.total)
+            if result is not None:
+                yield result
+
+    def _step(self, stop: int, last: bool) -> ScoreResult | None:
+        """The temporal transformer over steps [forwarded, stop); the depth transformer when enough are pending.
+        Returns a partial result when one is due."""
+        model, start = self.model, self.forwarded
+        inputs, targets = delayed_window(model, self.window, self.window_start, start, stop)  # [B, 1 + n_q, n] x2
+        with torch.no_grad():
+            self.pending.append((model.forward_text(inputs)[0], targets))  # [B, n, dim]
+        self.forwarded = stop
+        keep = max(0, stop - self.history) - self.window_start  # the next chunk reads from step stop - 1 - delay
+        if keep > 0:
+            self.window, self.window_start = self.window[..., keep:], self.window_start + keep
+        group = max(self.chunk, DEPTH_GROUP)  # delayed steps per depth-transformer call
+        record_due = self.partial and stop - self.max_delay >= self.next_record
+        if stop - self.scored < group and not last and not record_due:
+            return None
+        self._flush(stop)
+        done = stop if last else max(0, stop - self.max_delay)  # steps whose every codebook is scored
+        if self.partial and not last and self.next_record <= done:
+            every = self.options.record_every
+            self.next_record = (done // every + 1) * every
+            total = max(self.expected or 0, self.received, done + 1)
+            return self._result(done, total)
+        return None
+
+    def _flush(self, stop: int) -> None:
+        if not self.pending:
+            return
+        outs, targets = zip(*self.pending, strict=True)
+        with torch.no_grad():
+            _score_depth(self.model, torch.cat(targets, dim=2), torch.cat(outs, dim=1), self.loss.data,
+                         self.scored, stop)  # fmt: skip
+        self.pending, self.scored = [], stop
+
+    def finish(self) -> ScoreResult:
+        """Scores what is left and returns the complete result (T = the steps pushed), then leaves the session.
+
+        Raises:
+            ValueError: no codes at all, or fewer than `total_tokens`.
+        """
+        T = self.received
+        if T == 0:
+            raise ValueError("there are no audio codes to score (T = 0)")
+        if self.total is not None and T != self.total:
+            raise ValueError(f"{T} steps of codes were pushed, {self.total} announced")
+        if self.options.mode == "full":
+            self._score_full(torch.cat(self.blocks, dim=2))
+            self.blocks = []
+        else:
+            while self.forwarded < T:
+                self._step(min(self.forwarded + self.chunk, T), last=min(self.forwarded + self.chunk, T) == T)
+            self._flush(T)
+        steps = torch.arange(T, device=self.loss.data.device)
+        delays = self.model.delays[self.audio]
+        mask = self.valid.data[..., :T] & torch.stack([steps < T - d for d in delays])[None]  # _undelay_sequence's
+        loss = self.loss.data[..., :T]
+        loss.masked_fill_(~mask, float("nan"))
+        result = self._result(T, T, mask=mask)
+        self.close()
+        return result
+
+    def _score_full(self, codes: torch.Tensor) -> None:
+        """The "full" mode: one LMModel.forward over all T steps (logits [B, K, T, V] already undelayed)."""
+        self._open(codes.shape[0], max(codes.shape[-1], 1))
+        with torch.no_grad():
+            out = self.model(codes)
+            self.loss.data[..., : codes.shape[-1]] = _cross_entropy(out.logits, codes[:, self.audio])
+        del out
+
+    def _result(self, done: int, total: int, mask: torch.Tensor | None = None) -> ScoreResult:
+        return ScoreResult(
+            loss=self.loss.data[:, :, :done],
+            mask=self.valid.data[:, :, :done] if mask is None else mask,
+            telemetry=None if self.recorder is None else self.recorder.snapshot(),
+            tokens_done=done,
+            total_tokens=total,
+            elapsed_s=time.perf_counter() - self.start_time,
+        )
 
 
 def _score_depth(model: LMModel, targets, transformer_out: torch.Tensor, loss: torch.Tensor, start: int, stop: int):
     """Depth transformer and cross-entropy for delayed steps [start, stop); writes them, undelayed, into `loss`.
 
     Args:
-        targets: [B, 1 + n_q, T] depformer targets (delayed codes); transformer_out: [B, stop - start, dim].
+        targets: [B, 1 + n_q, stop - start] depformer targets (delayed codes) of those steps;
+        transformer_out: [B, stop - start, dim].
         loss: [B, K, T] float32, written in place.
     """
     audio = slice(model.audio_offset, model.audio_offset + model.dep_q)
-    logits = model.forward_depformer_training(targets[:, :, start:stop], transformer_out)  # [B, K, n, V]
-    chunk_loss = _cross_entropy(logits, targets[:, audio, start:stop])  # [B, K, n]
+    logits = model.forward_depformer_training(targets, transformer_out)  # [B, K, n, V]
+    chunk_loss = _cross_entropy(logits, targets[:, audio])  # [B, K, n]
     # Undelay (moshi's _undelay_sequence): delayed step p of codebook k predicts step p - d_k of the codes.
     for k, d in enumerate(model.delays[audio]):
         lo = max(start, d)
         if lo < stop:
             loss[:, k, lo - d : stop - d] = chunk_loss[:, k, lo - start :]
-
-
-def _result(loss, mask, recorder, done: int, total: int, start_time: float) -> ScoreResult:
-    return ScoreResult(
-        loss=loss[:, :, :done],
-        mask=mask[:, :, :done],
-        telemetry=None if recorder is None else recorder.snapshot(),
-        tokens_done=done,
-        total_tokens=total,
-        elapsed_s=time.perf_counter() - start_time,
-    )
 
 
 def score(
@@ -275,5 +457,5 @@ def score(
         ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T] and telemetry.
     """
     options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
-    *_, result = _iter_score(model, audio_codes, options, partial=False)
+    *_, result = _iter_tensor(model, audio_codes, options, partial=False)
     return result
