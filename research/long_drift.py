@@ -7,6 +7,8 @@ Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
     python research/long_drift.py encode --work W            # W/long.wav -> W/long_codes.pt (demo_assets/codec)
     python research/long_drift.py score --work W --decay 0 0.01 0.03 --baseline
     python research/long_drift.py table --work W
+    # the demo corpus's own kind of speech (its six espeak-ng voices and grammar, unseen sentences, no noise):
+    python research/long_drift.py make-demo --work W2 --minutes 26 && python research/long_drift.py encode --work W2
 """
 
 from __future__ import annotations
@@ -50,6 +52,36 @@ def encode_long(work: Path) -> Path:
     return out
 
 
+def make_demo_style(work: Path, minutes: float, seed: int = 4242) -> Path:
+    """W/long.wav + long.json: the shipped corpus's kind of clips (scripts/demo_corpus.py: six espeak-ng voices, its
+    grammar, new sentences from `seed`), alternating 60 s plain clips and repeat clips (a 10-17 s passage read three
+    times, frame-aligned as in the demo clips), concatenated to `minutes`."""
+    import random
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from demo_corpus import SAMPLE_RATE, SentenceMaker, plain_clip, repeat_clip
+
+    maker, rng = SentenceMaker(seed), random.Random(seed + 1)
+    parts, texts, readings, length, n = [], [], [], 0, 0
+    while length < minutes * 60 * SAMPLE_RATE:
+        if n % 2:
+            clip = repeat_clip(f"r{n}", maker, rng, rng.uniform(10, 17), rng.uniform(4, 12))
+            for i, (a, b) in enumerate(clip.readings):
+                readings.append((length + a, length + b))
+                texts.append(f"[passage {n}: reading {i + 1}]")
+        else:
+            clip = plain_clip(f"p{n}", maker, rng, 60.0)
+        parts.append(clip.audio)
+        length += len(clip.audio)
+        n += 1
+    work.mkdir(parents=True, exist_ok=True)
+    sf.write(work / "long.wav", np.concatenate(parts), SAMPLE_RATE, subtype="PCM_16")
+    (work / "long.json").write_text(json.dumps({"text": "\n".join(texts), "readings": readings}))
+    return work / "long.wav"
+
+
 def decayed_checkpoint(work: Path, decay: float) -> Path:
     """A copy of demo_assets/ttt whose config sets `ttt.decay` (weights shared by a symlink)."""
     directory = work / f"ttt_decay_{decay:g}"
@@ -64,12 +96,12 @@ def decayed_checkpoint(work: Path, decay: float) -> Path:
     return directory
 
 
-def score_run(work: Path, name: str, ref: Path) -> dict:
+def score_run(work: Path, name: str, ref: Path, reset_every: int | None = None) -> dict:
     codes = torch.load(work / "long_codes.pt")
     model = load(ref).model
     start = time.perf_counter()
     with torch.no_grad():
-        result = score(model, codes, mode="chunked")
+        result = score(model, codes, mode="chunked", reset_every=reset_every)
     run = {"loss_per_token": result.loss_per_token[0].tolist(), "seconds": time.perf_counter() - start}
     if result.telemetry is not None:
         layer = next(iter(result.telemetry.layers.values()))
@@ -133,18 +165,31 @@ def table(work: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("encode", "score", "table"))
+    parser.add_argument("stage", choices=("make-demo", "encode", "score", "table"))
+    parser.add_argument("--minutes", type=float, default=26.0)
+    parser.add_argument("--seed", type=int, default=4242, help="make-demo: 4242 the evaluation file, others training")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--decay", type=float, nargs="*", default=[])
     parser.add_argument("--baseline", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, help="score this checkpoint too, as run --name")
+    parser.add_argument("--name", default="checkpoint")
+    parser.add_argument("--reset-every", type=int, nargs="*", default=[], help="TTT without decay, reset every N")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    if args.stage == "encode":
+    if args.stage == "make-demo":
+        print(make_demo_style(args.work, args.minutes, args.seed))
+    elif args.stage == "encode":
         print(encode_long(args.work))
     elif args.stage == "score":
         if args.baseline:
             run = score_run(args.work, "baseline", ASSETS / "fair_baseline")
             print(f"baseline: {run['seconds']:.0f} s")
+        if args.checkpoint is not None:
+            run = score_run(args.work, args.name, args.checkpoint)
+            print(f"{args.name}: {run['seconds']:.0f} s")
+        for period in args.reset_every:
+            run = score_run(args.work, f"ttt_reset_{period}", ASSETS / "ttt", reset_every=period)
+            print(f"reset every {period}: {run['seconds']:.0f} s")
         for decay in args.decay:
             run = score_run(args.work, f"ttt_decay_{decay:g}", decayed_checkpoint(args.work, decay))
             print(f"decay {decay:g}: {run['seconds']:.0f} s")
