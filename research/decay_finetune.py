@@ -17,6 +17,7 @@ Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -37,6 +38,8 @@ from moshi_ttt.training.data import training_codes  # noqa: E402
 from moshi_ttt.ttt.apply import ttt_blocks  # noqa: E402
 from moshi_ttt.ttt.carry import TTTCarry, carry_ttt_state  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,13 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=208, help="tokens per forward (a multiple of b = 16)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", action="store_true", help="control: the fair baseline's layer 0 instead")
+    parser.add_argument("--no-carry", action="store_true", help="control: no state carried between chunks")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = load(decayed_checkpoint(args.out, args.decay))
-    model = ckpt.model.train()
-    params = [p for block in ttt_blocks(model).values() for p in block.parameters()]
+    if args.baseline:  # the control: the fair baseline's layer 0 (where the TTT block sits) on the same data
+        ckpt = load(REPO / "demo_assets" / "fair_baseline")
+        model = ckpt.model.train()
+        params = list(model.transformer.layers[0].parameters())
+    else:
+        ckpt = load(decayed_checkpoint(args.out, args.decay))
+        model = ckpt.model.train()
+        params = [p for block in ttt_blocks(model).values() for p in block.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -66,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     offsets = [rng.randrange(0, part // args.chunk) * args.chunk for _ in range(args.streams)]
     carry, log, start, step = TTTCarry(), [], time.perf_counter(), 0
-    with carry_ttt_state(model, carry):
+    with carry_ttt_state(model, carry) if ttt_blocks(model) else contextlib.nullcontext():
         while time.perf_counter() - start < args.minutes * 60:
             wrapped = torch.tensor([o + args.chunk > part for o in offsets])
             offsets = [0 if w else o for o, w in zip(offsets, wrapped.tolist(), strict=True)]
-            if bool(wrapped.any()):
+            if args.no_carry:
+                carry.reset(torch.ones(args.streams, dtype=torch.bool))  # every chunk from W_base
+            elif bool(wrapped.any()):
                 carry.reset(wrapped)  # a stream back at its start: fresh fast weights
             batch = torch.stack([streams[i, :, o : o + args.chunk] for i, o in enumerate(offsets)])  # [S, 8, C]
             loss = audio_loss(model, training_codes(model, batch))
