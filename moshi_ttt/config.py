@@ -54,6 +54,13 @@ class TTTConfig:
     # frames are distinct and the inner loop recalls a repeated passage (after attention the frames share most of
     # their features: research/probe_memory.py, demo_assets/MANIFEST.md).
     branch_input: str = "after_attention"
+    # Decay of the fast weights toward W_base, lambda in [0, 1], applied at the end of every full mini-batch:
+    # W0 <- W_base + (1 - lambda) (W0 - tau_b sum_s lr_s grad l_s(W0) - W_base), the forgetting gate of Titans
+    # (Behrouz et al. 2024, arXiv 2501.00663, eq. 13) and gated delta rules (Yang et al. 2024, arXiv 2412.06464)
+    # with W_base, not zero, as the point the weights forget toward. It bounds the drift over long inputs: with
+    # updates of norm <= g, ||W0 - W_base|| <= g (1 - lambda) / lambda. A memory fades by (1 - lambda) per
+    # mini-batch (half-life b ln 2 / lambda tokens). 0 (the default): no decay, the numbers of checkpoints without it.
+    decay: float = 0.0
     # Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork, with the
     # options of `LegacyConfig`. None: our own TTT. Set by `moshi_ttt.data.checkpoints.load` for such checkpoints; never
     # needed for new models.
@@ -76,6 +83,12 @@ class TTTConfig:
             raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {self.branch_input!r}")
         if self.legacy is not None and self.branch_input != "after_attention":
             raise ValueError("branch_input 'before_attention' is not part of the legacy TTT layout")
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+        object.__setattr__(self, "decay", float(decay))
+        if self.legacy is not None and self.decay > 0:
+            raise ValueError("decay is not part of the legacy TTT layout")
         if self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.num_heads is not None and self.num_heads < 1:

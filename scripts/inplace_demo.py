@@ -8,7 +8,7 @@ target generators at the fork's initialisation N(0, 1e-2) (untrained), the same 
 - working_clip: delta_clip_fro_norm 100, the value its YAML asked for.
 Then score a clip with both (one results.json, report.html with the In-Place figure):
 
-    NO_TORCH_COMPILE=1 python scripts/inplace_demo.py --out /tmp/inplace_demo
+    NO_TORCH_COMPILE=1 python -m scripts.inplace_demo --out /tmp/inplace_demo
     NO_TORCH_COMPILE=1 python -m moshi_ttt.evaluate --audio demo_assets/demo_repeat.wav \
         --baseline /tmp/inplace_demo/fork_settings --ttt /tmp/inplace_demo/working_clip --out /tmp/inplace_demo/eval
 
@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: moshi_ttt without installing
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
