@@ -8,6 +8,10 @@ Notation: B batch rows, K = 8 audio codebooks of the Moshi stream, T steps (12.5
 - "stream": the temporal transformer (where the KV cache and the TTT fast weights live) steps one token at a time,
   as in real-time use; the depth transformer, stateless across steps, runs over up to DEPTH_GROUP buffered steps.
 
+The text stream is RunOptions.text_stream (`scoring/text_stream.py`): padding, zero, the model's own greedy text
+(generated one token at a time first, so that every mode then scores the same text) or given text tokens, which
+are then scored too (`ScoreResult.text_loss`); a second (user) audio stream is the zero token or given codes.
+
 All three run inside a fresh streaming session of the temporal transformer (`exact_streaming`, whose KV cache is
 wide enough for the largest chunk, so every mode sees exactly the keys of the non-streaming forward, also past the
 attention window). A new session per call gives every file fresh TTT state; per-run TTT options are session
@@ -31,6 +35,7 @@ from moshi_ttt.compat.sequence import delayed_input, depformer_targets, model_co
 from moshi_ttt.compat.streaming import exact_streaming
 from moshi_ttt.options import RunOptions, run_options
 from moshi_ttt.scoring.telemetry import Telemetry, record
+from moshi_ttt.scoring.text_stream import text_row
 from moshi_ttt.ttt.apply import set_streaming_options, ttt_blocks
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,10 @@ class ScoreResult:
     tokens_done: int  # steps of the input whose losses are final
     total_tokens: int  # T of the input
     elapsed_s: float  # wall time since scoring started
+    # [B, tokens_done] float32 text-stream cross-entropy where a text was given (text_stream "transcript"), NaN
+    # where invalid (moshi's zero token); None when the text stream is not scored.
+    text_loss: torch.Tensor | None = None
+    text_tokens: torch.Tensor | None = None  # [B, T] long: the text stream the model read (-1: moshi's zero token)
 
     @property
     def complete(self) -> bool:
@@ -146,6 +155,8 @@ def iter_score(
     chunk_size: int | None = None,
     *,
     options: RunOptions | None = None,
+    text_tokens: torch.Tensor | None = None,
+    user_codes: torch.Tensor | None = None,
     **shortcuts: tp.Any,
 ) -> tp.Iterator[ScoreResult]:
     """Scores `audio_codes` step by step, yielding partial results for live plots.
@@ -156,6 +167,8 @@ def iter_score(
         mode, chunk_size, **shortcuts: RunOptions fields by name (mini_batch_size, persistent_states, reset_every,
             telemetry, record_every; None: the default), or
         options: a RunOptions (moshi_ttt/options.py) instead.
+        text_tokens: [B, T] long text stream for text_stream "transcript" (scored: ScoreResult.text_loss).
+        user_codes: [B, K, T] long second (user) audio stream of a model that has one (n_q = 2 K); None: zero token.
     Yields:
         ScoreResult with the first `tokens_done` steps every `record_every` tokens (at chunk boundaries; the loss
         and mask tensors are views that later steps do not change) and a last one with all T steps: the same
@@ -164,19 +177,26 @@ def iter_score(
         ValueError: for a bad mode, chunk size, option, codes or a model that cannot be scored.
     """
     options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
-    return _iter_score(model, audio_codes, options, partial=True)
+    return _iter_score(model, audio_codes, options, partial=True, text_tokens=text_tokens, user_codes=user_codes)
 
 
 def _iter_score(
-    model: LMModel, audio_codes: torch.Tensor, options: RunOptions, partial: bool
+    model: LMModel,
+    audio_codes: torch.Tensor,
+    options: RunOptions,
+    partial: bool,
+    text_tokens: torch.Tensor | None = None,
+    user_codes: torch.Tensor | None = None,
 ) -> tp.Iterator[ScoreResult]:
     """iter_score with the run's options; `partial=False` yields only the final result (`score`)."""
     _check_model(model)
-    codes = model_codes(model, audio_codes)  # [B, 1 + n_q, T]
-    B, _, T = codes.shape
-    if T == 0:
+    model_codes(model, audio_codes, user_codes=user_codes)  # checks the codes before any (greedy) text pass
+    if audio_codes.shape[-1] == 0:
         raise ValueError("there are no audio codes to score (T = 0)")
-    chunk = _chunk_size(model, options, T)
+    chunk = _chunk_size(model, options, audio_codes.shape[-1])
+    text = text_row(model, audio_codes, options, text_tokens, user_codes)  # [B, T] or None (padding)
+    codes = model_codes(model, audio_codes, text, user_codes)  # [B, 1 + n_q, T]
+    B, _, T = codes.shape
     audio = slice(model.audio_offset, model.audio_offset + model.dep_q)
     delays = model.delays[audio]
     max_delay = max(delays)
@@ -186,6 +206,11 @@ def _iter_score(
     mask = valid & torch.stack([steps < T - d for d in delays])[None]  # moshi's _undelay_sequence mask
     start_time = time.perf_counter()
     use_telemetry = options.telemetry and bool(ttt_blocks(model))
+    text_loss = None
+    if options.text_stream == "transcript":  # a given text is scored; moshi's _undelay_sequence mask for it
+        text_loss = torch.full((B, T), float("nan"), dtype=torch.float32, device=codes.device)
+        text_mask = (codes[:, 0] != model.zero_token_id) & (steps < T - model.delays[0])[None]  # [B, T]
+    streams = _Streams(codes[:, 0], text_loss)
 
     with ExitStack() as stack:
         stack.enter_context(exact_streaming(model.transformer, B, chunk))
@@ -195,6 +220,8 @@ def _iter_score(
             with torch.no_grad():
                 out = model(codes)  # LMOutput, logits [B, K, T, V] already undelayed
                 loss.copy_(torch.where(mask, _cross_entropy(out.logits, codes[:, audio]), loss))
+                if text_loss is not None:  # text_logits [B, 1, T, V_text], undelayed
+                    text_loss.copy_(_cross_entropy(out.text_logits, codes[:, :1])[:, 0])
             del out
         else:
             inputs = delayed_input(model, codes)  # [B, 1 + n_q, T]: step s predicts delayed step s
@@ -205,7 +232,10 @@ def _iter_score(
             for start in range(0, T, chunk):
                 stop = min(start + chunk, T)
                 with torch.no_grad():
-                    pending.append(model.forward_text(inputs[:, :, start:stop])[0])  # [B, n, dim]
+                    transformer_out, text_logits = model.forward_text(inputs[:, :, start:stop])  # [B, n, dim]
+                    pending.append(transformer_out)
+                    if text_loss is not None:
+                        _score_text(model, targets, text_logits, text_loss, start, stop)
                 if stop - scored < group and stop < T and (not partial or stop - max_delay < next_record):
                     continue
                 with torch.no_grad():
@@ -214,10 +244,31 @@ def _iter_score(
                 done = T if stop == T else max(0, stop - max_delay)  # steps whose every codebook is scored
                 if partial and next_record <= done < T:
                     next_record = (done // options.record_every + 1) * options.record_every
-                    yield _result(loss, mask, recorder, done, T, start_time)
+                    yield _result(loss, mask, recorder, done, T, start_time, streams)
         loss.masked_fill_(~mask, float("nan"))
-        final = _result(loss, mask, recorder, T, T, start_time)
+        if text_loss is not None:
+            text_loss.masked_fill_(~text_mask, float("nan"))
+        final = _result(loss, mask, recorder, T, T, start_time, streams)
     yield final
+
+
+@dataclass(frozen=True)
+class _Streams:
+    text_tokens: torch.Tensor  # [B, T] long: the text stream read
+    text_loss: torch.Tensor | None  # [B, T] float32 being filled, None when the text is not scored
+
+
+def _score_text(model: LMModel, targets, text_logits: torch.Tensor, text_loss: torch.Tensor, start: int, stop: int):
+    """Text cross-entropy of delayed steps [start, stop), written undelayed into `text_loss` [B, T].
+
+    Args:
+        targets: [B, 1 + n_q, T] delayed codes; text_logits: [B, 1, stop - start, V_text] from forward_text.
+    """
+    chunk_loss = _cross_entropy(text_logits, targets[:, :1, start:stop])[:, 0]  # [B, n]
+    d = model.delays[0]
+    lo = max(start, d)
+    if lo < stop:
+        text_loss[:, lo - d : stop - d] = chunk_loss[:, lo - start :]
 
 
 def _score_depth(model: LMModel, targets, transformer_out: torch.Tensor, loss: torch.Tensor, start: int, stop: int):
@@ -237,7 +288,7 @@ def _score_depth(model: LMModel, targets, transformer_out: torch.Tensor, loss: t
             loss[:, k, lo - d : stop - d] = chunk_loss[:, k, lo - start :]
 
 
-def _result(loss, mask, recorder, done: int, total: int, start_time: float) -> ScoreResult:
+def _result(loss, mask, recorder, done: int, total: int, start_time: float, streams: _Streams) -> ScoreResult:
     return ScoreResult(
         loss=loss[:, :, :done],
         mask=mask[:, :, :done],
@@ -245,6 +296,8 @@ def _result(loss, mask, recorder, done: int, total: int, start_time: float) -> S
         tokens_done=done,
         total_tokens=total,
         elapsed_s=time.perf_counter() - start_time,
+        text_loss=None if streams.text_loss is None else streams.text_loss[:, :done],
+        text_tokens=streams.text_tokens,
     )
 
 
@@ -255,6 +308,8 @@ def score(
     chunk_size: int | None = None,
     *,
     options: RunOptions | None = None,
+    text_tokens: torch.Tensor | None = None,
+    user_codes: torch.Tensor | None = None,
     **shortcuts: tp.Any,
 ) -> ScoreResult:
     """Per-token teacher-forced cross-entropy of audio codes (docs/ARCHITECTURE.md contract), from fresh TTT state.
@@ -269,10 +324,14 @@ def score(
         chunk_size: tokens per chunk in "chunked" mode (None: min(250, context), in whole TTT mini-batches).
         **shortcuts: the other RunOptions fields by name: mini_batch_size and persistent_states (None: the layers'
             own), reset_every (tokens between resets with persistence off; None: the attention context), telemetry.
-        options: a RunOptions instead of the keywords.
+        options: a RunOptions instead of the keywords (text_stream picks the text stream; the loss weights only
+            change reports).
+        text_tokens: [B, T] long text stream for text_stream "transcript" (then scored: ScoreResult.text_loss).
+        user_codes: [B, K, T] long second (user) audio stream of a model that has one; None: the zero token.
     Returns:
-        ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T] and telemetry.
+        ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T], telemetry, the text
+        stream read and, for a given text, its loss [B, T].
     """
     options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
-    *_, result = _iter_score(model, audio_codes, options, partial=False)
+    *_, result = _iter_score(model, audio_codes, options, partial=False, text_tokens=text_tokens, user_codes=user_codes)
     return result
