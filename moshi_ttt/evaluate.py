@@ -3,10 +3,14 @@
     python -m moshi_ttt.evaluate --audio a.wav b.flac --baseline CKPT --ttt CKPT --out results/
     python -m moshi_ttt.evaluate --manifest files.jsonl --out results/        # resumable: done files are skipped
     torchrun --nproc_per_node 2 -m moshi_ttt.evaluate --manifest files.jsonl --out results/   # sharded
+    python -m moshi_ttt.evaluate --benchmark swuggy=ZR2021 --benchmark sblimp=ZR2021 --out results/   # minimal pairs
 
 Each file gets OUT/<nnnn>_<stem>/ with results.json (DESIGN.md contract), results.csv and report.html;
 older non-causal TTT checkpoints are also scored causally (results.json `causal_comparison`), and
 a run whose loss went NaN/inf at valid tokens gets a one-sentence warning naming it and the codebooks;
+a stereo file is read as a dialogue (--channels; moshi-finetune's left = Moshi, right = user), the text stream is
+--text-stream (a transcript: moshi-finetune's FILE.json beside the audio), and each run reports its loss views;
+--benchmark NAME=PATH scores minimal pairs into OUT/benchmarks/ (moshi_ttt/benchmarks);
 OUT/index.json lists every file with its mean losses (rank 0 merges it under torchrun). Bad input ends with a
 one-line message and a non-zero exit status, never a traceback.
 """
@@ -27,8 +31,10 @@ import torch
 from tqdm import tqdm
 
 from moshi_ttt.data import audio as audio_io
-from moshi_ttt.options import MODES, RunOptions
-from moshi_ttt.reports import headline, sweeps
+from moshi_ttt.data import dialogue
+from moshi_ttt.data.alignments import load_text_tokenizer
+from moshi_ttt.options import MODES, TEXT_STREAMS, RunOptions
+from moshi_ttt.reports import headline, loss_views, sweeps
 from moshi_ttt.reports.results import (
     causal_comparison,
     non_finite_message,
@@ -56,7 +62,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moshi_ttt.evaluate", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()  # or only --benchmark
     src.add_argument("--audio", nargs="+", type=Path, help="audio files (anything libsndfile reads)")
     src.add_argument("--manifest", type=Path, help='JSONL with one {"path": ..., "duration": ...} per line')
     p.add_argument("--baseline", help="baseline checkpoint (default: demo_assets/fair_baseline when it exists)")
@@ -76,6 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens between resets of the fast weights (turns persistence off); the same in every mode",
     )
     p.add_argument("--no-telemetry", action="store_true", help="skip drift and inner-loop losses")
+    p.add_argument(
+        "--text-stream",
+        choices=TEXT_STREAMS,
+        default="padding",
+        help="what the model reads as its text: padding (default), zero (no text), greedy (its own inner monologue, "
+        "as LMGen), transcript (moshi-finetune's FILE.json word alignments beside each file; scored)",
+    )
+    p.add_argument("--text-tokenizer", type=Path, help="the model's sentencepiece tokenizer (--text-stream transcript)")
+    p.add_argument(
+        "--channels",
+        choices=dialogue.CHANNEL_MAPS,
+        default=dialogue.DEFAULT_CHANNEL_MAP,
+        help="stereo files: moshi-left (moshi-finetune's: left Moshi, right user), moshi-right, or mix to mono",
+    )
+    p.add_argument(
+        "--first-codebook-weight-multiplier",
+        type=float,
+        default=1.0,
+        help="moshi-finetune's weight of codebook 0 in the weighted loss view and the benchmarks (the fork: 100)",
+    )
+    p.add_argument("--text-padding-weight", type=float, default=0.5, help="moshi-finetune's weight of text padding")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="minimal pairs (repeatable): swuggy / sblimp (ZeroSpeech 2021 root), sstorycloze / tstorycloze (folder)",
+    )
+    p.add_argument("--max-pairs", type=int, default=None, help="score only the first pairs of each benchmark")
     p.add_argument("--max-seconds", type=float, default=audio_io.DEFAULT_MAX_SECONDS, help="longest file accepted")
     p.add_argument("--allow-silence", action="store_true", help="score silent files instead of rejecting them")
     p.add_argument("--bin-size", type=int, default=250, help="tokens per position bin in the summaries")
@@ -132,29 +167,34 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
     done = out_dir / "results.json"
     if done.exists():
         return {**json.loads((out_dir / "summary.json").read_text()), "skipped": True}
-    audio = audio_io.load_audio(file, max_seconds=args.max_seconds, allow_silence=args.allow_silence)
     dep_q = next(iter(models.values()))[1].dep_q
-    codes = audio_io.encode(mimi, audio)[:, :dep_q]  # [1, 8, T]
+    streams = dialogue.read_streams(
+        file, mimi, dep_q, args.channels, transcript=options.text_stream == "transcript",
+        max_seconds=args.max_seconds, allow_silence=args.allow_silence,
+    )  # fmt: skip
+    audio, codes = streams.audio.moshi, streams.moshi_codes  # codes [1, 8, T] of the Moshi channel
     device = torch.device(args.device)
     readings = headline.readings_for(file)  # from FILE.txt when it names the readings of a repeated passage
     runs, tables = {}, {}
     for name, (ref, model) in models.items():
+        inputs = streams.score_inputs(model, args.tokenizer)  # user stream, transcript tokens
         with PeakMemory(device) as memory:
-            result = score(model, codes.to(device), options=options)
+            result = score(model, codes.to(device), options=options, **inputs)
+        views = loss_views.from_result(result, options, (model.text_padding_token_id, model.end_of_text_padding_id))
         runs[name] = run_record(
             result, checkpoint=ref, peak_memory_mb=memory.peak_mb, bin_size=args.bin_size,
-            context_tokens=model.context, readings=readings,
+            context_tokens=model.context, readings=readings, views=views,
         )  # fmt: skip
         leaky_b = non_causal_mini_batch(model)
         if leaky_b is not None:  # an older non-causal TTT checkpoint: the same weights, scored causally, next to it
             with causal_reading(model):
-                causal = score(model, codes.to(device), options=options.replace(telemetry=False))
+                causal = score(model, codes.to(device), options=options.replace(telemetry=False), **inputs)
             runs[name]["causal_comparison"] = causal_comparison(runs[name], causal, leaky_b)
         message = non_finite_message(name, runs[name])
         if message:
             tqdm.write(f"warning: {file}: {message}", file=sys.stderr)
         if args.sweep:
-            tables.update(_sweep_tables(name, model, codes.to(device), result, options))
+            tables.update(_sweep_tables(name, model, codes.to(device), result, options, inputs))
     info = {
         "path": str(file),
         "name": audio.name,
@@ -163,12 +203,14 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         "source_channels": audio.source_channels,
         "silent": audio.silent,
         "tokens": int(codes.shape[-1]),
+        **streams.info(),
     }
     config = {
         **dataclasses.asdict(options),
         "device": args.device,
         "dtype": args.dtype,
         "max_seconds": args.max_seconds,
+        "channels": args.channels,
     }
     document = results_document(info, config, runs, bin_size=args.bin_size)
     if tables:
@@ -190,12 +232,12 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
     return entry
 
 
-def _sweep_tables(name: str, model, codes: torch.Tensor, result, options: RunOptions) -> dict[str, list[dict]]:
-    """Sweep tables for report.html, each varying one option of the run."""
+def _sweep_tables(name: str, model, codes: torch.Tensor, result, options: RunOptions, inputs: dict) -> dict:
+    """Sweep tables for report.html, each varying one option of the run (`inputs`: the file's other streams)."""
     tables = {f"{name}: loss by context length": sweeps.sweep_context_length(result)}
     if ttt_blocks(model):
-        tables[f"{name}: inner mini-batch size"] = sweeps.sweep_mini_batch_size(model, codes, options)
-        tables[f"{name}: persistent states"] = sweeps.sweep_persistent_states(model, codes, options)
+        tables[f"{name}: inner mini-batch size"] = sweeps.sweep_mini_batch_size(model, codes, options, inputs=inputs)
+        tables[f"{name}: persistent states"] = sweeps.sweep_persistent_states(model, codes, options, inputs=inputs)
     return tables
 
 
@@ -209,6 +251,9 @@ def run_options_from_args(args) -> RunOptions:
             persistent_states=False if args.no_persistent_states or args.reset_every is not None else None,
             reset_every=args.reset_every,
             telemetry=not args.no_telemetry,
+            text_stream=args.text_stream,
+            first_codebook_weight_multiplier=args.first_codebook_weight_multiplier,
+            text_padding_weight=args.text_padding_weight,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -217,8 +262,15 @@ def run_options_from_args(args) -> RunOptions:
 def run(args) -> int:
     """Scores the files of this rank; returns the exit status."""
     rank, world = _init_distributed(args.device)
-    files = list(args.audio) if args.audio is not None else read_manifest(args.manifest)
+    if args.audio is None and args.manifest is None and not args.benchmark:
+        raise UsageError("give --audio, --manifest or --benchmark NAME=PATH")
+    files = list(args.audio) if args.audio is not None else read_manifest(args.manifest) if args.manifest else []
     options = run_options_from_args(args)
+    args.tokenizer = None
+    if options.text_stream == "transcript":
+        if args.text_tokenizer is None:
+            raise UsageError("--text-stream transcript needs --text-tokenizer (the model's sentencepiece .model)")
+        args.tokenizer = load_text_tokenizer(args.text_tokenizer)
     refs = _checkpoint_refs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     models, mimi = {}, None
@@ -247,7 +299,14 @@ def run(args) -> int:
             for row in entry.get("readings") or []:
                 print(f"  reading {row['reading']} ({row['span (s)']} s): baseline {row['baseline loss']}, "
                       f"TTT {row['TTT loss']}, {row['improvement %']:+.2f}%")  # fmt: skip
-        print(f"{len(entries)} file(s) scored into {args.out}, {len(failures)} failed")
+        if files:
+            print(f"{len(entries)} file(s) scored into {args.out}, {len(failures)} failed")
+    if args.benchmark and rank == 0:
+        from moshi_ttt.benchmarks.report import run_benchmarks, summary_lines
+
+        plain = {name: model for name, (_, model) in models.items()}
+        document = run_benchmarks(args.benchmark, plain, mimi, options, args.out, max_pairs=args.max_pairs)
+        print("\n".join(summary_lines(document)) + f"\nbenchmarks written to {args.out / 'benchmarks'}")
     return 1 if failures else 0
 
 

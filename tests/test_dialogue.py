@@ -146,3 +146,42 @@ def test_bad_channel_requests_are_one_sentence(stereo):
     with pytest.raises(ValueError, match=r"the Moshi channel \(left\) of quiet.wav is silent"):
         dialogue.read_dialogue(stereo / "quiet.wav")
     assert dialogue.read_dialogue(stereo / "quiet.wav", "moshi-right").user.silent  # a silent user is fine
+
+
+def test_the_cli_scores_a_dialogue_file_with_its_transcript(stereo, monkeypatch):
+    from moshi_ttt import evaluate
+
+    def fake_load(ref, device, dtype):  # moshiko-shaped tiny models: a user stream beside Moshi's
+        import types
+
+        from moshi_ttt import TTTConfig, apply_ttt
+
+        model = tiny_lm(0, n_q=16)
+        if ref == "ttt":
+            model = apply_ttt(model, TTTConfig(layers="1,2", mini_batch_size=4))
+        return types.SimpleNamespace(model=model, mimi=tiny_mimi())
+
+    monkeypatch.setattr(evaluate, "_load_checkpoint", fake_load)
+    monkeypatch.setattr(evaluate, "load_text_tokenizer", lambda path: LetterTokenizer())
+    write_alignments(stereo / "dialogue.json", [["ab", [0.2, 0.5], "SPEAKER_MAIN"], ["ca", [1.0, 1.3], "SPEAKER_MAIN"]])
+    out = stereo / "out"
+    argv = ["--audio", str(stereo / "dialogue.wav"), "--baseline", "base", "--ttt", "ttt", "--out", str(out)]
+    options = ["--text-stream", "transcript", "--text-tokenizer", "spm.model"]
+    assert evaluate.main([*argv, *options, "--first-codebook-weight-multiplier", "100"]) == 0
+    doc = json.loads((out / "0000_dialogue" / "results.json").read_text())
+    assert doc["audio"]["channels"] == "left: Moshi, right: user" and doc["audio"]["transcript_words"] == 2
+    assert doc["config"]["text_stream"] == "transcript" and doc["config"]["first_codebook_weight_multiplier"] == 100
+    views = doc["runs"]["ttt"]["loss_views"]
+    assert views["text"] is not None and views["first_codebook_weight_multiplier"] == 100
+    assert views["mean"] == pytest.approx(doc["runs"]["ttt"]["mean_loss"])
+    # The TTT run's numbers are the library's with both streams and the transcript.
+    mimi, model = tiny_mimi(), fake_load("ttt", "cpu", None).model
+    left = encode(mimi, load_audio(stereo / "left.wav"))
+    right = encode(mimi, load_audio(stereo / "right.wav"))
+    words = alignments.read_alignments(stereo / "dialogue.json")
+    text = text_stream(words, left.shape[-1], LetterTokenizer(), TextIds.of(model))[None]
+    expected = score(model, left, text_stream="transcript", text_tokens=text, user_codes=right)
+    got = torch.tensor([[np.nan if v is None else v for v in cb] for cb in doc["runs"]["ttt"]["loss_per_codebook"]])
+    torch.testing.assert_close(got, expected.loss[0], rtol=0, atol=1e-4, equal_nan=True)
+    assert doc["runs"]["ttt"]["text_loss_per_token"] == pytest.approx(expected.text_loss[0].tolist(), abs=1e-4)
+    assert evaluate.main([*argv, "--text-stream", "transcript"]) == 2  # no tokenizer: one line, status 2
