@@ -168,8 +168,9 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
     if done.exists():
         return {**json.loads((out_dir / "summary.json").read_text()), "skipped": True}
     dep_q = next(iter(models.values()))[1].dep_q
+    channels = getattr(args, "channels", dialogue.DEFAULT_CHANNEL_MAP)
     streams = dialogue.read_streams(
-        file, mimi, dep_q, args.channels, transcript=options.text_stream == "transcript",
+        file, mimi, dep_q, channels, transcript=options.text_stream == "transcript",
         max_seconds=args.max_seconds, allow_silence=args.allow_silence,
     )  # fmt: skip
     audio, codes = streams.audio.moshi, streams.moshi_codes  # codes [1, 8, T] of the Moshi channel
@@ -177,7 +178,7 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
     readings = headline.readings_for(file)  # from FILE.txt when it names the readings of a repeated passage
     runs, tables = {}, {}
     for name, (ref, model) in models.items():
-        inputs = streams.score_inputs(model, args.tokenizer)  # user stream, transcript tokens
+        inputs = streams.score_inputs(model, getattr(args, "tokenizer", None))  # user stream, transcript tokens
         with PeakMemory(device) as memory:
             result = score(model, codes.to(device), options=options, **inputs)
         views = loss_views.from_result(result, options, (model.text_padding_token_id, model.end_of_text_padding_id))
@@ -210,7 +211,7 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         "device": args.device,
         "dtype": args.dtype,
         "max_seconds": args.max_seconds,
-        "channels": args.channels,
+        "channels": channels,
     }
     document = results_document(info, config, runs, bin_size=args.bin_size)
     if tables:
@@ -282,7 +283,8 @@ def run(args) -> int:
         raise UsageError("none of the checkpoints names a Mimi codec to encode the audio with")
     mine = [(i, f) for i, f in enumerate(files) if i % world == rank]
     entries, failures = [], []
-    for index, file in tqdm(mine, desc=f"scoring (rank {rank})" if world > 1 else "scoring", unit="file"):
+    progress = tqdm(mine, desc=f"scoring (rank {rank})" if world > 1 else "scoring", unit="file", disable=not mine)
+    for index, file in progress:
         try:
             entries.append({"index": index, **score_file(file, index, models, mimi, args, options)})
         except (ValueError, FileNotFoundError) as e:

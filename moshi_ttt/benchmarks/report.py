@@ -105,6 +105,7 @@ def summary_lines(document: dict) -> list[str]:
         lines.append(
             f"{row['benchmark']} ({row['pairs']} pairs) {row['run']}: accuracy {row['accuracy (summed)']:.3f} "
             f"{row['95% CI (summed)']} summed, {row['accuracy (length-normalised)']:.3f} "
-            f"{row['95% CI (length-normalised)']} length-normalised; {row['s / 1000 pairs']:.1f} s per 1,000 pairs"
+            f"{row['95% CI (length-normalised)']} length-normalised; {row['s / 1000 pairs']:.1f} s per 1,000 pairs "
+            f"({row['CPU s / 1000 pairs']:.1f} s CPU)"
         )
     return lines
