@@ -119,7 +119,7 @@ def test_the_cli_scores_every_benchmark_for_both_models_side_by_side(sets, tmp_p
         assert set(bench["runs"]) == {"baseline", "ttt"} and bench["pairs"] == 2
         for result in bench["runs"].values():
             assert 0 <= result["summed"]["accuracy"] <= 1 and len(result["length_normalised"]["ci95"]) == 2
-            assert result["s_per_1000_pairs"] > 0
+            assert result["s_per_1000_pairs"] > 0 and result["cpu_s_per_1000_pairs"] > 0
     # The file's numbers are the library's.
     pair = layouts.read_benchmark("swuggy", sets / "zr2021").pairs[0]
     row = doc["benchmarks"]["swuggy"]["per_pair"][0]
