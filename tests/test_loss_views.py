@@ -4,6 +4,7 @@ and where they appear (results.json, CSV, report)."""
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,30 @@ def test_views_go_to_results_json_csv_and_the_report(tmp_path):
     assert float(rows[6]["text_loss"]) == pytest.approx(float(result.text_loss[0, 6]), rel=1e-5)
     page = paths["html"].read_text()
     assert "Loss views" in page and "weighted (cb0 x100)" in page and "moshi-finetune loss" in page
+
+
+# The older TTT fork's own code (tests/data/legacy_fork/README.md, "Loss and minimal-pair figures"), run outside the
+# repository on its mlp3_full checkpoint and the first 200 frames of demo_plain.wav encoded by tiny_mimi():
+FORK_LOSS_PY = {1.0: 3.418752908706665, 100.0: 4.1427178382873535}  # finetune/loss.py, audio, padding text
+FORK_COMPUTE_LIKELIHOOD = 3.398691415786743  # paper_metrics._compute_likelihood: zero text, codebook 0 x100
+
+
+def test_the_older_forks_loss_and_minimal_pair_figures_are_reproduced_with_its_conventions():
+    import soundfile as sf
+    from tiny_mimi import tiny_mimi
+
+    from moshi_ttt import load
+    from moshi_ttt.benchmarks.minimal_pairs import clip_score
+
+    root = Path(__file__).resolve().parent.parent
+    wav, _ = sf.read(root / "demo_assets" / "demo_plain.wav", dtype="float32")
+    with torch.no_grad():
+        codes = tiny_mimi().encode(torch.from_numpy(wav[: 200 * 1920])[None, None])  # [1, 8, 200]
+    model = load(root / "tests" / "data" / "legacy_fork" / "mlp3_full").model
+    ids = (model.text_padding_token_id, model.end_of_text_padding_id)
+    for multiplier, expected in FORK_LOSS_PY.items():
+        options = RunOptions(mode="chunked", first_codebook_weight_multiplier=multiplier)
+        views = loss_views.from_result(score(model, codes, options=options), options, ids)
+        assert views.weighted_mean == pytest.approx(expected, abs=1e-5)
+    fork_convention = RunOptions(mode="full", text_stream="zero", first_codebook_weight_multiplier=100.0)
+    assert clip_score(model, codes, fork_convention).nll_mean == pytest.approx(FORK_COMPUTE_LIKELIHOOD, abs=1e-5)
