@@ -3,6 +3,7 @@
     python -m moshi_ttt.evaluate --audio a.wav b.flac --baseline CKPT --ttt CKPT --out results/
     python -m moshi_ttt.evaluate --manifest files.jsonl --out results/        # resumable: done files are skipped
     torchrun --nproc_per_node 2 -m moshi_ttt.evaluate --manifest files.jsonl --device cuda --out results/
+    python -m moshi_ttt.evaluate --benchmark swuggy=ZR2021 --benchmark sblimp=ZR2021 --out results/   # minimal pairs
 
 Files of any length (an hour and more): each is read, encoded with moshi's streaming Mimi and scored block by block,
 at flat memory in "chunked" and "stream" mode; progress is counted in tokens. Each file gets OUT/<nnnn>_<stem>/ with
@@ -14,6 +15,11 @@ files with 95% intervals (moshi_ttt.reports.aggregate); under torchrun each proc
 its share of the files, and rank 0 writes these once. OUT/run.json fingerprints the settings and checkpoints: a
 rerun with others is refused (moshi_ttt.reports.outdir). A file that cannot be read, or turns out damaged half-way,
 gets one line and is counted as failed while the others go on; bad usage ends with one line, never a traceback.
+A stereo file is read as a dialogue (--channels; moshi-finetune's left = Moshi, right = user), the text stream is
+--text-stream (a transcript: moshi-finetune's FILE.json beside the audio), and each run reports its loss views
+(moshi_ttt.reports.loss_views); dialogues, greedy text and transcripts need the whole file's codes, so those files are
+read whole (memory grows with them). --benchmark NAME=PATH scores minimal pairs into OUT/benchmarks/
+(moshi_ttt.benchmarks).
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from tqdm import tqdm
 
 from moshi_ttt import distributed
 from moshi_ttt.data import audio as audio_io
-from moshi_ttt.data import stream
-from moshi_ttt.options import MODES, RunOptions
-from moshi_ttt.reports import aggregate, headline, outdir, sweeps
+from moshi_ttt.data import dialogue, stream
+from moshi_ttt.data.alignments import load_text_tokenizer
+from moshi_ttt.options import MODES, TEXT_STREAMS, RunOptions
+from moshi_ttt.reports import aggregate, headline, loss_views, outdir, sweeps
 from moshi_ttt.reports.inplace_report import inplace_messages
 from moshi_ttt.reports.results import (
     causal_comparison,
@@ -47,6 +54,7 @@ from moshi_ttt.reports.results import (
     write_report,
 )
 from moshi_ttt.scoring.audio_file import score_audio_file
+from moshi_ttt.scoring.peak_memory import PeakMemory
 from moshi_ttt.scoring.teacher_forcing import non_causal_mini_batch, score
 from moshi_ttt.ttt.apply import ttt_blocks
 from moshi_ttt.ttt.legacy import causal_reading
@@ -65,7 +73,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moshi_ttt.evaluate", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()  # or only --benchmark
     src.add_argument("--audio", nargs="+", type=Path, help="audio files (anything libsndfile reads)")
     src.add_argument("--manifest", type=Path, help='JSONL with one {"path": ..., "duration": ...} per line')
     p.add_argument("--baseline", help="baseline checkpoint (default: demo_assets/fair_baseline when it exists)")
@@ -91,6 +99,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens between resets of the fast weights (turns persistence off); the same in every mode",
     )
     p.add_argument("--no-telemetry", action="store_true", help="skip drift and inner-loop losses")
+    p.add_argument(
+        "--text-stream",
+        choices=TEXT_STREAMS,
+        default="padding",
+        help="what the model reads as its text: padding (default), zero (no text), greedy (its own inner monologue, "
+        "as LMGen), transcript (moshi-finetune's FILE.json word alignments beside each file; scored)",
+    )
+    p.add_argument("--text-tokenizer", type=Path, help="the model's sentencepiece tokenizer (--text-stream transcript)")
+    p.add_argument(
+        "--channels",
+        choices=dialogue.CHANNEL_MAPS,
+        default=dialogue.DEFAULT_CHANNEL_MAP,
+        help="stereo files: moshi-left (moshi-finetune's: left Moshi, right user), moshi-right, or mix to mono",
+    )
+    p.add_argument(
+        "--first-codebook-weight-multiplier",
+        type=float,
+        default=1.0,
+        help="moshi-finetune's weight of codebook 0 in the weighted loss view and the benchmarks (the fork: 100)",
+    )
+    p.add_argument("--text-padding-weight", type=float, default=0.5, help="moshi-finetune's weight of text padding")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="minimal pairs (repeatable): swuggy / sblimp (ZeroSpeech 2021 root), sstorycloze / tstorycloze (folder)",
+    )
+    p.add_argument("--max-pairs", type=int, default=None, help="score only the first pairs of each benchmark")
     p.add_argument("--max-seconds", type=float, default=None, help="longest file accepted (default: no limit)")
     p.add_argument("--allow-silence", action="store_true", help="score silent files instead of rejecting them")
     p.add_argument("--bin-size", type=int, default=250, help="tokens per position bin in the summaries")
@@ -148,6 +185,7 @@ def _settings(args, options: RunOptions) -> dict:
         "bin_size": args.bin_size,
         "sweep": args.sweep,
         "dtype": args.dtype,
+        "channels": args.channels,
         "encoding": {"frames_per_call": stream.ENCODE_FRAMES, "exact_window": True,
                      "resample_quality": audio_io.RESAMPLE_QUALITY},
     }  # fmt: skip
@@ -160,21 +198,29 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
     info = audio_io.check_audio(file, max_seconds=args.max_seconds, allow_silence=args.allow_silence)
     device = torch.device(args.device)
     lms = {name: model for name, (_, model) in models.items()}
-    keep_codes = args.sweep or any(non_causal_mini_batch(m) is not None for m in lms.values())
-    on_tokens = None if progress is None else progress.update
-    scores = score_audio_file(info, mimi, lms, options, device=device, keep_codes=keep_codes, on_tokens=on_tokens)
+    dialogue_file = info.source_channels > 1 and args.channels != "mix"
+    if dialogue_file or options.text_stream in ("greedy", "transcript"):
+        scores = _score_whole_file(file, lms, mimi, args, options, device)  # needs every code first
+        if progress is not None:
+            progress.update(scores.tokens)
+    else:
+        keep_codes = args.sweep or any(non_causal_mini_batch(m) is not None for m in lms.values())
+        on_tokens = None if progress is None else progress.update
+        scores = score_audio_file(info, mimi, lms, options, device=device, keep_codes=keep_codes, on_tokens=on_tokens)
+    inputs = getattr(scores, "inputs", None) or dict.fromkeys(lms, {})  # per run: the file's other streams
     readings = headline.readings_for(file)  # from FILE.txt when it names the readings of a repeated passage
     runs, tables = {}, {}
     for name, (ref, model) in models.items():
         result = scores.results[name]
+        views = loss_views.from_result(result, options, (model.text_padding_token_id, model.end_of_text_padding_id))
         runs[name] = run_record(
             result, checkpoint=ref, peak_memory_mb=scores.peak_memory_mb, bin_size=args.bin_size,
-            context_tokens=model.context, readings=readings,
+            context_tokens=model.context, readings=readings, views=views,
         )  # fmt: skip
         leaky_b = non_causal_mini_batch(model)
         if leaky_b is not None:  # an older non-causal TTT checkpoint: the same weights, scored causally, next to it
             with causal_reading(model):
-                causal = score(model, scores.codes, options=options.replace(telemetry=False))
+                causal = score(model, scores.codes, options=options.replace(telemetry=False), **inputs[name])
             runs[name]["causal_comparison"] = causal_comparison(runs[name], causal, leaky_b)
         message = non_finite_message(name, runs[name])
         if message:
@@ -182,7 +228,7 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         for message in inplace_messages(name, runs[name]):  # In-Place updates that rounded away in float32
             tqdm.write(f"note: {file}: {message}", file=sys.stderr)
         if args.sweep:
-            tables.update(_sweep_tables(name, model, scores.codes, result, options))
+            tables.update(_sweep_tables(name, model, scores.codes, result, options, inputs[name]))
     audio_record = {
         "path": str(file),
         "name": info.name,
@@ -191,12 +237,14 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         "source_channels": info.source_channels,
         "silent": info.silent,
         "tokens": scores.tokens,
+        **(getattr(scores, "stream_info", None) or {}),
     }
     config = {
         **dataclasses.asdict(options),
         "device": str(device),
         "dtype": args.dtype,
         "max_seconds": args.max_seconds,
+        "channels": args.channels,
         "encoding": _settings(args, options)["encoding"],
         "peak_memory": "all runs, the reading and the encoding together (they run interleaved, block by block)",
         "tokens_per_s": "each run's own scoring time (the encoding and the other runs left out)",
@@ -227,12 +275,40 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
     return entry
 
 
-def _sweep_tables(name: str, model, codes: torch.Tensor, result, options: RunOptions) -> dict[str, list[dict]]:
-    """Sweep tables for report.html, each varying one option of the run."""
+@dataclasses.dataclass
+class _WholeFileScores:
+    """The scores of a file read whole (dialogues, greedy text, transcripts), shaped like audio_file.FileScores."""
+
+    results: dict
+    codes: torch.Tensor  # [1, K, T] the Moshi channel
+    tokens: int
+    peak_memory_mb: float | None
+    inputs: dict  # run -> score() keywords: the user stream, the transcript's text tokens
+    stream_info: dict  # results.json "audio" fields: channels, transcript words
+
+
+def _score_whole_file(file: Path, models: dict, mimi, args, options: RunOptions, device) -> _WholeFileScores:
+    """Reads a file whole as Moshi and user channels (and its transcript) and scores it under every model."""
+    dep_q = next(iter(models.values())).dep_q
+    streams = dialogue.read_streams(
+        file, mimi, dep_q, args.channels, transcript=options.text_stream == "transcript",
+        max_seconds=args.max_seconds, allow_silence=args.allow_silence,
+    )  # fmt: skip
+    codes = streams.moshi_codes.to(device)  # [1, K, T]
+    results, inputs = {}, {}
+    with PeakMemory(device) as memory:
+        for name, model in models.items():
+            inputs[name] = streams.score_inputs(model, args.tokenizer)  # user stream, transcript tokens
+            results[name] = score(model, codes, options=options, **inputs[name])
+    return _WholeFileScores(results, codes, int(codes.shape[-1]), memory.peak_mb, inputs, streams.info())
+
+
+def _sweep_tables(name: str, model, codes: torch.Tensor, result, options: RunOptions, inputs: dict) -> dict:
+    """Sweep tables for report.html, each varying one option of the run (`inputs`: the file's other streams)."""
     tables = {f"{name}: loss by context length": sweeps.sweep_context_length(result)}
     if ttt_blocks(model):
-        tables[f"{name}: inner mini-batch size"] = sweeps.sweep_mini_batch_size(model, codes, options)
-        tables[f"{name}: persistent states"] = sweeps.sweep_persistent_states(model, codes, options)
+        tables[f"{name}: inner mini-batch size"] = sweeps.sweep_mini_batch_size(model, codes, options, inputs=inputs)
+        tables[f"{name}: persistent states"] = sweeps.sweep_persistent_states(model, codes, options, inputs=inputs)
     return tables
 
 
@@ -246,6 +322,9 @@ def run_options_from_args(args) -> RunOptions:
             persistent_states=False if args.no_persistent_states or args.reset_every is not None else None,
             reset_every=args.reset_every,
             telemetry=not args.no_telemetry,
+            text_stream=args.text_stream,
+            first_codebook_weight_multiplier=args.first_codebook_weight_multiplier,
+            text_padding_weight=args.text_padding_weight,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -267,8 +346,15 @@ def run(args) -> int:
         args.device = distributed.setup(ranks, args.device)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    files = list(args.audio) if args.audio is not None else read_manifest(args.manifest)
+    if args.audio is None and args.manifest is None and not args.benchmark:
+        raise UsageError("give --audio, --manifest or --benchmark NAME=PATH")
+    files = list(args.audio) if args.audio is not None else read_manifest(args.manifest) if args.manifest else []
     options = run_options_from_args(args)
+    args.tokenizer = None
+    if options.text_stream == "transcript":
+        if args.text_tokenizer is None:
+            raise UsageError("--text-stream transcript needs --text-tokenizer (the model's sentencepiece .model)")
+        args.tokenizer = load_text_tokenizer(args.text_tokenizer)
     refs = _checkpoint_refs(args)
     models, mimi, identities, args.checkpoint_notes = {}, None, {}, {}
     for name, ref in refs.items():
@@ -307,6 +393,14 @@ def run(args) -> int:
     gathered = distributed.gather([entries, failures], ranks)
     if gathered is None:
         return 1 if failures else 0
+    if args.benchmark:  # rank 0, once
+        from moshi_ttt.benchmarks.report import run_benchmarks, summary_lines
+
+        plain = {name: model for name, (_, model) in models.items()}
+        document = run_benchmarks(args.benchmark, plain, mimi, options, args.out, max_pairs=args.max_pairs)
+        print("\n".join(summary_lines(document)) + f"\nbenchmarks written to {args.out / 'benchmarks'}")
+        if not files:
+            return 0
     entries = sorted((e for part in gathered for e in part[0]), key=lambda e: e["index"])
     failures = sorted((f for part in gathered for f in part[1]), key=lambda f: f["index"])
     write_json(args.out / "index.json", {"files": entries, "failures": failures, "runs": sorted(models)})

@@ -8,6 +8,10 @@ Notation: B batch rows, K = 8 audio codebooks of the Moshi stream, T steps (12.5
 - "stream": the temporal transformer (where the KV cache and the TTT fast weights live) steps one token at a time,
   as in real-time use; the depth transformer, stateless across steps, runs over up to DEPTH_GROUP buffered steps.
 
+The text stream is RunOptions.text_stream (`scoring/text_stream.py`): padding, zero, the model's own greedy text
+(generated one token at a time first, so that every mode then scores the same text) or given text tokens, which
+are then scored too (`ScoreResult.text_loss`); a second (user) audio stream is the zero token or given codes.
+
 All three run inside a fresh streaming session of the temporal transformer (`exact_streaming`, whose KV cache is
 wide enough for the largest chunk, so every mode sees exactly the keys of the non-streaming forward, also past the
 attention window). A new session per call gives every file fresh TTT state; per-run TTT options are session
@@ -31,6 +35,7 @@ from moshi_ttt.compat.sequence import delayed_window, model_codes
 from moshi_ttt.compat.streaming import exact_streaming
 from moshi_ttt.options import RunOptions, run_options
 from moshi_ttt.scoring.telemetry import Telemetry, record
+from moshi_ttt.scoring.text_stream import text_row
 from moshi_ttt.ttt.apply import set_streaming_options, ttt_blocks
 from moshi_ttt.ttt.inplace import inplace_blocks
 
@@ -53,6 +58,10 @@ class ScoreResult:
     tokens_done: int  # steps of the input whose losses are final
     total_tokens: int  # T of the input
     elapsed_s: float  # wall time since scoring started
+    # [B, tokens_done] float32 text-stream cross-entropy where a text was given (text_stream "transcript"), NaN
+    # where invalid (moshi's zero token); None when the text stream is not scored.
+    text_loss: torch.Tensor | None = None
+    text_tokens: torch.Tensor | None = None  # [B, tokens_done] long: the text stream read (-1: moshi's zero token)
 
     @property
     def complete(self) -> bool:
@@ -147,6 +156,8 @@ def iter_score(
     chunk_size: int | None = None,
     *,
     options: RunOptions | None = None,
+    text_tokens: torch.Tensor | None = None,
+    user_codes: torch.Tensor | None = None,
     **shortcuts: tp.Any,
 ) -> tp.Iterator[ScoreResult]:
     """Scores `audio_codes` step by step, yielding partial results for live plots.
@@ -157,6 +168,8 @@ def iter_score(
         mode, chunk_size, **shortcuts: RunOptions fields by name (mini_batch_size, persistent_states, reset_every,
             telemetry, record_every; None: the default), or
         options: a RunOptions (moshi_ttt/options.py) instead.
+        text_tokens: [B, T] long text stream for text_stream "transcript" (scored: ScoreResult.text_loss).
+        user_codes: [B, K, T] long second (user) audio stream of a model that has one (n_q = 2 K); None: zero token.
     Yields:
         ScoreResult with the first `tokens_done` steps every `record_every` tokens (at chunk boundaries; the loss
         and mask tensors are views that later steps do not change) and a last one with all T steps: the same
@@ -165,7 +178,7 @@ def iter_score(
         ValueError: for a bad mode, chunk size, option, codes or a model that cannot be scored.
     """
     options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
-    return _iter_tensor(model, audio_codes, options, partial=True)
+    return _iter_tensor(model, audio_codes, options, partial=True, text_tokens=text_tokens, user_codes=user_codes)
 
 
 def iter_score_blocks(
@@ -196,19 +209,33 @@ def iter_score_blocks(
     Raises:
         ValueError: as `score`, and for blocks of another batch size or codebook count.
     """
-    with BlockScorer(model, run_options(options), expected_tokens=expected_tokens, partial=partial) as scorer:
+    options = run_options(options)
+    if options.text_stream in ("greedy", "transcript"):
+        raise ValueError(f"text_stream {options.text_stream!r} needs the whole clip's codes: use score or iter_score")
+    with BlockScorer(model, options, expected_tokens=expected_tokens, partial=partial) as scorer:
         for block in code_blocks:
             yield from scorer.push(block)
         final = scorer.finish()
     yield final
 
 
-def _iter_tensor(model: LMModel, audio_codes: torch.Tensor, options: RunOptions, partial: bool):
+def _iter_tensor(
+    model: LMModel,
+    audio_codes: torch.Tensor,
+    options: RunOptions,
+    partial: bool,
+    text_tokens: torch.Tensor | None = None,
+    user_codes: torch.Tensor | None = None,
+):
     """iter_score of one [B, K, T] tensor; `partial=False` yields only the final result (`score`)."""
-    scorer = BlockScorer(model, options, total_tokens=audio_codes.shape[-1] if audio_codes.dim() == 3 else None,
-                         partial=partial)  # fmt: skip
+    _check_model(model)
+    model_codes(model, audio_codes, user_codes=user_codes)  # checks the codes before any (greedy) text pass
+    if audio_codes.shape[-1] == 0:
+        raise ValueError("there are no audio codes to score (T = 0)")
+    text = text_row(model, audio_codes, options, text_tokens, user_codes)  # [B, T] or None (padding)
+    scorer = BlockScorer(model, options, total_tokens=audio_codes.shape[-1], partial=partial)
     with scorer:
-        yield from scorer.push(audio_codes)
+        yield from scorer.push(audio_codes, text, user_codes)
         final = scorer.finish()
     yield final
 
@@ -278,6 +305,8 @@ class BlockScorer:
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (temporal out [B, n, dim], targets [B, K', n])
         self.loss: _Growing | None = None  # [B, K, T] float32, NaN until scored
         self.valid: _Growing | None = None  # [B, K, T] bool: not the zero token
+        self.text: _Growing | None = None  # [B, 1, T] long: the text stream read
+        self.text_loss: _Growing | None = None  # [B, 1, T] float32: text_stream "transcript" only
         self.recorder = None
         self.stack = ExitStack()
         self.opened = False  # inside the streaming session of model.transformer
@@ -300,18 +329,29 @@ class BlockScorer:
         use_telemetry = self.options.telemetry and bool(ttt_blocks(self.model) or inplace_blocks(self.model))
         self.recorder = self.stack.enter_context(record(self.model)) if use_telemetry else None
 
-    def push(self, audio_codes: torch.Tensor) -> tp.Iterator[ScoreResult]:
+    def push(
+        self, audio_codes: torch.Tensor, text_tokens: torch.Tensor | None = None, user_codes: torch.Tensor | None = None
+    ) -> tp.Iterator[ScoreResult]:
         """Adds audio codes [B, K, n]; scores every chunk they complete, yielding partial results on the way.
 
+        Args:
+            text_tokens: [B, n] the block's text stream (None: as `options.text_stream` says: padding or zero).
+            user_codes: [B, K, n] the block's user stream, for a model that has one (None: the zero token).
         Raises:
             ValueError: for codes that do not fit the model or the earlier blocks.
         """
-        codes = model_codes(self.model, audio_codes)  # [B, 1 + n_q, n]
+        if text_tokens is None and self.options.text_stream == "zero":
+            text_tokens = torch.full(audio_codes.shape[::2], self.model.zero_token_id, dtype=torch.long,
+                                     device=audio_codes.device)  # fmt: skip
+        codes = model_codes(self.model, audio_codes, text_tokens, user_codes)  # [B, 1 + n_q, n]
         B, _, n = codes.shape
         if self.loss is None:
             capacity = self.total or self.expected or n
             self.loss = _Growing(codes[:, self.audio].float(), capacity, float("nan"))
             self.valid = _Growing(codes[:, self.audio] != 0, capacity, False)
+            self.text = _Growing(codes[:, :1], capacity, self.model.zero_token_id)
+            if self.options.text_stream == "transcript":
+                self.text_loss = _Growing(codes[:, :1].float(), capacity, float("nan"))
         elif B != self.loss.data.shape[0]:
             raise ValueError(f"every block must have batch size {self.loss.data.shape[0]}, got {B}")
         if self.total is not None and self.received + n > self.total:
@@ -319,6 +359,9 @@ class BlockScorer:
         valid = self.valid.ensure(self.received + n)
         valid[..., self.received : self.received + n] = codes[:, self.audio] != self.model.zero_token_id
         self.loss.ensure(self.received + n)
+        self.text.ensure(self.received + n)[..., self.received : self.received + n] = codes[:, :1]
+        if self.text_loss is not None:
+            self.text_loss.ensure(self.received + n)
         self.received += n
         if self.options.mode == "full":
             self.blocks.append(codes)
@@ -340,7 +383,10 @@ class BlockScorer:
         model, start = self.model, self.forwarded
         inputs, targets = delayed_window(model, self.window, self.window_start, start, stop)  # [B, 1 + n_q, n] x2
         with torch.no_grad():
-            self.pending.append((model.forward_text(inputs)[0], targets))  # [B, n, dim]
+            transformer_out, text_logits = model.forward_text(inputs)  # [B, n, dim], [B, 1, n, V_text]
+            self.pending.append((transformer_out, targets))
+            if self.text_loss is not None:
+                _score_text(model, targets, text_logits, self.text_loss.data[:, 0], start, stop)
         self.forwarded = stop
         keep = max(0, stop - self.history) - self.window_start  # the next chunk reads from step stop - 1 - delay
         if keep > 0:
@@ -390,6 +436,9 @@ class BlockScorer:
         mask = self.valid.data[..., :T] & torch.stack([steps < T - d for d in delays])[None]  # _undelay_sequence's
         loss = self.loss.data[..., :T]
         loss.masked_fill_(~mask, float("nan"))
+        if self.text_loss is not None:  # moshi's _undelay_sequence mask for the text
+            text_mask = (self.text.data[:, 0, :T] != self.model.zero_token_id) & (steps < T - self.model.delays[0])
+            self.text_loss.data[:, 0, :T].masked_fill_(~text_mask, float("nan"))
         result = self._result(T, T, mask=mask)
         self.close()
         return result
@@ -400,6 +449,8 @@ class BlockScorer:
         with torch.no_grad():
             out = self.model(codes)
             self.loss.data[..., : codes.shape[-1]] = _cross_entropy(out.logits, codes[:, self.audio])
+            if self.text_loss is not None:  # text_logits [B, 1, T, V_text], undelayed
+                self.text_loss.data[..., : codes.shape[-1]] = _cross_entropy(out.text_logits, codes[:, :1])
         del out
 
     def _result(self, done: int, total: int, mask: torch.Tensor | None = None) -> ScoreResult:
@@ -410,7 +461,22 @@ class BlockScorer:
             tokens_done=done,
             total_tokens=total,
             elapsed_s=time.perf_counter() - self.start_time,
+            text_loss=None if self.text_loss is None else self.text_loss.data[:, 0, :done],
+            text_tokens=self.text.data[:, 0, :done],
         )
+
+
+def _score_text(model: LMModel, targets, text_logits: torch.Tensor, text_loss: torch.Tensor, start: int, stop: int):
+    """Text cross-entropy of delayed steps [start, stop), written undelayed into `text_loss` [B, T].
+
+    Args:
+        targets: [B, 1 + n_q, stop - start] delayed codes of those steps; text_logits: [B, 1, stop - start, V_text].
+    """
+    chunk_loss = _cross_entropy(text_logits, targets[:, :1])[:, 0]  # [B, n]
+    d = model.delays[0]
+    lo = max(start, d)
+    if lo < stop:
+        text_loss[:, lo - d : stop - d] = chunk_loss[:, lo - start :]
 
 
 def _score_depth(model: LMModel, targets, transformer_out: torch.Tensor, loss: torch.Tensor, start: int, stop: int):
@@ -438,6 +504,8 @@ def score(
     chunk_size: int | None = None,
     *,
     options: RunOptions | None = None,
+    text_tokens: torch.Tensor | None = None,
+    user_codes: torch.Tensor | None = None,
     **shortcuts: tp.Any,
 ) -> ScoreResult:
     """Per-token teacher-forced cross-entropy of audio codes (docs/ARCHITECTURE.md contract), from fresh TTT state.
@@ -452,10 +520,15 @@ def score(
         chunk_size: tokens per chunk in "chunked" mode (None: min(250, context), in whole TTT mini-batches).
         **shortcuts: the other RunOptions fields by name: mini_batch_size and persistent_states (None: the layers'
             own), reset_every (tokens between resets with persistence off; None: the attention context), telemetry.
-        options: a RunOptions instead of the keywords.
+        options: a RunOptions instead of the keywords (text_stream picks the text stream; the loss weights only
+            change reports).
+        text_tokens: [B, T] long text stream for text_stream "transcript" (then scored: ScoreResult.text_loss).
+        user_codes: [B, K, T] long second (user) audio stream of a model that has one; None: the zero token.
     Returns:
-        ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T] and telemetry.
+        ScoreResult with loss [B, K, T] (NaN where moshi's mask is False), mask [B, K, T], telemetry, the text
+        stream read and, for a given text, its loss [B, T].
     """
     options = run_options(options, mode=mode, chunk_size=chunk_size, **shortcuts)
-    *_, result = _iter_tensor(model, audio_codes, options, partial=False)
+    scores = _iter_tensor(model, audio_codes, options, partial=False, text_tokens=text_tokens, user_codes=user_codes)
+    *_, result = scores
     return result
