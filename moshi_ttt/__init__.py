@@ -34,6 +34,6 @@ __all__ = [
 
 # Scoring (issue 3).
 from moshi_ttt.options import RunOptions  # noqa: E402
-from moshi_ttt.scoring.teacher_forcing import ScoreResult, iter_score, score  # noqa: E402
+from moshi_ttt.scoring.teacher_forcing import ScoreResult, iter_score, iter_score_blocks, score  # noqa: E402
 
-__all__ += ["RunOptions", "ScoreResult", "iter_score", "score"]
+__all__ += ["RunOptions", "ScoreResult", "iter_score", "iter_score_blocks", "score"]

@@ -52,8 +52,15 @@ class TTTConfig:
     # x' + tanh(alpha) * TTT(norm(x')) (ttt-video-dit's layout). "before_attention": the layer's input, side by side
     # with self-attention, x + attn(x) + tanh(alpha) * TTT(norm(x)); in layer 0 that is the token embeddings, where
     # frames are distinct and the inner loop recalls a repeated passage (after attention the frames share most of
-    # their features: scripts/probe_memory.py, demo_assets/MANIFEST.md).
+    # their features: research/probe_memory.py, demo_assets/MANIFEST.md).
     branch_input: str = "after_attention"
+    # Decay of the fast weights toward W_base, lambda in [0, 1], applied at the end of every full mini-batch:
+    # W0 <- W_base + (1 - lambda) (W0 - tau_b sum_s lr_s grad l_s(W0) - W_base), the forgetting gate of Titans
+    # (Behrouz et al. 2024, arXiv 2501.00663, eq. 13) and gated delta rules (Yang et al. 2024, arXiv 2412.06464)
+    # with W_base, not zero, as the point the weights forget toward. It bounds the drift over long inputs: with
+    # updates of norm <= g, ||W0 - W_base|| <= g (1 - lambda) / lambda. A memory fades by (1 - lambda) per
+    # mini-batch (half-life b ln 2 / lambda tokens). 0 (the default): no decay, the numbers of checkpoints without it.
+    decay: float = 0.0
     # Legacy mode (moshi_ttt/ttt/legacy.py): reproduces checkpoints of the older moshi-finetune TTT fork, with the
     # options of `LegacyConfig`. None: our own TTT. Set by `moshi_ttt.data.checkpoints.load` for such checkpoints; never
     # needed for new models.
@@ -76,6 +83,12 @@ class TTTConfig:
             raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {self.branch_input!r}")
         if self.legacy is not None and self.branch_input != "after_attention":
             raise ValueError("branch_input 'before_attention' is not part of the legacy TTT layout")
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+        object.__setattr__(self, "decay", float(decay))
+        if self.legacy is not None and self.decay > 0:
+            raise ValueError("decay is not part of the legacy TTT layout")
         if self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.num_heads is not None and self.num_heads < 1:
@@ -226,3 +239,108 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     if bad:
         raise ValueError(f"TTT layers {bad} are out of range for a transformer with {num_layers} layers")
     return indices
+
+
+INPLACE_ACTIVATIONS = ("gelu", "silu")
+
+
+@dataclass(frozen=True)
+class InPlaceConfig:
+    """In-Place TTT layers of the In-Place TTT fork's checkpoints (AlufRon/moshi_in_place; moshi_ttt/ttt/inplace.py).
+
+    In each chosen layer of the temporal transformer the MLP's down-projection `w_down` [dim, hidden] is a fast
+    weight: every `chunk_size` tokens it takes the clipped update Delta W = V_hat^T Z of the chunk, scaled by `lr`.
+    `moshi_ttt.data.checkpoints.load` builds it from the fork's `ttt_config`.
+    """
+
+    # Indices of the TTT layers of `model.transformer`; the fork: start_layer + k * layer_frequency.
+    layers: tuple[int, ...]
+    # Tokens per update; chunks sit at absolute positions [i C, (i + 1) C) from the start of the file.
+    chunk_size: int = 256
+    # Learning rate eta of the update (the fork's ttt_config.learning_rate).
+    lr: float = 1e-3
+    # tau: Frobenius bound of each chunk's Delta W, applied before `lr`; None: no clip. 1e-5 is what the fork's
+    # TTTGating runs with when ttt_config has no delta_clip_fro_norm, which is always the case for its training runs:
+    # train.py and wrapped_model.py drop the YAML's delta_clip_fro_norm when they build ttt_config.
+    clip: float | None = 1e-5
+    # epsilon of the clip factor min(1, tau / (||Delta W||_F + epsilon)) (the fork's delta_clip_epsilon).
+    clip_epsilon: float = 1e-12
+    # Kernel of the causal convolution of the target over the token embeddings (sees the next K - 1 tokens).
+    conv_kernel_size: int = 2
+    # Gate of the TTT layers' MLP: "gelu" (erf) as the fork's TTT layers compute it (its layer's `activation`
+    # argument, F.gelu), or "silu", stock moshi's gating for these models.
+    activation: str = "gelu"
+    # Keep the fast weights through the whole file (False: back to w_down every reset period of the run).
+    persistent_states: bool = True
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(f"InPlaceConfig layers must be a non-empty list of layer indices, got {self.layers!r}")
+        object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        _whole_number("InPlaceConfig chunk_size", self.chunk_size)
+        _whole_number("InPlaceConfig conv_kernel_size", self.conv_kernel_size)
+        _finite("InPlaceConfig lr", self.lr, minimum=0.0)
+        if self.clip is not None:
+            _finite("InPlaceConfig clip", self.clip, minimum=0.0)
+            if self.clip <= 0:
+                raise ValueError(f"InPlaceConfig clip must be > 0 or None (no clip), got {self.clip!r}")
+        _finite("InPlaceConfig clip_epsilon", self.clip_epsilon, minimum=0.0)
+        if self.activation not in INPLACE_ACTIVATIONS:
+            raise ValueError(f"InPlaceConfig activation must be one of {INPLACE_ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.persistent_states, bool):
+            raise ValueError(f"InPlaceConfig persistent_states must be true or false, got {self.persistent_states!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+YARN_FREQUENCIES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """The In-Place TTT fork's YaRN rotary embedding (its moshi/modules/rope.py; moshi_ttt/ttt/fork_yarn.py), from
+    its checkpoint's `yarn_config`, with how to run it."""
+
+    scale: float  # context extension factor s (> 1; the fork turns YaRN off at s <= 1)
+    original_max_seq_len: int = 3000
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0  # attention factor 0.1 mscale ln(s) + 1 (1 at mscale = 1), applied to the queries only
+    mscale_all_dim: float = 0.0
+    # dtype the inverse frequencies are rounded to: "float32" as the fork's inference (get_moshi_lm), "bfloat16" as
+    # its training runs (wrapped_model.py casts them to the bfloat16 parameter dtype).
+    frequencies: str = "float32"
+    # Attention context times `scale`, as the fork's run_inference sets it; False keeps the checkpoint's context
+    # (what its training runs used).
+    extend_context: bool = True
+
+    def __post_init__(self) -> None:
+        _finite("YarnConfig scale", self.scale, minimum=0.0)
+        if self.scale <= 1.0:
+            raise ValueError(f"YarnConfig scale must be > 1 (the fork runs plain RoPE otherwise), got {self.scale!r}")
+        _whole_number("YarnConfig original_max_seq_len", self.original_max_seq_len)
+        for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            _finite(f"YarnConfig {name}", getattr(self, name), minimum=None)
+        if self.beta_fast == self.beta_slow:
+            raise ValueError("YarnConfig beta_fast and beta_slow must differ (the ramp divides by their difference)")
+        if self.frequencies not in YARN_FREQUENCIES:
+            raise ValueError(f"YarnConfig frequencies must be one of {YARN_FREQUENCIES}, got {self.frequencies!r}")
+        if not isinstance(self.extend_context, bool):
+            raise ValueError(f"YarnConfig extend_context must be true or false, got {self.extend_context!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _whole_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def _finite(name: str, value: object, minimum: float | None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")

@@ -14,10 +14,22 @@ see). The resets sit at the same absolute positions whatever the mode or chunk s
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing as tp
 from dataclasses import dataclass
 
 MODES = ("full", "chunked", "stream")
+# What the model reads in its text stream while it is scored (docs/ARCHITECTURE.md, "Scoring"):
+# "padding": moshi's text padding token at every step (what Moshi reads while silent in text);
+# "zero": moshi's zero token (embedded as zeros: no text input), the older TTT fork's minimal-pair convention;
+# "greedy": the model's own greedy text while it speaks the audio (its inner monologue, as moshi's LMGen produces it);
+# "transcript": a transcript with word timestamps, laid out as moshi-finetune trains (scored: a text-stream loss).
+TEXT_STREAMS = ("padding", "zero", "greedy", "transcript")
+
+
+def _weight(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _whole(name: str, value: object, minimum: int = 1) -> None:
@@ -50,6 +62,14 @@ class RunOptions:
     telemetry: bool = True
     # iter_score yields a partial result every `record_every` tokens (at chunk boundaries) and one at the end.
     record_every: int = 250
+    # The text stream the model reads (TEXT_STREAMS above); "transcript" needs the text tokens given to scoring.
+    text_stream: str = "padding"
+    # moshi-finetune's loss weights (its TrainArgs, finetune/loss.py), for the weighted loss views reported beside
+    # the plain mean: codebook 0 (semantic) weighs this many times an acoustic codebook (1.0: moshi-finetune's
+    # default; the older TTT fork trained with 100), and text padding tokens weigh this much in the text loss (0.5:
+    # moshi-finetune's default). They change reports only, never the per-token losses.
+    first_codebook_weight_multiplier: float = 1.0
+    text_padding_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -64,6 +84,10 @@ class RunOptions:
             raise ValueError("reset_every resets the fast weights, so persistent_states cannot be true with it")
         if not isinstance(self.telemetry, bool):
             raise ValueError(f"telemetry must be true or false, got {self.telemetry!r}")
+        if not isinstance(self.text_stream, str) or self.text_stream not in TEXT_STREAMS:
+            raise ValueError(f"text_stream must be one of {TEXT_STREAMS}, got {self.text_stream!r}")
+        _weight("first_codebook_weight_multiplier", self.first_codebook_weight_multiplier)
+        _weight("text_padding_weight", self.text_padding_weight)
 
     def replace(self, **changes: tp.Any) -> RunOptions:
         """A copy with `changes` (validated again)."""

@@ -4,14 +4,14 @@ its fair baseline, and the evaluation written to demo_assets/MANIFEST.md.
 Needs: espeak-ng (`apt-get install espeak-ng`) and the Python requirements of this repo. CPU only, seeded; stages
 cache their outputs in --work (outside the repo) and can be run one by one:
 
-    NO_TORCH_COMPILE=1 python scripts/build_demo_assets.py --stage all --work /tmp/demo_work
-    NO_TORCH_COMPILE=1 python scripts/build_demo_assets.py --stage eval   # re-evaluates the saved assets
+    NO_TORCH_COMPILE=1 python -m scripts.build_demo_assets --stage all --work /tmp/demo_work
+    NO_TORCH_COMPILE=1 python -m scripts.build_demo_assets --stage eval   # re-evaluates the saved assets
 
-Stages: corpus (espeak-ng clips) -> codec (k-means/EMA codebooks, codes of every clip; or codes: the corpus
-encoded with the codec already in --out, as these assets were) -> short (short repeat
-clips, encoded) -> joint (the TTT model and its fair baseline, trained from one initialisation on the same batches:
-scripts/recipe_joint.py with JOINT_RECIPE; --variant trains one, so both can run at once) -> eval (losses,
-MANIFEST.md).
+(from the repo root). Stages: corpus (espeak-ng clips) -> codec (k-means/EMA codebooks, codes of every clip; or
+codes: the corpus encoded with the codec already in --out, as these assets were) -> short (short repeat clips,
+encoded) -> joint (the TTT model and its fair baseline, trained from one initialisation on the same batches:
+moshi_ttt.training's paired training with JOINT_RECIPE, scripts/demo_recipe.py; --variant trains one, so both can
+run at once) -> eval (losses, MANIFEST.md).
 Bit-stability holds for a fixed --threads on the same machine and torch build (float sums depend on both).
 """
 
@@ -20,19 +20,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: moshi_ttt without installing
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
 
-import recipe_joint  # noqa: E402
-import soundfile as sf  # noqa: E402
-import torch  # noqa: E402
-from demo_corpus import (  # noqa: E402
+from moshi_ttt.data.checkpoints import save
+from moshi_ttt.data.codec import build_codec, load_codec, save_codec
+from scripts.demo_corpus import (
     SAMPLE_RATE,
     SentenceMaker,
     check_espeak,
@@ -41,12 +40,9 @@ from demo_corpus import (  # noqa: E402
     repeat_clip,
     short_repeat_clips,
 )
-from demo_eval import evaluate, write_manifest  # noqa: E402
-from demo_lm_config import LM_CONFIG  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from moshi_ttt.data.checkpoints import save  # noqa: E402
-from moshi_ttt.data.codec import build_codec, load_codec, save_codec  # noqa: E402
+from scripts.demo_eval import evaluate, write_manifest
+from scripts.demo_lm_config import LM_CONFIG
+from scripts.demo_recipe import VARIANTS, JointRecipe, train_joint
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("corpus", "codec", "short", "joint", "eval")
@@ -83,16 +79,14 @@ CODEC_CONFIG = {
 CODEC_PASSES = 40  # training-mode quantizer passes: 8 k-means initialisations (one level each), then EMA updates
 
 SHORT_CLIPS = 1440  # short repeat clips (demo_corpus.short_repeat_clips), each seen ~2.5 times in training
-# The models (scripts/recipe_joint.py, MANIFEST.md "Issue 13"): the TTT LM and its fair baseline trained from the same
-# seeded initialisation on the same batches for the same steps; the TTT model adds one TTT block in layer 0 that
-# reads the layer input beside attention (one head of width 128, share_qk started as a one-token shift, wq = wv =
-# identity). Each is one process (--variant): run both at once on 2 cores.
-JOINT_RECIPE = (
-    "--layers", "0", "--read", "before", "--heads", "1", "--inner", "mlp", "--mini-batch-size", "16",
-    "--base-lr", "4", "--alpha", "0.1", "--batch-size", "6", "--seq-len", "416", "--short-frac", "0.33",
-    "--copy-frac", "0.33", "--steps", "1800", "--lr", "3e-3", "--decay-start", "0.5", "--eval-every", "100",
+# The models (scripts/demo_recipe.py, MANIFEST.md "Issue 13", recipe J8): the TTT LM and its fair baseline trained
+# from the same seeded initialisation on the same batches for the same steps; the TTT model adds one TTT block in
+# layer 0 that reads the layer input beside attention (one head of width 128, share_qk started as a one-token shift,
+# wq = wv = identity). Both in one process (lockstep), or one each (--variant): both at once on 2 cores.
+JOINT_RECIPE = JointRecipe(
+    layers="0", read="before", heads=1, inner="mlp", mini_batch_size=16, base_lr=4.0, alpha=0.1, batch_size=6,
+    seq_len=416, short_frac=0.33, copy_frac=0.33, steps=1800, lr=3e-3, decay_start=0.5, eval_every=100,
 )  # fmt: skip
-VARIANTS = {"ttt": "ttt", "fair_baseline": "baseline"}  # asset dir -> recipe_joint --kind
 
 
 def log(msg: str) -> None:
@@ -188,13 +182,10 @@ def stage_short(work: Path, out: Path) -> None:
 
 # ---------------------------------------------------------------- joint training: ttt + fair baseline
 def stage_joint(work: Path, out: Path, seed: int, threads: int, variants: tuple[str, ...]) -> None:
-    """Trains each asset model with JOINT_RECIPE (recipe_joint.train) and saves it to `out`, with its validation
-    history and held-out scores in work/joint_<name>.json."""
-    for name in variants:
-        argv = [*JOINT_RECIPE, "--kind", VARIANTS[name], "--seed", str(seed), "--threads", str(threads)]
-        argv += ["--work", str(work), "--short-work", str(work / "short"), "--heldout", "--tag", name]
-        args = recipe_joint.parser().parse_args(argv)
-        model, result = recipe_joint.train(args, log=log)
+    """Trains the asset models named in `variants` with JOINT_RECIPE (both in lockstep when both are named) and
+    saves them to `out`, with their validation history and held-out scores in work/joint_<name>.json."""
+    trained = train_joint(JOINT_RECIPE, variants, work, work / "short", seed, threads, heldout=True, log=log)
+    for name, (model, result) in trained.items():
         save(out / name, model, lm_config=LM_CONFIG, mimi_ref="../codec", overwrite=True)
         (work / f"joint_{name}.json").write_text(json.dumps(result, indent=1))
 
@@ -236,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"stage {stage} done in {timings[stage]:.0f} s")
     commands = args.work / "commands.json"
     old_commands = json.loads(commands.read_text()) if commands.exists() else {}
-    command = "python scripts/build_demo_assets.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m scripts.build_demo_assets " + " ".join(sys.argv[1:] if argv is None else argv)
     commands.write_text(json.dumps({**old_commands, f"{args.stage} {args.variant or ''}".strip(): command}, indent=1))
     path = args.work / f"timings{'_' + args.variant if args.variant else ''}.json"
     old = json.loads(path.read_text()) if path.exists() else {}

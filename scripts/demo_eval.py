@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import torch
-from demo_corpus import FRAME, SAMPLE_RATE
 from safetensors.torch import load_file
 
 from moshi_ttt import score
 from moshi_ttt.data.checkpoints import load
 from moshi_ttt.data.codec import load_codec
+from scripts.demo_corpus import FRAME, SAMPLE_RATE
 
 MODELS = ("fair_baseline", "ttt")  # in demo_assets/
 # What was tried for the assets before the joint recipe (TTT layers added to a trained baseline), 2 shared cores.
@@ -37,7 +37,7 @@ TRIED = [
     "lr 1e-2, base_lr 16: no better at step 100. From these assets' baseline (all clips, 4.653 / 4.688): one TTT "
     "head of width 128 on layers 1-3, 100 steps: 4.653 / 4.654; one TTT layer at layer 0, one head, base_lr 1, 150 "
     "steps: 4.655 / 4.655. TTT helps plain speech by ~0.7-1% (it adapts to the clip), never the repeated readings.",
-    "Why, measured with scripts/probe_inner_recall.py (the inner loop alone, one head of width 128, hand-set keys "
+    "Why, measured with research/probe_inner_recall.py (the inner loop alone, one head of width 128, hand-set keys "
     "k_t = h_{t-1}, values v_t = h_t, queries h_t: the best case of a shifted key/query pair; cosine between the "
     "fast weights' answer and the true next step, readings 1 / 2 / 3, at b 16 and base_lr 1): with h the input "
     "embeddings 0.02 / 0.50 / 0.63 (a real memory); with h the residual stream after layer 0's attention -0.18 / "
@@ -56,9 +56,9 @@ TRIED = [
 ]
 TARGET_GAIN, MAX_PLAIN_LOSS = 0.10, 0.02
 
-# Issue 13: the inner loop alone on this baseline's own features (scripts/probe_memory.py; training clips
+# Issue 13: the inner loop alone on this baseline's own features (research/probe_memory.py; training clips
 # train_repeat_00-03, held-out clips in brackets, scored once for the rows shown: never tuned on), then training
-# recipes (scripts/recipe_search.py, scripts/recipe_joint.py) against fair baselines. Rows: (cells...).
+# recipes (research/recipe_search.py, research/recipe_joint.py) against fair baselines. Rows: (cells...).
 PROBE_HEADER = (
     "reading point", "inner model", "keys / queries", "heads x width", "b", "base_lr",
     "next-frame accuracy, readings 1 / 2 / 3",
@@ -103,7 +103,7 @@ RECIPE_FINDINGS = [
     "what mattered was training long enough (J4/E2 at 500 steps: 2.3-2.6% held out) on data the weights cannot "
     "memorise (1440 short repeat clips seen ~2.5 times each, synthetic copy clips).",
     "Earlier limits, measured on the trained TTT blocks (validation repeat clips; the probe's decoding applied to "
-    "each block's own q, k, v: `recipe_joint.memory_accuracy`): after 300-500 steps the inner loop already recalled "
+    "each block's own q, k, v: `demo_recipe.memory_accuracy`): after 300-500 steps the inner loop already recalled "
     "the next frame (0.10 / 0.72 / 0.93 on readings 1 / 2 / 3 after J3, 0.09 / 0.67 / 0.93 after J4) while the loss "
     "of the 2nd+3rd readings fell by 1-4%: the LM learns only slowly to turn a recalled frame into its prediction. "
     "Over the frozen baseline (A), whose layers were trained without the memory: +0.31% in 150 steps.",
@@ -355,7 +355,7 @@ def issue13_section() -> list[str]:
     return [
         "## Issue 13: does TTT remember a repeated passage? Probe and recipes",
         "",
-        "Probe (`scripts/probe_memory.py`): the inner loop alone on the features h_t of the previous assets' fair",
+        "Probe (`research/probe_memory.py`): the inner loop alone on the features h_t of the previous assets' fair",
         "baseline (the 150-step LM that TTT layers were added to before the joint recipe), keys",
         "k_t = h_{t-1}, values h_t, queries h_t (a one-token shift); the answer LN(f(q_t)) is decoded as the nearest",
         "stored target (cosine) and scored by the codes of the frame it predicts against the true next frame (8",
@@ -376,11 +376,11 @@ def issue13_section() -> list[str]:
         *(f"- {line}" for line in RECIPE_FINDINGS),
         "",
         "Commands (NO_TORCH_COMPILE=1; W: a work dir with `build_demo_assets.py --stage corpus`; S: another one):",
-        "`python scripts/research_corpus.py codes --work W` (the build's codes, from the saved codec: the fair",
-        "baseline's held-out losses above come out the same), `python scripts/research_corpus.py short --work S`,",
-        "`python scripts/probe_memory.py --work W --clips 4 --quick` (and `--split heldout --clips 3`),",
-        "`python scripts/recipe_search.py --work W --layers 0 --read before --init-identity --steps 150` (A),",
-        "`python scripts/recipe_joint.py --work W --short-work S --kind ttt|baseline --batch-size 6 --seq-len 416",
+        "`python -m research.research_corpus codes --work W` (the build's codes, from the saved codec: the fair",
+        "baseline's held-out losses above come out the same), `python -m research.research_corpus short --work S`,",
+        "`python -m research.probe_memory --work W --clips 4 --quick` (and `--split heldout --clips 3`),",
+        "`python -m research.recipe_search --work W --layers 0 --read before --init-identity --steps 150` (A),",
+        "`python -m research.recipe_joint --work W --short-work S --kind ttt|baseline --batch-size 6 --seq-len 416",
         "--steps 300 --heldout` (J1; J2: `--short-frac 1.0 --alpha 0.5`; J3: `--steps 500`; J4: J3 on the clips of",
         "`research_corpus.py short --count 720`; E2: J4 with `--copy-frac 0.33 --short-frac 0.33`; J7: E2 with",
         "`--steps 1800 --eval-every 100` on the build's 1440 short clips; J8: the build's stage joint,",
@@ -453,7 +453,7 @@ def write_manifest(work: Path, out: Path, results: dict) -> None:
         f"  (q and k from one projection through causal convolutions of {ttt_cfg['conv_kernel']} tokens, started as a",
         "  one-token shift: key from the previous token, query from the current one; wq = wv = identity at the",
         "  start); all in `ttt/config.json`.",
-        "- Both trained together from scratch (`scripts/recipe_joint.py`, `JOINT_RECIPE` in the build):",
+        "- Both trained together from scratch (`moshi_ttt.training` paired training, `JOINT_RECIPE` in the build):",
         f"  {recipe['steps']} AdamW steps on the same batches of {recipe['batch_size']} x {recipe['seq_len']} tokens:",
         f"  a share {recipe['short_frac']} of whole short repeat clips, {recipe['copy_frac']} of synthetic copy clips",
         "  (random codes, a passage of 57-150 frames read three times: only an in-context memory predicts its 2nd",

@@ -50,6 +50,14 @@ def offline_hub_cache(tmp_path, monkeypatch) -> Path:
     return cache
 
 
+def raw_values(specs: dict, **given) -> list:
+    """The Run event's raw values in the order of `specs`: those `given` by name, the others the controls' defaults
+    (the audio has none: None)."""
+    unknown = set(given) - set(specs)
+    assert not unknown, f"no such input: {unknown}"
+    return [given[name] if name in given else getattr(spec, "default", None) for name, spec in specs.items()]
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("assets")

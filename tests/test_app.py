@@ -8,21 +8,28 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from conftest import raw_values
 
-import app
 from moshi_ttt.app.engine import compare_file, live_options
 from moshi_ttt.app.figure import live_figure
+from moshi_ttt.app.handlers import run_handler, run_specs
 from moshi_ttt.app.models import ModelCache, build_allow_list
+from moshi_ttt.app.resources import RunFolders
 
 
 def handler(cache, assets):
-    """The Run handler called directly (no server), reading the test's clips as if they were uploads."""
-    specs = app.run_specs(cache.names(), [str(assets)], [])
-    return app.run_handler(cache, specs, app.RunFolders(assets / "runs"))
+    """The Run handler called directly (no server, no request), reading the test's clips as if they were uploads.
+
+    Returns:
+        run(**values by name): the handler's outputs, given the named values and the controls' defaults for the rest.
+    """
+    specs = run_specs(cache.names(), [str(assets)], [])
+    run = run_handler(cache, specs, RunFolders(assets / "runs"))
+    return lambda **given: run(None, *raw_values(specs, **{"max_seconds": 60, **given}))
 
 
 def run_handler_to_end(cache, clip, mode="chunked", mini_batch_size=4):
-    return list(handler(cache, clip.parent)(str(clip), "baseline", "ttt", mini_batch_size, True, mode, 60))
+    return list(handler(cache, clip.parent)(audio=str(clip), mode=mode, mini_batch_size=mini_batch_size))
 
 
 def test_allow_list_names_checkpoints_and_skips_the_codec(assets):
@@ -81,9 +88,9 @@ def test_live_and_chunked_modes_give_the_same_losses(assets, cache):
 def test_bad_input_is_one_readable_error(assets, cache, clip, baseline, message):
     run = handler(cache, assets)
     with pytest.raises(gr.Error, match=message):
-        list(run(str(assets / clip), baseline, "ttt", 4, True, "chunked", 60))
+        list(run(audio=str(assets / clip), baseline=baseline, mini_batch_size=4))
     with pytest.raises(gr.Error, match="Upload or record"):
-        list(run(None, "baseline", "ttt", 4, True, "chunked", 60))
+        list(run(audio=None, mini_batch_size=4))
 
 
 def _predict(client, clip):

@@ -20,6 +20,7 @@ import soundfile as sf
 from conftest import SR, speechlike
 
 import app
+from moshi_ttt.app import handlers
 from moshi_ttt.app.models import ModelCache, build_allow_list
 
 KEEP_RUNS = 3  # the server's cap on result folders of session-less callers
@@ -114,9 +115,11 @@ BAD_VALUES = [
     ("ttt", "/etc/passwd", "TTT checkpoint must be one of"),
     ("persistent_states", "false", "persistent_states must be true or false"),
     ("mode", "whole", "Mode must be one of"),
+    ("allow_silence", "yes", "allow silence must be true or false"),
 ]
+# The public API's order (gradio_client callers pass values by position): the server takes it from run_specs.
 INDEX = {name: i for i, name in enumerate(["audio", "baseline", "ttt", "mini_batch_size", "persistent_states",
-                                           "mode", "max_seconds"])}  # fmt: skip
+                                           "mode", "max_seconds", "allow_silence"])}  # fmt: skip
 
 
 def test_raw_json_refusals_are_one_sentence_each_and_the_app_serves_on(api, assets):
@@ -128,6 +131,21 @@ def test_raw_json_refusals_are_one_sentence_each_and_the_app_serves_on(api, asse
         assert kind == "error", (name, value, data)
         assert_one_sentence(data, message)
     assert_good_run(*call(api, good_values(audio)))
+
+
+def test_the_api_names_its_parameters_after_the_run_specs(api, assets):
+    """Callers see each input by name and label (the specs' keys and labels) and may pass them by name (the handler
+    takes `(request, *values)`; its session's use is tested by the disk test below)."""
+    from gradio_client import Client, handle_file
+
+    parameters = httpx.get(f"{api}/gradio_api/info", timeout=30).json()["named_endpoints"]["/run"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == list(INDEX)
+    assert parameters[INDEX["persistent_states"]]["label"] == "persistent_states"
+    client = Client(api, verbose=False, download_files=False)
+    result = client.predict(allow_silence=False, max_seconds=60, mode="chunked", persistent_states=True,
+                            mini_batch_size=4, ttt="ttt", baseline="baseline", audio=handle_file(str(assets / "a.wav")),
+                            api_name="/run")  # fmt: skip
+    assert [r[0] for r in result[3]["data"]] == ["baseline", "ttt"]
 
 
 def test_a_server_path_as_audio_is_refused(api, assets):
@@ -239,7 +257,7 @@ def test_a_user_error_is_one_log_line_and_a_fault_keeps_its_traceback(api, asset
         raise RuntimeError("a bug, not the user's fault")
         yield  # a generator, as compare_file is
 
-    monkeypatch.setattr(app, "compare_file", broken)
+    monkeypatch.setattr(handlers, "compare_file", broken)
     kind, _ = call(api, good_values(audio))
     assert kind == "error"
     time.sleep(0.2)

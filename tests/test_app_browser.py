@@ -112,10 +112,11 @@ def demo_server():
     if not (DEMO / "ttt").is_dir():
         pytest.skip("demo_assets/ is not built")
     import app
+    from moshi_ttt.app.demo_assets import example_clips
     from moshi_ttt.app.models import ModelCache, build_allow_list
 
     cache = ModelCache(build_allow_list([DEMO], use_env=False))
-    demo = app.build_demo(cache, app.example_clips(DEMO))
+    demo = app.build_demo(cache, example_clips(DEMO))
     demo.queue(default_concurrency_limit=2)
     from conftest import free_port
 

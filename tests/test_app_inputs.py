@@ -1,13 +1,14 @@
 """The app's validation layer without a server, and the app's settings for Spaces and containers."""
 
-import inspect
 import math
 
 import pytest
 import soundfile as sf
-from conftest import SR, speechlike
+import torch
+from conftest import SR, raw_values, speechlike
 
-import app
+from moshi_ttt.app import server, zerogpu
+from moshi_ttt.app.handlers import MAX_SECONDS, run_specs
 from moshi_ttt.app.inputs import AudioFile, Choice, Flag, InputError, Number, validate
 from moshi_ttt.data.audio import load_audio
 
@@ -82,12 +83,25 @@ def test_validate_checks_every_value_in_order():
         validate(specs, [4, 10, 1])
 
 
-def test_the_run_handler_takes_the_specs_inputs_in_order(cache, tmp_path):
-    specs = app.run_specs(cache.names(), [str(tmp_path)], [])
-    run = app.run_handler(cache, specs, app.RunFolders(tmp_path / "runs"))
-    params = list(inspect.signature(run).parameters)
-    assert params[: len(specs)] == list(specs) and params[len(specs) :] == ["request"]  # no gr.Progress: no overlay
-    assert specs["mini_batch_size"].maximum == 64 and specs["max_seconds"].maximum == app.MAX_SECONDS
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(lambda: Number("n", 5, 1), "minimum 5 is above maximum 1"), (lambda: Number("n", 1, 5, default=6), "default 6"),
+     (lambda: Choice("c", ("a", "b"), default="z"), "default 'z' is not one of")],
+    ids=["bounds", "number-default", "choice-default"],
+)  # fmt: skip
+def test_a_spec_whose_default_its_own_check_would_refuse_is_an_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_the_run_specs_defaults_are_values_they_accept():
+    specs = run_specs(["fair_baseline", "ttt_j8"], ["/uploads"], [], max_seconds=60)
+    defaults = raw_values(specs)[1:]  # the audio has no default
+    assert validate(dict(list(specs.items())[1:]), defaults) == {
+        "baseline": "fair_baseline", "ttt": "ttt_j8", "mini_batch_size": 16, "persistent_states": True,
+        "mode": "chunked", "max_seconds": 60.0, "allow_silence": False,
+    }  # fmt: skip
+    assert specs["mini_batch_size"].maximum == 64 and run_specs([], [], [])["max_seconds"].maximum == MAX_SECONDS
 
 
 def test_a_long_file_is_trimmed_to_the_limit_and_says_so(tmp_path):
@@ -105,39 +119,66 @@ def test_a_long_file_is_trimmed_to_the_limit_and_says_so(tmp_path):
 
 def test_server_address_honours_the_gradio_variables_unless_flags_are_given():
     env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7879"}
-    assert app.server_address(None, None, env) == ("0.0.0.0", 7879)
-    assert app.server_address("127.0.0.2", 8000, env) == ("127.0.0.2", 8000)
-    assert app.server_address(None, None, {}) == ("127.0.0.1", 7860)
+    assert server.server_address(None, None, env) == ("0.0.0.0", 7879)
+    assert server.server_address("127.0.0.2", 8000, env) == ("127.0.0.2", 8000)
+    assert server.server_address(None, None, {}) == ("127.0.0.1", 7860)
     with pytest.raises(ValueError, match="GRADIO_SERVER_PORT must be a port number"):
-        app.server_address(None, None, {"GRADIO_SERVER_PORT": "http"})
+        server.server_address(None, None, {"GRADIO_SERVER_PORT": "http"})
 
 
-def test_zerogpu_duration_grows_with_the_clip_and_stays_small_for_refused_inputs(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+def test_zerogpu_duration_grows_with_the_clip_and_stays_small_for_refused_inputs(tmp_path):
     short, long = tmp_path / "short.wav", tmp_path / "long.wav"
     sf.write(short, speechlike(2.0, 1), SR)
     sf.write(long, speechlike(20.0, 1), SR)
+    specs = run_specs(["baseline", "ttt"], [str(tmp_path)], [])
+    duration = zerogpu.gpu_duration(specs)
 
-    def seconds(clip, mode="chunked", max_seconds=600):
-        return app.gpu_seconds({"path": str(clip)}, "baseline", "ttt", 16, True, mode, max_seconds, None, None)
+    def seconds(clip, mode="chunked", max_seconds=600):  # called as ZeroGPU calls it: with the handler's arguments
+        return duration(None, *raw_values(specs, audio={"path": str(clip)}, mode=mode, max_seconds=max_seconds))
 
     assert seconds(short) < seconds(long) < seconds(long, "live token by token")
     assert seconds(long, max_seconds=5) < seconds(long)  # the duration limit bounds it too
     refused = [seconds("/etc/passwd"), seconds(long, max_seconds=math.nan), seconds(long, max_seconds="9")]
-    assert refused == [int(app.GPU_START_S + 5 * 12.5 * app.GPU_S_PER_TOKEN["chunked"])] * 3
+    assert refused == [int(zerogpu.GPU_START_S + 5 * 12.5 * zerogpu.GPU_S_PER_TOKEN["chunked"])] * 3
     assert seconds(long, mode=["x"]) == seconds(long)  # any JSON: no crash before the handler refuses it
+    assert duration(None) == duration(None, *raw_values(specs))  # too few values: a refused run
 
 
 def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):
     seen = {}
-    monkeypatch.setattr(app, "build_demo", lambda cache, examples, max_seconds, allow_hub: seen.update(
+    monkeypatch.setattr(server, "build_demo", lambda cache, examples, max_seconds, allow_hub: seen.update(
         cache=cache, max_seconds=max_seconds, allow_hub=allow_hub) or pytest.fail("stop"))  # fmt: skip
     with pytest.raises(pytest.fail.Exception):
-        app.main(["--device", "cpu", "--dtype", "bfloat16", "--max-seconds", "30", "--threads", "1"])
-    assert seen["max_seconds"] == 30 and seen["cache"].dtype == app.torch.bfloat16
+        server.main(["--device", "cpu", "--dtype", "bfloat16", "--max-seconds", "30", "--threads", "1"])
+    assert seen["max_seconds"] == 30 and seen["cache"].dtype == torch.bfloat16
     assert seen["allow_hub"] is False  # the hf:// field is off unless asked for
     with pytest.raises(pytest.fail.Exception):
-        app.main(["--device", "cpu", "--threads", "1", "--allow-hub"])
-    assert seen["cache"].dtype == app.torch.float32 and seen["allow_hub"] is True
+        server.main(["--device", "cpu", "--threads", "1", "--allow-hub"])
+    assert seen["cache"].dtype == torch.float32 and seen["allow_hub"] is True
     with pytest.raises(SystemExit):
-        app.main(["--max-seconds", "nan"])
+        server.main(["--max-seconds", "nan"])
+
+
+def test_main_serves_without_torch_compile_unless_the_device_is_cuda(monkeypatch):
+    """The console script imports moshi before it can set NO_TORCH_COMPILE (as app.py does): it serves inside moshi's
+    no_compile() instead."""
+    from moshi.utils import compile as moshi_compile
+
+    seen = []
+
+    class Demo:
+        def queue(self, **kwargs):
+            pass
+
+        def launch(self, **kwargs):
+            seen.append(moshi_compile._compile_disabled)
+
+    monkeypatch.setattr(server, "build_demo", lambda *args, **kwargs: Demo())
+    # moshi's own no_compile() blocks save and restore this global unlocked: concurrent runs of earlier tests can
+    # leave it True. (Under main's outer no_compile() every save reads True, so it stays True while serving.)
+    monkeypatch.setattr(moshi_compile, "_compile_disabled", False)
+    monkeypatch.delenv("MOSHI_TTT_DEVICE", raising=False)
+    server.main(["--device", "cpu", "--threads", "1"])
+    monkeypatch.setenv("MOSHI_TTT_DEVICE", "cuda")
+    server.main(["--device", "cpu", "--threads", "1"])
+    assert seen == [True, False] and moshi_compile._compile_disabled is False

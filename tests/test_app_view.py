@@ -10,11 +10,12 @@ import gradio as gr
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SR
+from conftest import SR, raw_values
 
-import app
+from moshi_ttt.app import handlers, layout
 from moshi_ttt.app.engine import compare_file, live_options
 from moshi_ttt.app.inputs import HubReference, InputError
+from moshi_ttt.app.resources import RunFolders, StopRequests
 
 OUTPUTS = ("figure", "status", "headline", "table", "readings", "files", "notes")
 
@@ -22,16 +23,18 @@ OUTPUTS = ("figure", "status", "headline", "table", "readings", "files", "notes"
 def _run(cache, clip, mode="chunked", known=(), allow_silence=False, stop_after=None):
     """The Run handler called directly (no server), reading `clip` as if it were an upload; the session's Stop
     button is pressed after `stop_after` updates."""
-    specs = app.run_specs(cache.names(), [str(Path(clip).parent)], [str(k) for k in known])
-    stops, session = app.StopRequests(), types.SimpleNamespace(session_hash="session-1")
-    runs = app.RunFolders(Path(clip).parent / "runs")
-    handler = app.run_handler(cache, specs, runs, [str(k) for k in known], stops)
+    specs = handlers.run_specs(cache.names(), [str(Path(clip).parent)], [str(k) for k in known])
+    stops, request = StopRequests(), types.SimpleNamespace(session_hash="session-1")  # what Gradio passes
+    runs = RunFolders(Path(clip).parent / "runs")
+    handler = handlers.run_handler(cache, specs, runs, [str(k) for k in known], stops)
+    values = raw_values(specs, audio=str(clip), mini_batch_size=4, mode=mode, max_seconds=60,
+                        allow_silence=allow_silence)  # fmt: skip
     outputs = []
-    for out in handler(str(clip), "baseline", "ttt", 4, True, mode, 60, allow_silence, request=session):
+    for out in handler(request, *values):
         outputs.append(dict(zip(OUTPUTS, out, strict=True)))
         if stop_after is not None and len(outputs) == stop_after:
-            stops.request(types.SimpleNamespace(session_hash="other-session"))  # another user's Stop: no effect
-            stops.request(session)
+            stops.request("other-session")  # another user's Stop: no effect
+            stops.request("session-1")
     return outputs
 
 
@@ -105,9 +108,9 @@ def test_live_updates_are_paced_without_losing_the_last_one(assets, cache):
 
 def test_the_persistence_note_gives_the_reset_period_of_the_chosen_ttt_checkpoint(cache):
     context = cache.context_tokens("ttt")
-    note = app._persistence_note(cache, "ttt")
+    note = layout.persistence_note(cache, "ttt")
     assert f"({context} tokens, {context / 12.5:.1f} s)" in note and "the same in every mode" in note
-    assert "reset every attention window" in app._persistence_note(cache, "no such checkpoint")
+    assert "reset every attention window" in layout.persistence_note(cache, "no such checkpoint")
 
 
 def test_hub_references_only_with_allow_hub(cache):
@@ -117,13 +120,13 @@ def test_hub_references_only_with_allow_hub(cache):
     for bad in ("/etc/passwd", "hf://../../etc", "hf://a/b/c", "file:///x", 3, None, "hf://kyutai/x; rm", "hf://a/.."):
         with pytest.raises(InputError, match="hf://owner/repo"):
             spec.check(bad)
-    closed, opened = app.build_demo(cache), app.build_demo(cache, allow_hub=True)
+    closed, opened = layout.build_demo(cache), layout.build_demo(cache, allow_hub=True)
 
     def labels(demo):
         return {getattr(b, "label", None) for b in demo.blocks.values()}
 
-    assert "Add a checkpoint from the Hub" not in labels(closed) and "Add a checkpoint from the Hub" in labels(opened)
-    add = app.add_hub_checkpoint(cache)
+    assert "Hub checkpoint" not in labels(closed) and "Hub checkpoint" in labels(opened)
+    add = handlers.add_hub_checkpoint(cache)
     with pytest.raises(gr.Error, match="hf://owner/repo"):
         add("/srv/models/secret")
     assert "/srv/models/secret" not in cache.names()

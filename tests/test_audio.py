@@ -8,7 +8,8 @@ from tiny_mimi import tiny_mimi
 from tiny_models import tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, score
-from moshi_ttt.data.audio import FRAME_SIZE, SAMPLE_RATE, encode, encode_streaming, load_audio
+from moshi_ttt.data.audio import FRAME_SIZE, SAMPLE_RATE, encode, load_audio
+from moshi_ttt.data.stream import encode_streaming
 
 NEEDS_MP3 = pytest.mark.skipif("MP3" not in sf.available_formats(), reason="this libsndfile has no mp3")
 
@@ -72,7 +73,7 @@ def test_bad_files_get_one_clear_sentence(tmp_path):
         load_audio(nan)
 
 
-def test_whole_and_frame_by_frame_encoding_agree_and_score_in_every_mode(tmp_path):
+def test_whole_and_streamed_encoding_agree_on_a_short_clip_and_score_in_every_mode(tmp_path):
     path = tmp_path / "speech.wav"
     sf.write(path, tone(3.3, 24000), 24000)  # 3.3 s -> 42 frames, longer than the LM's 16-token window
     audio = load_audio(path)

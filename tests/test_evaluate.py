@@ -15,7 +15,8 @@ from tiny_mimi import tiny_mimi
 from tiny_models import tiny_lm
 
 from moshi_ttt import TTTConfig, apply_ttt, evaluate, score
-from moshi_ttt.data.audio import encode, load_audio
+from moshi_ttt.data.audio import load_audio
+from moshi_ttt.data.stream import encode_streaming
 
 
 def fake_load(ref, device, dtype):
@@ -54,7 +55,7 @@ def test_two_files_two_checkpoints_give_reports_and_the_library_numbers(tmp_path
     assert "ttt: persistent states" in (out / "0001_clip_1" / "report.html").read_text()
     # The file's TTT losses are what the library gives for that file alone.
     model = fake_load("ttt", "cpu", torch.float32).model
-    expected = score(model, encode(tiny_mimi(), load_audio(audio_files[1])), "stream").loss[0]
+    expected = score(model, encode_streaming(tiny_mimi(), load_audio(audio_files[1])), "stream").loss[0]
     got = torch.tensor([[np.nan if v is None else v for v in cb] for cb in doc["runs"]["ttt"]["loss_per_codebook"]])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, equal_nan=True)
     assert "2 file(s) scored" in capsys.readouterr().out
@@ -129,7 +130,7 @@ def test_torchrun_with_two_ranks_shards_the_manifest_and_rank_0_merges(tmp_path,
     # Rank 0 scored file 0 and then file 2: file 2 still gets exactly its solo losses.
     doc = json.loads((out / "0002_clip_2" / "results.json").read_text())
     model = fake_load("ttt", "cpu", torch.float32).model
-    solo = score(model, encode(tiny_mimi(), load_audio(third)), "chunked").loss[0]
+    solo = score(model, encode_streaming(tiny_mimi(), load_audio(third)), "chunked").loss[0]
     got = torch.tensor([[np.nan if v is None else v for v in cb] for cb in doc["runs"]["ttt"]["loss_per_codebook"]])
     torch.testing.assert_close(got, solo, rtol=0, atol=1e-4, equal_nan=True)  # float32 round-off; a leak is > 1e-2
 

@@ -8,7 +8,7 @@ from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTran
 from tiny_models import CONTEXT, random_audio_codes, tiny_lm
 
 from moshi_ttt.compat import moshi as moshi_compat
-from moshi_ttt.compat.sequence import model_codes
+from moshi_ttt.compat.sequence import delayed_input, model_codes
 
 
 def first_attention(model: LMModel) -> StreamingMultiheadAttention:
@@ -126,3 +126,46 @@ def test_set_attention_context_changes_the_mask_and_the_streaming_cache_together
         assert moshi_compat.kv_cache_capacity(first_attention(changed)) == new_context
         with pytest.raises(ValueError, match="while streaming"):
             moshi_compat.set_attention_context(first_attention(changed), CONTEXT)
+
+
+class _PlainGating(torch.nn.Module):
+    """moshi's gating behind the (x, x0) call of LayerWithTokenFeedForward; records the x0 it was given."""
+
+    def __init__(self, gating: torch.nn.Module):
+        super().__init__()
+        self.inner = gating
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x0)
+        return self.inner(x)
+
+
+def test_layers_with_a_token_feed_forward_read_the_summed_embeddings_and_match_moshi():
+    """TransformerWithTokenEmbeddings hands its layers LMModel.forward_text's transformer input, the sum of the text
+    and audio embeddings; LayerWithTokenFeedForward's _ff_block is moshi's (same outputs, bit for bit)."""
+    model = tiny_lm(0)
+    codes = model_codes(model, random_audio_codes(2, 9))  # [B, 1 + 8, T]
+    with torch.no_grad():
+        expected = model(codes).logits
+        gating = _PlainGating(model.transformer.layers[1].gating)
+        moshi_compat.feed_token_embeddings(model, 1, gating)
+        got = model(codes).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    delayed = delayed_input(model, codes)  # what LMModel.forward passes forward_text
+    summed = model.text_emb(delayed[:, 0]) + sum(model.emb[k](delayed[:, 1 + k]) for k in range(8))
+    torch.testing.assert_close(gating.seen[0], summed)
+    with pytest.raises(RuntimeError, match="only available inside"):
+        moshi_compat.token_embeddings()
+
+
+def test_set_model_context_and_set_rotary_reach_every_layer():
+    model = tiny_lm(0)
+    moshi_compat.set_model_context(model, 2 * CONTEXT)
+    assert model.context == 2 * CONTEXT
+    assert {layer.self_attn.context for layer in model.transformer.layers} == {2 * CONTEXT}
+    rope = type(model.transformer.rope)(interleave=True, max_period=100.0)
+    moshi_compat.set_rotary(model, rope)
+    assert model.transformer.rope is rope and all(layer.self_attn.rope is rope for layer in model.transformer.layers)
+    with pytest.raises(ValueError, match="no rotary embedding"):
+        moshi_compat.set_rotary(tiny_lm(0, positional_embedding="sin"), rope)

@@ -143,3 +143,45 @@ def test_cli_save_every_leaves_a_resumable_checkpoint_midway(assets, tmp_path, m
     from moshi_ttt import load
 
     assert load(out / "checkpoint").ttt_config.inner == "linear"  # TTT-Linear trained from the CLI
+
+
+def test_cli_fair_baseline_trains_beside_with_a_schedule_and_resumes_bit_identically(
+    assets, tmp_path, capsys, monkeypatch
+):
+    """--fair-baseline: the --init model without TTT trains on the same batches; a run stopped after its step-2 save
+    and resumed ends with the same weights as the run that went on, for both models (warm-up, hold and cosine of
+    the 3-step run included)."""
+    import json
+    import shutil
+
+    import moshi_ttt.train as cli
+    from moshi_ttt import load
+
+    init = ["--init", str(assets / "checkpoints" / "baseline"), "--ttt-layers", "1", "--mini-batch-size", "4"]
+    common = ["--audio", str(assets / "a.wav"), str(assets / "b.wav"), "--batch-size", "2", "--chunk-size", "8",
+              "--train-all", "--fair-baseline", "--warmup-steps", "2", "--lr-decay", "cosine", "--decay-start", "0.3",
+              "--weight-decay", "0.01", "--adam-betas", "0.9", "0.95", "--steps", "3"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    save = cli._save
+
+    def snapshot(directory, trainer, loaded):
+        save(directory, trainer, loaded)
+        if directory == straight and trainer.step_count == 2:  # the TTT model is saved last
+            shutil.copytree(straight, stopped)
+
+    monkeypatch.setattr(cli, "_save", snapshot)
+    assert cli.main([*init, *common, "--out", str(straight), "--save-every", "2"]) == 0
+    monkeypatch.undo()
+    assert cli.main(["--init", "unused", *common, "--out", str(stopped), "--resume"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["last_loss"] > 0 and summary["fair_baseline_last_loss"] > 0
+    for sub in ("checkpoint", "fair_baseline/checkpoint"):
+        a, b = load(straight / sub).model.state_dict(), load(stopped / sub).model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    ttt, baseline = load(straight / "checkpoint"), load(straight / "fair_baseline" / "checkpoint")
+    assert ttt.ttt_config.layers == "1" and baseline.ttt_config is None
+    initial = load(assets / "checkpoints" / "baseline").model.state_dict()["text_emb.weight"]
+    assert not torch.equal(baseline.model.state_dict()["text_emb.weight"], initial)  # the baseline trained
+    no_train_all = [a for a in common if a != "--train-all"]
+    assert cli.main([*init, *no_train_all, "--out", str(tmp_path / "bad")]) == 2
+    assert "--fair-baseline needs --train-all" in capsys.readouterr().err

@@ -1,24 +1,31 @@
 """Live side-by-side scoring of a baseline and a TTT model: both advance in lockstep, one update per step.
 
 This is the engine of the app: it knows nothing of Gradio. Each run has its own streaming sessions
-(`registry.StreamingSession`), so many users can share the cached models.
+(`app.models.SharedModelRun`), so many users can share the cached models. An uploaded file really streams: it is read
+and encoded block by block (moshi's streaming Mimi, moshi_ttt.data.stream) while both models score the codes as
+they come, so the first curves appear after the first block, not after the whole file was encoded.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from moshi_ttt.app.models import ModelCache, StreamingSession
+from moshi_ttt.app.models import ModelCache, SharedModelRun
+from moshi_ttt.data.audio import FRAME_RATE, check_audio, read_blocks
+from moshi_ttt.data.stream import ENCODE_FRAMES, encode_blocks
 from moshi_ttt.options import RunOptions
 from moshi_ttt.reports import results as report
 from moshi_ttt.scoring.peak_memory import PeakMemory
-from moshi_ttt.scoring.teacher_forcing import ScoreResult, iter_score, non_causal_mini_batch, score
+from moshi_ttt.scoring.teacher_forcing import ScoreResult, iter_score, iter_score_blocks, non_causal_mini_batch, score
 from moshi_ttt.ttt.apply import ttt_blocks
 from moshi_ttt.ttt.legacy import causal_reading
 
@@ -90,12 +97,34 @@ def compare_live(
     Raises:
         ValueError: for unknown names or models that cannot be compared (see `check_compatible`).
     """
-    names = {"baseline": baseline_name, "ttt": ttt_name}
+
+    def scores(run: str, model, run_options: RunOptions) -> Iterator[ScoreResult]:
+        return iter_score(model, audio_codes.to(model.device), options=run_options)
+
+    yield from _compare(cache, {"baseline": baseline_name, "ttt": ttt_name}, options, scores, lambda: audio_codes,
+                        audio_info or {}, readings, stop_requested, min_interval_s)  # fmt: skip
+
+
+def _compare(
+    cache: ModelCache,
+    names: dict[str, str],
+    options: RunOptions,
+    scores: Callable[[str, torch.nn.Module, RunOptions], Iterator[ScoreResult]],
+    all_codes: Callable[[], torch.Tensor],
+    audio_info: dict,
+    readings: list | None,
+    stop_requested: Callable[[], bool] | None,
+    min_interval_s: float,
+) -> Iterator[LiveUpdate]:
+    """compare_live's loop over the runs' score generators (`scores(run, model, options)`, each advanced in turn in
+    its own SharedModelRun); `all_codes()` gives the codes [1, 8, T] for the causal re-scoring of older non-causal
+    checkpoints, once every run is complete."""
     loaded = {run: cache.get(name) for run, name in names.items()}
     check_compatible(loaded["baseline"].lm_config, loaded["ttt"].lm_config)
     codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
     if len(codecs) > 1:
-        raise ValueError(f"the baseline {baseline_name!r} and TTT {ttt_name!r} checkpoints use different codecs")
+        pair = f"the baseline {names['baseline']!r} and TTT {names['ttt']!r}"
+        raise ValueError(f"{pair} checkpoints use different codecs")
     sessions, run_options = {}, {}
     for run, ckpt in loaded.items():
         run_options[run] = options
@@ -106,8 +135,7 @@ def compare_live(
             if whole is not None:  # legacy non-causal layers: whole mini-batches per chunk
                 size = max(whole, size - size % whole)
             run_options[run] = options.replace(chunk_size=size)
-        scores = iter_score(ckpt.model, audio_codes.to(ckpt.model.device), options=run_options[run])
-        sessions[run] = StreamingSession(ckpt.model, cache.lock(ckpt.model), scores)
+        sessions[run] = SharedModelRun(ckpt.model, cache.lock(ckpt.model), scores(run, ckpt.model, run_options[run]))
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
     last_sent = -float("inf")
@@ -135,12 +163,14 @@ def compare_live(
             b = non_causal_mini_batch(ckpt.model)
             if b is not None and not stopped:
                 with cache.lock(ckpt.model), causal_reading(ckpt.model):
-                    result = score(ckpt.model, audio_codes.to(ckpt.model.device), options=run_options[run])
+                    result = score(ckpt.model, all_codes().to(ckpt.model.device), options=run_options[run])
                 causal[run] = (result, b)
+        if not stopped:
+            audio_info = {**audio_info, "tokens": latest["baseline"].total_tokens}
         context = {run: ckpt.model.context for run, ckpt in loaded.items()}
         notes = {run: list(ckpt.notes) for run, ckpt in loaded.items()}
         resets = _reset_periods(loaded, options)
-        yield _final(latest, names, notes, options, audio_info or {}, start, context, readings, memory.peak_mb,
+        yield _final(latest, names, notes, options, audio_info, start, context, readings, memory.peak_mb,
                      stopped, causal, resets)  # fmt: skip
     finally:
         for session in sessions.values():
@@ -212,6 +242,17 @@ def check_compatible(baseline_config: dict, ttt_config: dict) -> None:
         raise ValueError(f"the baseline and TTT checkpoints do not read the same audio codes ({detail})")
 
 
+# One lock per shared codec: a run's streaming Mimi state is installed only while it holds it (data.stream).
+_CODEC_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CODEC_LOCKS_GUARD = threading.Lock()
+
+
+def codec_lock(mimi: torch.nn.Module) -> threading.Lock:
+    """The lock of a codec shared by the runs of this process."""
+    with _CODEC_LOCKS_GUARD:
+        return _CODEC_LOCKS.setdefault(mimi, threading.Lock())
+
+
 def compare_file(
     cache: ModelCache,
     audio_path: str,
@@ -225,10 +266,12 @@ def compare_file(
     stop_requested: Callable[[], bool] | None = None,
     min_interval_s: float = MIN_INTERVAL_S,
 ) -> Iterator[LiveUpdate]:
-    """Reads and encodes an uploaded file with the baseline's codec, then `compare_live`.
+    """Streams an uploaded file: reads and encodes it block by block with the baseline's codec (moshi's streaming
+    Mimi) while both models score the codes as they come (`compare_live`'s updates and final document).
 
     Only the first `max_seconds` of a longer file are read and scored; the results' "audio" record then holds
-    "trimmed_from_s", the file's whole duration (`trim_note` words it for the user).
+    "trimmed_from_s", the file's whole duration (`trim_note` words it for the user). The file is checked in one
+    pass first, so a damaged or silent file is refused before anything is scored.
 
     Args:
         allow_silence: score a silent file instead of refusing it.
@@ -236,21 +279,38 @@ def compare_file(
     Raises:
         ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
     """
-    from moshi_ttt.data.audio import encode, load_audio
-
-    audio = load_audio(audio_path, max_seconds=max_seconds, trim=True, allow_silence=allow_silence)
+    info = check_audio(audio_path, max_seconds=max_seconds, trim=True, allow_silence=allow_silence)
+    if info.num_frames < 2:
+        raise ValueError(f"{info.name} is too short to score ({info.duration_s:.2f} s)")
     baseline = cache.get(baseline_name)
     if baseline.mimi is None:
         raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
-    codes = encode(baseline.mimi, audio)  # [1, 8, T]
-    if codes.shape[-1] < 2:
-        raise ValueError(f"{audio.name} is too short to score ({audio.duration_s:.2f} s)")
-    info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
-            "tokens": int(codes.shape[-1]), "silent": audio.silent}  # fmt: skip
-    if audio.trimmed_from_s is not None:
-        info["trimmed_from_s"] = audio.trimmed_from_s
-    yield from compare_live(cache, baseline_name, ttt_name, codes, options, info, readings, stop_requested,
+    audio_info = {"name": info.name, "duration_s": info.duration_s, "sample_rate": info.source_sample_rate,
+                  "tokens": info.num_frames, "silent": info.silent}  # fmt: skip
+    if info.trimmed_from_s is not None:
+        audio_info["trimmed_from_s"] = info.trimmed_from_s
+    block_s = ENCODE_FRAMES / FRAME_RATE  # read one encode call's audio at a time: codes as soon as possible
+    encoded = encode_blocks(baseline.mimi, read_blocks(info, block_s), lock=codec_lock(baseline.mimi))
+    kept: list[torch.Tensor] = []  # every code so far: [1, 8, n] blocks (7,500 steps at most under the app's cap)
+
+    def keep(blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for block in blocks:
+            kept.append(block)
+            yield block
+
+    # Both runs read the same blocks; the first to need a block encodes it (inside its own session's next()).
+    copies = dict(zip(("baseline", "ttt"), itertools.tee(keep(encoded), 2), strict=True))
+
+    def scores(run: str, model, run_options: RunOptions) -> Iterator[ScoreResult]:
+        blocks = (block[:, : model.dep_q].to(model.device) for block in copies[run])
+        return iter_score_blocks(model, blocks, options=run_options, expected_tokens=info.num_frames)
+
+    try:
+        yield from _compare(cache, {"baseline": baseline_name, "ttt": ttt_name}, options, scores,
+                            lambda: torch.cat(kept, dim=-1), audio_info, readings, stop_requested,
                             min_interval_s)  # fmt: skip
+    finally:
+        encoded.close()  # leaves the codec's streaming session even after a stop or an error
 
 
 def threads_per_run(concurrency: int, cpus: int | None = None) -> int:

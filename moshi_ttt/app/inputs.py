@@ -9,16 +9,17 @@ One spec per input, in the order of the event's inputs:
 
     specs = {
         "audio": AudioFile("Audio", roots=(upload_folder,), files=tuple(demo_clips)),
-        "mini_batch_size": Number("TTT mini_batch_size", 1, 64, integer=True),
-        "mode": Choice("Mode", ("chunked", "live token by token")),
-        "persistent_states": Flag("persistent_states"),
+        "mini_batch_size": Number("TTT mini_batch_size", 1, 64, integer=True, default=16),
+        "mode": Choice("Mode", ("chunked", "live token by token"), default="chunked", radio=True),
+        "persistent_states": Flag("persistent_states", default=True, info="keep the fast weights between calls"),
     }
     values = validate(specs, raw_values)  # {"audio": "/…/clip.wav", "mini_batch_size": 16, ...}
 
-Adding an input is one line here plus its component in the layout (the app builds sliders, dropdowns and
-checkboxes from these specs, so the UI's bounds and the server's are the same numbers). For a new kind of value
-(an `hf://` reference, say) write a small frozen dataclass with `label` and `check(value) -> clean value` that
-raises `InputError`.
+A spec also says what its control shows (label, help text, default, step): `moshi_ttt.app.controls` builds each
+control from its spec, so the UI's labels and bounds are the server's by construction. Adding an input is one spec
+line in `moshi_ttt.app.handlers.run_specs` plus placing its control in the layout. For a new kind of value write a
+small frozen dataclass with `label` and `check(value) -> clean value` that raises `InputError` (and teach
+`controls.control` its component).
 
 Gradio-free on purpose: tested without a server.
 """
@@ -52,6 +53,15 @@ class Number:
     minimum: float
     maximum: float
     integer: bool = False
+    default: float | None = None  # the control's initial value; None: the minimum
+    step: float | None = None  # the slider's step; None: 1 for whole numbers, Gradio's own otherwise
+    info: str = ""  # help text under the label
+
+    def __post_init__(self) -> None:
+        if not self.minimum <= self.maximum:
+            raise ValueError(f"{self.label}: minimum {self.minimum:g} is above maximum {self.maximum:g}")
+        if self.default is not None and not self.minimum <= self.default <= self.maximum:
+            raise ValueError(f"{self.label}: default {self.default:g} is outside [{self.minimum:g}, {self.maximum:g}]")
 
     def check(self, value: object) -> int | float:
         # bool is an int subclass in Python, and JSON true is not a number the user meant.
@@ -73,6 +83,13 @@ class Choice:
 
     label: str
     choices: tuple[str, ...]
+    default: str | None = None  # the control's initial value (one of `choices`); None: nothing chosen
+    radio: bool = False  # shown as radio buttons (a few fixed options) rather than a dropdown
+    info: str = ""
+
+    def __post_init__(self) -> None:
+        if self.default is not None and self.default not in self.choices:
+            raise ValueError(f"{self.label}: default {self.default!r} is not one of {self.choices}")
 
     def check(self, value: object) -> str:
         if not isinstance(value, str) or value not in self.choices:
@@ -86,6 +103,8 @@ class Flag:
     """true or false (JSON booleans only: "false" as a string would be truthy)."""
 
     label: str
+    default: bool = False
+    info: str = ""
 
     def check(self, value: object) -> bool:
         if not isinstance(value, bool):
@@ -132,6 +151,7 @@ class HubReference:
     """An hf://owner/repo reference (optionally @revision), stripped of surrounding spaces."""
 
     label: str
+    info: str = ""
 
     def check(self, value: object) -> str:
         text = value.strip() if isinstance(value, str) else None

@@ -1,7 +1,7 @@
 """The checkpoints a server may load (an allow-list, never a free-form path) and the models it loaded, once each.
 
 Models in the cache are shared by every user and never changed by a run: runs only open streaming sessions, and
-`StreamingSession` gives each run its own streaming state (moshi keeps streaming state on the modules, so a run
+`SharedModelRun` gives each run its own streaming state (moshi keeps streaming state on the modules, so a run
 installs its state only while it holds the model's lock).
 """
 
@@ -162,7 +162,7 @@ def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
     return shared
 
 
-class StreamingSession:
+class SharedModelRun:
     """Runs one user's generator over a shared model with that user's own streaming state.
 
     moshi keeps streaming state on the modules. Each `next()` takes the model's lock, installs this run's state,
@@ -186,7 +186,7 @@ class StreamingSession:
         self.state = state if any(v is not None for v in state.values()) else None
         transformer.set_streaming_state(dict.fromkeys(state))
 
-    def __iter__(self) -> StreamingSession:
+    def __iter__(self) -> SharedModelRun:
         return self
 
     def __next__(self):

@@ -7,12 +7,19 @@ forward_text, forward_depformer_training, streaming(), get/set_streaming_state, 
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.models.lm_utils import _delay_sequence
 from moshi.modules.streaming import State, StreamingModule
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention, StreamingTransformerLayer
+from moshi.modules.transformer import (
+    RingKVCache,
+    StreamingMultiheadAttention,
+    StreamingTransformer,
+    StreamingTransformerLayer,
+)
 
 
 def streaming_state(module: StreamingModule) -> State | None:
@@ -106,3 +113,93 @@ def widen_kv_cache(attention: StreamingMultiheadAttention, capacity: int) -> Non
         device=old.cache.device,
         dtype=old.cache.dtype,
     )
+
+
+# ---- The token embeddings X0 for feed-forwards that read them (In-Place TTT, ttt/inplace.py). ----
+
+_TOKEN_EMBEDDINGS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "moshi_ttt_token_embeddings", default=None
+)
+
+
+class TransformerWithTokenEmbeddings(StreamingTransformer):
+    """moshi's temporal transformer whose layers can read its input (`token_embeddings()`) during its forward.
+
+    `LMModel.forward_text` passes the transformer the sum of the text and audio token embeddings (plus a
+    conditioning sum, which In-Place models refuse), and moshi adds positional embeddings only inside
+    `StreamingTransformer.forward`, so that input is X0, what the In-Place fork hands its TTT layers. A context
+    variable carries it (per thread), so that nothing is stored on the modules.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        token = _TOKEN_EMBEDDINGS.set(x)
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            _TOKEN_EMBEDDINGS.reset(token)
+
+
+def token_embeddings() -> torch.Tensor:
+    """X0 [B, T, dim] of the running `TransformerWithTokenEmbeddings.forward`.
+
+    Raises:
+        RuntimeError: outside such a forward (e.g. in an activation-checkpointing recomputation).
+    """
+    x0 = _TOKEN_EMBEDDINGS.get()
+    if x0 is None:
+        raise RuntimeError("token embeddings are only available inside the forward of an In-Place model's transformer")
+    return x0
+
+
+class LayerWithTokenFeedForward(StreamingTransformerLayer):
+    """moshi's layer whose feed-forward `gating(x, x0)` also reads the token embeddings X0.
+
+    Mirrors `StreamingTransformerLayer._ff_block` for a layer with `gating` and without weights_per_step:
+    norm2, the gating, layer_scale_2 and the residual; moshi's own forward, attention and offsets are untouched.
+    """
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        x_orig = x
+        update = self.gating(self.norm2(x), token_embeddings())
+        return x_orig.to(update) + self.layer_scale_2(update)
+
+
+def feed_token_embeddings(model: LMModel, layer: int, gating: torch.nn.Module) -> None:
+    """Gives `model.transformer.layers[layer]` the feed-forward `gating(x, x0)` (replacing moshi's gating), and
+    the transformer the X0 channel. Reads `StreamingTransformerLayer.gating` and `weights_per_step`.
+
+    Raises:
+        ValueError: for a layer without gating or with weights per step (no single MLP to replace).
+    """
+    target = model.transformer.layers[layer]
+    if type(target) not in (StreamingTransformerLayer, LayerWithTokenFeedForward):
+        raise ValueError(f"layer {layer} is a {type(target).__name__}, expected moshi's StreamingTransformerLayer")
+    if target.gating is None or target.weights_per_step:
+        raise ValueError(f"layer {layer} has no single gated MLP (gating, no weights per step) to make In-Place")
+    if type(model.transformer) not in (StreamingTransformer, TransformerWithTokenEmbeddings):
+        raise ValueError(f"the transformer is a {type(model.transformer).__name__}, expected moshi's")
+    model.transformer.__class__ = TransformerWithTokenEmbeddings
+    target.__class__ = LayerWithTokenFeedForward
+    target.gating = gating
+
+
+def set_model_context(model: LMModel, context: int) -> None:
+    """Sets the attention window of the temporal transformer: `LMModel.context` (read by scoring) and every
+    self-attention's `context` (its mask and streaming KV cache, see set_attention_context)."""
+    model.context = context
+    for layer in model.transformer.layers:
+        set_attention_context(layer.self_attn, context)
+
+
+def set_rotary(model: LMModel, rope: torch.nn.Module) -> None:
+    """Replaces the rotary embedding of the temporal transformer: `StreamingTransformer.rope`, which moshi shares
+    with every layer's `StreamingMultiheadAttention.rope` and calls as `rope(q, k, offset, time_before_heads=False)`.
+
+    Raises:
+        ValueError: for a transformer without rope (sin or no positional embedding).
+    """
+    if model.transformer.rope is None:
+        raise ValueError("the model's transformer has no rotary embedding to replace")
+    model.transformer.rope = rope
+    for layer in model.transformer.layers:
+        layer.self_attn.rope = rope

@@ -12,8 +12,15 @@ Fields of a run beyond the DESIGN.md contract:
   mean_loss, "mean_loss_causal": mean loss with every token seeing only its past, "difference": causal - leaky
   (nats; > 0 is the part of the legacy result that came from up to b - 1 future tokens of each mini-batch),
   "loss_per_token_causal": [T]}.
+- `inplace` (In-Place TTT checkpoints only): per layer and chunk update, the drift of the fast weight w_down, the
+  raw and eta-scaled update norms, the clip factor and what float32 kept of each update (reports/inplace_report.py).
+- `loss_views` (when the caller gives them: the CLI does): `reports.loss_views.LossViews` as a dict: the mean loss
+  per codebook, of codebook 0 (semantic) and of codebooks 1-7 (acoustic), moshi-finetune's weighted audio loss and,
+  when a text is scored, the text loss, its weighted form and moshi-finetune's total; `text_loss_per_token` [T]
+  beside them when a text is scored.
 `results_document` adds one plain-language note per such finding to `config["notes"][run]` (the list the app shows),
-and report.html shows the notes, a causal-vs-leaky table and a loss figure per compared run.
+among them one sentence per In-Place layer whose updates rounded away in float32, and report.html shows the notes,
+a causal-vs-leaky table and a loss figure per compared run, and the In-Place figure (log axes).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ import torch
 
 from moshi_ttt.data.audio import FRAME_RATE
 from moshi_ttt.reports import headline
+from moshi_ttt.reports.inplace_report import inplace_figure, inplace_messages, inplace_record
+from moshi_ttt.reports.loss_views import LossViews, view_rows
+from moshi_ttt.reports.outdir import atomic_write_text
 from moshi_ttt.scoring.teacher_forcing import ScoreResult
 from moshi_ttt.scoring.telemetry import Telemetry
 
@@ -150,12 +160,14 @@ def run_record(
     bin_size: int = DEFAULT_BIN_SIZE,
     context_tokens: int | None = None,
     readings: list | None = None,
+    views: LossViews | None = None,
 ) -> dict:
     """One entry of results.json "runs" for batch row `row` of a complete ScoreResult (DESIGN.md contract).
 
     Args:
         context_tokens: the model's attention context (`LMModel.context`), for "mean_loss_past_context".
         readings: `headline.Reading`s of a passage the clip repeats, for "readings" (absent when None or empty).
+        views: the run's loss views (`loss_views.from_result`), for "loss_views" (absent when None).
     """
     if not result.complete:
         raise ValueError("run_record needs a complete ScoreResult, got a partial one")
@@ -176,10 +188,19 @@ def run_record(
         "loss_per_bin": {"bin_size": bin_size, "start": summary.bin_starts, "loss": summary.bin_loss},
         "drift": drift,
         "inner_loss": inner,
+        **({"inplace": inplace_record(result.telemetry, row)} if result.telemetry and result.telemetry.inplace else {}),
         "tokens_per_s": result.tokens_per_s,
         "peak_memory_mb": peak_memory_mb,
         **past_context_fields(loss, context_tokens, readings),
+        **_text_fields(result, row, views),
     }
+
+
+def _text_fields(result: ScoreResult, row: int, views: LossViews | None) -> dict:
+    fields = {} if views is None else {"loss_views": views.as_dict()}
+    if result.text_loss is not None:
+        fields["text_loss_per_token"] = result.text_loss[row].float().cpu().tolist()
+    return fields
 
 
 def past_context_fields(loss, context_tokens: int | None, readings: list | None = None) -> dict:
@@ -247,6 +268,7 @@ def results_document(audio: dict, config: dict, runs: dict[str, dict], bin_size:
         found = [non_finite_message(name, run)]
         if run.get("causal_comparison"):
             found.append(causal_comparison_message(name, run["causal_comparison"]))
+        found.extend(inplace_messages(name, run))
         for note in filter(None, found):
             notes.setdefault(name, []).append(note)
     if notes or "notes" in config:
@@ -292,23 +314,27 @@ def to_json_safe(value):
 
 
 def write_json(path: str | Path, document: dict) -> Path:
-    """Writes `document` as strict JSON (NaN written as null)."""
-    path = Path(path)
-    path.write_text(json.dumps(to_json_safe(document), indent=1, allow_nan=False) + "\n")
-    return path
+    """Writes `document` as strict JSON (NaN written as null), atomically (a temporary file renamed over `path`)."""
+    return atomic_write_text(path, json.dumps(to_json_safe(document), indent=1, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, runs: dict[str, dict], frame_rate: float = FRAME_RATE) -> Path:
-    """Per-token CSV, one row per (run, step): run, step, time_s, loss, loss_cb0 ... (empty where invalid)."""
+    """Per-token CSV, one row per (run, step): run, step, time_s, loss, loss_cb0 ... and text_loss when a run scored
+    a text (empty where invalid)."""
     path = Path(path)
     num_cb = max((len(run["loss_per_codebook"]) for run in runs.values()), default=0)
+    text = any(run.get("text_loss_per_token") is not None for run in runs.values())
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "step", "time_s", "loss", *(f"loss_cb{k}" for k in range(num_cb))])
+        columns = ["run", "step", "time_s", "loss", *(f"loss_cb{k}" for k in range(num_cb))]
+        writer.writerow(columns + (["text_loss"] if text else []))
         for name, run in runs.items():
             per_cb = run["loss_per_codebook"]
+            text_loss = run.get("text_loss_per_token")
             for step, value in enumerate(run["loss_per_token"]):
                 cells = [value, *(cb[step] for cb in per_cb)]
+                if text:
+                    cells.append(None if text_loss is None else text_loss[step])
                 writer.writerow([name, step, f"{step / frame_rate:.3f}", *(_csv_cell(c) for c in cells)])
     return path
 
@@ -448,6 +474,9 @@ def write_report(
         if run.get("drift"):
             figures.append(plots.drift_figure(run["drift"]).update_layout(title=f"{name}: fast-weight drift"))
             figures.append(plots.inner_loss_figure(run["inner_loss"]).update_layout(title=f"{name}: inner-loop loss"))
+        if run.get("inplace"):
+            title = f"{name}: In-Place fast weight per chunk (log axes)"
+            figures.append(inplace_figure(run["inplace"]).update_layout(title=title))
     comparisons = {name: run["causal_comparison"] for name, run in runs.items() if run.get("causal_comparison")}
     for name, comp in comparisons.items():
         curves = {f"{name} (legacy, leaky)": runs[name]["loss_per_token"]}
@@ -465,6 +494,10 @@ def write_report(
             }
             for name, c in comparisons.items()
         ]
+    if view_rows(runs):
+        tables["Loss views (nats): per codebook, semantic vs acoustic, text, moshi-finetune's weighting"] = view_rows(
+            runs
+        )
     all_notes = (document["config"].get("notes") or {}).items()
     notes = [{"run": run, "note": note} for run, items in all_notes for note in items]
     if notes:

@@ -38,26 +38,33 @@ def sweep_mini_batch_size(
     audio_codes: torch.Tensor,
     options: RunOptions = DEFAULT_OPTIONS,
     sizes: tuple[int, ...] = DEFAULT_MINI_BATCH_SIZES,
+    *,
+    inputs: dict | None = None,
 ) -> list[dict]:
     """One row per inner-loop mini-batch size (batch row 0 of `audio_codes` [B, 8, T]), the run's other options
-    unchanged."""
+    unchanged (`inputs`: the other `score` keywords of the run: text_tokens, user_codes)."""
+    inputs = inputs or {}
     return [
-        _row(score(model, audio_codes, options=options.replace(mini_batch_size=b, telemetry=False)), mini_batch_size=b)
+        _row(
+            score(model, audio_codes, options=options.replace(mini_batch_size=b, telemetry=False), **inputs),
+            mini_batch_size=b,
+        )  # fmt: skip
         for b in sizes
     ]
 
 
 def sweep_persistent_states(
-    model: LMModel, audio_codes: torch.Tensor, options: RunOptions = DEFAULT_OPTIONS
+    model: LMModel, audio_codes: torch.Tensor, options: RunOptions = DEFAULT_OPTIONS, *, inputs: dict | None = None
 ) -> list[dict]:
     """Rows for persistent_states on (the fast weights carry through the file) and off (back to W_base every
-    `options.reset_every` tokens; None: every attention context), the run's other options unchanged."""
+    `options.reset_every` tokens; None: every attention context), the run's other options unchanged (`inputs`: the
+    other `score` keywords of the run)."""
     rows = []
     for persistent in (True, False):
         run = options.replace(persistent_states=persistent, reset_every=None if persistent else options.reset_every)
         period = run.resets(persistent, model.context)
-        rows.append(_row(score(model, audio_codes, options=run.replace(telemetry=False)), persistent_states=persistent,
-                         reset_every=period))  # fmt: skip
+        result = score(model, audio_codes, options=run.replace(telemetry=False), **(inputs or {}))
+        rows.append(_row(result, persistent_states=persistent, reset_every=period))
     return rows
 
 

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from moshi.models.lm import LMModel
 
+from moshi_ttt.scoring.inplace_telemetry import InPlaceLayerTelemetry, InPlaceRecorder
 from moshi_ttt.ttt.apply import ttt_blocks, ttt_states
 from moshi_ttt.ttt.inner_math import head_layer_norm, inner_forward, reconstruction_target, weight_drift
+from moshi_ttt.ttt.inplace import inplace_blocks, inplace_states
 from moshi_ttt.ttt.layer import TTTBlock, TTTState
 from moshi_ttt.ttt.session import configure
 from moshi_ttt.ttt.weights import AnyWeights, FastWeights
@@ -57,6 +59,8 @@ class Telemetry:
 
     layers: dict[int, LayerTelemetry]
     mini_batch_size: int
+    # In-Place TTT layers (checkpoints of the In-Place fork; inplace_telemetry.py), by layer index.
+    inplace: dict[int, InPlaceLayerTelemetry] = field(default_factory=dict)
 
 
 def reconstruction_loss(
@@ -220,6 +224,8 @@ class TelemetryRecorder:
         self.layers = {i: _LayerRecorder(b, states[i]) for i, b in blocks.items() if isinstance(b, TTTBlock)}
         if len(self.layers) < len(blocks):
             logger.info("no telemetry for the %d legacy TTT layers", len(blocks) - len(self.layers))
+        states = inplace_states(model)
+        self.inplace = {i: InPlaceRecorder(b, states[i]) for i, b in inplace_blocks(model).items()}
 
     def snapshot(self) -> Telemetry:
         """The telemetry so far (copies: later steps do not change it)."""
@@ -227,6 +233,7 @@ class TelemetryRecorder:
         return Telemetry(
             layers={i: rec.snapshot() for i, rec in self.layers.items()},
             mini_batch_size=sizes.pop() if len(sizes) == 1 else 0,
+            inplace={i: rec.snapshot() for i, rec in self.inplace.items()},
         )
 
 
@@ -240,12 +247,13 @@ def record(model: LMModel):
         TelemetryRecorder; call `snapshot()` for the numbers.
     """
     recorder = TelemetryRecorder(model)
+    observed = [*recorder.layers.values(), *recorder.inplace.values()]
     try:
-        for rec in recorder.layers.values():
+        for rec in observed:
             # Observers of this session's own states: a shared model may run other sessions between this one's
             # steps (the app swaps streaming states in and out), and theirs have none.
             configure(rec.state, observer=rec)
         yield recorder
     finally:
-        for rec in recorder.layers.values():
+        for rec in observed:
             configure(rec.state, observer=None)

@@ -6,6 +6,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from moshi.models.compression import MimiModel
@@ -15,6 +16,24 @@ from tqdm import tqdm
 
 from moshi_ttt.compat.sequence import model_codes
 from moshi_ttt.data.audio import encode, load_audio
+
+
+class BatchSource(Protocol):
+    """What `Trainer` reads batches from: `CodeBatcher` (files in order, state carried) or
+    `moshi_ttt.training.clip_mix.ClipMixBatcher` (independent clips)."""
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Audio codes [B, K, T] (-1 where padded) and new_file [B] bool (rows whose TTT state restarts from W_base),
+        or None when nothing is carried from one batch to the next (every row starts from W_base)."""
+        ...
+
+    def state(self) -> dict:
+        """The position in the stream, JSON-serialisable (for exact resumes)."""
+        ...
+
+    def load_state(self, state: dict) -> None:
+        """Continues from a `state()`."""
+        ...
 
 
 @dataclass

@@ -12,6 +12,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from moshi_ttt.compat.moshi import LayerWithBranch, forget_streaming_children, streaming_state
 from moshi_ttt.config import TTTConfig, parse_layers
 from moshi_ttt.options import RunOptions
+from moshi_ttt.ttt.inplace import inplace_blocks, inplace_states
 from moshi_ttt.ttt.layer import TTTBlock, TTTState
 from moshi_ttt.ttt.legacy import LegacyTTTBlock, set_legacy_contexts
 from moshi_ttt.ttt.session import configure
@@ -112,8 +113,9 @@ def set_streaming_options(model: LMModel, options: RunOptions) -> None:
     """
     if not isinstance(options, RunOptions):
         raise TypeError(f"options must be a moshi_ttt.RunOptions, got {type(options).__name__}")
-    for layer, state in ttt_states(model).items():
-        block = ttt_blocks(model)[layer]
+    blocks = {**ttt_blocks(model), **inplace_blocks(model)}  # In-Place layers: their mini-batch is their chunk
+    for layer, state in {**ttt_states(model), **inplace_states(model)}.items():
+        block = blocks[layer]
         changes: dict[str, tp.Any] = {"persistent": True}
         if options.mini_batch_size is not None:
             changes["mini_batch_size"] = options.mini_batch_size

@@ -305,9 +305,12 @@ class TTTBlock(StreamingModule[TTTState]):
         return self._forward_streaming(state, xq, xk, xv, lr, history)
 
     def _inner_params(self, mini_batch_size: int) -> InnerParams:
+        # W_base [H, ...] for the decay: the live parameters (the outer loop's gradient reaches them through it too).
+        w_base = self.weight_kind(*self.fast_weight_params()) if self.cfg.decay > 0 else None
         return InnerParams(
-            self.ttt_norm_weight, self.ttt_norm_bias, mini_batch_size, self.learnable_token_idx, self.cfg.target
-        )
+            self.ttt_norm_weight, self.ttt_norm_bias, mini_batch_size, self.learnable_token_idx, self.cfg.target,
+            self.cfg.decay, w_base,
+        )  # fmt: skip
 
     def _forward_streaming(self, state: TTTState, xq, xk, xv, lr, history: torch.Tensor | None) -> torch.Tensor:
         """One streaming call; `history` is the share_qk convolutions' new input history (None without them)."""
@@ -336,7 +339,7 @@ class TTTBlock(StreamingModule[TTTState]):
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, mini_batch_size={self.cfg.mini_batch_size}, "
             f"base_lr={self.cfg.base_lr}, target={self.cfg.target!r}, alpha_init={self.cfg.gating_alpha_init}, "
-            f"inner={self.cfg.inner!r}"
+            f"inner={self.cfg.inner!r}" + (f", decay={self.cfg.decay}" if self.cfg.decay > 0 else "")
         )
 
 

@@ -7,7 +7,7 @@ Per head, the fast weights W = (W1 [D,F], b1 [1,F], W2 [F,D], b2 [1,D]) define f
 The reconstruction loss of token s is l_s(W) = 1/2 |LN(f(k_s)) - target_s|^2 with target_s = LN(v_s - k_s).
 Inside a mini-batch every gradient is taken at W0, the weights at its start; token i (1-based) reads with
 W_i = W0 - tau_i * sum_{s<=i} lr_s grad l_s(W0) and outputs q_i + LN(f_{W_i}(q_i)). A full mini-batch of b tokens
-ends with W0 <- W_b.
+ends with W0 <- W_b, or with a decay lambda > 0 (TTTConfig.decay) W0 <- W_base + (1 - lambda) (W_b - W_base).
 
 TTT-Linear (the paper's other variant, ttt-lm-pytorch's TTTLinear) is the same loop with f(x) = x W1 + b1,
 W1 [D, D], b1 [1, D] (`LinearWeights`); every function here takes either kind of weights.
@@ -306,6 +306,8 @@ def _dual_form(
         position += n
         if position == b:
             new_ws = tuple(w - tau_all[-1] * s for w, s in zip(ws, sums, strict=True))
+            if params.decay > 0:  # toward W_base (TTTConfig.decay); W_base [H, ...] broadcasts over rows
+                new_ws = _join(params.decayed(_split(new_ws, B)))
             if on_update is not None:
                 on_update(_split(ws, B), _split(new_ws, B))
             ws, sums, position = new_ws, None, 0
@@ -327,6 +329,8 @@ def ttt_mlp(
     mini_batch_size: int,
     token_idx: torch.Tensor | None = None,
     target: str = "difference",
+    decay: float = 0.0,
+    w_base: FastWeights | None = None,
 ) -> tuple[torch.Tensor, FastWeights]:
     """TTT-MLP over a whole sequence starting at a mini-batch boundary (the DESIGN.md contract).
 
@@ -338,12 +342,14 @@ def ttt_mlp(
         mini_batch_size: b.
         token_idx: [b] learnable offsets of tau, or None (zeros).
         target: "difference" or "legacy".
+        decay: lambda of the decay toward `w_base` after every full mini-batch (TTTConfig.decay); 0: none.
+        w_base: the weights decayed toward, [H, ...] or [B, H, ...] like `weights`; needed when decay > 0.
     Returns:
         (out [B, H, T, D], weights after the last full mini-batch). The trailing partial mini-batch gives causal
         outputs and does not update the weights.
     """
     inputs = InnerInputs(xq, xk, xv, lr)
-    params = InnerParams(ln_weight, ln_bias, mini_batch_size, token_idx, target)
+    params = InnerParams(ln_weight, ln_bias, mini_batch_size, token_idx, target, decay, w_base)
     _check_inputs(weights, inputs, params)
     out, new_weights, _, _ = _dual_form(weights, None, 0, inputs, params)
     return out, new_weights
@@ -360,6 +366,8 @@ def ttt_linear(
     mini_batch_size: int,
     token_idx: torch.Tensor | None = None,
     target: str = "difference",
+    decay: float = 0.0,
+    w_base: LinearWeights | None = None,
 ) -> tuple[torch.Tensor, LinearWeights]:
     """TTT-Linear over a whole sequence starting at a mini-batch boundary: `ttt_mlp` with f(x) = x W1 + b1.
 
@@ -370,4 +378,4 @@ def ttt_linear(
     """
     if not isinstance(weights, LinearWeights):
         raise ValueError(f"ttt_linear needs LinearWeights(W1, b1), got {type(weights).__name__}")
-    return ttt_mlp(weights, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size, token_idx, target)
+    return ttt_mlp(weights, xq, xk, xv, lr, ln_weight, ln_bias, mini_batch_size, token_idx, target, decay, w_base)

@@ -14,6 +14,8 @@ import typing as tp
 
 import torch
 
+from moshi_ttt.ttt.weights import AnyWeights
+
 
 class InnerInputs(tp.NamedTuple):
     """The tokens of one call, projected per head."""
@@ -40,11 +42,30 @@ class InnerParams:
     mini_batch_size: int  # b: tokens per inner gradient step
     token_idx: torch.Tensor | None = None  # [b] learnable offsets of the position factors tau, or None (zeros)
     target: str = "difference"  # reconstruction target: "difference" (correct) or "legacy" (`reconstruction_target`)
+    # Decay lambda of the fast weights toward W_base at the end of every full mini-batch (TTTConfig.decay):
+    # W0 <- w_base + (1 - lambda) (W0 - tau_b S - w_base). 0: none (w_base unused).
+    decay: float = 0.0
+    w_base: AnyWeights | None = None  # W_base [H, ...] or [B, H, ...] (broadcast over rows); needed when decay > 0
 
     def __post_init__(self) -> None:
         if self.mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        if self.decay > 0 and self.w_base is None:
+            raise ValueError("a decay toward W_base needs w_base")
 
     def to(self, dtype: torch.dtype) -> InnerParams:
-        """The LayerNorm tensors in `dtype` (`position_factors` casts token_idx itself)."""
-        return dataclasses.replace(self, ln_weight=self.ln_weight.to(dtype), ln_bias=self.ln_bias.to(dtype))
+        """The LayerNorm tensors and W_base in `dtype` (`position_factors` casts token_idx itself)."""
+        w_base = None if self.w_base is None else self.w_base.to(dtype)
+        return dataclasses.replace(
+            self, ln_weight=self.ln_weight.to(dtype), ln_bias=self.ln_bias.to(dtype), w_base=w_base
+        )
+
+    def decayed(self, updated: AnyWeights) -> AnyWeights:
+        """The weights that start the next mini-batch: `updated` (W0 - tau_b S, [B, H, ...]) moved toward W_base by
+        the decay; `updated` itself without one."""
+        if self.decay == 0:
+            return updated
+        keep = 1.0 - self.decay
+        return type(updated)(*(wb + keep * (w - wb) for w, wb in zip(updated, self.w_base, strict=True)))

@@ -75,7 +75,8 @@ def ttt_mlp_token(
         out = xq + head_layer_norm(act_q @ w_i.W2 + w_i.b2, ln_weight, ln_bias)
 
     done = position + 1 == params.mini_batch_size  # [B]: the row completes its mini-batch with this token
-    new_weights = w_i.where(done, weights)  # tau_i = tau_b on those rows, so W_i is the updated W0
+    # tau_i = tau_b on those rows, so W_i is the updated W0 (then the decay toward W_base, TTTConfig.decay).
+    new_weights = params.decayed(w_i).where(done, weights)
     new_sums = sums.zeros_like().where(done, sums)
     new_position = torch.where(done, torch.zeros_like(position), position + 1)
     return out, FastWeightState(new_weights, new_sums, new_position, state.offset + 1, state.history)

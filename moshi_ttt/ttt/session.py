@@ -23,6 +23,7 @@ import typing as tp
 import torch
 from moshi.modules.streaming import State
 
+from moshi_ttt.ttt.inplace_math import ChunkUpdate
 from moshi_ttt.ttt.weights import AnyWeights
 
 
@@ -36,13 +37,23 @@ class Observer(tp.Protocol):
         """Called at every mini-batch the inner loop completes: its start weights W0 and the weights after it."""
 
 
+class InPlaceObserver(tp.Protocol):
+    """What an In-Place TTT layer reports while it reads (scoring/inplace_telemetry.py's recorder is one)."""
+
+    def read(self, tokens: int) -> None:
+        """Called before each part of a call is read, with its number of tokens."""
+
+    def chunk(self, update: ChunkUpdate) -> None:
+        """Called at every chunk the part completes, with what its update did to the fast weight."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SessionOptions:
     """The options of one TTT block for one streaming session."""
 
     mini_batch_size: int  # inner-loop mini-batch size b
     persistent: bool  # keep the fast weights from one forward call to the next (False: every call starts at W_base)
-    observer: Observer | None = None  # telemetry; None: nothing observes this block
+    observer: Observer | InPlaceObserver | None = None  # telemetry; None: nothing observes this block
     reset_every: int | None = None  # back to W_base every N tokens a row reads (counted from its reset); None: never
 
 
@@ -69,7 +80,7 @@ class SessionOptionsView:
 
 def configure(state: State, **changes: tp.Any) -> None:
     """Replaces fields (mini_batch_size, persistent, reset_every, observer) of the `session` of a TTT block's state
-    (TTTState, LegacyTTTState): the one writer of session options.
+    (TTTState, LegacyTTTState, InPlaceState, whose mini-batch is its chunk): the one writer of session options.
 
     Raises ValueError for a change of a legacy layer's mini-batch size, a mini-batch size changed after the session
     read its first token, or a legacy layer's reset period that cuts its mini-batches."""

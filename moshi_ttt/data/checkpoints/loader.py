@@ -20,6 +20,7 @@ from moshi_ttt.data.checkpoints.common import (
     read_json,
 )
 from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, hub_file, hub_file_or_none, hub_folder
+from moshi_ttt.data.checkpoints.inplace_format import is_inplace, load_inplace
 from moshi_ttt.data.checkpoints.legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
 from moshi_ttt.data.checkpoints.moshi_format import load_moshi_dir, load_moshi_hub
 from moshi_ttt.data.checkpoints.ours import CONFIG_NAME, is_ours, load_ours
@@ -48,9 +49,10 @@ def load(
     Args:
         ref: a local directory or safetensors file, or `hf://owner/repo[@revision][/path]`. Kinds: ours
             (config.json with "format": "moshi-ttt"), the older TTT fork's (a directory with training_config.json),
-            moshi's (CheckpointInfo: Hub repos, local copies, moshi-finetune outputs with LoRA or full weights). Hub
-            references load offline (HF_HUB_OFFLINE=1 or no network) once their files are in the local Hugging
-            Face cache (`hf download owner/repo`).
+            the In-Place TTT fork's (config.json with ttt_config.layer_frequency; `inplace_format.load_inplace` has
+            its options), moshi's (CheckpointInfo: Hub repos, local copies, moshi-finetune outputs with LoRA or full
+            weights). Hub references load offline (HF_HUB_OFFLINE=1 or no network) once their files are in the
+            local Hugging Face cache (`hf download owner/repo`).
         base: where the base weights come from when the checkpoint holds only part of them (ours with a base,
             older TTT checkpoints with lora.safetensors, moshi-finetune LoRA): a local path or hf:// reference.
             None uses the base the checkpoint names.
@@ -75,7 +77,7 @@ def load(
     ckpt = shared.take(key, dtype, ref) if key is not None else None
     if ckpt is None:
         ckpt = _load_new(ref, base=base, device=device, dtype=dtype, legacy_causal=legacy_causal, share=share)
-        if key is not None and ckpt.ttt_config is None:
+        if key is not None and shared.is_plain(ckpt):
             shared.offer(key, ckpt)
     if load_mimi and ckpt.mimi_ref is not None:
         mimi = load_mimi_codec(ckpt.mimi_ref, ckpt.lm_config, device=device, share=share)
@@ -110,11 +112,17 @@ def _load_local(
         check_weights_file(path)  # refuses pickles whatever the suffix
         if path.suffix not in SAFETENSORS_SUFFIXES:
             raise ValueError(f"{path}: expected a .safetensors weights file or a checkpoint directory")
+        if is_inplace(path):
+            return load_inplace(path.parent, ref=ref, base=base, device=device, dtype=dtype, load_fn=load)
         return load_moshi_dir(path.parent, ref=ref, weights=path, base=base, device=device, dtype=dtype)
     config_path = path / CONFIG_NAME
     kwargs = {"ref": ref, "base": base, "device": device, "dtype": dtype, "legacy_causal": legacy_causal}
     if config_path.is_file() and is_ours(read_json(config_path)):
         return load_ours(path, load_fn=functools.partial(load, share=share), **kwargs)
+    if is_inplace(path):
+        return load_inplace(
+            path, ref=ref, base=base, device=device, dtype=dtype, load_fn=functools.partial(load, share=share)
+        )
     if is_legacy(path):
         return load_legacy(path, load_fn=functools.partial(load, share=share), **kwargs)
     return load_moshi_dir(path, ref=ref, base=base, device=device, dtype=dtype)
@@ -139,6 +147,8 @@ def _load_hub(
     load_fn = functools.partial(load, share=share)
     if config is not None and is_ours(read_json(config)):
         return load_ours(hub_folder(hub, hub.path), load_fn=load_fn, **kwargs)
+    if config is not None and isinstance(read_json(config).get("ttt_config"), dict):
+        return load_inplace(hub_folder(hub, hub.path), ref=ref, base=base, device=device, dtype=dtype, load_fn=load_fn)
     if hub_file_or_none(hub, hub.file(TRAINING_CONFIG)) is not None:
         return load_legacy(hub_folder(hub, hub.path), load_fn=load_fn, **kwargs)
     if hub.path:

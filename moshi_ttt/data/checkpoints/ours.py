@@ -31,6 +31,7 @@ from moshi_ttt.data.checkpoints.common import (
     ttt_prefixes,
 )
 from moshi_ttt.ttt.apply import apply_ttt, ttt_blocks
+from moshi_ttt.ttt.inplace import inplace_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def save(
         ValueError: for inconsistent arguments or an existing checkpoint without overwrite.
     """
     directory = Path(directory)
+    if inplace_blocks(model):
+        raise ValueError("this model has In-Place TTT layers, which our format does not hold; keep the fork's files")
     if (lm_config is None) == (base is None):
         raise ValueError("save needs exactly one of lm_config (standalone checkpoint) or base (TTT weights on a base)")
     blocks = ttt_blocks(model)

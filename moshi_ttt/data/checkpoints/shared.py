@@ -56,6 +56,7 @@ class _Entry:
     holders: list[weakref.ref] = field(default_factory=list)  # models holding the tensors (weak)
 
 
+PLAIN_KINDS = ("moshi", "ours")  # LoadedCheckpoint.kind of loaders whose models without TTT are moshi's own
 _LOCK = threading.Lock()
 _POOL: dict[BaseKey, list[_Entry]] = {}
 _MIMI: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (path, codebooks, device) -> MimiModel
@@ -138,10 +139,15 @@ def take(key: BaseKey, dtype: torch.dtype | None, ref: str) -> LoadedCheckpoint 
         return None
 
 
+def is_plain(ckpt: LoadedCheckpoint) -> bool:
+    """A moshi LMModel as moshi builds it from its lm_config (no TTT, In-Place or legacy layers): what a base is."""
+    return ckpt.kind in PLAIN_KINDS and ckpt.ttt_config is None
+
+
 def offer(key: BaseKey, ckpt: LoadedCheckpoint) -> None:
-    """Pools the tensors of a plain model (no TTT layers) just loaded, for later loads of the same base."""
-    if ckpt.ttt_config is not None:
-        raise ValueError("only plain models are bases; this one has TTT layers")
+    """Pools the tensors of a plain model (`is_plain`) just loaded, for later loads of the same base."""
+    if not is_plain(ckpt):
+        raise ValueError(f"only plain models are bases; this one is a {ckpt.kind} checkpoint with TTT layers")
     state = ckpt.model.state_dict()
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else None

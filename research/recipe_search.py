@@ -10,58 +10,26 @@ Levers:
                  attention, x + attn(x) + gate * TTT(norm(x)), instead of the residual stream after attention;
   --init-identity: wq and wv start as the identity (the probe's hand-set keys, values and queries).
 Usage:
-    NO_TORCH_COMPILE=1 python scripts/recipe_search.py --work /tmp/demo_work --layers 0 --read before --steps 150
+    NO_TORCH_COMPILE=1 python -m research.recipe_search --work /tmp/demo_work --layers 0 --read before --steps 150
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from demo_corpus import FRAME  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks  # noqa: E402
-from moshi_ttt.compat.sequence import model_codes  # noqa: E402
-from moshi_ttt.data.checkpoints import load  # noqa: E402
-from moshi_ttt.train import TrainConfig, Trainer  # noqa: E402
+from moshi_ttt import TTTConfig, apply_ttt, ttt_blocks
+from moshi_ttt.data.checkpoints import load
+from moshi_ttt.training.trainer import TrainConfig, Trainer
+from scripts.demo_recipe import reading_losses
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def clip_losses(model, codes: torch.Tensor) -> torch.Tensor:
-    """Per-entry loss [8, T] (NaN where moshi's mask is False), as moshi_ttt.score(mode="full")."""
-    with torch.no_grad():
-        out = model(model_codes(model, codes[None]))
-        target = codes[None]
-        ce = F.cross_entropy(out.logits.float().flatten(0, 2), target.flatten(), reduction="none")
-        ce = ce.view(target.shape).masked_fill(~out.mask, float("nan"))
-    return ce[0]
-
-
-def evaluate(model, clips: dict[str, torch.Tensor], index: dict) -> dict[str, float]:
-    model.eval()
-    rep1, rep23, plain = [], [], []
-    for name, codes in clips.items():
-        loss = clip_losses(model, codes)
-        readings = [(s // FRAME, e // FRAME) for s, e in index[name]["readings"]]
-        if readings:
-            rep1.append(float(loss[:, readings[0][0] : readings[0][1]].nanmean()))
-            rep23.append(float(torch.cat([loss[:, s:e] for s, e in readings[1:]], dim=1).nanmean()))
-        else:
-            plain.append(float(loss.nanmean()))
-    model.train()
-    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
-    return {"reading1": mean(rep1), "readings23": mean(rep23), "plain": mean(plain)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,21 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     trainer = Trainer(model, [codes[n] for n in train], tcfg)
     val_clips = {n: codes[n] for n in val}
-    history = {0: evaluate(model, val_clips, index)}
+    history = {0: reading_losses(model, val_clips, index)}
     print(f"[{args.tag}] step 0 val {json.dumps(history[0])}", flush=True)
     start, losses = time.time(), []
     while trainer.step_count < args.steps:
         losses.append(trainer.step())
         s = trainer.step_count
         if s % args.eval_every == 0 or s == args.steps:
-            history[s] = evaluate(model, val_clips, index)
+            history[s] = reading_losses(model, val_clips, index)
             gates = {i: round(float(torch.tanh(b.gating_alpha).abs().mean()), 3) for i, b in ttt_blocks(model).items()}
             print(f"[{args.tag}] step {s} train {sum(losses[-20:]) / len(losses[-20:]):.4f} val "
                   f"{json.dumps({k: round(v, 4) for k, v in history[s].items()})} gate {gates} "
                   f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "val": history, "train_losses": losses}
     if args.heldout:
-        result["heldout"] = evaluate(model, {n: codes[n] for n in held}, index)
+        result["heldout"] = reading_losses(model, {n: codes[n] for n in held}, index)
         print(f"[{args.tag}] held out {json.dumps(result['heldout'])}", flush=True)
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)

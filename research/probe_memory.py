@@ -14,8 +14,9 @@ written here: the core has no TTT-Linear yet). Features: the input embeddings (l
 stream after layer 0's attention (where the demo's TTT blocks read), layer 1's input, and after layer 1's attention.
 
 It reads training-style clips only (train_repeat_*) unless --split heldout is given: tune on training clips.
-Usage (after scripts/build_demo_assets.py --stage corpus and the codes of its clips, see MANIFEST.md):
-    NO_TORCH_COMPILE=1 python scripts/probe_memory.py --work /tmp/demo_work [--clips 6] [--quick]
+Usage (from the repo root, after `python -m scripts.build_demo_assets --stage corpus` and the codes of its clips,
+see MANIFEST.md):
+    NO_TORCH_COMPILE=1 python -m research.probe_memory --work /tmp/demo_work [--clips 6] [--quick]
 """
 
 from __future__ import annotations
@@ -23,21 +24,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from demo_corpus import FRAME  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from moshi_ttt.compat.sequence import delayed_input, model_codes  # noqa: E402
-from moshi_ttt.data.checkpoints import load  # noqa: E402
-from moshi_ttt.ttt.ops import FastWeights, head_layer_norm, position_factors, ttt_mlp  # noqa: E402
+from moshi_ttt.compat.sequence import delayed_input, model_codes
+from moshi_ttt.data.checkpoints import load
+from moshi_ttt.ttt.ops import FastWeights, head_layer_norm, position_factors, ttt_mlp
+from scripts.demo_corpus import FRAME
+from scripts.demo_recipe import next_frame_accuracy
 
 REPO = Path(__file__).resolve().parent.parent
 POINTS = ("embeddings", "after_attention_0", "input_1", "after_attention_1")
@@ -135,19 +133,6 @@ def answers(x: torch.Tensor, inner: str, heads: int, b: int, base_lr: float, ini
         y = head_layer_norm((xv - xk)[None], ones, zeros)[0]
     merge = lambda t: t.transpose(0, 1).reshape(T - 1, dim)  # noqa: E731
     return merge(a), merge(y)
-
-
-def next_frame_accuracy(a: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """acc [T - 2]: the answer a_s (query = frame s + 1) is decoded as the nearest stored target y_j (j <= s;
-    y_j was stored under key frame j with value frame j + 1), which predicts frame j + 1 for frame s + 2; the
-    fraction of the 8 audio code entries of frame j + 1 equal to frame s + 2's."""
-    sim = F.normalize(a, dim=-1) @ F.normalize(y, dim=-1).T  # [T-1, T-1]
-    n = a.shape[0] - 1
-    sim = sim[:n, :n].masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -2.0)
-    j = sim.argmax(-1)  # [n]
-    predicted = inputs[:, j + 1]  # [9, n]
-    truth = inputs[:, torch.arange(n) + 2]
-    return (predicted[1:] == truth[1:]).float().mean(0)  # the 8 audio entries (text is always padding)
 
 
 def main(argv: list[str] | None = None) -> int:

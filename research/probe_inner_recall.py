@@ -8,29 +8,25 @@ fast weights answer, LN(f(q_t)), with the truth LN(h_{t+1} - h_t) (the target th
 cosine similarity, averaged over each reading. A memory shows as a higher cosine on the 2nd and 3rd readings than
 on the 1st.
 
-Usage (after scripts/build_demo_assets.py has built --work):
-    NO_TORCH_COMPILE=1 python scripts/probe_inner_recall.py --work /tmp/demo_work [--clip heldout_repeat_00]
+Usage (from the repo root, after `python -m scripts.build_demo_assets` has built --work):
+    NO_TORCH_COMPILE=1 python -m research.probe_inner_recall --work /tmp/demo_work [--clip heldout_repeat_00]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from demo_corpus import FRAME  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from moshi_ttt.compat.sequence import delayed_input, model_codes  # noqa: E402
-from moshi_ttt.data.checkpoints import load  # noqa: E402
-from moshi_ttt.ttt.ops import FastWeights, head_layer_norm, ttt_mlp  # noqa: E402
+from moshi_ttt.compat.sequence import delayed_input, model_codes
+from moshi_ttt.data.checkpoints import load
+from moshi_ttt.ttt.ops import FastWeights, head_layer_norm, ttt_mlp
+from scripts.demo_corpus import FRAME
 
 FEATURES = ("embeddings", "after_attention_0", "after_layer_0", "after_layer_1")
 

@@ -1,29 +1,26 @@
-"""Data for the issue-13 research scripts (probe_memory.py, recipe_search.py, recipe_joint.py), with the saved codec.
+"""Data for the issue-13 research scripts (research/: probe_memory, recipe_search, recipe_joint), with the saved
+codec.
 
 Usage:
     # codes of a corpus made by `build_demo_assets.py --stage corpus --work W`, encoded with demo_assets/codec
     # (the codec is not refit: the same codes as the build's, checked on the demo clips' WAV checksums)
-    NO_TORCH_COMPILE=1 python scripts/research_corpus.py codes --work W
+    NO_TORCH_COMPILE=1 python -m research.research_corpus codes --work W
     # N short repeat clips (a 4.5-12 s passage read 3 times, 1.5 s+ of filler between) in their own work dir
-    NO_TORCH_COMPILE=1 python scripts/research_corpus.py short --work S --count 240
+    NO_TORCH_COMPILE=1 python -m research.research_corpus short --work S --count 240
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from demo_corpus import read_corpus, short_repeat_clips  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from moshi_ttt.data.codec import load_codec  # noqa: E402
+from moshi_ttt.data.codec import load_codec
+from scripts.demo_corpus import read_corpus, short_repeat_clips
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,97 @@
+"""Per-session server resources of the app: each run's download folder, and the Stop button's flags.
+
+Both are keyed by Gradio's session hash (a string; None for a caller without a session, such as a raw API call) and
+freed when the session ends (`demo.unload`). Gradio-free: the layout turns `gr.Request`s into session hashes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+KEEP_RUNS = 16  # result folders (4.7 MB each with the demo models) kept for callers without a session
+
+
+class RunFolders:
+    """Each run's downloads in a folder of their own under `root`, deleted once they are no longer needed.
+
+    A session keeps only its latest run's folder (the previous one goes when the next run writes its results, the
+    last one when the session ends); runs without a session, or whose sessions never end (raw API calls), keep
+    the `keep` newest folders in all.
+    """
+
+    def __init__(self, root: str | Path, keep: int = KEEP_RUNS):
+        self.root = Path(root)
+        self.keep = keep
+        self._by_session: dict[str, Path] = {}
+        self._newest: OrderedDict[Path, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def new(self, session: str | None) -> Path:
+        """A new, empty folder for a run of `session`; deletes the session's previous one and the oldest beyond `keep`.
+
+        Args:
+            session: the run's session hash, or None.
+        Returns:
+            The folder's path.
+        """
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.root))
+            if session is not None:
+                self._delete(self._by_session.pop(session, None))
+                self._by_session[session] = folder
+            self._newest[folder] = None
+            while len(self._newest) > self.keep:
+                self._delete(next(iter(self._newest)))
+            return folder
+
+    def end_session(self, session: str | None) -> None:
+        """The session's tab was closed or reloaded: its latest folder goes."""
+        with self._lock:
+            if session is not None:
+                self._delete(self._by_session.pop(session, None))
+
+    def _delete(self, folder: Path | None) -> None:
+        if folder is None:
+            return
+        self._newest.pop(folder, None)
+        for session, f in list(self._by_session.items()):
+            if f == folder:
+                del self._by_session[session]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class StopRequests:
+    """The Stop button's flags, one per browser session: Stop sets its session's flag, the session's run polls it
+    between steps and ends with the results of what it scored so far (Gradio's cancel would end the generator
+    before it could write them). A session-less caller has no Stop button."""
+
+    def __init__(self):
+        self._stopped: set[str] = set()
+        self._lock = threading.Lock()
+
+    def request(self, session: str | None) -> None:
+        """The Stop button of `session` (None or "": nothing to stop)."""
+        if session:
+            with self._lock:
+                self._stopped.add(session)
+
+    def start(self, session: str | None) -> Callable[[], bool]:
+        """A new run of `session`: clears its flag.
+
+        Returns:
+            The poll for compare_file's `stop_requested` (always False for a session-less run).
+        """
+        with self._lock:
+            self._stopped.discard(session)
+        return lambda: session is not None and session in self._stopped
+
+    def end_session(self, session: str | None) -> None:
+        """The session's tab was closed or reloaded: its flag goes."""
+        with self._lock:
+            self._stopped.discard(session)

@@ -1,0 +1,101 @@
+"""moshi-ttt app: upload audio, watch per-token loss and TTT fast-weight drift of two models grow side by side.
+
+Run: moshi-ttt-app (or python app.py) [--host 127.0.0.1] [--port 7860] [--share] [--checkpoint-dir DIR]...
+     [--checkpoint hf://...]... [--allow-hub]   (adds a field where users may add hf:// checkpoints; off by default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+from moshi.utils.compile import no_compile
+
+from moshi_ttt.app.demo_assets import demo_assets_dir, example_clips
+from moshi_ttt.app.engine import threads_per_run
+from moshi_ttt.app.handlers import MAX_SECONDS
+from moshi_ttt.app.layout import build_demo
+from moshi_ttt.app.models import ModelCache, build_allow_list
+
+QUEUE_SIZE = 16  # runs waiting at most (--queue-size); the next user is told the queue is full
+MAX_FILE_SIZE = "200mb"  # largest upload (10 min of 48 kHz stereo 16-bit WAV is 115 MB)
+
+
+def compile_disabled(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the app runs moshi without its lazy torch.compile: unless MOSHI_TTT_DEVICE asks for cuda (compiling
+    costs ~40 s per process on CPU).
+
+    app.py sets NO_TORCH_COMPILE by this rule before moshi is imported (moshi reads it when its modules load); the
+    console script cannot (moshi_ttt imports moshi before this module), so `main` serves inside moshi's
+    `no_compile()`, which moshi's compiled functions check at each call.
+    """
+    return "cuda" not in env.get("MOSHI_TTT_DEVICE", "")
+
+
+def server_address(host: str | None, port: int | None, env: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """--host/--port when given, else GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (Spaces, Docker), else 127.0.0.1:7860.
+
+    Raises:
+        ValueError: GRADIO_SERVER_PORT is not a port number.
+    """
+    host = host or env.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    if port is None:
+        text = env.get("GRADIO_SERVER_PORT") or "7860"
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise ValueError(f"GRADIO_SERVER_PORT must be a port number, got {text!r}")
+        port = int(text)
+    return host, port
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of `moshi-ttt-app` and `python app.py`."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: $GRADIO_SERVER_PORT or 7860")
+    p.add_argument("--share", action="store_true")
+    p.add_argument("--checkpoint-dir", action="append", default=[], help="directory of checkpoints (repeatable; "
+                   "default: the demo assets, $MOSHI_TTT_DEMO_ASSETS or the checkout's demo_assets/)")  # fmt: skip
+    p.add_argument("--checkpoint", action="append", default=[], help="hf://owner/repo checkpoint (repeatable)")
+    p.add_argument("--device", default=os.environ.get("MOSHI_TTT_DEVICE"), help="cpu or cuda (default: auto)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="model weights (default: bfloat16 on GPU, "
+                   "float32 on CPU); TTT fast weights stay float32")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=2, help="runs at once per process")
+    p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="runs waiting at most")
+    p.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="longest duration scored (s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores shared by the runs)")
+    p.add_argument("--allow-hub", action="store_true", help="let users add hf:// checkpoints (downloads them)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses the command line, loads nothing yet (models load on first use), builds the UI and serves it.
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+    """
+    cli = parser()
+    args = cli.parse_args(argv)
+    if not 5 <= args.max_seconds <= MAX_SECONDS:
+        cli.error(f"--max-seconds must be between 5 and {MAX_SECONDS:g}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
+    if device == "cpu":
+        torch.set_num_threads(args.threads or threads_per_run(args.concurrency))
+    try:
+        demo_dir = demo_assets_dir()
+    except FileNotFoundError as e:
+        cli.error(str(e))
+    dirs = args.checkpoint_dir or ([demo_dir] if demo_dir.is_dir() else [])
+    cache = ModelCache(build_allow_list(dirs, args.checkpoint), device=device, dtype=dtype)
+    if not cache.names():
+        cli.error("no checkpoint to serve: build demo_assets/ or pass --checkpoint-dir / --checkpoint")
+    host, port = server_address(args.host, args.port)
+    demo = build_demo(cache, example_clips(demo_dir), max_seconds=args.max_seconds, allow_hub=args.allow_hub)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    with no_compile() if compile_disabled() else contextlib.nullcontext():  # for as long as the server runs
+        demo.launch(server_name=host, server_port=port, share=args.share, max_file_size=MAX_FILE_SIZE)

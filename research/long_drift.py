@@ -1,0 +1,199 @@
+"""Drift over a long file (issue 21): the demo TTT model with the fast-weight decay at a few values vs off, against
+the fair baseline, per 2,000-token bin. No retraining: the decay is a TTTConfig option written into a copy of the
+checkpoint's config.json.
+
+Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
+    python -m research.natural_corpus long --out W/long.wav --minutes 25 --seed 2121
+    python -m research.long_drift encode --work W            # W/long.wav -> W/long_codes.pt (demo_assets/codec)
+    python -m research.long_drift score --work W --decay 0 0.01 0.03 --baseline
+    python -m research.long_drift table --work W
+    # the demo corpus's own kind of speech (its six espeak-ng voices and grammar, unseen sentences, no noise):
+    python -m research.long_drift make-demo --work W2 --minutes 26 && python -m research.long_drift encode --work W2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+from moshi_ttt import load, score  # noqa: E402
+from moshi_ttt.data.audio import encode  # noqa: E402
+from moshi_ttt.data.codec import load_codec  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "demo_assets"
+BIN = 2000  # tokens per bin of the table (160 s)
+FRAME_RATE = 12.5
+
+
+def encode_long(work: Path) -> Path:
+    """W/long.wav -> W/long_codes.pt [1, 8, T], encoded in 60 s blocks of whole frames (the demo codec is causal
+    with a short receptive field: blocks cut on frame boundaries change only the frames next to a cut)."""
+    audio, sr = sf.read(work / "long.wav", dtype="float32")
+    if sr != 24000:
+        raise ValueError(f"expected 24 kHz audio, got {sr}")
+    mimi = load_codec(ASSETS / "codec")
+    block = 1920 * 750
+    codes = [encode(mimi, torch.from_numpy(audio[i : i + block])) for i in range(0, len(audio), block)]
+    out = work / "long_codes.pt"
+    torch.save(torch.cat(codes, dim=-1), out)
+    return out
+
+
+def make_demo_style(work: Path, minutes: float, seed: int = 4242) -> Path:
+    """W/long.wav + long.json: the shipped corpus's kind of clips (scripts/demo_corpus.py: six espeak-ng voices, its
+    grammar, new sentences from `seed`), alternating 60 s plain clips and repeat clips (a 10-17 s passage read three
+    times, frame-aligned as in the demo clips), concatenated to `minutes`."""
+    import random
+
+    import numpy as np
+
+    from scripts.demo_corpus import SAMPLE_RATE, SentenceMaker, plain_clip, repeat_clip
+
+    maker, rng = SentenceMaker(seed), random.Random(seed + 1)
+    parts, texts, readings, length, n = [], [], [], 0, 0
+    while length < minutes * 60 * SAMPLE_RATE:
+        if n % 2:
+            clip = repeat_clip(f"r{n}", maker, rng, rng.uniform(10, 17), rng.uniform(4, 12))
+            for i, (a, b) in enumerate(clip.readings):
+                readings.append((length + a, length + b))
+                texts.append(f"[passage {n}: reading {i + 1}]")
+        else:
+            clip = plain_clip(f"p{n}", maker, rng, 60.0)
+        parts.append(clip.audio)
+        length += len(clip.audio)
+        n += 1
+    work.mkdir(parents=True, exist_ok=True)
+    sf.write(work / "long.wav", np.concatenate(parts), SAMPLE_RATE, subtype="PCM_16")
+    (work / "long.json").write_text(json.dumps({"text": "\n".join(texts), "readings": readings}))
+    return work / "long.wav"
+
+
+def decayed_checkpoint(work: Path, decay: float) -> Path:
+    """A copy of demo_assets/ttt whose config sets `ttt.decay` (weights shared by a symlink)."""
+    directory = work / f"ttt_decay_{decay:g}"
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((ASSETS / "ttt" / "config.json").read_text())
+    config["ttt"]["decay"] = decay
+    config["mimi"] = str(ASSETS / "codec")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    weights = directory / "model.safetensors"
+    if not weights.exists():
+        shutil.copyfile(ASSETS / "ttt" / "model.safetensors", weights)
+    return directory
+
+
+def score_run(work: Path, name: str, ref: Path, reset_every: int | None = None) -> dict:
+    codes = torch.load(work / "long_codes.pt")
+    model = load(ref).model
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = score(model, codes, mode="chunked", reset_every=reset_every)
+    run = {"loss_per_token": result.loss_per_token[0].tolist(), "seconds": time.perf_counter() - start}
+    if result.telemetry is not None:
+        layer = next(iter(result.telemetry.layers.values()))
+        run["drift_W1"] = layer.drift["W1"][0].tolist()
+        run["drift_W2"] = layer.drift["W2"][0].tolist()
+        run["update_step"] = layer.update_step.tolist()
+    (work / f"run_{name}.json").write_text(json.dumps(run))
+    return run
+
+
+def _bins(values: list[float]) -> list[float]:
+    out = []
+    for i in range(0, len(values), BIN):
+        part = [v for v in values[i : i + BIN] if v is not None and not math.isnan(v)]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def _drift_at_bin_ends(run: dict, tokens: int) -> list[float]:
+    """Drift of W1 after the last update of each bin."""
+    out = []
+    for end in (min(i + BIN, tokens) for i in range(0, tokens, BIN)):
+        last = [d for s, d in zip(run["update_step"], run["drift_W1"], strict=True) if s <= end]
+        out.append(last[-1] if last else 0.0)
+    return out
+
+
+def passage_losses(work: Path, loss: list[float]) -> tuple[float, float]:
+    """Mean loss of first readings and of returning readings of the long file's passages."""
+    meta = json.loads((work / "long.json").read_text())
+    seen, first, again = set(), [], []
+    for line, (start, end) in zip(meta["text"].splitlines(), meta["readings"], strict=True):
+        n = line.split(":")[0]
+        span = loss[int(start / 1920) + 1 : min(int(end / 1920), len(loss))]
+        span = [v for v in span if v is not None and not math.isnan(v)]
+        (again if n in seen else first).extend(span)
+        seen.add(n)
+    return sum(first) / max(len(first), 1), sum(again) / max(len(again), 1)
+
+
+def table(work: Path) -> str:
+    runs = {p.stem[4:]: json.loads(p.read_text()) for p in sorted(work.glob("run_*.json"))}
+    base = runs["baseline"]["loss_per_token"]
+    base_bins = _bins(base)
+    lines = ["| model | overall (gain vs fair) | worst bin gain | returning passages gain | loss per 2,000-token "
+             "bin | drift W1 at bin ends |", "|---|---:|---:|---:|---|---|"]  # fmt: skip
+    b_first, b_again = passage_losses(work, base)
+    for name, run in runs.items():
+        loss = run["loss_per_token"]
+        bins = _bins(loss)
+        valid = [v for v in loss if v is not None and not math.isnan(v)]
+        base_valid = [v for v in base if v is not None and not math.isnan(v)]
+        overall = 100 * (1 - (sum(valid) / len(valid)) / (sum(base_valid) / len(base_valid)))
+        worst = min(100 * (1 - b / f) for b, f in zip(bins, base_bins, strict=True))
+        _, again = passage_losses(work, loss)
+        drift = " ".join(f"{d:.2f}" for d in _drift_at_bin_ends(run, len(loss))) if "drift_W1" in run else "-"
+        lines.append(f"| {name} | {overall:+.2f}% | {worst:+.2f}% | {100 * (1 - again / b_again):+.2f}% | "
+                     f"{' '.join(f'{b:.3f}' for b in bins)} | {drift} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("make-demo", "encode", "score", "table"))
+    parser.add_argument("--minutes", type=float, default=26.0)
+    parser.add_argument("--seed", type=int, default=4242, help="make-demo: 4242 the evaluation file, others training")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--decay", type=float, nargs="*", default=[])
+    parser.add_argument("--baseline", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, help="score this checkpoint too, as run --name")
+    parser.add_argument("--name", default="checkpoint")
+    parser.add_argument("--reset-every", type=int, nargs="*", default=[], help="TTT without decay, reset every N")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.stage == "make-demo":
+        print(make_demo_style(args.work, args.minutes, args.seed))
+    elif args.stage == "encode":
+        print(encode_long(args.work))
+    elif args.stage == "score":
+        if args.baseline:
+            run = score_run(args.work, "baseline", ASSETS / "fair_baseline")
+            print(f"baseline: {run['seconds']:.0f} s")
+        if args.checkpoint is not None:
+            run = score_run(args.work, args.name, args.checkpoint)
+            print(f"{args.name}: {run['seconds']:.0f} s")
+        for period in args.reset_every:
+            run = score_run(args.work, f"ttt_reset_{period}", ASSETS / "ttt", reset_every=period)
+            print(f"reset every {period}: {run['seconds']:.0f} s")
+        for decay in args.decay:
+            run = score_run(args.work, f"ttt_decay_{decay:g}", decayed_checkpoint(args.work, decay))
+            print(f"decay {decay:g}: {run['seconds']:.0f} s")
+    else:
+        print(table(args.work))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

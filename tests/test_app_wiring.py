@@ -1,0 +1,171 @@
+"""The app's server pieces without a server: controls built from their specs, the Run event's inputs and outputs in
+the specs' order, each update mapped to the outputs, run folders and Stop flags per session, where the demo assets
+are, and an entry point that does not need app.py."""
+
+import ast
+import inspect
+import json
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from moshi_ttt.app import handlers, outputs
+from moshi_ttt.app.controls import control
+from moshi_ttt.app.demo_assets import ENV_DEMO_ASSETS, demo_assets_dir, example_clips
+from moshi_ttt.app.engine import compare_file, live_options
+from moshi_ttt.app.inputs import AudioFile, Choice, Flag, HubReference, Number
+from moshi_ttt.app.layout import build_demo
+from moshi_ttt.app.models import ModelCache
+from moshi_ttt.app.resources import RunFolders, StopRequests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_each_control_shows_what_its_spec_checks():
+    with gr.Blocks():
+        slider = control(Number("Max duration (s)", 5, 60, default=30, step=5, info="scored at most"))
+        whole = control(Number("TTT mini_batch_size", 1, 64, integer=True))
+        dropdown = control(Choice("Baseline checkpoint", ("a", "b"), default="b"))
+        radio = control(Choice("Mode", ("chunked", "whole sequence"), default="chunked", radio=True))
+        checkbox = control(Flag("persistent_states", default=True, info="keep the fast weights between calls"))
+        audio = control(AudioFile("Audio", roots=("/uploads",)))
+        hub = control(HubReference("Hub checkpoint"))
+    assert isinstance(slider, gr.Slider)
+    assert (slider.minimum, slider.maximum, slider.value, slider.step) == (5, 60, 30, 5)
+    assert slider.label == "Max duration (s)" and slider.info == "scored at most"
+    assert (whole.minimum, whole.maximum, whole.value, whole.step) == (1, 64, 1, 1)
+    assert isinstance(dropdown, gr.Dropdown) and [c[1] for c in dropdown.choices] == ["a", "b"]
+    assert dropdown.value == "b"
+    assert isinstance(radio, gr.Radio) and [c[1] for c in radio.choices] == ["chunked", "whole sequence"]
+    assert isinstance(checkbox, gr.Checkbox) and checkbox.value is True and checkbox.label == "persistent_states"
+    assert checkbox.info == "keep the fast weights between calls"
+    assert isinstance(audio, gr.Audio) and audio.type == "filepath" and audio.label == "Audio"
+    assert isinstance(hub, gr.Textbox) and hub.label == "Hub checkpoint"
+    with pytest.raises(TypeError, match="no control for a spec of type str"):
+        control("Audio")
+
+
+def test_the_run_event_takes_the_spec_built_controls_in_the_specs_order():
+    """The order exists once (run_specs): the handler's signature, the event's inputs and the API's parameter names
+    follow it, and each input shows its spec's label and bounds."""
+    demo = build_demo(ModelCache({}), max_seconds=45)
+    specs = handlers.run_specs([], [demo.GRADIO_CACHE], [], max_seconds=45)
+    run = next(fn for fn in demo.fns.values() if fn.api_name == "run")
+    assert [c.label for c in run.inputs] == [spec.label for spec in specs.values()]
+    assert list(inspect.signature(run.fn).parameters) == ["request", *specs]  # no gr.Progress: no overlay
+    parameters = demo.get_api_info()["named_endpoints"]["/run"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == list(specs)  # the request is Gradio's, not the API's
+    duration = run.inputs[list(specs).index("max_seconds")]
+    assert (duration.minimum, duration.maximum, duration.value) == (5, 45, 45)
+    assert [type(c) for c in run.outputs] == [gr.Plot, gr.Markdown, gr.Markdown, gr.Dataframe, gr.Dataframe, gr.File,
+                                              gr.Markdown]  # fmt: skip
+    assert run.outputs[0].elem_id == "live-plot" and run.outputs[1].elem_id == "run-status"
+    assert outputs.OUTPUT_NAMES == ("figure", "status", "headline", "summary", "readings", "downloads", "notes")
+
+
+@pytest.fixture(scope="module")
+def last_updates(cache, assets):
+    """The last update of a whole run and of a run stopped after its first update (tiny models, 3 s clip)."""
+    cfg = live_options("stream", mini_batch_size=4).replace(record_every=5)
+    whole = list(compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", cfg, 60, min_interval_s=0))
+    polls = iter([False, True])
+    stopped = list(compare_file(cache, str(assets / "a.wav"), "baseline", "ttt", cfg, 60, min_interval_s=0,
+                                stop_requested=lambda: next(polls, True)))  # fmt: skip
+    return whole, stopped[-1]
+
+
+def test_each_update_maps_to_the_outputs(last_updates, tmp_path):
+    whole, stopped = last_updates
+    first = outputs.starting("full")
+    assert first.status.startswith("Working") and "whole clip in one call" in first.status and first.headline == ""
+    assert first.figure is None and first.summary is None and "in one call" not in outputs.starting("chunked").status
+    progress = outputs.live(whole[0])
+    assert progress.status.startswith("Scoring both models") and progress.summary is None
+    assert len([t for t in json.loads(progress.figure)["data"] if t["xaxis"] == "x"]) == 4
+    with pytest.raises(ValueError, match="last update"):
+        outputs.final(whole[0], [])
+    files = outputs.write_downloads(tmp_path / "whole", whole[-1])
+    done = outputs.final(whole[-1], files)
+    assert sorted(Path(f).name for f in done.downloads) == ["a_report.html", "a_results.csv", "a_results.json"]
+    assert [row[0] for row in done.summary] == ["baseline", "ttt"] and len(done.summary[0]) == 9
+    assert done.readings == [] and done.status.startswith("Done") and "TTT vs baseline" in done.headline
+    partial = outputs.final(stopped, outputs.write_downloads(tmp_path / "stopped", stopped))
+    assert [row[0] for row in partial.summary] == ["baseline (partial)", "ttt (partial)"]
+    assert partial.status.startswith("Stopped") and partial.headline.startswith("**Partial (stopped)**")
+    assert all(Path(f).name.startswith("a_partial_") for f in partial.downloads)
+
+
+def test_outputs_for_gradio_skip_what_is_not_given(last_updates):
+    whole, _ = last_updates
+    shown = outputs.starting("chunked").for_gradio()
+    assert len(shown) == 7 and shown[1].startswith("Working") and shown[2] == ""
+    skipped = [i for i, value in enumerate(shown) if value == gr.skip()]
+    assert skipped == [0, 3, 4, 5, 6]
+    done = outputs.final(whole[-1], ["x.json"]).for_gradio()
+    assert done[0].type == "plotly" and json.loads(done[0].plot)["data"]
+    assert done[4] == gr.update(value=[], visible=False) and done[5] == ["x.json"]
+
+
+def test_a_session_keeps_its_latest_run_folder_until_it_ends(tmp_path):
+    runs = RunFolders(tmp_path / "runs", keep=3)
+    first, second = runs.new("s1"), runs.new("s1")
+    other = runs.new("s2")
+    assert not first.is_dir() and second.is_dir() and other.is_dir()
+    runs.end_session("s1")
+    runs.end_session(None)  # a session-less caller's end: nothing to do
+    assert not second.is_dir() and other.is_dir()
+    anonymous = [runs.new(None) for _ in range(4)]  # the 3 newest folders stay, whoever made them
+    assert [f.is_dir() for f in [other, *anonymous]] == [False, False, True, True, True]
+
+
+def test_stop_flags_are_per_session():
+    stops = StopRequests()
+    poll_1, poll_2, poll_none = stops.start("s1"), stops.start("s2"), stops.start(None)
+    stops.request("s1")
+    stops.request(None)
+    stops.request("")
+    assert (poll_1(), poll_2(), poll_none()) == (True, False, False)
+    assert stops.start("s1")() is False  # a new run of the session starts unstopped
+    stops.request("s2")
+    stops.end_session("s2")
+    assert poll_2() is False
+
+
+def test_the_demo_assets_are_found_by_env_then_checkout_then_working_directory(tmp_path):
+    env_dir, checkout, cwd = tmp_path / "env", tmp_path / "checkout", tmp_path / "cwd"
+    for folder in (env_dir, checkout / "demo_assets", cwd / "demo_assets"):
+        folder.mkdir(parents=True)
+    assert demo_assets_dir({ENV_DEMO_ASSETS: str(env_dir)}, checkout, cwd) == env_dir
+    assert demo_assets_dir({}, checkout, cwd) == checkout / "demo_assets"
+    assert demo_assets_dir({ENV_DEMO_ASSETS: ""}, tmp_path / "site-packages", cwd) == cwd / "demo_assets"
+    assert not demo_assets_dir({}, tmp_path / "site-packages", tmp_path).is_dir()  # none: callers check is_dir()
+    with pytest.raises(FileNotFoundError, match=f"{ENV_DEMO_ASSETS}=.*missing is not a directory"):
+        demo_assets_dir({ENV_DEMO_ASSETS: str(tmp_path / "missing")}, checkout, cwd)
+    assert demo_assets_dir({}) == ROOT / "demo_assets"  # this checkout's, whatever the working directory
+
+
+def test_example_clips_are_the_audio_files_of_clips_or_of_the_folder(tmp_path):
+    for name in ("b.wav", "a.FLAC", "notes.txt", "clips_readme.md"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [Path(p).name for p in example_clips(tmp_path)] == ["a.FLAC", "b.wav"]
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "c.ogg").write_bytes(b"x")
+    assert [Path(p).name for p in example_clips(tmp_path)] == ["c.ogg"]
+    assert example_clips(tmp_path / "missing") == []
+
+
+def test_the_package_never_imports_the_top_level_app_and_app_py_delegates_to_it():
+    """The console script (moshi_ttt.app.server:main) runs from an installed package, where app.py is not."""
+    for path in (ROOT / "moshi_ttt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not any(n == "app" or n.startswith("app.") for n in names if n), path
+    import app
+    from moshi_ttt.app import layout, server
+
+    assert app.build_demo is layout.build_demo and app.main is server.main
+    with pytest.raises(SystemExit) as e:
+        server.main(["--help"])
+    assert e.value.code == 0
