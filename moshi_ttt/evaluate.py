@@ -7,7 +7,7 @@
 
 Files of any length (an hour and more): each is read, encoded with moshi's streaming Mimi and scored block by block,
 at flat memory in "chunked" and "stream" mode; progress is counted in tokens. Each file gets OUT/<nnnn>_<stem>/ with
-results.json (DESIGN.md contract), results.csv, report.html and last, atomically, summary.json (its done marker);
+results.json (ARCHITECTURE.md, Results), results.csv, report.html and last, atomically, summary.json (its done marker);
 older non-causal TTT checkpoints are also scored causally (results.json `causal_comparison`), and a run whose loss
 went NaN/inf at valid tokens gets a one-sentence warning naming it and the codebooks. OUT/index.json lists every
 file with its mean losses, and OUT/aggregate.json, aggregate.csv and report.html give the loss by position across

@@ -63,7 +63,7 @@ def _ttt_mlp_inputs() -> dict[str, torch.Tensor]:
 
 
 def _ttt_mlp_outputs(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ttt_mlp (the DESIGN.md contract) in float64: outputs, new weights and the gradients of <out, probe>."""
+    """ttt_mlp (the ARCHITECTURE.md contract), float64: outputs, new weights and the gradients of <out, probe>."""
     leaves = {k: inp[k].clone().requires_grad_(True) for k in ("W1", "W2", "xk", "lr", "token_idx")}
     weights = FastWeights(leaves["W1"], inp["b1"], leaves["W2"], inp["b2"])
     out, new = ttt_mlp(

@@ -91,7 +91,7 @@ def test_default_lm_kwargs_are_moshi_7b_and_a_copy():
 
 
 def test_ring_kv_cache_holds_context_slots_and_can_be_widened_before_the_first_token():
-    """DESIGN.md's trap: moshi's ring cache has exactly `context` slots; exact chunked streaming widens it."""
+    """ARCHITECTURE.md, Scoring: moshi's ring cache has exactly `context` slots; exact chunked streaming widens it."""
     model = tiny_lm(0)
     attention = first_attention(model)
     assert moshi_compat.kv_cache_capacity(attention) is None  # not streaming

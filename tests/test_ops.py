@@ -1,4 +1,4 @@
-"""ttt_mlp (dual + primal forms) against a slow per-token autograd implementation of the DESIGN.md definition."""
+"""ttt_mlp (dual + primal forms) against a slow per-token autograd implementation of the ARCHITECTURE.md definition."""
 
 import pytest
 import torch

@@ -36,7 +36,7 @@ def problem(B=2, H=2, T=11, D=4, b=4, dtype=torch.float64, seed=0):
 
 
 def slow_reference(weights, xq, xk, xv, lr, ln_w, ln_b, b, token_idx):
-    """Token by token, gradients by autograd, from the definition (DESIGN.md's math with f(x) = x W1 + b1)."""
+    """Token by token, gradients by autograd, from the definition (ARCHITECTURE.md's math, f(x) = x W1 + b1)."""
     B, H, T, D = xq.shape
     tau = (1.0 / torch.arange(1, b + 1, dtype=xq.dtype) + token_idx).clamp_min(0)
     w0, outs = weights, []

@@ -82,7 +82,7 @@ def test_float64_agreement_is_tight():
 
 
 def test_plain_moshi_ring_cache_is_not_exact_for_chunks_past_the_window():
-    """Why exact_streaming exists: moshi's ring cache alone drops keys a chunk still needs (DESIGN.md trap)."""
+    """Why exact_streaming exists: moshi's ring cache alone drops keys a chunk still needs (ARCHITECTURE.md)."""
     model = tiny_lm(0)
     seq = delayed_input(model, model_codes(model, random_audio_codes(1, T, seed=3)))
     with torch.no_grad():

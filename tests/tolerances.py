@@ -4,7 +4,7 @@ float64 checks the invariant itself: the two ways agree to ~1e-12, so 1e-10 fail
 float32 only bounds round-off: a change of chunking, batch size or CPU changes the summation order inside the
 matmuls (BLAS blocks by shape, and by CPU: AVX2, AVX-512, NEON), each op then differs by a few ulps (eps = 6e-8)
 and the TTT inner loop carries those differences from mini-batch to mini-batch through 3 layers and 45+ tokens.
-Measured: 3.7e-5 on the final fast weights on an AMD EPYC (1.4e-5 on this CPU's neighbours); DESIGN.md's bound
+Measured: 3.7e-5 on the final fast weights on an AMD EPYC (1.4e-5 on this CPU's neighbours); the bound
 is 1e-4. A real bug (a wrong token offset, a missed update, a leaked state) moves values by 1e-2 or more.
 """
 

@@ -2,7 +2,7 @@
 
 Notation: B batch rows, H heads, n tokens, D head dim, U mini-batch updates recorded so far.
 
-Recorded at every completed inner-loop mini-batch (DESIGN.md, "Telemetry"; the four curves of ttt-lm-jax's TTT
+Recorded at every completed inner-loop mini-batch (ARCHITECTURE.md, "Telemetry"; the four curves of ttt-lm-jax's TTT
 stats):
 - drift ||W - W_base||_F / ||W_base||_F of W1, b1, W2, b2 after the update (absolute norm where W_base is zero);
 - the reconstruction loss l(W) = mean over heads and tokens of 1/2 |LN(f_W(k_s)) - target_s|^2 on the keys of that

@@ -39,7 +39,7 @@ class TTTTransformerLayer(LayerWithBranch):
 
 
 def apply_ttt(model: LMModel, cfg: TTTConfig, *, device: torch.device | str | None = None) -> LMModel:
-    """Wraps the layers named by `cfg.layers` of `model.transformer` with TTT blocks (DESIGN.md contract).
+    """Wraps the layers named by `cfg.layers` of `model.transformer` with TTT blocks (docs/ARCHITECTURE.md contract).
 
     Args:
         model: a moshi LMModel; the depth transformer is left alone.

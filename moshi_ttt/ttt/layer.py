@@ -139,7 +139,7 @@ class TTTState(SessionOptionsView, State):
 
 
 class TTTBlock(StreamingModule[TTTState]):
-    """x -> x + tanh(alpha) * W_o TTT(norm(x)), with TTT-MLP heads (DESIGN.md, "TTT block inside moshi").
+    """x -> x + tanh(alpha) * W_o TTT(norm(x)), with TTT-MLP heads (ARCHITECTURE.md, "TTT block inside moshi").
 
     Args:
         dim: model width.

@@ -3,7 +3,7 @@
 Notation: B batch, H heads, T tokens, D head dim, L layers of the inner MLP, b mini-batch size, n tokens of one
 segment (a piece of one mini-batch), d_l the width of layer l of the inner MLP (d_0 = d_L = D).
 
-What differs from the core math of `ops.py` (DESIGN.md, "TTT-MLP math"), all as the older fork's active code
+What differs from the core math of `ops.py` (ARCHITECTURE.md, "TTT-MLP math"), all as the older fork's active code
 does it. It was checked by running the fork (AlufRon/claude-web, `moshi_ttt_try/moshi-finetune/`, the path that
 `finetune/ttt_integration.py` `apply_ttt_to_model` builds: `moshi_ttt/hybrid_layer.py` -> `moshi_ttt/models/ssm/
 ttt_layer.py` `TTTWrapper` -> `models/ssm/ops/ttt_mlp.py`); paths below are relative to its `moshi_ttt/`:

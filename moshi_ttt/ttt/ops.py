@@ -27,7 +27,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-# Re-exported: the names callers know from this module (DESIGN.md's contract is `moshi_ttt.ttt.ops.ttt_mlp`).
+# Re-exported: the names callers know from this module (ARCHITECTURE.md's contract is `moshi_ttt.ttt.ops.ttt_mlp`).
 from moshi_ttt.ttt.inner_math import (  # noqa: F401
     FORK_TARGET_EPS,
     LN_EPS,
@@ -332,7 +332,7 @@ def ttt_mlp(
     decay: float = 0.0,
     w_base: FastWeights | None = None,
 ) -> tuple[torch.Tensor, FastWeights]:
-    """TTT-MLP over a whole sequence starting at a mini-batch boundary (the DESIGN.md contract).
+    """TTT-MLP over a whole sequence starting at a mini-batch boundary (the docs/ARCHITECTURE.md contract).
 
     Args:
         weights: FastWeights(W1 [B,H,D,4D], b1 [B,H,1,4D], W2 [B,H,4D,D], b2 [B,H,1,D]).

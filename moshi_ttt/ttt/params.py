@@ -3,7 +3,7 @@
 Notation: B batch rows, H heads, T tokens, D head dim, b mini-batch size.
 
 Every form of the loop (ops.py's dual form over a chunk, primal.py's one-token form, step.py's choice between them)
-takes `(state, InnerInputs, InnerParams)`, so the argument list is written here once; the DESIGN.md contract
+takes `(state, InnerInputs, InnerParams)`, so the argument list is written here once; the docs/ARCHITECTURE.md contract
 functions `ttt_mlp` and `ttt_linear` keep their flat signatures and build the two values.
 """
 

@@ -1,4 +1,4 @@
-"""Our checkpoint format: a directory with `config.json` and `model.safetensors` (DESIGN.md, "Checkpoints").
+"""Our checkpoint format: a directory with `config.json` and `model.safetensors` (ARCHITECTURE.md, "Checkpoints").
 
 config.json: {"format": "moshi-ttt", "version": 1, "lm_config": {...LMModel kwargs} or "base": "<ref>",
 "mimi": "<ref>" or null, "ttt": TTTConfig.to_dict() or null, "dtype": "<on-disk dtype of the non-TTT tensors>"}.
