@@ -52,7 +52,7 @@ def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     assert len(outputs) >= 2  # at least one live update before the final one
     figure, status, headline_md, rows, readings, files, notes = outputs[-1]
     assert [r[0] for r in rows] == ["baseline", "ttt"] and status.startswith("Done")
-    assert "TTT vs baseline, whole clip" in headline_md and "shorter than" in headline_md  # a 3 s clip: caveat
+    assert "TTT vs baseline, the whole clip" in headline_md and "shorter than" in headline_md  # a 3 s clip: caveat
     names = sorted(Path(f).name for f in files)
     assert names == ["a_report.html", "a_results.csv", "a_results.json"]
     doc = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())

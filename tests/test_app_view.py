@@ -45,7 +45,7 @@ def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(ass
     last = outputs[-1]
     assert len(outputs) < 20 and last["status"].startswith("Stopped after")
     assert all(row[0].endswith("(partial)") for row in last["table"])
-    assert "Partial (stopped)" in last["headline"]
+    assert "TTT vs baseline, the first" in last["headline"] and "(stopped)" in last["headline"]
     names = sorted(Path(f).name for f in last["files"])
     assert names == ["long_talk_partial_report.html", "long_talk_partial_results.csv", "long_talk_partial_results.json"]
     doc = json.loads(Path(next(f for f in last["files"] if f.endswith(".json"))).read_text())

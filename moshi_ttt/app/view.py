@@ -55,12 +55,9 @@ def status_text(update: LiveUpdate | None, phase: str = "") -> str:
 
 
 def headline_for(update: LiveUpdate) -> str:
-    """The headline Markdown of a last update (marked partial after a stop)."""
+    """The headline Markdown of a last update (after a Stop it says which part of the clip it covers)."""
     comparison = headline.headline(update.document)
-    if comparison is None:
-        return ""
-    text = headline.headline_markdown(comparison)
-    return f"**Partial (stopped)** — {text}" if update.stopped else text
+    return "" if comparison is None else headline.headline_markdown(comparison)
 
 
 def table_rows(rows: list[dict], columns: list[str], partial: bool) -> list[list]:
