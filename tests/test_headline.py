@@ -224,3 +224,25 @@ def test_a_short_tail_joins_the_bin_before_it():
     base, ttt = np.full((8, 755), 4.0), np.full((8, 755), 3.0)
     rows = hl.bin_rows(_document(base, ttt))
     assert [r["bin (s)"] for r in rows] == ["0.0-20.0", "20.0-40.0", "40.0-60.4"]
+
+
+def test_codebook_rows_split_semantic_from_acoustic():
+    """TTT is 20% better on codebook 0 only, and only after the context: the semantic row says so, the acoustic one
+    says no difference, the per-codebook rows follow."""
+    from moshi_ttt.reports.codebooks import codebook_rows, group_losses
+
+    base = np.full((8, 200), 5.0)
+    ttt = base.copy()
+    ttt[0, CONTEXT:] = 4.0
+    ttt[3, 7] = np.nan  # an invalid entry is left out of its group's mean
+    doc = _document(base, ttt)
+    rows = {r["codebooks"]: r for r in codebook_rows(doc)}
+    assert list(rows)[:2] == ["semantic (codebook 0)", "acoustic (codebooks 1-7)"] and len(rows) == 2 + 8
+    semantic = rows["semantic (codebook 0)"]
+    assert semantic["TTT loss"] == pytest.approx((50 * 5 + 150 * 4) / 200)
+    assert semantic["improvement % past context"] == pytest.approx(20.0)
+    assert rows["acoustic (codebooks 1-7)"]["improvement %"] == pytest.approx(0.0)
+    assert rows["codebook 0"]["improvement %"] == semantic["improvement %"]
+    groups = group_losses(doc["runs"]["ttt"]["loss_per_codebook"])
+    assert groups["acoustic (codebooks 1-7)"][7] == pytest.approx(5.0) and groups["semantic (codebook 0)"][-1] == 4.0
+    assert codebook_rows({"runs": {"ttt": doc["runs"]["ttt"]}}) == []

@@ -31,6 +31,7 @@ import torch
 
 from moshi_ttt.data.audio import FRAME_RATE
 from moshi_ttt.reports import headline
+from moshi_ttt.reports.codebooks import codebook_rows
 from moshi_ttt.scoring.teacher_forcing import ScoreResult
 from moshi_ttt.scoring.telemetry import Telemetry
 
@@ -499,6 +500,8 @@ def write_report(
         header["Per position bin"] = headline.bin_rows(document)
         if headline.reading_rows(document):
             header["Per reading of the repeated passage"] = headline.reading_rows(document)
+        if codebook_rows(document):
+            header["Per codebook (0: semantic, 1-7: acoustic)"] = codebook_rows(document)
     return {
         "json": write_json(out_dir / f"{prefix}results.json", document),
         "csv": write_csv(out_dir / f"{prefix}results.csv", runs),
