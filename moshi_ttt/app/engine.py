@@ -246,7 +246,7 @@ def compare_file(
     if codes.shape[-1] < 2:
         raise ValueError(f"{audio.name} is too short to score ({audio.duration_s:.2f} s)")
     info = {"name": audio.name, "duration_s": audio.duration_s, "sample_rate": audio.source_sample_rate,
-            "tokens": int(codes.shape[-1]), "silent": audio.silent}  # fmt: skip
+            "channels": audio.source_channels, "tokens": int(codes.shape[-1]), "silent": audio.silent}  # fmt: skip
     if audio.trimmed_from_s is not None:
         info["trimmed_from_s"] = audio.trimmed_from_s
     yield from compare_live(cache, baseline_name, ttt_name, codes, options, info, readings, stop_requested,

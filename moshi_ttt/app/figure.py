@@ -133,7 +133,7 @@ def figure_dict(
                              "hovertemplate": "%{y:.3f} nats (2 s average)"}, 0))  # fmt: skip
     difference = _difference_traces(loss_per_token, smooth, step)
     data += [_on_row(trace, 1) for trace in difference]
-    layers = sorted(drift, key=int)
+    layers = sorted((layer for layer in drift if drift[layer].get("t")), key=int)  # layers with an update so far
     for i, layer in enumerate(layers):
         record = drift[layer]
         x = (np.asarray(record["t"], dtype=np.float64) / FRAME_RATE).tolist()
@@ -143,7 +143,7 @@ def figure_dict(
                 "name": f"layer {layer} {name}", "hovertemplate": "%{y:.4f}",
                 "line": {"color": WEIGHT_COLORS[name], "dash": LAYER_DASH[i % len(LAYER_DASH)]},
             }, 2))  # fmt: skip
-    inner_layers = sorted(inner_loss or {}, key=int)
+    inner_layers = sorted((layer for layer in inner_loss or {} if inner_loss[layer].get("t")), key=int)
     normalised = bool(inner_layers) and all(inner_loss[k].get("target_variance") for k in inner_layers)
     for i, layer in enumerate(inner_layers):
         data += [_on_row(trace, 3) for trace in _inner_traces(layer, inner_loss[layer], i, normalised)]
