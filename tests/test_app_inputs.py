@@ -8,7 +8,7 @@ import torch
 from conftest import SR, raw_values, speechlike
 
 from moshi_ttt.app import server, zerogpu
-from moshi_ttt.app.handlers import MAX_SECONDS, run_specs
+from moshi_ttt.app.handlers import MAX_SECONDS, compare_specs, compared_runs, run_specs
 from moshi_ttt.app.inputs import AudioFile, Choice, Flag, InputError, Number, validate
 from moshi_ttt.data.audio import load_audio
 
@@ -142,6 +142,12 @@ def test_zerogpu_duration_grows_with_the_clip_and_stays_small_for_refused_inputs
     assert refused == [int(zerogpu.GPU_START_S + 5 * 12.5 * zerogpu.GPU_S_PER_TOKEN["chunked"])] * 3
     assert seconds(long, mode=["x"]) == seconds(long)  # any JSON: no crash before the handler refuses it
     assert duration(None) == duration(None, *raw_values(specs))  # too few values: a refused run
+    more = compare_specs(specs, ["baseline", "ttt"])
+    compare = zerogpu.gpu_duration(more, runs=compared_runs)
+    given = raw_values(more, audio={"path": str(long)}, compare_checkpoints=["ttt"], compare_sizes=["4", "16"],
+                       compare_persistence=["on", "off"])  # fmt: skip
+    assert compare(None, *given) == int(zerogpu.GPU_START_S + 4 * 20 * 12.5 * zerogpu.GPU_S_PER_TOKEN["chunked"])
+    assert compare(None, *raw_values(more, audio={"path": str(long)}, compare_sizes="x")) == seconds(long)
 
 
 def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):

@@ -16,7 +16,7 @@ import gradio as gr
 from gradio.components.plot import PlotData
 
 from moshi_ttt.app import outputs
-from moshi_ttt.app.compare import compare_settings, settings_grid
+from moshi_ttt.app.compare import MAX_SETTINGS, compare_settings, settings_grid
 from moshi_ttt.app.compare_view import compare_figure, compare_rows
 from moshi_ttt.app.engine import LIVE_MODES, compare_file, live_options
 from moshi_ttt.app.figure import FigureInfo, to_json
@@ -228,6 +228,7 @@ def compare_handler(
     known = list(known_clips or [])
     stops = stops or StopRequests()
 
+    @on_gpu(gpu_duration(specs, runs=compared_runs))
     def compare(request: gr.Request, *values):
         try:
             args = validate(specs, values)
@@ -265,6 +266,14 @@ def compare_handler(
 
     compare.__signature__ = event_signature(specs)
     return compare
+
+
+def compared_runs(raw: dict) -> int:
+    """How many settings a Compare event's raw values ask for (for ZeroGPU's estimate; 1 for values it refuses)."""
+    values = [raw.get(name) for name in ("compare_checkpoints", "compare_sizes", "compare_persistence")]
+    if not all(isinstance(v, (list, tuple)) for v in values):
+        return 1
+    return max(1, min(len(values[0]) * len(values[1]) * len(values[2]), MAX_SETTINGS))
 
 
 def open_handler(specs: dict[str, Spec]) -> Callable[..., Iterator[tuple]]:
