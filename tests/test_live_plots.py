@@ -64,7 +64,7 @@ def test_difference_row_has_the_smoothed_difference_its_running_mean_and_a_zero_
     assert cumulative["y"] == pytest.approx(running)
     assert zero["y"] == [0.0, 0.0] and zero["x"] == [0.0, 6 / 12.5]
     assert sum(v for v in diff if v is not None) / 5 == pytest.approx(running[-1])
-    assert _row(figure_dict({"ttt": LOSS["ttt"]}, {}), 2) == []  # one run: nothing to compare
+    assert [t["y"] for t in _row(figure_dict({"ttt": LOSS["ttt"]}, {}), 2)] == [[]]  # one run: nothing to compare
 
 
 def test_drift_and_inner_loop_curves_have_a_colour_each_and_a_dash_per_layer():
@@ -157,3 +157,12 @@ def test_the_difference_range_of_a_live_run_only_grows_in_coarse_steps():
         shown = new
     assert changes <= 4 and abs(round(shown[0] / 0.025) * 0.025 - shown[0]) < 1e-9
     assert grown_range(None, [-0.012, 0.004]) == [-0.0125, 0.005]
+
+
+def test_a_clip_shorter_than_a_window_keeps_all_four_rows_and_a_range_that_shows_its_difference():
+    fig = figure_dict(
+        {"baseline": [7.0] * 7, "ttt": [5.0] * 7}, {}, total_tokens=7, info=FigureInfo(mini_batch_size=16)
+    )
+    assert {t["yaxis"] for t in fig["data"]} == {"y", "y2", "y3", "y4"}  # empty rows keep an (empty) trace
+    lo, hi = fig["layout"]["yaxis2"]["range"]
+    assert lo < -2.0 < 0 <= hi  # the -2 nats difference is inside the row, not clipped at -0.1

@@ -41,7 +41,7 @@ INNER_COLORS = {"base": "#8c8c8c", "start": "#ff8c1a", "after": "#0f7ea8"}  # in
 INNER_LABELS = {"base": "at W_base", "start": "at the mini-batch start", "after": "after the update"}
 LAYER_DASH = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")  # rows 3 and 4: a dash per layer
 DIFF_COLOR, CUMULATIVE_COLOR = "#444444", "#b8860b"
-READING_FILL, CONTEXT_COLOR = "rgba(255, 166, 0, 0.22)", "#7f7f7f"
+READING_FILL, CONTEXT_COLOR = "rgba(255, 196, 0, 0.2)", "#7f7f7f"
 UIREVISION = "moshi-ttt-live"  # the default revision: zoom and pan survive the updates that share it
 ROWS = (  # (title, y-axis title), top to bottom
     ("Per-token loss (thin: raw, bold: 2 s moving average)", "nats"),
@@ -153,6 +153,8 @@ def figure_dict(
     if difference:
         # The smoothed curve after its first window, the running mean after four (it settles more slowly).
         curves = [difference[0]["y"][smooth:], difference[1]["y"][4 * smooth :]]
+        if not any(v is not None for curve in curves for v in curve):  # a clip shorter than one window: all of it
+            curves = [difference[0]["y"], difference[1]["y"]]
         layout["yaxis2"]["range"] = list(difference_range) if difference_range else data_difference_range(curves)
     if not any(v is not None for trace in data[: 2 * len(loss_per_token)] for v in trace["y"]):
         _note_row(layout, 0, "No valid token yet: moshi's delays leave the first tokens of each codebook unscored.")
@@ -160,7 +162,19 @@ def figure_dict(
         reason = _ttt_empty_reason(total_tokens, info.mini_batch_size)
         for row in (2, 3):
             _note_row(layout, row, reason)
-    return {"data": data, "layout": layout}
+    return {"data": data + placeholders(data, len(ROWS)), "layout": layout}
+
+
+def placeholders(data: list[dict], rows: int) -> list[dict]:
+    """An empty trace on each row that has none: plotly draws only the rows that hold a trace, so without them a
+    short clip's figure would lose its lower rows and move its time axis under the first."""
+    used = {trace.get("yaxis", "y") for trace in data}
+    return [
+        {"type": "scatter", "x": [], "y": [], "mode": "lines", "xaxis": "x", "yaxis": f"y{_suffix(row)}",
+         "showlegend": False, "hoverinfo": "skip"}
+        for row in range(rows)
+        if f"y{_suffix(row)}" not in used
+    ]  # fmt: skip
 
 
 def _inner_traces(layer: str, record: dict, index: int, normalised: bool) -> list[dict]:
