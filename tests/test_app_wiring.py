@@ -81,8 +81,9 @@ def test_each_update_maps_to_the_outputs(last_updates, tmp_path):
     whole, stopped = last_updates
     first = outputs.starting("full")
     assert first.status.startswith("Working") and "whole clip in one call" in first.status and first.headline == ""
-    # The previous run's figure, tables, downloads and notes go at once.
-    assert (first.figure, first.summary, first.readings, first.downloads, first.notes) == ("", [], "", [], "")
+    # The previous run's figure, tables, downloads and notes go at once (the figure: an empty frame saying what comes).
+    assert (first.summary, first.readings, first.downloads, first.notes) == ([], "", [], "")
+    assert "Reading and encoding the audio" in first.figure and '"y": []' in first.figure
     assert first.codebook_figure == "" and "in one call" not in outputs.starting("chunked").status
     figure = outputs.LiveFigure(FigureInfo(clip="a"))
     progress = outputs.live(whole[0], figure)
@@ -107,7 +108,7 @@ def test_outputs_for_gradio_skip_what_is_not_given(last_updates):
     whole, _ = last_updates
     shown = outputs.starting("chunked").for_gradio()
     assert len(shown) == 9 and shown[1].startswith("Working") and shown[2] == ""
-    assert shown[0] == gr.update(value=None) and shown[3] == [] and shown[7] == gr.update(value=None)  # cleared
+    assert shown[0].type == "plotly" and shown[3] == [] and shown[7] == gr.update(value=None)  # cleared
     assert [i for i, value in enumerate(outputs.live(whole[0], outputs.LiveFigure(FigureInfo())).for_gradio())
             if value == gr.skip()] == [2, 3, 4, 5, 6, 7, 8]  # fmt: skip
     done = outputs.final(whole[-1], ["x.json"], outputs.LiveFigure(FigureInfo())).for_gradio()

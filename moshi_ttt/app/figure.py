@@ -165,6 +165,15 @@ def figure_dict(
     return {"data": data + placeholders(data, len(ROWS)), "layout": layout}
 
 
+def empty_figure(message: str) -> dict:
+    """The live figure's frame without curves: the four rows with their titles and `message` in the first. Shown
+    before a run (so that the page loads plotly.js at once, not at the first update) and while a run starts."""
+    layout = _layout(None, FigureInfo())
+    layout["xaxis"]["range"] = [0, 10]
+    _note_row(layout, 0, message)
+    return {"data": placeholders([], len(ROWS)), "layout": layout}
+
+
 def placeholders(data: list[dict], rows: int) -> list[dict]:
     """An empty trace on each row that has none: plotly draws only the rows that hold a trace, so without them a
     short clip's figure would lose its lower rows and move its time axis under the first."""

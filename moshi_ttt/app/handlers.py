@@ -46,7 +46,7 @@ MAX_SECONDS = 600.0  # hard server cap on the scored duration (--max-seconds low
 # Least time between two figure updates sent to the page. Each update costs the browser a Plotly redraw of the
 # 4-row figure (0.1-0.4 s on 2 busy cores, Gradio resizes the plot at each): chunked scoring of 60 s sent 30
 # updates in 2 s, which the page drew for 7.5-10 s. Two a second keep the page at the scoring's pace.
-FIGURE_INTERVAL_S = 0.5
+FIGURE_INTERVAL_S = 0.8
 HUB_SPECS = {"hub": HubReference("Hub checkpoint", info="add an hf://owner/repo checkpoint to the dropdowns")}
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from moshi_ttt.app import codebook_view, compare_view, outputs, view
 from moshi_ttt.app.controls import control
@@ -32,7 +33,7 @@ from moshi_ttt.app.handlers import (
     session_of,
 )
 from moshi_ttt.app.models import ModelCache
-from moshi_ttt.app.player import PAGE_JS
+from moshi_ttt.app.player import PAGE_JS, SCROLL_TO_STATUS
 from moshi_ttt.app.resources import KEEP_RUNS, RunFolders, StopRequests
 
 DELETE_CACHE = (900, 3600)  # Gradio deletes its cached uploads and results older than 1 h, every 15 min
@@ -103,6 +104,7 @@ def build_demo(
                 inputs = {"audio": control(specs["audio"], elem_id="clip-audio")}
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[inputs["audio"]], label="Demo clips")
+                inputs["mode"] = control(specs["mode"])  # the one choice most runs make: above Run, above the fold
                 with gr.Row():
                     run_button = gr.Button("Run", variant="primary", elem_id="run-button")
                     stop_button = gr.Button("Stop", elem_id="stop-button")
@@ -116,8 +118,7 @@ def build_demo(
                         hub_note = gr.Markdown()
                     start = replace(specs["mini_batch_size"], default=checkpoint_mini_batch(cache, ttt_default))
                     inputs["mini_batch_size"] = control(start)  # bounds and checks stay the spec's
-                    for name in ("mode", "persistent_states"):
-                        inputs[name] = control(specs[name])
+                    inputs["persistent_states"] = control(specs["persistent_states"])
                     note = gr.Markdown(persistence_note(cache, ttt_default))
                     for name in ("readings", "allow_silence", "max_seconds"):
                         inputs[name] = control(specs[name])
@@ -131,7 +132,8 @@ def build_demo(
                 with gr.Tabs():
                     with gr.Tab("Figure", id="figure"):
                         shown["headline"] = gr.Markdown(elem_id="headline")
-                        shown["figure"] = gr.Plot(show_label=False, elem_id="live-plot")
+                        shown["figure"] = gr.Plot(PlotData(type="plotly", plot=outputs.WAITING_FIGURE),
+                                                  show_label=False, elem_id="live-plot")  # fmt: skip
                         shown["summary"] = gr.Dataframe(headers=list(outputs.SUMMARY_COLUMNS), label="Summary",
                                                         interactive=False, wrap=True, elem_id="summary")  # fmt: skip
                         shown["readings"] = gr.Markdown(elem_id="readings")
@@ -165,7 +167,7 @@ def build_demo(
         handler = run_handler(cache, specs, runs, examples, stops)
         run_outputs = [shown[name] for name in outputs.OUTPUT_NAMES]
         run_button.click(handler, [inputs[name] for name in specs], run_outputs, api_name="run", preprocess=False,
-                         show_progress="hidden")  # fmt: skip
+                         show_progress="hidden", js=SCROLL_TO_STATUS)  # fmt: skip
         compare_controls = {**inputs, **compare_inputs}
         compare_button.click(compare_handler(cache, more, compared, examples, stops),
                              [compare_controls[name] for name in more],

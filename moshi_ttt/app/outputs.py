@@ -19,7 +19,7 @@ from gradio.components.plot import PlotData
 from moshi_ttt.app import view
 from moshi_ttt.app.codebook_view import codebook_figure, codebook_table
 from moshi_ttt.app.engine import LiveUpdate
-from moshi_ttt.app.figure import FigureInfo, Span, figure_dict, grown_range, to_json
+from moshi_ttt.app.figure import FigureInfo, Span, empty_figure, figure_dict, grown_range, to_json
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
 from moshi_ttt.reports.figures import FRAME_RATE
@@ -64,6 +64,10 @@ class RunOutputs:
 
 
 OUTPUT_NAMES = tuple(f.name for f in dataclasses.fields(RunOutputs))
+WAITING_FIGURE = to_json(
+    empty_figure("Choose a clip and press Run: the four rows fill in as the models read."), "moshi_ttt"
+)
+STARTING_FIGURE = to_json(empty_figure("Reading and encoding the audio…"), "moshi_ttt")
 CLEARED = RunOutputs(figure="", headline="", summary=[], readings="", downloads=[], notes="", codebook_figure="",
                      codebook_table=[])  # fmt: skip
 
@@ -117,7 +121,7 @@ def starting(mode: str) -> RunOutputs:
     """
     then = " the whole clip in one call (the figure comes at the end)…" if mode == "full" else "…"
     status = view.status_text(None, "reading and encoding the audio, then scoring" + then)
-    return dataclasses.replace(CLEARED, status=status)
+    return dataclasses.replace(CLEARED, status=status, figure=STARTING_FIGURE)
 
 
 def refused(message: str) -> RunOutputs:

@@ -3,7 +3,8 @@
 - The audio player's position is drawn on every figure of the page (a thin line across the rows, moving while the
   clip plays, staying where it was paused).
 - A click on a figure plays the clip from the time clicked.
-- The status line stays in view while the page scrolls (CSS).
+- The status line stays in view while the page scrolls (CSS), and Run brings the status line, the headline and the
+  figure's top into view (`SCROLL_TO_STATUS`, the Run button's own `js`).
 
 Why a script: Gradio 6.17 gives neither by its own means. `gr.Plot` has no click or select event (only `change`),
 and `gr.Audio` tells the server nothing while it plays (its `playback_position` is a start position the server may
@@ -16,6 +17,7 @@ tests/test_app_browser.py.
 """
 
 PAGE_CSS = """
+.gradio-container { overflow: clip !important; }  /* Gradio's overflow: hidden would stop the sticky status line */
 #run-status { position: sticky; top: 0; z-index: 30; background: var(--body-background-fill); padding: 2px 0; }
 .moshi-ttt-cursor { position: absolute; width: 0; border-left: 2px solid rgba(220, 20, 60, 0.85);
                     pointer-events: none; z-index: 5; display: none; }
@@ -85,3 +87,14 @@ PAGE_JS = (
   }, 100);
 }"""
 )
+
+
+# Run's `js` (Gradio runs it before the event and sends what it returns as the event's inputs, so it hands them on):
+# when the page is scrolled past the status line (the user went down to the settings), it scrolls back to it.
+SCROLL_TO_STATUS = """(...values) => {
+  const status = document.querySelector('#run-status');
+  if (status && status.getBoundingClientRect().top < 0) {
+    window.scrollTo({top: window.scrollY + status.getBoundingClientRect().top - 8, behavior: 'instant'});
+  }
+  return values;
+}"""
