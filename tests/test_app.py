@@ -63,8 +63,8 @@ def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     assert figure.type == "plotly"
     ttt_drift = [t for t in json.loads(figure.plot)["data"] if t["yaxis"] == "y3"]
     assert len(ttt_drift) == 4
-    assert codebook_figure.type == "plotly" and [r[0] for r in codebook_rows[:2]] == [
-        "semantic (codebook 0)", "acoustic (codebooks 1-7)"]  # fmt: skip
+    assert codebook_figure.type == "plotly" and "| semantic (codebook 0) |" in codebook_rows
+    assert "| acoustic (codebooks 1-7) |" in codebook_rows
 
 
 def test_live_and_chunked_modes_give_the_same_losses(assets, cache):

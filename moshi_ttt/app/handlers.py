@@ -15,8 +15,9 @@ from pathlib import Path
 import gradio as gr
 from gradio.components.plot import PlotData
 
-from moshi_ttt.app import outputs
+from moshi_ttt.app import outputs, view
 from moshi_ttt.app.compare import MAX_SETTINGS, compare_settings, settings_grid
+from moshi_ttt.app.compare_view import COLUMNS as COMPARE_COLUMNS
 from moshi_ttt.app.compare_view import compare_figure, compare_rows
 from moshi_ttt.app.engine import LIVE_MODES, compare_file, live_options
 from moshi_ttt.app.figure import FigureInfo, to_json
@@ -35,7 +36,7 @@ from moshi_ttt.app.inputs import (
 )
 from moshi_ttt.app.models import ModelCache, build_allow_list
 from moshi_ttt.app.reopen import read_results
-from moshi_ttt.app.resources import RunFolders, StopRequests
+from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
 from moshi_ttt.app.zerogpu import gpu_duration, on_gpu
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
@@ -187,6 +188,9 @@ def run_handler(
             message = _user_message(e)
             yield outputs.refused(message).for_gradio()
             raise refuse(message) from None
+        finally:
+            updates.close()
+            release_memory()
 
     run.__signature__ = event_signature(specs)
     return run
@@ -223,7 +227,7 @@ def compare_handler(
         cache, runs, known_clips, stops: as for `run_handler` (`runs`: a folder tree of its own).
         specs: the Compare event's inputs (`compare_specs`).
     Returns:
-        `compare(request, *values)` yielding (status, figure, table, downloads) after each setting.
+        `compare(request, *values)` yielding (status, figure, table as Markdown, downloads) after each setting.
     """
     known = list(known_clips or [])
     stops = stops or StopRequests()
@@ -248,7 +252,8 @@ def compare_handler(
         try:
             for update in updates:
                 figure = to_json(compare_figure(update.document, update.settings, info), info.clip + "_compare")
-                table = compare_rows(update.document, update.settings, update.stopped)
+                rows = compare_rows(update.document, update.settings, update.stopped)
+                table = view.markdown_table(COMPARE_COLUMNS, rows)
                 if not update.complete:
                     scored = f"{update.done} of {update.total} settings scored in {update.elapsed_s:.1f} s"
                     status = f"Comparing: {scored}; now {update.current}…"
@@ -263,6 +268,9 @@ def compare_handler(
             message = _user_message(e)
             yield (f"Not compared: {message}", gr.skip(), gr.skip(), gr.skip())
             raise refuse(message) from None
+        finally:
+            updates.close()
+            release_memory()
 
     compare.__signature__ = event_signature(specs)
     return compare

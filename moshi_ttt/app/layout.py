@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 from gradio.components.plot import PlotData
 
-from moshi_ttt.app import codebook_view, compare_view, outputs, view
+from moshi_ttt.app import outputs, view
 from moshi_ttt.app.controls import control
 from moshi_ttt.app.demo_assets import demo_assets_dir
 from moshi_ttt.app.handlers import (
@@ -145,9 +145,7 @@ def build_demo(
                                     "codebooks 1-7 *acoustic* (how it sounds). Shown when a run ends or is "
                                     "stopped, and for an opened results.json.")  # fmt: skip
                         shown["codebook_figure"] = gr.Plot(show_label=False, elem_id="codebook-plot")
-                        shown["codebook_table"] = gr.Dataframe(headers=list(codebook_view.COLUMNS), wrap=True,
-                                                               interactive=False, label="Per codebook",
-                                                               elem_id="codebook-table")  # fmt: skip
+                        shown["codebook_table"] = gr.Markdown(elem_id="codebook-table")
                     with gr.Tab("Compare settings", id="compare"):
                         gr.Markdown("Several settings on the clip chosen on the left, against its baseline, in one "
                                     "figure. Each is scored exactly as Run scores it alone (chunked).")  # fmt: skip
@@ -157,8 +155,7 @@ def build_demo(
                         compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                         compare_status = gr.Markdown(elem_id="compare-status")
                         compare_plot = gr.Plot(show_label=False, elem_id="compare-plot")
-                        compare_table = gr.Dataframe(headers=compare_view.COLUMNS, interactive=False, wrap=True,
-                                                     label="Settings", elem_id="compare-table")  # fmt: skip
+                        compare_table = gr.Markdown(elem_id="compare-table")
                         compare_files = gr.File(label="results.json, results.csv, report.html of the comparison",
                                                 file_count="multiple", elem_id="compare-downloads")  # fmt: skip
         inputs["ttt"].change(lambda name: (persistence_note(cache, name), checkpoint_mini_batch(cache, name)),

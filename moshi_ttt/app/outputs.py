@@ -17,6 +17,7 @@ import gradio as gr
 from gradio.components.plot import PlotData
 
 from moshi_ttt.app import view
+from moshi_ttt.app.codebook_view import COLUMNS as CODEBOOK_COLUMNS
 from moshi_ttt.app.codebook_view import codebook_figure, codebook_table
 from moshi_ttt.app.engine import LiveUpdate
 from moshi_ttt.app.figure import FigureInfo, Span, empty_figure, figure_dict, grown_range, to_json
@@ -48,7 +49,7 @@ class RunOutputs:
     downloads: list[str] | None = None  # paths of results.json, results.csv, report.html; [] empties the list
     notes: str | None = None  # Markdown: trimming, resampling, legacy and other notes of the run
     codebook_figure: str | None = None  # plotly JSON of the per-codebook view; "" clears it
-    codebook_table: list[list] | None = None  # rows in codebook_view.COLUMNS order
+    codebook_table: str | None = None  # Markdown: the per-codebook table (codebook_view.COLUMNS); "" clears it
 
     def for_gradio(self) -> tuple:
         """The tuple a Gradio generator yields for the outputs named by OUTPUT_NAMES, in that order.
@@ -69,7 +70,7 @@ WAITING_FIGURE = to_json(
 )
 STARTING_FIGURE = to_json(empty_figure("Reading and encoding the audio…"), "moshi_ttt")
 CLEARED = RunOutputs(figure="", headline="", summary=[], readings="", downloads=[], notes="", codebook_figure="",
-                     codebook_table=[])  # fmt: skip
+                     codebook_table="")  # fmt: skip
 
 
 class LiveFigure:
@@ -157,7 +158,7 @@ def final(update: LiveUpdate, downloads: list[str], figure: LiveFigure) -> RunOu
         downloads=downloads,
         notes=view.notes_markdown(document),
         codebook_figure=to_json(codebooks, info.clip) if codebooks else "",
-        codebook_table=codebook_table(document, update.stopped),
+        codebook_table=view.markdown_table(list(CODEBOOK_COLUMNS), codebook_table(document, update.stopped)),
     )
 
 
@@ -195,7 +196,7 @@ def reopened(document: dict, file_name: str) -> RunOutputs:
         downloads=[],
         notes=view.notes_markdown(document),
         codebook_figure=to_json(codebooks, info.clip) if codebooks else "",
-        codebook_table=codebook_table(document, stopped),
+        codebook_table=view.markdown_table(list(CODEBOOK_COLUMNS), codebook_table(document, stopped)),
     )
 
 

@@ -183,10 +183,18 @@ READING_COLUMNS = {"reading": "reading", "span (s)": "span (s)", "baseline loss"
 def readings_markdown(document: dict) -> str:
     """The per-reading table of a document as Markdown (a caption and a table; "" without readings)."""
     rows = table_rows(headline.reading_rows(document), READING_COLUMNS, False)
+    caption = "**Per reading of the repeated passage** (TTT can remember a passage from its 2nd reading on)"
+    return markdown_table(list(READING_COLUMNS), rows, caption)
+
+
+def markdown_table(columns: list[str], rows: list[list], caption: str = "") -> str:
+    """Rows as a Markdown table under an optional caption, each cell escaped (`plain`); "" without rows.
+
+    The app shows its tables whose every row matters (readings, codebooks, compared settings) as Markdown: Gradio's
+    Dataframe renders only the rows it thinks are in view, and left rows out of a table below the fold.
+    """
     if not rows:
         return ""
-    head = "| " + " | ".join(READING_COLUMNS) + " |\n|" + "---|" * len(READING_COLUMNS) + "\n"
+    head = "| " + " | ".join(plain(c) for c in columns) + " |\n|" + "---|" * len(columns) + "\n"
     body = "".join("| " + " | ".join("" if c is None else plain(str(c)) for c in row) + " |\n" for row in rows)
-    return (
-        "**Per reading of the repeated passage** (TTT can remember a passage from its 2nd reading on)\n\n" + head + body
-    )
+    return f"{caption}\n\n{head}{body}" if caption else head + body
