@@ -41,7 +41,8 @@ INNER_COLORS = {"base": "#8c8c8c", "start": "#ff8c1a", "after": "#0f7ea8"}  # in
 INNER_LABELS = {"base": "at W_base", "start": "at the mini-batch start", "after": "after the update"}
 LAYER_DASH = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")  # rows 3 and 4: a dash per layer
 DIFF_COLOR, CUMULATIVE_COLOR = "#444444", "#b8860b"
-READING_FILL, CONTEXT_COLOR = "rgba(255, 196, 0, 0.2)", "#7f7f7f"
+READING_FILL, CONTEXT_COLOR = "rgba(255, 190, 0, 0.16)", "#7f7f7f"
+PLOT_BACKGROUND, GRID_COLOR = "#ffffff", "#e6e9ef"  # white rows: the shaded readings stay a light yellow
 UIREVISION = "moshi-ttt-live"  # the default revision: zoom and pan survive the updates that share it
 ROWS = (  # (title, y-axis title), top to bottom
     ("Per-token loss (thin: raw, bold: 2 s moving average)", "nats"),
@@ -298,15 +299,18 @@ def stacked_layout(
         "uirevision": info.revision, "height": height, "annotations": [],
         "margin": {"t": 30, "b": 50, "l": 60, "r": LEGEND_WIDTH_PX},
         "hovermode": "x unified", "hoversubplots": "axis", "hoverlabel": {"font": {"size": 11}},
+        "plot_bgcolor": PLOT_BACKGROUND,
         "xaxis": {"anchor": f"y{_suffix(len(rows) - 1)}", "domain": [0.0, 1.0], "hoverformat": ".2f",
                   "title": {"text": "time (s) · 12.5 tokens per second"}, "showspikes": True, "spikemode": "across",
-                  "spikethickness": 1, "spikecolor": "#999999", "spikedash": "solid"},
+                  "spikethickness": 1, "spikecolor": "#999999", "spikedash": "solid", "gridcolor": GRID_COLOR,
+                  "linecolor": GRID_COLOR},
     }  # fmt: skip
     if total_tokens is not None:
         layout["xaxis"]["range"] = [0, max(total_tokens, 1) / FRAME_RATE]
     for row, (domain, (title, y_title)) in enumerate(zip(domains, rows, strict=True)):
         suffix = _suffix(row)
-        layout[f"yaxis{suffix}"] = {"anchor": "x", "domain": domain, "title": {"text": y_title}}
+        layout[f"yaxis{suffix}"] = {"anchor": "x", "domain": domain, "title": {"text": y_title},
+                                    "gridcolor": GRID_COLOR, "zerolinecolor": "#c8ccd4"}  # fmt: skip
         layout[f"legend{suffix}"] = {"x": 1.01, "xanchor": "left", "xref": "paper", "y": domain[1], "yanchor": "top",
                                      "yref": "paper", "font": {"size": 11}, "bgcolor": "rgba(255,255,255,0)",
                                      "tracegroupgap": 2}  # fmt: skip
