@@ -445,12 +445,19 @@ def file_stem(document: dict) -> str:
 
 
 def write_report(
-    out_dir: str | Path, document: dict, title: str = "moshi-ttt scoring report", prefix: str = ""
+    out_dir: str | Path,
+    document: dict,
+    title: str = "moshi-ttt scoring report",
+    prefix: str = "",
+    plotly_js: str = "cdn",
 ) -> dict[str, Path]:
-    """Writes PREFIXresults.json, PREFIXresults.csv and a self-contained PREFIXreport.html for one audio.
+    """Writes PREFIXresults.json, PREFIXresults.csv and PREFIXreport.html for one audio.
 
     Args:
         prefix: put before each file name (the app uses the clip's stem and "_", so downloads say which clip).
+        plotly_js: "cdn" or "inline", as for `write_html`.
+    Returns:
+        {"json", "csv", "html"}: the paths written.
     """
     from moshi_ttt.reports import figures as plots  # plotly is only needed for the HTML page
 
@@ -505,5 +512,5 @@ def write_report(
     return {
         "json": write_json(out_dir / f"{prefix}results.json", document),
         "csv": write_csv(out_dir / f"{prefix}results.csv", runs),
-        "html": write_html(out_dir / f"{prefix}report.html", title, figures, tables, header),
+        "html": write_html(out_dir / f"{prefix}report.html", title, figures, tables, header, plotly_js),
     }
