@@ -220,6 +220,8 @@ def test_the_demo_tour_in_chromium(demo_server, tmp_path):
             seen["readings"] = page.locator("#readings").inner_text()
             page.wait_for_selector("text=demo_repeat_results", timeout=30_000)
             href = page.locator("#downloads a[href*='demo_repeat_results.json']").first.get_attribute("href")
+            seen["png_name"] = page.evaluate("""() => document.querySelector('#live-plot .js-plotly-plot')
+                ._context.toImageButtonOptions.filename""")
             reopened = tmp_path / "cluster_run_results.json"  # kept now (the session's next run deletes its folder)
             reopened.write_bytes(Path(unquote(href.split("file=", 1)[1])).read_bytes())
             _screenshot(page, "02_chunked")
@@ -318,6 +320,7 @@ def test_the_demo_tour_in_chromium(demo_server, tmp_path):
     assert curves and curves[0]["visible"] and max(f["rows"] for f in curves) == 4
     assert "2nd (21.3-35.9 s) " in seen["headline"] and "% lower" in seen["headline"]
     assert all(span in seen["readings"] for span in ("0.6-15.3", "21.3-35.9", "45.2-59.8"))
+    assert seen["png_name"] == "demo_repeat_moshi_ttt"  # the camera button's PNG is named after the clip
     listen = seen["listen"]
     assert listen["shown"] and not listen["paused"] and 29.5 <= listen["time"] <= 33.0, listen
     assert abs(listen["line"] - listen["time"]) < 0.6, listen

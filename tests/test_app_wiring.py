@@ -179,3 +179,16 @@ def test_the_package_never_imports_the_top_level_app_and_app_py_delegates_to_it(
     with pytest.raises(SystemExit) as e:
         server.main(["--help"])
     assert e.value.code == 0
+
+
+def test_the_introduction_says_which_models_are_served(cache):
+    from moshi_ttt.app import layout, view
+    from moshi_ttt.app.models import build_allow_list
+
+    demo_cache = ModelCache(build_allow_list([ROOT / "demo_assets"], use_env=False))
+    assert layout.serves_demo_models(demo_cache) and not layout.serves_demo_models(cache)
+    demo = view.intro_markdown(True, "demo_repeat.wav", 50, 16)
+    assert "tiny demo models" in demo and "not Moshi 7B" in demo and "Start here" in demo
+    assert "every 1.28 s of audio" in demo and "(4 s here)" in demo
+    other = view.intro_markdown(False, None, None, None)
+    assert "tiny" not in other and "Start here" not in other and "checkpoints this server was started with" in other
