@@ -50,9 +50,9 @@ def test_one_copy_of_the_base_weights_serves_both_models(cache):
 def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     outputs = run_handler_to_end(cache, assets / "a.wav")
     assert len(outputs) >= 2  # at least one live update before the final one
-    figure, status, headline_md, rows, readings, files, notes = outputs[-1]
+    figure, status, headline_md, rows, readings, files, notes, codebook_figure, codebook_rows = outputs[-1]
     assert [r[0] for r in rows] == ["baseline", "ttt"] and status.startswith("Done")
-    assert "TTT vs baseline, whole clip" in headline_md and "shorter than" in headline_md  # a 3 s clip: caveat
+    assert "TTT vs baseline, the whole clip" in headline_md and "shorter than" in headline_md  # a 3 s clip: caveat
     names = sorted(Path(f).name for f in files)
     assert names == ["a_report.html", "a_results.csv", "a_results.json"]
     doc = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
@@ -61,8 +61,10 @@ def test_handler_streams_updates_then_the_table_and_downloads(assets, cache):
     assert run["tokens"] == len(run["loss_per_token"]) == math.ceil(3.0 * 12.5)
     assert run["drift"] and all(len(d["W1"]) == len(d["t"]) > 0 for d in run["drift"].values())
     assert figure.type == "plotly"
-    ttt_drift = [t for t in json.loads(figure.plot)["data"] if t["xaxis"] == "x3"]
+    ttt_drift = [t for t in json.loads(figure.plot)["data"] if t["yaxis"] == "y3"]
     assert len(ttt_drift) == 4
+    assert codebook_figure.type == "plotly" and "| semantic (codebook 0) |" in codebook_rows
+    assert "| acoustic (codebooks 1-7) |" in codebook_rows
 
 
 def test_live_and_chunked_modes_give_the_same_losses(assets, cache):
@@ -196,4 +198,4 @@ def test_the_live_json_is_the_validated_figure():
     record = {"W1": list(np.linspace(0, 1, 25)), "W2": list(np.linspace(0, 2, 25)), "t": list(range(16, 401, 16))}
     drift = {str(i): record for i in (1, 2, 3)}
     sent = json.loads(figure_json(loss, drift, total_tokens=500))
-    assert sent == json.loads(live_figure(loss, drift, total_tokens=500).to_json())
+    assert sent.pop("config") and sent == json.loads(live_figure(loss, drift, total_tokens=500).to_json())

@@ -62,7 +62,7 @@ def file_data(path: str, name: str) -> dict:
 
 
 def good_values(audio: dict) -> list:
-    return [audio, "baseline", "ttt", 4, True, "chunked", 60, False]  # the last: allow silence
+    return [audio, "baseline", "ttt", 4, True, "chunked", 60, False, ""]  # allow silence, readings
 
 
 def call(url: str, values: list) -> tuple[str, object]:
@@ -119,7 +119,7 @@ BAD_VALUES = [
 ]
 # The public API's order (gradio_client callers pass values by position): the server takes it from run_specs.
 INDEX = {name: i for i, name in enumerate(["audio", "baseline", "ttt", "mini_batch_size", "persistent_states",
-                                           "mode", "max_seconds", "allow_silence"])}  # fmt: skip
+                                           "mode", "max_seconds", "allow_silence", "readings"])}  # fmt: skip
 
 
 def test_raw_json_refusals_are_one_sentence_each_and_the_app_serves_on(api, assets):

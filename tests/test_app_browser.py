@@ -1,16 +1,28 @@
-"""The app in a real browser: Debian's chromium driven by Playwright uploads a clip, runs, and reads the plot.
+"""The app in a real browser: Debian's chromium driven by Playwright, as a newcomer meets it at 1400 x 1000.
 
-The screenshot lands in test-output/app_browser.png (git-ignored).
+test_upload_run_and_read_the_plot_in_chromium: the tiny test models, an upload, a run, the plot read back.
+test_the_demo_tour_in_chromium: the demo assets, in one page: the first page, a chunked run (timed), listening from
+a click on the figure, the per-codebook view, a live run (timed: does the page keep pace?), Stop, Compare settings,
+a 0.5 s clip, a refusal and a reopened results.json. Its screenshots land in test-output/tour_*.png and its timings
+in test-output/demo_timings.json (test-output/ is git-ignored).
 """
 
+import base64
+import json
 import os
+import re
 import shutil
+import time
 from pathlib import Path
+from urllib.parse import unquote
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+DEMO = Path(__file__).resolve().parent.parent / "demo_assets"
 
 pytest.importorskip("playwright.sync_api")
 if not Path(CHROMIUM).exists():
@@ -23,15 +35,15 @@ from playwright.sync_api import sync_playwright  # noqa: E402  (after the skip a
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
 ]  # fmt: skip
+VIEWPORT = {"width": 1400, "height": 1000}
 
 COUNT_TRACES = """() => {
-  const plot = document.querySelector('.js-plotly-plot');
+  const plot = document.querySelector('#live-plot .js-plotly-plot');
   if (!plot || !plot.data) return null;
-  const loss = plot.data.filter(t => (t.xaxis || 'x') === 'x').length;
-  const drift = plot.data.filter(t => t.xaxis === 'x3').length;
-  const tables = document.querySelectorAll('table').length;
-  return {loss, drift, tables};
+  const drawn = (axis) => plot.data.filter(t => (t.yaxis || 'y') === axis && t.y && t.y.length).length;
+  return {loss: drawn('y'), drift: drawn('y3'), inner: drawn('y4')};
 }"""
 
 
@@ -40,36 +52,30 @@ def test_upload_run_and_read_the_plot_in_chromium(server, assets):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport=VIEWPORT)
             # Not "networkidle": the app's session heartbeat (for demo.unload) keeps a stream open.
             page.goto(server, wait_until="load")
-            upload = page.locator("input[type=file]").first
+            upload = page.locator("#clip-audio input[type=file]")
             upload.wait_for(state="attached", timeout=30_000)
             upload.set_input_files(str(assets / "a.wav"))
-            page.wait_for_selector("audio", state="attached", timeout=60_000)  # the upload finished
+            page.wait_for_selector("#clip-audio audio", state="attached", timeout=60_000)  # the upload finished
             page.get_by_role("button", name="Run", exact=True).click()
-            page.wait_for_function(
-                "() => { const p = document.querySelector('.js-plotly-plot');"
-                " return p && p.data && p.data.some(t => t.xaxis === 'x3'); }",
-                timeout=90_000,
-            )
             page.wait_for_function("() => document.querySelector('#run-status').innerText.startsWith('Done')",
                                    timeout=90_000)  # fmt: skip
-            page.screenshot(path=str(OUTPUT / "app_browser.png"), full_page=True)
             page.wait_for_selector("text=a_results", timeout=30_000)  # Gradio shows stem and extension apart
             counts = page.evaluate(COUNT_TRACES)
         finally:
             browser.close()
     assert counts["loss"] == 4  # baseline and TTT, each raw (faint) and smoothed (bold)
     assert counts["drift"] == 4  # two TTT layers, W1 and W2 each
+    assert counts["inner"] == 2 * 3  # two layers: at W_base, at the mini-batch start, after the update
 
 
-DEMO = Path(__file__).resolve().parent.parent / "demo_assets"
-
-# In-page recorder, installed before the page's scripts: wraps Plotly.react (Gradio's Plot calls it once or twice per
-# update) and notes, after each call, the time, the plot's length, whether the plot is visible and not covered (the
-# element at its centre belongs to it), how many rows it has and draws. Polling with a timer would undercount: while
-# the page redraws back to back, Chromium runs timers late.
+# In-page recorder, installed before the page's scripts: wraps Plotly.react (Gradio re-creates the plot and calls
+# it at each update) and notes, after each call on the live figure with curves, the time, the curves' length,
+# whether the plot is visible and not covered (the element at its top row belongs to it), its rows and their
+# drawn subplots. Polling with a timer would undercount: while the page redraws back to back, Chromium runs timers
+# late.
 RECORDER = """(() => {
   window.__frames = []; window.__t0 = performance.now();
   let plotly;
@@ -78,12 +84,14 @@ RECORDER = """(() => {
     if (!p || !p.data || !p.data.length) return;
     const n = (p.data[0].y || []).length;
     const last = window.__frames[window.__frames.length - 1];
-    if (last && last.n === n) return;
+    if (n === 0 || (last && last.n === n)) return;
     const r = p.getBoundingClientRect();
-    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 3);
-    window.__frames.push({t: performance.now() - window.__t0, n, visible: r.height > 200 && !!hit && p.contains(hit),
+    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + 120);
+    window.__frames.push({t: performance.now() - window.__t0, n,
+                          visible: r.top >= 0 && r.top + 200 <= window.innerHeight && !!hit && p.contains(hit),
                           rows: new Set(p.data.map(t => t.yaxis || 'y')).size,
-                          drawn: p.querySelectorAll('.cartesianlayer .subplot').length});
+                          drawn: p.querySelectorAll('.cartesianlayer .subplot').length,
+                          status: (document.querySelector('#run-status') || {}).innerText || ''});
   };
   Object.defineProperty(window, 'Plotly', {configurable: true, get: () => plotly, set: (value) => {
     plotly = value;
@@ -98,11 +106,11 @@ RECORDER = """(() => {
   }});
 })()"""
 START_RECORDING = "() => { window.__frames = []; window.__t0 = performance.now(); }"
+IN_VIEW = """(selector) => { const e = document.querySelector(selector); if (!e) return false;
+  const r = e.getBoundingClientRect(); return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight; }"""
 
 
 def _tokens(status: str) -> tuple[int, int] | None:
-    import re
-
     match = re.search(r"(\d+) / (\d+) tokens", status)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
@@ -111,6 +119,8 @@ def _tokens(status: str) -> tuple[int, int] | None:
 def demo_server():
     if not (DEMO / "ttt").is_dir():
         pytest.skip("demo_assets/ is not built")
+    from conftest import free_port
+
     import app
     from moshi_ttt.app.demo_assets import example_clips
     from moshi_ttt.app.models import ModelCache, build_allow_list
@@ -118,110 +128,238 @@ def demo_server():
     cache = ModelCache(build_allow_list([DEMO], use_env=False))
     demo = app.build_demo(cache, example_clips(DEMO))
     demo.queue(default_concurrency_limit=2)
-    from conftest import free_port
-
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     yield url
     demo.close()
 
 
 def _screenshot(page, name: str) -> None:
-    """A PNG of the (tall) viewport through the DevTools protocol: Playwright's own screenshot waits for
-    document.fonts, which can take longer than its timeout while the page redraws the plot on a busy 2-core machine,
-    and a full-page capture resizes the page, which makes the responsive plot redraw again."""
-    import base64
-
+    """A PNG of the viewport through the DevTools protocol: Playwright's own screenshot waits for document.fonts,
+    which can take longer than its timeout while the page redraws the plot on a busy 2-core machine."""
     cdp = page.context.new_cdp_session(page)
     try:
         shot = cdp.send("Page.captureScreenshot", {"format": "png"})
     finally:
         cdp.detach()
-    (OUTPUT / f"demo_{name}.png").write_bytes(base64.b64decode(shot["data"]))
+    (OUTPUT / f"tour_{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
-def _run_demo_clip(page, mode: str, shots: dict[str, float]) -> dict:
-    """Selects `mode`, presses Run, takes the screenshots in `shots` (name -> fraction of the clip scored) and
-    returns what the recorder saw, with the wall times (ms from the click)."""
-    import time
+def _close_toasts(page) -> None:
+    """Closes Gradio's error toasts (a refusal's), which would cover the next screenshot's corner."""
+    for button in page.locator(".toast-close").all():
+        button.click()
 
+
+def _status(page, selector: str = "#run-status") -> str:
+    return page.locator(selector).inner_text()
+
+
+def _wait_status(page, text: str, timeout_s: float = 240, selector: str = "#run-status") -> float:
+    """Seconds until the status line contains `text`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if text in _status(page, selector):
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never came; the status says {_status(page, selector)!r}")
+
+
+def _upload(page, clip: Path) -> None:
+    clear = page.locator("#clip-audio button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+        page.wait_for_selector("#clip-audio input[type=file]", state="attached", timeout=30_000)
+    page.locator("#clip-audio input[type=file]").set_input_files(str(clip))
+    page.wait_for_selector("#clip-audio audio", state="attached", timeout=60_000)  # the upload finished
+    page.wait_for_timeout(500)
+
+
+def _run(page, mode: str, until: str = "Done") -> dict:
+    """Selects `mode`, presses Run and waits for `until`: what the recorder saw and when (s from the click)."""
     page.get_by_label(mode, exact=True).check()
     page.evaluate(START_RECORDING)
     page.get_by_role("button", name="Run", exact=True).click()
-    start = time.monotonic()
-    pending = dict(sorted(shots.items(), key=lambda kv: kv[1]))
-    shot_at: dict[str, float] = {}
-    while time.monotonic() - start < 240:
-        status = page.locator("#run-status").inner_text()
-        progress = _tokens(status)
-        for name, fraction in list(pending.items()):
-            if progress and progress[0] >= fraction * progress[1] and fraction < 1:
-                _screenshot(page, name)
-                shot_at[name] = round(progress[0] / progress[1], 2)  # what the status said just before the shot
-                del pending[name]
-        if status.startswith("Done"):
-            break
-        time.sleep(0.05)
-    end_ms = (time.monotonic() - start) * 1000
+    _wait_status(page, "Working")  # the previous run's status is gone
+    done_s = _wait_status(page, until)
     page.wait_for_timeout(500)  # the last frame's record
-    frames = page.evaluate("() => window.__frames")
-    for name in pending:
-        _screenshot(page, name)
-    return {"frames": frames, "end_ms": end_ms, "status": page.locator("#run-status").inner_text(), "shots": shot_at}
+    return {"frames": page.evaluate("() => window.__frames"), "done_s": done_s, "status": _status(page)}
 
 
-def test_demo_clip_live_plot_is_visible_at_once_and_grows(demo_server):
-    """Upload demo_repeat.wav, run it live token by token: the plot is visible (not covered) within 2 s of the first
-    update, has >= 3 rows, grows through many frames; then the per-reading table appears. Chunked mode too. The
-    measurements land in test-output/demo_timings.json, the screenshots next to it."""
-    import json
+def _scored_s(status: str) -> float:
+    """The server's scoring time from "Done: ... in 12.3 s."."""
+    return float(re.search(r"in ([0-9.]+) s\.", status).group(1))
 
+
+def test_the_demo_tour_in_chromium(demo_server, tmp_path):
     OUTPUT.mkdir(exist_ok=True)
+    from conftest import SR, speechlike
+
+    short, silent = tmp_path / "short_clip.wav", tmp_path / "silent_clip.wav"
+    sf.write(short, speechlike(0.5, 5), SR)
+    sf.write(silent, np.zeros(3 * SR, dtype=np.float32), SR)
+    seen: dict = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1800})  # the whole app, for the screenshots
+            page = browser.new_page(viewport=VIEWPORT)
             page.add_init_script(RECORDER)
             page.goto(demo_server, wait_until="load")
             page.get_by_role("button", name="Run", exact=True).wait_for()
-            page.locator("input[type=file]").first.set_input_files(str(DEMO / "demo_repeat.wav"))
-            page.wait_for_selector("audio", state="attached", timeout=60_000)  # the upload finished
-            live = _run_demo_clip(page, "live token by token", {"live_25pct": 0.25, "live_50pct": 0.5, "live_end": 1})
-            page.wait_for_selector("#readings table", timeout=30_000)
-            readings_text = page.locator("#readings").inner_text()
-            headline = page.locator("#headline").inner_text()
-            chunked = _run_demo_clip(page, "chunked", {"chunked_end": 1})
-            # Stop mid-run: the figure stays, the table says "(partial)", the downloads are the partial ones.
+            page.wait_for_selector("#live-plot .js-plotly-plot", timeout=60_000)  # the empty frame: plotly loaded
+            # 1. First page: what it shows, where to start, Run above the fold.
+            seen["intro"] = page.locator("#intro").inner_text()
+            seen["run_in_view"] = page.evaluate(IN_VIEW, "#run-button")
+            seen["status_in_view"] = page.evaluate(IN_VIEW, "#run-status")
+            _screenshot(page, "01_first_page")
+            # 2. The demo clip, chunked, timed from the click: the first plot with curves and "Done".
+            page.get_by_role("button", name="demo_repeat.wav").first.click()
+            page.wait_for_selector("#clip-audio audio", state="attached", timeout=60_000)
+            page.wait_for_timeout(1000)
+            seen["chunked"] = _run(page, "chunked")
+            seen["headline"] = page.locator("#headline").inner_text()
+            seen["readings"] = page.locator("#readings").inner_text()
+            page.wait_for_selector("text=demo_repeat_results", timeout=30_000)
+            href = page.locator("#downloads a[href*='demo_repeat_results.json']").first.get_attribute("href")
+            seen["png_name"] = page.evaluate("""() => document.querySelector('#live-plot .js-plotly-plot')
+                ._context.toImageButtonOptions.filename""")
+            reopened = tmp_path / "cluster_run_results.json"  # kept now (the session's next run deletes its folder)
+            reopened.write_bytes(Path(unquote(href.split("file=", 1)[1])).read_bytes())
+            _screenshot(page, "02_chunked")
+            # 3. Listen where it happens: a click on the figure at 30 s plays from there, the line follows.
+            at = page.evaluate("""() => { const gd = document.querySelector('#live-plot .js-plotly-plot');
+                const xa = gd._fullLayout.xaxis, r = gd.getBoundingClientRect();
+                return [r.left + xa._offset + xa.l2p(30), r.top + gd._fullLayout._size.t + 60]; }""")
+            page.mouse.click(*at)
+            page.wait_for_timeout(1200)
+            seen["listen"] = page.evaluate("""() => { const a = window.__moshiTtt.media();
+                const line = document.querySelector('#live-plot .moshi-ttt-cursor');
+                return {time: a && a.currentTime, paused: a && a.paused, line: line && +line.dataset.t,
+                        shown: !!line && line.style.display === 'block'}; }""")
+            _screenshot(page, "03_listen")
+            page.evaluate("() => window.__moshiTtt.media().pause()")
+            # 4. The per-codebook view of the same run.
+            page.get_by_role("tab", name="Per codebook").click()
+            page.wait_for_selector("#codebook-plot .js-plotly-plot", timeout=30_000)
+            page.wait_for_timeout(800)
+            seen["codebooks"] = page.locator("#codebook-table").inner_text()
+            _screenshot(page, "04_per_codebook")
+            page.get_by_role("tab", name="Figure").click()
+            # 5. Live, token by token: the plot visible from its first frame, the page at the scoring's pace.
             page.get_by_label("live token by token", exact=True).check()
+            page.evaluate(START_RECORDING)
             page.get_by_role("button", name="Run", exact=True).click()
-            page.wait_for_function("() => document.querySelector('#run-status').innerText.startsWith('Scoring')",
-                                   timeout=60_000)  # fmt: skip
+            start = time.monotonic()
+            _wait_status(page, "Working")
+            while not _status(page).startswith("Scoring") or _tokens(_status(page))[0] < 380:
+                assert time.monotonic() - start < 240, _status(page)
+                time.sleep(0.05)
+            seen["live_top_row_in_view"] = page.evaluate(IN_VIEW, "#run-status")
+            _screenshot(page, "05_live")
+            seen["live_done_s"] = time.monotonic() - start + _wait_status(page, "Done")
+            page.wait_for_timeout(500)
+            seen["live"] = {"frames": page.evaluate("() => window.__frames"), "status": _status(page)}
+            # 6. Stop mid-run: partial figure, headline, table and downloads.
+            page.get_by_role("button", name="Run", exact=True).click()
+            _wait_status(page, "Working")
+            while not _status(page).startswith("Scoring") or _tokens(_status(page))[0] < 330:
+                time.sleep(0.05)
             page.get_by_role("button", name="Stop", exact=True).click()
-            page.wait_for_function("() => document.querySelector('#run-status').innerText.startsWith('Stopped')",
-                                   timeout=60_000)  # fmt: skip
+            _wait_status(page, "Stopped after")
             page.wait_for_selector("text=demo_repeat_partial_results", timeout=30_000)
-            stopped_table = page.get_by_text("(partial)").count()
-            _screenshot(page, "stopped")
+            seen["stopped_headline"] = page.locator("#headline").inner_text()
+            seen["stopped_summary"] = page.locator("#summary").inner_text()
+            _screenshot(page, "06_stopped")
+            # 7. Compare settings: mini_batch_size 4 and 16, persistence on and off, in one figure and a table.
+            page.get_by_role("tab", name="Compare settings").click()
+            page.get_by_label("64", exact=True).uncheck()
+            page.get_by_role("button", name="Compare", exact=True).click()
+            _wait_status(page, "Done: 4 of 4 settings", selector="#compare-status")
+            page.wait_for_timeout(1000)
+            page.locator("#compare-table").scroll_into_view_if_needed()  # (Gradio renders the rows in view)
+            page.wait_for_timeout(500)
+            seen["compare_table"] = page.locator("#compare-table").inner_text()
+            page.evaluate("() => window.scrollTo(0, 0)")
+            seen["compare_traces"] = page.evaluate("""() => document.querySelector('#compare-plot .js-plotly-plot')
+                .data.filter(t => t.yaxis === 'y').map(t => t.name)""")
+            _screenshot(page, "07_compare")
+            page.get_by_role("tab", name="Figure").click()
+            # 8. A 0.5 s clip: the figure says why its lower rows are empty, the headline has a caveat.
+            _upload(page, short)
+            _run(page, "chunked")
+            seen["short_notes"] = page.evaluate("""() => document.querySelector('#live-plot .js-plotly-plot')
+                .layout.annotations.map(a => a.text)""")
+            seen["short_headline"] = page.locator("#headline").inner_text()
+            _screenshot(page, "08_short_clip")
+            # 9. A refusal: the status line says why, no "Working…" left behind.
+            _upload(page, silent)
+            page.get_by_role("button", name="Run", exact=True).click()
+            _wait_status(page, "Not scored")  # (the short clip's status said "Done")
+            page.wait_for_timeout(800)
+            seen["refusal"] = _status(page)
+            _screenshot(page, "09_refusal")
+            # 10. Reopen the chunked run's results.json: the same headline, no rescoring.
+            page.get_by_text("Open a results.json (no rescoring)").click()
+            page.locator("input[type=file][accept*='.json']").set_input_files(str(reopened))
+            page.wait_for_timeout(1500)
+            page.get_by_role("button", name="Open", exact=True).click()
+            _wait_status(page, "Opened")
+            _close_toasts(page)
+            page.wait_for_timeout(1000)
+            seen["reopened_headline"] = page.locator("#headline").inner_text()
+            seen["reopened_status"] = _status(page)
+            page.evaluate("() => window.scrollTo(0, 0)")
+            _screenshot(page, "10_reopened")
         finally:
             browser.close()
-    assert live["status"].startswith("Done") and chunked["status"].startswith("Done"), live["status"]
+
+    assert "tiny demo models" in seen["intro"] and "Start here" in seen["intro"] and "not Moshi 7B" in seen["intro"]
+    assert seen["run_in_view"] and seen["status_in_view"]  # Run above the fold at 1400 x 1000
+    chunked = seen["chunked"]
+    assert chunked["status"].startswith("Done: 755 / 755 tokens")
+    curves = [f for f in chunked["frames"] if f["n"] > 0]
+    assert curves and curves[0]["visible"] and max(f["rows"] for f in curves) == 4
+    assert "2nd (21.3-35.9 s) " in seen["headline"] and "% lower" in seen["headline"]
+    assert all(span in seen["readings"] for span in ("0.6-15.3", "21.3-35.9", "45.2-59.8"))
+    assert seen["png_name"] == "demo_repeat_moshi_ttt"  # the camera button's PNG is named after the clip
+    listen = seen["listen"]
+    assert listen["shown"] and not listen["paused"] and 29.5 <= listen["time"] <= 33.0, listen
+    assert abs(listen["line"] - listen["time"]) < 0.6, listen
+    assert "semantic (codebook 0)" in seen["codebooks"] and "acoustic (codebooks 1-7)" in seen["codebooks"]
+    live = seen["live"]
+    assert live["status"].startswith("Done") and seen["live_top_row_in_view"]
     frames = live["frames"]
-    first = frames[0]
-    visible = next(f for f in frames if f["visible"])
-    assert visible["t"] - first["t"] <= 2000, (first, visible)
-    assert max(f["rows"] for f in frames) >= 3 and max(f["drawn"] for f in frames) >= 3
-    assert all(span in readings_text for span in ("0.6-15.3", "21.3-35.9", "45.2-59.8")), readings_text
-    assert "TTT vs baseline" in headline
-    assert stopped_table >= 2  # both runs' rows
+    assert len(frames) >= 10 and all(f["visible"] for f in frames) and max(f["drawn"] for f in frames) >= 4
+    assert "(stopped)" in seen["stopped_headline"] and "(partial)" in seen["stopped_summary"]
+    names = [f"ttt · b={b} · {p}" for b in (4, 16) for p in ("persistent", "reset every window")]
+    assert seen["compare_traces"] == [*names, "baseline"]
+    assert seen["compare_table"].count("ttt · b=") == 4
+    assert sum("No fast-weight update: the clip has 7 tokens" in n for n in seen["short_notes"]) == 2
+    assert "Caveat" in seen["short_headline"]
+    assert "Not scored: silent_clip.wav is silent" in seen["refusal"] and "Working" not in seen["refusal"]
+    assert seen["reopened_status"].startswith("Opened cluster") and "nothing rescored" in seen["reopened_status"]
+    assert seen["reopened_headline"] == seen["headline"]
+
+    live_scored_s = _scored_s(live["status"])
     timings = {
-        mode: {
-            "first_visible_plot_s": round(next(f["t"] for f in run["frames"] if f["visible"]) / 1000, 2),
-            "frames": len(run["frames"]),
-            "end_to_end_s": round(run["end_ms"] / 1000, 2),
-            "frames_per_minute": round(len(run["frames"]) / (run["end_ms"] / 60_000), 1),
-            "screenshots_at_fraction": run["shots"],
-        }
-        for mode, run in (("live", live), ("chunked", chunked))
+        "chunked": {
+            "first_plot_with_curves_s": round(curves[0]["t"] / 1000, 2),
+            "done_s": round(chunked["done_s"], 2),
+            "server_scoring_s": _scored_s(chunked["status"]),
+            "frames": len(curves),
+        },
+        "live": {
+            "first_plot_with_curves_s": round(frames[0]["t"] / 1000, 2),
+            "done_s": round(seen["live_done_s"], 2),
+            "server_scoring_s": live_scored_s,
+            "page_behind_scoring_s": round(seen["live_done_s"] - live_scored_s, 2),
+            "frames": len(frames),
+            "longest_gap_between_frames_s": round(
+                max(b["t"] - a["t"] for a, b in zip(frames, frames[1:], strict=False)) / 1000, 2
+            ),  # fmt: skip
+        },
+        "load_average": os.getloadavg(),
     }
     (OUTPUT / "demo_timings.json").write_text(json.dumps(timings, indent=1))
     print(json.dumps(timings))
-    assert timings["live"]["frames"] >= 10 and timings["chunked"]["frames"] >= 5
+    # The page keeps pace: it is "Done" within a few seconds of the scoring (encoding the clip comes first).
+    assert timings["live"]["page_behind_scoring_s"] < 8, timings

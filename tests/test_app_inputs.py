@@ -8,7 +8,7 @@ import torch
 from conftest import SR, raw_values, speechlike
 
 from moshi_ttt.app import server, zerogpu
-from moshi_ttt.app.handlers import MAX_SECONDS, run_specs
+from moshi_ttt.app.handlers import MAX_SECONDS, compare_specs, compared_runs, run_specs
 from moshi_ttt.app.inputs import AudioFile, Choice, Flag, InputError, Number, validate
 from moshi_ttt.data.audio import load_audio
 
@@ -99,7 +99,7 @@ def test_the_run_specs_defaults_are_values_they_accept():
     defaults = raw_values(specs)[1:]  # the audio has no default
     assert validate(dict(list(specs.items())[1:]), defaults) == {
         "baseline": "fair_baseline", "ttt": "ttt_j8", "mini_batch_size": 16, "persistent_states": True,
-        "mode": "chunked", "max_seconds": 60.0, "allow_silence": False,
+        "mode": "chunked", "max_seconds": 60.0, "allow_silence": False, "readings": (),
     }  # fmt: skip
     assert specs["mini_batch_size"].maximum == 64 and run_specs([], [], [])["max_seconds"].maximum == MAX_SECONDS
 
@@ -142,6 +142,12 @@ def test_zerogpu_duration_grows_with_the_clip_and_stays_small_for_refused_inputs
     assert refused == [int(zerogpu.GPU_START_S + 5 * 12.5 * zerogpu.GPU_S_PER_TOKEN["chunked"])] * 3
     assert seconds(long, mode=["x"]) == seconds(long)  # any JSON: no crash before the handler refuses it
     assert duration(None) == duration(None, *raw_values(specs))  # too few values: a refused run
+    more = compare_specs(specs, ["baseline", "ttt"])
+    compare = zerogpu.gpu_duration(more, runs=compared_runs)
+    given = raw_values(more, audio={"path": str(long)}, compare_checkpoints=["ttt"], compare_sizes=["4", "16"],
+                       compare_persistence=["on", "off"])  # fmt: skip
+    assert compare(None, *given) == int(zerogpu.GPU_START_S + 4 * 20 * 12.5 * zerogpu.GPU_S_PER_TOKEN["chunked"])
+    assert compare(None, *raw_values(more, audio={"path": str(long)}, compare_sizes="x")) == seconds(long)
 
 
 def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):
@@ -172,6 +178,10 @@ def test_main_serves_without_torch_compile_unless_the_device_is_cuda(monkeypatch
 
         def launch(self, **kwargs):
             seen.append(moshi_compile._compile_disabled)
+            return None, "http://127.0.0.1:7860/", None
+
+        def block_thread(self):
+            pass
 
     monkeypatch.setattr(server, "build_demo", lambda *args, **kwargs: Demo())
     # moshi's own no_compile() blocks save and restore this global unlocked: concurrent runs of earlier tests can
@@ -182,3 +192,54 @@ def test_main_serves_without_torch_compile_unless_the_device_is_cuda(monkeypatch
     monkeypatch.setenv("MOSHI_TTT_DEVICE", "cuda")
     server.main(["--device", "cpu", "--threads", "1"])
     assert seen == [True, False] and moshi_compile._compile_disabled is False
+
+
+def test_readings_typed_for_an_own_upload():
+    from moshi_ttt.app.inputs import Spans
+    from moshi_ttt.reports.headline import Reading
+
+    spec = Spans("Readings", maximum_s=60)
+    assert spec.check("0.6-15.3, 21.3 - 35.9 s;45.2–59.8\n") == (
+        Reading(1, 0.6, 15.3), Reading(2, 21.3, 35.9), Reading(3, 45.2, 59.8))  # fmt: skip
+    assert spec.check("") == () and spec.check(None) == () and spec.check("  ") == ()
+    bad_values = [
+        ("1-2", "at least two readings"),
+        ("1-2, 1.5-3", "starts before the one before it ends"),
+        ("5-2, 6-7", "empty, reversed"),
+        ("1-2, 3-61", "past 60 s"),
+        ("a-b, 1-2", "is not a span"),
+        (3, "must be text"),
+        ("1-2," * 200, "longer than 400"),
+        (",".join(["1-1.5"] * 21), "at most 20"),
+    ]
+    for bad, message in bad_values:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            spec.check(bad)
+
+
+def test_several_choices_come_back_in_the_offered_order():
+    from moshi_ttt.app.inputs import MultiChoice
+
+    spec = MultiChoice("mini_batch_size values", ("1", "4", "16"), default=("4",), maximum=2)
+    assert spec.check(["16", "1"]) == ("1", "16")
+    bad_values = [
+        (["16", "16"], "twice"),
+        ([], "between 1 and 2"),
+        (["1", "4", "16"], "between 1 and 2"),
+        (["8"], "'8' is not one of: 1, 4, 16"),
+        ("4", "must be a list"),
+        ([4], "must be a list"),
+    ]
+    for bad, message in bad_values:
+        with pytest.raises(InputError, match=message):
+            spec.check(bad)
+    with pytest.raises(ValueError, match="not among"):
+        MultiChoice("x", ("a",), default=("b",))
+
+
+def test_the_startup_line_names_the_checkpoints_device_and_address(cache):
+    line = server.startup_line(cache, "cpu", torch.float32, "http://127.0.0.1:7860/", None, share=False)
+    assert line.startswith("moshi-ttt app: serving baseline (") and "ttt (" in line and "on cpu (float32" in line
+    assert line.endswith("open http://127.0.0.1:7860/ (add --share for a public link)")
+    shared = server.startup_line(cache, "cuda", torch.bfloat16, "http://0.0.0.0:7860/", "https://x.gradio.live", True)
+    assert shared.endswith("open http://0.0.0.0:7860/ or https://x.gradio.live") and "cuda (bfloat16)" in shared

@@ -17,18 +17,18 @@ from moshi_ttt.app.engine import compare_file, live_options
 from moshi_ttt.app.inputs import HubReference, InputError
 from moshi_ttt.app.resources import RunFolders, StopRequests
 
-OUTPUTS = ("figure", "status", "headline", "table", "readings", "files", "notes")
+OUTPUTS = ("figure", "status", "headline", "table", "readings", "files", "notes", "codebook_figure", "codebook_table")
 
 
-def _run(cache, clip, mode="chunked", known=(), allow_silence=False, stop_after=None):
+def _run(cache, clip, mode="chunked", known=(), allow_silence=False, stop_after=None, **given):
     """The Run handler called directly (no server), reading `clip` as if it were an upload; the session's Stop
     button is pressed after `stop_after` updates."""
     specs = handlers.run_specs(cache.names(), [str(Path(clip).parent)], [str(k) for k in known])
     stops, request = StopRequests(), types.SimpleNamespace(session_hash="session-1")  # what Gradio passes
     runs = RunFolders(Path(clip).parent / "runs")
     handler = handlers.run_handler(cache, specs, runs, [str(k) for k in known], stops)
-    values = raw_values(specs, audio=str(clip), mini_batch_size=4, mode=mode, max_seconds=60,
-                        allow_silence=allow_silence)  # fmt: skip
+    values = raw_values(specs, **{"audio": str(clip), "mini_batch_size": 4, "mode": mode, "max_seconds": 60,
+                                  "allow_silence": allow_silence, **given})  # fmt: skip
     outputs = []
     for out in handler(request, *values):
         outputs.append(dict(zip(OUTPUTS, out, strict=True)))
@@ -45,7 +45,7 @@ def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(ass
     last = outputs[-1]
     assert len(outputs) < 20 and last["status"].startswith("Stopped after")
     assert all(row[0].endswith("(partial)") for row in last["table"])
-    assert "Partial (stopped)" in last["headline"]
+    assert "TTT vs baseline, the first" in last["headline"] and "(stopped)" in last["headline"]
     names = sorted(Path(f).name for f in last["files"])
     assert names == ["long_talk_partial_report.html", "long_talk_partial_results.csv", "long_talk_partial_results.json"]
     doc = json.loads(Path(next(f for f in last["files"] if f.endswith(".json"))).read_text())
@@ -53,7 +53,7 @@ def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(ass
     assert 0 < scored < doc["audio"]["partial"]["total_tokens"] == 150
     assert len(doc["runs"]["ttt"]["loss_per_token"]) == scored
     figure = json.loads(last["figure"].plot)
-    assert len([t for t in figure["data"] if t["xaxis"] == "x"][0]["y"]) == scored  # the figure stays
+    assert len([t for t in figure["data"] if t["yaxis"] == "y"][0]["y"]) == scored  # the figure stays
 
 
 def test_whole_sequence_mode_gives_the_chunked_numbers_in_one_update(assets, cache):
@@ -79,9 +79,8 @@ def test_an_uploaded_copy_of_a_known_clip_gets_its_per_reading_table(assets, cac
     shutil.copy(assets / "a.wav", upload)
     last = _run(cache, upload, known=[known])[-1]
     readings = last["readings"]
-    assert readings["visible"] is True and [r[0] for r in readings["value"]] == [1, 2]
-    assert readings["value"][1][1] == "1.6-2.8"
-    assert _run(cache, assets / "b.wav", known=[known])[-1]["readings"]["visible"] is False  # other bytes
+    assert "| 1 | 0.0-1.2 |" in readings and "| 2 | 1.6-2.8 |" in readings
+    assert _run(cache, assets / "b.wav", known=[known])[-1]["readings"] == ""  # other bytes
 
 
 def test_allow_silence_scores_a_silent_clip_that_is_refused_otherwise(cache, tmp_path):
@@ -130,3 +129,79 @@ def test_hub_references_only_with_allow_hub(cache):
     with pytest.raises(gr.Error, match="hf://owner/repo"):
         add("/srv/models/secret")
     assert "/srv/models/secret" not in cache.names()
+
+
+def test_the_per_codebook_view_reads_loss_per_codebook():
+    from moshi_ttt.app.codebook_view import COLUMNS, codebook_figure, codebook_table
+
+    T = 100
+    runs = {}
+    for run, semantic in (("baseline", 5.0), ("ttt", 4.0)):
+        loss = [[semantic] * T] + [[3.0] * T for _ in range(7)]
+        runs[run] = {"loss_per_token": [3.25] * T, "loss_per_codebook": loss, "context_tokens": 50}
+    doc = {"runs": runs}
+    figure = codebook_figure(doc)
+    rows = {t["yaxis"] for t in figure["data"]}
+    assert rows == {"y", "y2", "y3"} and figure["layout"]["xaxis"]["range"] == [0, T / 12.5]
+    semantic = [t for t in figure["data"] if t["yaxis"] == "y"]
+    assert [t["name"] for t in semantic] == ["TTT", "baseline"] and semantic[0]["y"][-1] == 4.0
+    table = codebook_table(doc)
+    assert len(table[0]) == len(COLUMNS) and table[0][:4] == ["semantic (codebook 0)", 5.0, 4.0, "20.00% lower"]
+    assert table[1][3] == "no different" and codebook_table(doc, partial=True)[0][0].endswith("(partial)")
+    assert codebook_figure({"runs": {"ttt": runs["ttt"]}}) is None
+
+
+def test_readings_typed_for_an_own_upload_give_the_table_and_the_shaded_spans(assets, cache):
+    last = _run(cache, assets / "a.wav", readings="0.2-1.2, 1.6-2.6")[-1]
+    assert "| 1 | 0.2-1.2 |" in last["readings"] and "| 2 | 1.6-2.6 |" in last["readings"]
+    assert "Per reading of the repeated passage" in last["headline"] and "1st (0.2-1.2 s)" in last["headline"]
+    rects = [s for s in json.loads(last["figure"].plot)["layout"]["shapes"] if s["type"] == "rect"]
+    assert sorted({(s["x0"], s["x1"]) for s in rects}) == [(0.2, 1.2), (1.6, 2.6)]
+    with pytest.raises(gr.Error, match="is not a span"):
+        _run(cache, assets / "a.wav", readings="the first one")
+
+
+def test_a_refusal_replaces_the_working_status_with_its_sentence(assets, cache):
+    """The issue's status line that kept "Working…" after a refusal: the refusal is written there too."""
+    specs = handlers.run_specs(cache.names(), [str(assets)], [])
+    run = handlers.run_handler(cache, specs, RunFolders(assets / "runs"))
+    updates = run(None, *raw_values(specs, audio=str(assets / "garbage.wav"), mini_batch_size=4, max_seconds=60))
+    shown = [dict(zip(OUTPUTS, next(updates), strict=True)) for _ in range(2)]
+    assert shown[0]["status"].startswith("Working")
+    assert shown[1]["status"].startswith("Not scored: ") and "could not be read as audio" in shown[1]["status"]
+    with pytest.raises(gr.Error, match="could not be read as audio"):
+        next(updates)
+    refused = run(None, *raw_values(specs, audio=str(assets / "a.wav"), mini_batch_size=2.5, max_seconds=60))
+    assert next(refused)[1] == "Not scored: TTT mini_batch_size must be a whole number, got 2.5."
+
+
+def test_a_stereo_44k_upload_says_it_was_mixed_down_and_resampled(cache, tmp_path):
+    from conftest import speechlike
+
+    stereo = tmp_path / "stereo.wav"
+    left = speechlike(3.0, 4)
+    import soxr
+
+    left = soxr.resample(left, SR, 44_100).astype(np.float32)
+    sf.write(stereo, np.stack([left, 0.5 * left], axis=1), 44_100)
+    notes = _run(cache, stereo)[-1]["notes"]
+    assert "mixed its 2 channels down to mono and resampled it from 44.1 kHz to 24 kHz" in notes
+
+
+def test_a_half_second_clip_says_why_its_rows_are_empty(cache, tmp_path):
+    from conftest import speechlike
+
+    short = tmp_path / "short.wav"
+    sf.write(short, speechlike(0.5, 5), SR)
+    last = _run(cache, short, mini_batch_size=16)[-1]
+    notes = [a["text"] for a in json.loads(last["figure"].plot)["layout"]["annotations"]]
+    assert sum(n.startswith("No fast-weight update: the clip has 7 tokens, fewer than one mini-batch of 16") for n in
+               notes) == 2  # fmt: skip
+    assert "0.6 s long, shorter than" in last["headline"] and last["status"].startswith("Done")
+
+
+def test_a_silent_clip_scored_anyway_gets_no_bold_number(cache, tmp_path):
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(int(12 * SR), dtype=np.float32), SR)
+    headline = _run(cache, silent, allow_silence=True)[-1]["headline"]
+    assert "is silent" in headline and "**" not in headline.split("**Caveat:**")[0]

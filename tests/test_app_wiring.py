@@ -14,6 +14,7 @@ from moshi_ttt.app import handlers, outputs
 from moshi_ttt.app.controls import control
 from moshi_ttt.app.demo_assets import ENV_DEMO_ASSETS, demo_assets_dir, example_clips
 from moshi_ttt.app.engine import compare_file, live_options
+from moshi_ttt.app.figure import FigureInfo
 from moshi_ttt.app.inputs import AudioFile, Choice, Flag, HubReference, Number
 from moshi_ttt.app.layout import build_demo
 from moshi_ttt.app.models import ModelCache
@@ -58,10 +59,11 @@ def test_the_run_event_takes_the_spec_built_controls_in_the_specs_order():
     assert [p["parameter_name"] for p in parameters] == list(specs)  # the request is Gradio's, not the API's
     duration = run.inputs[list(specs).index("max_seconds")]
     assert (duration.minimum, duration.maximum, duration.value) == (5, 45, 45)
-    assert [type(c) for c in run.outputs] == [gr.Plot, gr.Markdown, gr.Markdown, gr.Dataframe, gr.Dataframe, gr.File,
-                                              gr.Markdown]  # fmt: skip
+    assert [type(c) for c in run.outputs] == [gr.Plot, gr.Markdown, gr.Markdown, gr.Dataframe, gr.Markdown, gr.File,
+                                              gr.Markdown, gr.Plot, gr.Markdown]  # fmt: skip
     assert run.outputs[0].elem_id == "live-plot" and run.outputs[1].elem_id == "run-status"
-    assert outputs.OUTPUT_NAMES == ("figure", "status", "headline", "summary", "readings", "downloads", "notes")
+    assert outputs.OUTPUT_NAMES == ("figure", "status", "headline", "summary", "readings", "downloads", "notes",
+                                    "codebook_figure", "codebook_table")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -79,32 +81,40 @@ def test_each_update_maps_to_the_outputs(last_updates, tmp_path):
     whole, stopped = last_updates
     first = outputs.starting("full")
     assert first.status.startswith("Working") and "whole clip in one call" in first.status and first.headline == ""
-    assert first.figure is None and first.summary is None and "in one call" not in outputs.starting("chunked").status
-    progress = outputs.live(whole[0])
+    # The previous run's figure, tables, downloads and notes go at once (the figure: an empty frame saying what comes).
+    assert (first.summary, first.readings, first.downloads, first.notes) == ([], "", [], "")
+    assert "Reading and encoding the audio" in first.figure and '"y": []' in first.figure
+    assert (first.codebook_figure, first.codebook_table) == ("", "")
+    assert "in one call" not in outputs.starting("chunked").status
+    figure = outputs.LiveFigure(FigureInfo(clip="a"))
+    progress = outputs.live(whole[0], figure)
     assert progress.status.startswith("Scoring both models") and progress.summary is None
-    assert len([t for t in json.loads(progress.figure)["data"] if t["xaxis"] == "x"]) == 4
+    assert len([t for t in json.loads(progress.figure)["data"] if t["yaxis"] == "y"]) == 4
     with pytest.raises(ValueError, match="last update"):
-        outputs.final(whole[0], [])
+        outputs.final(whole[0], [], figure)
     files = outputs.write_downloads(tmp_path / "whole", whole[-1])
-    done = outputs.final(whole[-1], files)
+    done = outputs.final(whole[-1], files, figure)
     assert sorted(Path(f).name for f in done.downloads) == ["a_report.html", "a_results.csv", "a_results.json"]
-    assert [row[0] for row in done.summary] == ["baseline", "ttt"] and len(done.summary[0]) == 9
-    assert done.readings == [] and done.status.startswith("Done") and "TTT vs baseline" in done.headline
-    partial = outputs.final(stopped, outputs.write_downloads(tmp_path / "stopped", stopped))
+    assert [row[0] for row in done.summary] == ["baseline", "ttt"] and len(done.summary[0]) == 8
+    assert done.readings == "" and done.status.startswith("Done") and "TTT vs baseline" in done.headline
+    assert json.loads(done.figure)["layout"]["uirevision"] == json.loads(progress.figure)["layout"]["uirevision"]
+    assert json.loads(done.codebook_figure)["data"] and done.codebook_table.count("\n| ") == 2 + 8
+    partial = outputs.final(stopped, outputs.write_downloads(tmp_path / "stopped", stopped), figure)
     assert [row[0] for row in partial.summary] == ["baseline (partial)", "ttt (partial)"]
-    assert partial.status.startswith("Stopped") and partial.headline.startswith("**Partial (stopped)**")
+    assert partial.status.startswith("Stopped") and "s (stopped):" in partial.headline
     assert all(Path(f).name.startswith("a_partial_") for f in partial.downloads)
 
 
 def test_outputs_for_gradio_skip_what_is_not_given(last_updates):
     whole, _ = last_updates
     shown = outputs.starting("chunked").for_gradio()
-    assert len(shown) == 7 and shown[1].startswith("Working") and shown[2] == ""
-    skipped = [i for i, value in enumerate(shown) if value == gr.skip()]
-    assert skipped == [0, 3, 4, 5, 6]
-    done = outputs.final(whole[-1], ["x.json"]).for_gradio()
+    assert len(shown) == 9 and shown[1].startswith("Working") and shown[2] == ""
+    assert shown[0].type == "plotly" and shown[3] == [] and shown[7] == gr.update(value=None)  # cleared
+    assert [i for i, value in enumerate(outputs.live(whole[0], outputs.LiveFigure(FigureInfo())).for_gradio())
+            if value == gr.skip()] == [2, 3, 4, 5, 6, 7, 8]  # fmt: skip
+    done = outputs.final(whole[-1], ["x.json"], outputs.LiveFigure(FigureInfo())).for_gradio()
     assert done[0].type == "plotly" and json.loads(done[0].plot)["data"]
-    assert done[4] == gr.update(value=[], visible=False) and done[5] == ["x.json"]
+    assert done[4] == "" and done[5] == ["x.json"] and done[7].type == "plotly"
 
 
 def test_a_session_keeps_its_latest_run_folder_until_it_ends(tmp_path):
@@ -169,3 +179,16 @@ def test_the_package_never_imports_the_top_level_app_and_app_py_delegates_to_it(
     with pytest.raises(SystemExit) as e:
         server.main(["--help"])
     assert e.value.code == 0
+
+
+def test_the_introduction_says_which_models_are_served(cache):
+    from moshi_ttt.app import layout, view
+    from moshi_ttt.app.models import build_allow_list
+
+    demo_cache = ModelCache(build_allow_list([ROOT / "demo_assets"], use_env=False))
+    assert layout.serves_demo_models(demo_cache) and not layout.serves_demo_models(cache)
+    demo = view.intro_markdown(True, "demo_repeat.wav", 50, 16)
+    assert "tiny demo models" in demo and "not Moshi 7B" in demo and "Start here" in demo
+    assert "every 1.28 s of audio" in demo and "(4 s here)" in demo
+    other = view.intro_markdown(False, None, None, None)
+    assert "tiny" not in other and "Start here" not in other and "checkpoints this server was started with" in other

@@ -47,7 +47,18 @@ def test_improvement_whole_clip_and_past_the_context():
     assert h.improvement_past_context_pct == pytest.approx(10.0)
     assert h.caveat is None  # 400 tokens >= 3 windows of 50 and >= 10 s
     text = hl.headline_markdown(h)
-    assert "**+10.00%**" in text and "After the first attention window (4.0 s" in text
+    assert "TTT vs baseline, the whole clip: TTT's loss is **" in text
+    assert "(4.0 s, where only TTT can still hold earlier audio): **10.00% lower**" in text
+
+
+def test_a_worse_ttt_reads_worse_in_words():
+    """The issue's "-9.58% lower loss": a TTT run 9.58% worse says "higher (worse)", never a negative "lower"."""
+    base = np.full((8, 400), 5.0)
+    h = hl.headline(_document(base, base * 1.0958))
+    text = hl.headline_markdown(h)
+    assert "**9.58% higher (worse)**" in text and "lower" not in text and "-9.58" not in text
+    assert "9.58% higher (worse) over the whole clip" in hl.headline_text(h)
+    assert hl.change_words(0.001) == "no different" and hl.change_words(float("nan")) == "n/a"
 
 
 def test_invalid_entries_are_left_out_of_every_mean():
@@ -80,7 +91,7 @@ def test_a_short_clip_gets_the_caveat_instead_of_a_bold_percentage():
     h = hl.headline(_document(base, ttt))
     assert h.improvement_pct == pytest.approx(61.44)
     text = hl.headline_markdown(h)
-    assert "+61.44%" in text and "**+61.44%**" not in text and "0.3 s long" in text
+    assert "61.44% lower" in text and "**61.44% lower**" not in text and "0.3 s long" in text
     assert "never gets past the first attention window" in text
     assert "caveat" in hl.headline_text(h)
 
@@ -116,6 +127,9 @@ def test_readings_from_the_transcript_and_their_losses():
     ]
     rows = hl.reading_rows(doc)
     assert [r["improvement %"] for r in rows] == [-10.0, 25.0]
+    text = hl.headline_markdown(hl.headline(doc))  # a 6.4 s clip: plain numbers, the readings all the same
+    assert "Per reading of the repeated passage" in text
+    assert "1st (0.6-2.0 s) 10.00% higher (worse); 2nd (4.0-5.4 s) 25.00% lower." in text
     assert rows[0]["span (s)"] == "0.6-2.0"
     assert hl.reading_rows({"runs": {"baseline": doc["runs"]["baseline"], "ttt": {}}}) == []
     assert "readings" not in _record(base, CONTEXT)  # absent when the clip names no readings
@@ -158,3 +172,77 @@ def test_version_1_records_still_give_a_headline():
     h = hl.headline(doc)
     assert math.isnan(h.improvement_past_context_pct) and h.improvement_pct == pytest.approx(50.0)
     assert hl.headline({"runs": {"ttt": doc["runs"]["ttt"]}}) is None
+
+
+def test_the_headline_names_the_reading_gains_bold_on_a_long_clip():
+    readings = [hl.Reading(1, 0.0, 10.0), hl.Reading(2, 12.0, 22.0), hl.Reading(3, 24.0, 34.0)]
+    base = np.full((8, 450), 4.0)
+    ttt = base.copy()
+    ttt[:, 150:275] = 3.6  # 10% better on the 2nd reading
+    ttt[:, 300:425] = 3.4  # 15% better on the 3rd
+    text = hl.headline_markdown(hl.headline(_document(base, ttt, readings=readings)))
+    assert "1st (0.0-10.0 s) no different; 2nd (12.0-22.0 s) **10.00% lower**; 3rd (24.0-34.0 s) **15.00% lower**." in (
+        text
+    )
+
+
+def test_a_stop_inside_a_reading_keeps_its_scored_part_marked_partial():
+    """Stopped after 2.4 s (30 tokens): reading 2 (1.6-3.2 s) is cut at 2.4 s, reading 3 never started; the headline
+    says what it covers."""
+    readings = [hl.Reading(1, 0.0, 1.2), hl.Reading(2, 1.6, 3.2), hl.Reading(3, 3.6, 4.8)]
+    base, ttt = np.full((8, 30), 4.0), np.full((8, 30), 3.0)
+    ttt[:, 20:] = 2.0
+    doc = _document(base, ttt, readings=readings)
+    doc["audio"] = {"partial": {"tokens_scored": 30, "total_tokens": 60}}
+    run = doc["runs"]["ttt"]
+    assert len(run["readings"]) == 2 and "partial" not in run["readings"][0]
+    assert run["readings"][1] == {"start_s": 1.6, "end_s": 2.4, "span_end_s": 3.2, "partial": True,
+                                  "mean_loss": pytest.approx(2.0)}  # fmt: skip
+    rows = hl.reading_rows(doc)
+    assert [r["span (s)"] for r in rows] == ["0.0-1.2", "1.6-2.4 (partial)"]
+    h = hl.headline(doc)
+    assert h.scope == "the first 2.4 s of 4.8 s (stopped)" and h.readings[1].partial
+    text = hl.headline_markdown(h)
+    assert "TTT vs baseline, the first 2.4 s of 4.8 s (stopped):" in text and "whole clip" not in text
+    assert "2nd (1.6-2.4 s, partial)" in text
+
+
+def test_a_silent_clip_gets_a_caveat_and_no_bold_number():
+    base, ttt = np.full((8, 400), 4.0), np.full((8, 400), 3.0)
+    doc = _document(base, ttt)
+    doc["audio"] = {"silent": True}
+    text = hl.headline_markdown(hl.headline(doc))
+    assert "25.00% lower" in text and "**25.00% lower**" not in text and "is silent" in text
+
+
+def test_a_short_tail_joins_the_bin_before_it():
+    """755 tokens in bins of 250: the last 5 tokens (0.4 s) join the third bin, which ends with the clip."""
+    starts, means = position_bins(np.arange(755.0), 250)
+    assert starts == [0, 250, 500] and means[2] == pytest.approx(np.arange(500, 755).mean())
+    assert position_bins(np.arange(880.0), 250)[0] == [0, 250, 500, 750]  # 130 tokens: a bin of its own
+    assert position_bins(np.arange(100.0), 250)[0] == [0]
+    base, ttt = np.full((8, 755), 4.0), np.full((8, 755), 3.0)
+    rows = hl.bin_rows(_document(base, ttt))
+    assert [r["bin (s)"] for r in rows] == ["0.0-20.0", "20.0-40.0", "40.0-60.4"]
+
+
+def test_codebook_rows_split_semantic_from_acoustic():
+    """TTT is 20% better on codebook 0 only, and only after the context: the semantic row says so, the acoustic one
+    says no difference, the per-codebook rows follow."""
+    from moshi_ttt.reports.codebooks import codebook_rows, group_losses
+
+    base = np.full((8, 200), 5.0)
+    ttt = base.copy()
+    ttt[0, CONTEXT:] = 4.0
+    ttt[3, 7] = np.nan  # an invalid entry is left out of its group's mean
+    doc = _document(base, ttt)
+    rows = {r["codebooks"]: r for r in codebook_rows(doc)}
+    assert list(rows)[:2] == ["semantic (codebook 0)", "acoustic (codebooks 1-7)"] and len(rows) == 2 + 8
+    semantic = rows["semantic (codebook 0)"]
+    assert semantic["TTT loss"] == pytest.approx((50 * 5 + 150 * 4) / 200)
+    assert semantic["improvement % past context"] == pytest.approx(20.0)
+    assert rows["acoustic (codebooks 1-7)"]["improvement %"] == pytest.approx(0.0)
+    assert rows["codebook 0"]["improvement %"] == semantic["improvement %"]
+    groups = group_losses(doc["runs"]["ttt"]["loss_per_codebook"])
+    assert groups["acoustic (codebooks 1-7)"][7] == pytest.approx(5.0) and groups["semantic (codebook 0)"][-1] == 4.0
+    assert codebook_rows({"runs": {"ttt": doc["runs"]["ttt"]}}) == []

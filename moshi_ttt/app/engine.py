@@ -286,7 +286,7 @@ def compare_file(
     if baseline.mimi is None:
         raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
     audio_info = {"name": info.name, "duration_s": info.duration_s, "sample_rate": info.source_sample_rate,
-                  "tokens": info.num_frames, "silent": info.silent}  # fmt: skip
+                  "channels": info.source_channels, "tokens": info.num_frames, "silent": info.silent}  # fmt: skip
     if info.trimmed_from_s is not None:
         audio_info["trimmed_from_s"] = info.trimmed_from_s
     block_s = ENCODE_FRAMES / FRAME_RATE  # read one encode call's audio at a time: codes as soon as possible

@@ -10,20 +10,44 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
-from moshi_ttt.app import outputs
+from moshi_ttt.app import outputs, view
+from moshi_ttt.app.compare import MAX_SETTINGS, compare_settings, settings_grid
+from moshi_ttt.app.compare_view import COLUMNS as COMPARE_COLUMNS
+from moshi_ttt.app.compare_view import compare_figure, compare_rows
 from moshi_ttt.app.engine import LIVE_MODES, compare_file, live_options
-from moshi_ttt.app.inputs import AudioFile, Choice, Flag, HubReference, InputError, Number, Spec, validate
+from moshi_ttt.app.figure import FigureInfo, to_json
+from moshi_ttt.app.inputs import (
+    AudioFile,
+    Choice,
+    Flag,
+    HubReference,
+    InputError,
+    JsonFile,
+    MultiChoice,
+    Number,
+    Spans,
+    Spec,
+    validate,
+)
 from moshi_ttt.app.models import ModelCache, build_allow_list
-from moshi_ttt.app.resources import RunFolders, StopRequests
+from moshi_ttt.app.reopen import read_results
+from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
 from moshi_ttt.app.zerogpu import gpu_duration, on_gpu
 from moshi_ttt.reports import headline
+from moshi_ttt.reports import results as report
 
 logger = logging.getLogger("moshi_ttt.app")
 
 MAX_SECONDS = 600.0  # hard server cap on the scored duration (--max-seconds lowers it); the slider's maximum
+# Least time between two figure updates sent to the page. Each update costs the browser a Plotly redraw of the
+# 4-row figure (0.1-0.4 s on 2 busy cores, Gradio resizes the plot at each): chunked scoring of 60 s sent 30
+# updates in 2 s, which the page drew for 7.5-10 s. Two a second keep the page at the scoring's pace.
+FIGURE_INTERVAL_S = 0.8
 HUB_SPECS = {"hub": HubReference("Hub checkpoint", info="add an hf://owner/repo checkpoint to the dropdowns")}
 
 
@@ -39,6 +63,7 @@ def run_specs(
         max_seconds: the server's cap on the scored duration (the slider's maximum).
     Returns:
         {input name: spec}; the layout builds each control from its spec, so the UI's bounds are the server's.
+        New inputs go at the end: callers of the API pass values by position.
     """
     baseline = next((n for n in names if "baseline" in n), names[0] if names else None)
     ttt = next((n for n in names if "ttt" in n.lower()), names[-1] if names else None)
@@ -51,7 +76,44 @@ def run_specs(
         "mode": Choice("Mode", tuple(LIVE_MODES), default="chunked", radio=True),
         "max_seconds": Number("Max duration (s)", 5, max_seconds, default=min(120, max_seconds), step=5),
         "allow_silence": Flag("allow silence", info="score a silent clip anyway"),
+        "readings": Spans(
+            "Readings of a repeated passage (s)",
+            maximum_s=max_seconds,
+            info="optional: where your clip reads the same passage again, e.g. 0.6-15.3, 21.3-35.9; "
+            "the demo clip's are known",
+        ),  # fmt: skip
     }
+
+
+COMPARE_SIZES = ("1", "2", "4", "8", "16", "32", "64")  # mini_batch_size values offered for a comparison
+
+
+def compare_specs(run: dict[str, Spec], names: list[str]) -> dict[str, Spec]:
+    """What the Compare event accepts, in order: the Run event's clip, baseline, duration, silence and readings
+    specs (the same controls), and the settings to compare.
+
+    Args:
+        run: the Run event's specs (`run_specs`).
+        names: the checkpoints offered.
+    """
+    ttt = run["ttt"].default
+    return {
+        "audio": run["audio"],
+        "baseline": run["baseline"],
+        "compare_checkpoints": MultiChoice("TTT checkpoints to compare", tuple(names),
+                                           default=(ttt,) if ttt else (), maximum=4, dropdown=True),  # fmt: skip
+        "compare_sizes": MultiChoice("mini_batch_size values", COMPARE_SIZES, default=("4", "16", "64")),
+        "compare_persistence": MultiChoice("persistent_states", ("on", "off"), default=("on", "off"),
+                                           info="off: the fast weights go back to W_base every attention window"),
+        "max_seconds": run["max_seconds"],
+        "allow_silence": run["allow_silence"],
+        "readings": run["readings"],
+    }  # fmt: skip
+
+
+def open_specs(upload_roots: list[str]) -> dict[str, Spec]:
+    """What the Open event accepts: one uploaded results.json."""
+    return {"results_file": JsonFile("results.json", roots=tuple(upload_roots))}
 
 
 def event_signature(specs: dict[str, Spec]) -> inspect.Signature:
@@ -91,7 +153,8 @@ def run_handler(
         stops: the Stop button's flags; a Stop ends the run with partial results.
     Returns:
         `run(request, *values)`, the raw values in the order of `specs`: validates them, then yields the outputs
-        of `outputs.OUTPUT_NAMES` at each step. Progress goes to the status line beside the plot, never over it.
+        of `outputs.OUTPUT_NAMES` at each step. Progress goes to the status line above the plot, never over it; a
+        refusal is written there too, then raised as Gradio's error.
     """
     known = list(known_clips or [])
     stops = stops or StopRequests()
@@ -100,32 +163,145 @@ def run_handler(
     def run(request: gr.Request, *values):
         try:
             args = validate(specs, values)
+            for name in (args["baseline"], args["ttt"]):
+                cache.get(name)  # a checkpoint that fails to load is a fault of the server: its traceback is logged
+            options = live_options(LIVE_MODES[args["mode"]], args["mini_batch_size"], args["persistent_states"])
         except InputError as e:
+            yield outputs.refused(str(e)).for_gradio()
             raise refuse(str(e)) from None
-        for name in (args["baseline"], args["ttt"]):
-            cache.get(name)  # a checkpoint that fails to load is a fault of the server: its traceback is logged
-        options = live_options(LIVE_MODES[args["mode"]], args["mini_batch_size"], args["persistent_states"])
         session = session_of(request)
         stop_requested = stops.start(session)
-        readings = headline.readings_of_known_clip(args["audio"], known)
+        readings = list(args["readings"]) or headline.readings_of_known_clip(args["audio"], known)
+        figure = outputs.LiveFigure(figure_info(cache, args, readings))
         updates = compare_file(cache, args["audio"], args["baseline"], args["ttt"], options, args["max_seconds"],
-                               allow_silence=args["allow_silence"], readings=readings,
-                               stop_requested=stop_requested)  # fmt: skip
+                               allow_silence=args["allow_silence"], readings=readings, stop_requested=stop_requested,
+                               min_interval_s=FIGURE_INTERVAL_S)  # fmt: skip
         yield outputs.starting(options.mode).for_gradio()
         try:
             for update in updates:
                 if not update.complete:
-                    yield outputs.live(update).for_gradio()
+                    yield outputs.live(update, figure).for_gradio()
                     continue
                 downloads = outputs.write_downloads(runs.new(session), update)
-                yield outputs.final(update, downloads).for_gradio()
-        except FileNotFoundError:
-            raise refuse("The audio file is no longer on the server; upload it again.") from None
-        except ValueError as e:  # the library's one-sentence errors about the audio and the checkpoints' fit
-            raise refuse(str(e)) from None
+                yield outputs.final(update, downloads, figure).for_gradio()
+        except (FileNotFoundError, ValueError) as e:  # the library's one-sentence errors about the audio and the fit
+            message = _user_message(e)
+            yield outputs.refused(message).for_gradio()
+            raise refuse(message) from None
+        finally:
+            updates.close()
+            release_memory()
 
     run.__signature__ = event_signature(specs)
     return run
+
+
+def _user_message(error: Exception) -> str:
+    """The sentence shown for the library's errors about the audio and the checkpoints (never a server path)."""
+    if isinstance(error, FileNotFoundError):
+        return "The audio file is no longer on the server; upload it again."
+    return str(error)
+
+
+def figure_info(cache: ModelCache, args: dict, readings: list) -> FigureInfo:
+    """What the figures of a run show besides their curves: the clip's name (the PNG download's), its readings, the
+    TTT model's attention context and the run's mini-batch size."""
+    return FigureInfo(
+        clip=report.file_stem({"audio": {"name": Path(args["audio"]).name}}),
+        spans=outputs.reading_spans(readings),
+        context_tokens=cache.context_tokens(args.get("ttt") or args["baseline"]),
+        mini_batch_size=args.get("mini_batch_size"),
+    )
+
+
+def compare_handler(
+    cache: ModelCache,
+    specs: dict[str, Spec],
+    runs: RunFolders,
+    known_clips: list[str] | None = None,
+    stops: StopRequests | None = None,
+) -> Callable[..., Iterator[tuple]]:
+    """The Compare button: several settings on the Run controls' clip, one after the other.
+
+    Args:
+        cache, runs, known_clips, stops: as for `run_handler` (`runs`: a folder tree of its own).
+        specs: the Compare event's inputs (`compare_specs`).
+    Returns:
+        `compare(request, *values)` yielding (status, figure, table as Markdown, downloads) after each setting.
+    """
+    known = list(known_clips or [])
+    stops = stops or StopRequests()
+
+    @on_gpu(gpu_duration(specs, runs=compared_runs))
+    def compare(request: gr.Request, *values):
+        try:
+            args = validate(specs, values)
+            settings = settings_grid(args["compare_checkpoints"], tuple(int(b) for b in args["compare_sizes"]),
+                                     tuple(p == "on" for p in args["compare_persistence"]))  # fmt: skip
+            for name in {args["baseline"], *args["compare_checkpoints"]}:
+                cache.get(name)
+        except (InputError, ValueError) as e:
+            yield (f"Not compared: {e}", gr.skip(), gr.skip(), gr.skip())
+            raise refuse(str(e)) from None
+        session = session_of(request)
+        readings = list(args["readings"]) or headline.readings_of_known_clip(args["audio"], known)
+        info = figure_info(cache, {**args, "ttt": args["compare_checkpoints"][0]}, readings)
+        updates = compare_settings(cache, args["audio"], args["baseline"], settings, args["max_seconds"],
+                                   allow_silence=args["allow_silence"], readings=readings,
+                                   stop_requested=stops.start(session))  # fmt: skip
+        try:
+            for update in updates:
+                figure = to_json(compare_figure(update.document, update.settings, info), info.clip + "_compare")
+                rows = compare_rows(update.document, update.settings, update.stopped)
+                table = view.markdown_table(COMPARE_COLUMNS, rows)
+                if not update.complete:
+                    scored = f"{update.done} of {update.total} settings scored in {update.elapsed_s:.1f} s"
+                    status = f"Comparing: {scored}; now {update.current}…"
+                    yield (status, PlotData(type="plotly", plot=figure) if update.done else None, table, [])
+                    continue
+                prefix = report.file_stem(update.document) + "_compare_"
+                files = report.write_report(runs.new(session), update.document, prefix=prefix)
+                ended = "Stopped after" if update.stopped else "Done:"
+                status = f"{ended} {update.done} of {update.total} settings in {update.elapsed_s:.1f} s."
+                yield (status, PlotData(type="plotly", plot=figure), table, [str(p) for p in files.values()])
+        except (FileNotFoundError, ValueError) as e:
+            message = _user_message(e)
+            yield (f"Not compared: {message}", gr.skip(), gr.skip(), gr.skip())
+            raise refuse(message) from None
+        finally:
+            updates.close()
+            release_memory()
+
+    compare.__signature__ = event_signature(specs)
+    return compare
+
+
+def compared_runs(raw: dict) -> int:
+    """How many settings a Compare event's raw values ask for (for ZeroGPU's estimate; 1 for values it refuses)."""
+    values = [raw.get(name) for name in ("compare_checkpoints", "compare_sizes", "compare_persistence")]
+    if not all(isinstance(v, (list, tuple)) for v in values):
+        return 1
+    return max(1, min(len(values[0]) * len(values[1]) * len(values[2]), MAX_SETTINGS))
+
+
+def open_handler(specs: dict[str, Spec]) -> Callable[..., Iterator[tuple]]:
+    """The Open button: a results.json shown as a finished run shows it (`outputs.reopened`), without rescoring.
+
+    Returns:
+        `open_results(request, *values)` yielding the outputs of `outputs.OUTPUT_NAMES` once.
+    """
+
+    def open_results(request: gr.Request, *values):
+        try:
+            path = validate(specs, values)["results_file"]
+            document = read_results(path)
+        except InputError as e:
+            yield outputs.refused(str(e)).for_gradio()
+            raise refuse(str(e)) from None
+        yield outputs.reopened(document, Path(path).name).for_gradio()
+
+    open_results.__signature__ = event_signature(specs)
+    return open_results
 
 
 def add_hub_checkpoint(cache: ModelCache) -> Callable[[object], tuple]:

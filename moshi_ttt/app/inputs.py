@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moshi_ttt.reports.headline import Reading
+
 
 class InputError(ValueError):
     """A value the app refuses; its message is one sentence shown to the user as it is."""
@@ -112,6 +114,23 @@ class Flag:
         return value
 
 
+def _uploaded_path(label: str, value: object, roots: tuple[str, ...], files: tuple[str, ...] = ()) -> Path:
+    """The resolved path of an uploaded file (Gradio's FileData or a path string) under one of `roots`, or one of
+    `files`; InputError otherwise (naming no server path)."""
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise InputError(f"{label} must be an uploaded file.")
+    resolved = Path(os.path.realpath(path))  # symlinks and .. resolved before the comparison
+    allowed_files = {Path(os.path.realpath(f)) for f in files}
+    allowed_roots = [Path(os.path.realpath(r)) for r in roots]
+    if resolved not in allowed_files and not any(resolved.is_relative_to(root) for root in allowed_roots):
+        what = "a file uploaded to this app or one of its demo clips" if files else "a file uploaded to this app"
+        raise InputError(f"{label} must be {what}.")
+    if not resolved.is_file():
+        raise InputError(f"{label}: the file is no longer on the server; upload it again.")
+    return resolved
+
+
 @dataclass(frozen=True)
 class AudioFile:
     """An audio file that a user uploaded (under one of `roots`: Gradio's upload/cache folder) or an offered clip.
@@ -127,17 +146,99 @@ class AudioFile:
     def check(self, value: object) -> str:
         if value is None or value == "":
             raise InputError("Upload or record a clip first.")
-        path = value.get("path") if isinstance(value, dict) else value
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise InputError(f"{self.label} must be an uploaded file.")
-        resolved = Path(os.path.realpath(path))  # symlinks and .. resolved before the comparison
-        allowed_files = {Path(os.path.realpath(f)) for f in self.files}
-        allowed_roots = [Path(os.path.realpath(r)) for r in self.roots]
-        if resolved not in allowed_files and not any(resolved.is_relative_to(root) for root in allowed_roots):
-            raise InputError(f"{self.label} must be a file uploaded to this app or one of its demo clips.")
-        if not resolved.is_file():
-            raise InputError(f"{self.label}: the file is no longer on the server; upload it again.")
-        return str(resolved)
+        return str(_uploaded_path(self.label, value, self.roots, self.files))
+
+
+@dataclass(frozen=True)
+class JsonFile:
+    """A .json file that a user uploaded (under one of `roots`), at most `max_bytes` long: its path. What it holds
+    is checked by its reader (`moshi_ttt.app.reopen`)."""
+
+    label: str
+    roots: tuple[str, ...]
+    max_bytes: int = 64 * 2**20
+
+    def check(self, value: object) -> str:
+        if value is None or value == "":
+            raise InputError("Choose a results.json file first.")
+        path = _uploaded_path(self.label, value, self.roots)
+        if path.suffix.lower() != ".json":
+            raise InputError(f"{self.label} must be a .json file (a results.json of the app or the command line).")
+        if path.stat().st_size > self.max_bytes:
+            raise InputError(f"{self.label} is larger than {self.max_bytes // 2**20} MB.")
+        return str(path)
+
+
+@dataclass(frozen=True)
+class MultiChoice:
+    """Some of the offered strings, each at most once: a tuple in the order of `choices`."""
+
+    label: str
+    choices: tuple[str, ...]
+    default: tuple[str, ...] = ()  # the control's initial selection
+    minimum: int = 1  # fewest selected
+    maximum: int | None = None  # most selected (None: all)
+    dropdown: bool = False  # a multi-select dropdown (long lists) rather than checkboxes
+    info: str = ""
+
+    def __post_init__(self) -> None:
+        if any(d not in self.choices for d in self.default):
+            raise ValueError(f"{self.label}: default {self.default!r} is not among {self.choices}")
+
+    def check(self, value: object) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{self.label} must be a list of choices, got {_shown(value)}.")
+        unknown = [v for v in value if v not in self.choices]
+        if unknown:
+            raise InputError(f"{self.label}: {_shown(unknown[0])} is not one of: {', '.join(self.choices)}.")
+        if len(set(value)) != len(value):
+            raise InputError(f"{self.label} names a choice twice.")
+        most = self.maximum if self.maximum is not None else len(self.choices)
+        if not self.minimum <= len(value) <= most:
+            raise InputError(f"{self.label}: choose between {self.minimum} and {most}, got {len(value)}.")
+        return tuple(c for c in self.choices if c in value)
+
+
+# "0.6-15.3, 21.3-35.9 s": spans in seconds, separated by commas, semicolons or new lines.
+_SPAN = re.compile(r"^(\d+(?:\.\d*)?)\s*(?:-|–|to)\s*(\d+(?:\.\d*)?)\s*s?$")
+
+
+@dataclass(frozen=True)
+class Spans:
+    """The readings of a repeated passage in an own upload, typed as spans in seconds ("0.6-15.3, 21.3-35.9"); ""
+    for none. Gives `headline.Reading`s, numbered in order (the per-reading table and the shaded spans)."""
+
+    label: str
+    maximum_s: float = 3600.0  # no span may end later
+    max_spans: int = 20
+    max_chars: int = 400
+    default: str = ""
+    info: str = ""
+
+    def check(self, value: object) -> tuple[Reading, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, str):
+            raise InputError(f"{self.label} must be text such as 0.6-15.3, 21.3-35.9; got {_shown(value)}.")
+        if len(value) > self.max_chars:
+            raise InputError(f"{self.label} is longer than {self.max_chars} characters.")
+        parts = [p.strip() for p in re.split(r"[,;\n]", value) if p.strip()]
+        if len(parts) > self.max_spans:
+            raise InputError(f"{self.label}: at most {self.max_spans} spans, got {len(parts)}.")
+        readings = []
+        for part in parts:
+            match = _SPAN.match(part)
+            if match is None:
+                raise InputError(f"{self.label}: {_shown(part)} is not a span such as 21.3-35.9 (seconds).")
+            start, end = float(match.group(1)), float(match.group(2))
+            if not start < end <= self.maximum_s:
+                raise InputError(f"{self.label}: the span {part} is empty, reversed or past {self.maximum_s:g} s.")
+            if readings and start < readings[-1].end_s:
+                raise InputError(f"{self.label}: the span {part} starts before the one before it ends.")
+            readings.append(Reading(len(readings) + 1, start, end))
+        if len(readings) == 1:
+            raise InputError(f"{self.label}: give at least two readings (the passage and a repeat), or none.")
+        return tuple(readings)
 
 
 # hf://owner/repo[@revision]: Hub names only (no "..", no further path), so a reference never names a server file.

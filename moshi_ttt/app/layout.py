@@ -1,8 +1,12 @@
-"""The app's UI: `build_demo(...) -> gr.Blocks` places the controls (each built from its spec), the figure, the
+"""The app's UI: `build_demo(...) -> gr.Blocks` places the controls (each built from its spec), the figures, the
 tables and the downloads, and wires the events to `moshi_ttt.app.handlers`.
 
+At 1400 x 1000 the page reads top to bottom: what it shows and where to start, then the clip and the Run button
+(above the fold), the settings under them; on the right the status line (it stays in view while the page scrolls),
+the headline and the figure, with the per-codebook view and the settings comparison in tabs beside it.
+
 The Run event's inputs list is built from `handlers.run_specs` (their order exists there only), its outputs list
-from `outputs.OUTPUT_NAMES`.
+from `outputs.OUTPUT_NAMES`; the Compare and Open events likewise from their specs.
 """
 
 from __future__ import annotations
@@ -11,14 +15,29 @@ from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from moshi_ttt.app import outputs, view
 from moshi_ttt.app.controls import control
-from moshi_ttt.app.handlers import HUB_SPECS, MAX_SECONDS, add_hub_checkpoint, run_handler, run_specs, session_of
+from moshi_ttt.app.demo_assets import demo_assets_dir
+from moshi_ttt.app.handlers import (
+    HUB_SPECS,
+    MAX_SECONDS,
+    add_hub_checkpoint,
+    compare_handler,
+    compare_specs,
+    open_handler,
+    open_specs,
+    run_handler,
+    run_specs,
+    session_of,
+)
 from moshi_ttt.app.models import ModelCache
+from moshi_ttt.app.player import PAGE_JS, SCROLL_TO_STATUS
 from moshi_ttt.app.resources import KEEP_RUNS, RunFolders, StopRequests
 
 DELETE_CACHE = (900, 3600)  # Gradio deletes its cached uploads and results older than 1 h, every 15 min
+START_CLIP = "demo_repeat"  # the demo clip the introduction points to, when it is offered
 
 
 def persistence_note(cache: ModelCache, ttt_name: str | None) -> str:
@@ -36,6 +55,16 @@ def checkpoint_mini_batch(cache: ModelCache, ttt_name: str | None) -> int:
     return size if size is not None else 16
 
 
+def serves_demo_models(cache: ModelCache) -> bool:
+    """Whether every checkpoint the app serves is one of the demo assets' (the tiny models)."""
+    try:
+        demo = demo_assets_dir().resolve()
+    except FileNotFoundError:
+        return False
+    refs = [Path(entry.ref) for entry in cache.allow_list.values()]
+    return bool(refs) and all(not str(ref).startswith("hf:") and ref.resolve().is_relative_to(demo) for ref in refs)
+
+
 def build_demo(
     cache: ModelCache,
     examples: list[str] | None = None,
@@ -43,7 +72,7 @@ def build_demo(
     keep_runs: int = KEEP_RUNS,
     allow_hub: bool = False,
 ) -> gr.Blocks:
-    """The UI; the Run handler validates every input itself (its event skips Gradio's preprocessing).
+    """The UI; every handler validates its inputs itself (their events skip Gradio's preprocessing).
 
     Args:
         cache: the models served (its allow-list fills the checkpoint dropdowns).
@@ -57,66 +86,104 @@ def build_demo(
     examples = examples or []
     demo = gr.Blocks(title="moshi-ttt: what Test-Time Training does inside Moshi", delete_cache=DELETE_CACHE)
     specs = run_specs(cache.names(), [demo.GRADIO_CACHE], examples, max_seconds)
+    more = compare_specs(specs, cache.names())
+    opening = open_specs([demo.GRADIO_CACHE])
     runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", keep=keep_runs)
+    compared = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-compare", keep=keep_runs)
     stops = StopRequests()
+    ttt_default = specs["ttt"].default
+    start_clip = next((Path(e).name for e in examples if Path(e).stem == START_CLIP), None)
+    context = cache.context_tokens(ttt_default) if ttt_default else None
     with demo:
-        gr.Markdown(
-            "# moshi-ttt\nUpload or record speech. Both models read it teacher-forced, in lockstep; the figure grows "
-            "as they read: their per-token loss, TTT − baseline, the drift of the fast weights and the inner loop. "
-            f"A clip longer than the duration limit (at most {max_seconds:g} s) is scored up to the limit."
-        )
-        with gr.Accordion("What is TTT, mini_batch_size, slope?", open=False):
+        gr.Markdown(view.intro_markdown(serves_demo_models(cache), start_clip, context,
+                                        checkpoint_mini_batch(cache, ttt_default)), elem_id="intro")  # fmt: skip
+        with gr.Accordion("What is TTT, mini_batch_size, drift, the inner loop, codebooks?", open=False):
             gr.Markdown(view.EXPLANATION)
-        with gr.Row():
-            with gr.Column(scale=1):
-                inputs = {"audio": control(specs["audio"])}
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=320):
+                inputs = {"audio": control(specs["audio"], elem_id="clip-audio")}
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[inputs["audio"]], label="Demo clips")
-                for name in ("baseline", "ttt"):
-                    inputs[name] = control(specs[name])
-                if allow_hub:
-                    with gr.Row():
-                        hub = control(HUB_SPECS["hub"])
-                        add = gr.Button("Add", size="sm")
-                    hub_note = gr.Markdown()
-                ttt_default = specs["ttt"].default
-                start = replace(specs["mini_batch_size"], default=checkpoint_mini_batch(cache, ttt_default))
-                inputs["mini_batch_size"] = control(start)  # bounds and checks stay the spec's
-                for name in ("mode", "persistent_states"):
-                    inputs[name] = control(specs[name])
-                note = gr.Markdown(persistence_note(cache, ttt_default))
-                for name in ("allow_silence", "max_seconds"):
-                    inputs[name] = control(specs[name])
+                inputs["mode"] = control(specs["mode"])  # the one choice most runs make: above Run, above the fold
                 with gr.Row():
-                    run_button = gr.Button("Run", variant="primary")
-                    stop_button = gr.Button("Stop")
+                    run_button = gr.Button("Run", variant="primary", elem_id="run-button")
+                    stop_button = gr.Button("Stop", elem_id="stop-button")
+                with gr.Accordion("Settings", open=True):
+                    for name in ("baseline", "ttt"):
+                        inputs[name] = control(specs[name])
+                    if allow_hub:
+                        with gr.Row():
+                            hub = control(HUB_SPECS["hub"])
+                            add = gr.Button("Add", size="sm")
+                        hub_note = gr.Markdown()
+                    start = replace(specs["mini_batch_size"], default=checkpoint_mini_batch(cache, ttt_default))
+                    inputs["mini_batch_size"] = control(start)  # bounds and checks stay the spec's
+                    inputs["persistent_states"] = control(specs["persistent_states"])
+                    note = gr.Markdown(persistence_note(cache, ttt_default))
+                    for name in ("readings", "allow_silence", "max_seconds"):
+                        inputs[name] = control(specs[name])
+                with gr.Accordion("Open a results.json (no rescoring)", open=False):
+                    gr.Markdown("A results.json of this app or of the command line (e.g. Moshi 7B scored on a "
+                                "cluster): its figure, headline and tables, as when it was scored.")  # fmt: skip
+                    results_file = control(opening["results_file"])
+                    open_button = gr.Button("Open", elem_id="open-button")
             with gr.Column(scale=3):
                 shown = {"status": gr.Markdown("Choose a clip and press Run.", elem_id="run-status")}
-                shown["figure"] = gr.Plot(label="Loss, TTT − baseline, drift, inner loop", show_label=False,
-                                          elem_id="live-plot")  # fmt: skip
-                shown["headline"] = gr.Markdown(elem_id="headline")
-                shown["summary"] = gr.Dataframe(headers=outputs.SUMMARY_COLUMNS, label="Summary", interactive=False)
-                shown["readings"] = gr.Dataframe(headers=outputs.READING_COLUMNS, interactive=False, visible=False,
-                                                 label="Per reading of the repeated passage",
-                                                 elem_id="readings")  # fmt: skip
-                shown["downloads"] = gr.File(label="results.json, results.csv, report.html", file_count="multiple")
-                shown["notes"] = gr.Markdown()
+                with gr.Tabs():
+                    with gr.Tab("Figure", id="figure"):
+                        shown["headline"] = gr.Markdown(elem_id="headline")
+                        shown["figure"] = gr.Plot(PlotData(type="plotly", plot=outputs.WAITING_FIGURE),
+                                                  show_label=False, elem_id="live-plot")  # fmt: skip
+                        shown["summary"] = gr.Dataframe(headers=list(outputs.SUMMARY_COLUMNS), label="Summary",
+                                                        interactive=False, wrap=True, elem_id="summary")  # fmt: skip
+                        shown["readings"] = gr.Markdown(elem_id="readings")
+                        shown["downloads"] = gr.File(label="results.json, results.csv, report.html",
+                                                     file_count="multiple", elem_id="downloads")  # fmt: skip
+                        shown["notes"] = gr.Markdown(elem_id="notes")
+                    with gr.Tab("Per codebook", id="codebooks"):
+                        gr.Markdown("Mimi's codebook 0 is *semantic* (distilled from a speech model: what is said), "
+                                    "codebooks 1-7 *acoustic* (how it sounds). Shown when a run ends or is "
+                                    "stopped, and for an opened results.json.")  # fmt: skip
+                        shown["codebook_figure"] = gr.Plot(show_label=False, elem_id="codebook-plot")
+                        shown["codebook_table"] = gr.Markdown(elem_id="codebook-table")
+                    with gr.Tab("Compare settings", id="compare"):
+                        gr.Markdown("Several settings on the clip chosen on the left, against its baseline, in one "
+                                    "figure. Each is scored exactly as Run scores it alone (chunked).")  # fmt: skip
+                        with gr.Row():
+                            compare_inputs = {n: control(more[n]) for n in ("compare_checkpoints", "compare_sizes",
+                                                                            "compare_persistence")}  # fmt: skip
+                        compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                        compare_status = gr.Markdown(elem_id="compare-status")
+                        compare_plot = gr.Plot(show_label=False, elem_id="compare-plot")
+                        compare_table = gr.Markdown(elem_id="compare-table")
+                        compare_files = gr.File(label="results.json, results.csv, report.html of the comparison",
+                                                file_count="multiple", elem_id="compare-downloads")  # fmt: skip
         inputs["ttt"].change(lambda name: (persistence_note(cache, name), checkpoint_mini_batch(cache, name)),
                              inputs["ttt"], [note, inputs["mini_batch_size"]], queue=False,
                              show_progress="hidden")  # fmt: skip
         handler = run_handler(cache, specs, runs, examples, stops)
-        run_button.click(handler, [inputs[name] for name in specs], [shown[name] for name in outputs.OUTPUT_NAMES],
-                         api_name="run", preprocess=False, show_progress="hidden")  # fmt: skip
+        run_outputs = [shown[name] for name in outputs.OUTPUT_NAMES]
+        run_button.click(handler, [inputs[name] for name in specs], run_outputs, api_name="run", preprocess=False,
+                         show_progress="hidden", js=SCROLL_TO_STATUS)  # fmt: skip
+        compare_controls = {**inputs, **compare_inputs}
+        compare_button.click(compare_handler(cache, more, compared, examples, stops),
+                             [compare_controls[name] for name in more],
+                             [compare_status, compare_plot, compare_table, compare_files], api_name="compare",
+                             preprocess=False, show_progress="hidden")  # fmt: skip
+        open_button.click(open_handler(opening), [results_file], run_outputs, api_name="open_results",
+                          preprocess=False, show_progress="hidden")  # fmt: skip
 
         def stop(request: gr.Request) -> None:
             stops.request(session_of(request))
 
         def end_session(request: gr.Request) -> None:
-            runs.end_session(session_of(request))
+            for folders in (runs, compared):
+                folders.end_session(session_of(request))
             stops.end_session(session_of(request))
 
         stop_button.click(stop, None, None, queue=False, show_progress="hidden")
         demo.unload(end_session)
+        demo.load(None, js=PAGE_JS)  # the player's position on the figures, a click plays from there
         if allow_hub:
             add.click(add_hub_checkpoint(cache), hub, [inputs["baseline"], inputs["ttt"], hub_note], queue=False,
                       preprocess=False)  # fmt: skip

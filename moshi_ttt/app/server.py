@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -20,6 +21,8 @@ from moshi_ttt.app.engine import threads_per_run
 from moshi_ttt.app.handlers import MAX_SECONDS
 from moshi_ttt.app.layout import build_demo
 from moshi_ttt.app.models import ModelCache, build_allow_list
+
+logger = logging.getLogger("moshi_ttt.app")
 
 QUEUE_SIZE = 16  # runs waiting at most (--queue-size); the next user is told the queue is full
 MAX_FILE_SIZE = "200mb"  # largest upload (10 min of 48 kHz stereo 16-bit WAV is 115 MB)
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 5 <= args.max_seconds <= MAX_SECONDS:
         cli.error(f"--max-seconds must be between 5 and {MAX_SECONDS:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one line each
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     if device == "cpu":
@@ -97,5 +101,34 @@ def main(argv: list[str] | None = None) -> None:
     host, port = server_address(args.host, args.port)
     demo = build_demo(cache, example_clips(demo_dir), max_seconds=args.max_seconds, allow_hub=args.allow_hub)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    quiet_known_warnings()
     with no_compile() if compile_disabled() else contextlib.nullcontext():  # for as long as the server runs
-        demo.launch(server_name=host, server_port=port, share=args.share, max_file_size=MAX_FILE_SIZE)
+        # quiet: Gradio's own lines would say `share=True` where this command line says --share; `startup_line` says
+        # what they said, and more.
+        _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=args.share, quiet=True,
+                                              max_file_size=MAX_FILE_SIZE, prevent_thread_lock=True)  # fmt: skip
+        logger.info(startup_line(cache, device, dtype, local_url, share_url, args.share))
+        demo.block_thread()
+
+
+def startup_line(cache: ModelCache, device: str, dtype, local_url: str, share_url: str | None, share: bool) -> str:
+    """The one line the server logs once it listens: the checkpoints, device and dtype, and where to open it.
+
+    Args:
+        cache: the models served (their allow-list).
+        device, dtype: where and how they run.
+        local_url: Gradio's local address; share_url: its public link (None without --share).
+        share: whether --share was given.
+    """
+    checkpoints = ", ".join(f"{name} ({entry.ref})" for name, entry in cache.allow_list.items())
+    where = f"open {local_url}" + (f" or {share_url}" if share_url else "")
+    if not share:
+        where += " (add --share for a public link)"
+    threads = f", {torch.get_num_threads()} CPU thread(s) per run" if device == "cpu" else ""
+    return f"moshi-ttt app: serving {checkpoints} on {device} ({str(dtype).removeprefix('torch.')}{threads}); {where}"
+
+
+def quiet_known_warnings() -> None:
+    """Silences the one warning the server would otherwise print at every run: Gradio 6.17's queue uses Starlette's
+    deprecated HTTP_422_UNPROCESSABLE_ENTITY (gradio/routes.py), nothing the app or its user can change."""
+    warnings.filterwarnings("ignore", message=".*HTTP_422_UNPROCESSABLE_ENTITY.*")

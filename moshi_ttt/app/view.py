@@ -4,27 +4,70 @@ server; app.py only places these strings and rows into components."""
 from __future__ import annotations
 
 import math
+import re
 
 from moshi_ttt.app.engine import LiveUpdate
 from moshi_ttt.data.audio import FRAME_RATE
+from moshi_ttt.data.audio import SAMPLE_RATE as MIMI_SAMPLE_RATE
 from moshi_ttt.reports import headline
 
-# One short explanation, shown collapsed under the title.
+DEMO_MODELS = (
+    "**The models here are tiny demo models**, not Moshi 7B: about 1.6 M parameters each, trained for this page on "
+    "synthetic espeak-ng speech (demo_assets/MANIFEST.md). They show the mechanism, not the quality of a real Moshi; "
+    "the command line scores Moshi 7B itself, and its results.json opens here (**Open a results.json**, left)."
+)
+
+
+def intro_markdown(
+    demo_models: bool, start_clip: str | None, context_tokens: int | None, mini_batch: int | None
+) -> str:
+    """The text at the top of the page: what the page shows in plain words, which models it serves, where to start.
+
+    Args:
+        demo_models: the app serves the demo assets' tiny models (else: the checkpoints given on its command line).
+        start_clip: the demo clip to start with (its file name), None without one.
+        context_tokens: the TTT checkpoint's attention context, tokens (None: unknown).
+        mini_batch: its mini-batch size, tokens (None: unknown).
+    """
+    window = f" ({context_tokens / FRAME_RATE:g} s here)" if context_tokens else ""
+    step = f"every {mini_batch / FRAME_RATE:g} s of audio" if mini_batch else "every few tokens"
+    lines = [
+        "## moshi-ttt: does a speech model that keeps learning while it listens remember what it heard?",
+        "Two versions of Kyutai's Moshi speech model read the same audio and predict each next sound token: a "
+        "**baseline**, and the same model with a **TTT layer**, a small network whose weights take a learning step "
+        f"{step}, so that it can remember further back than attention can see{window}. Lower loss is better "
+        "prediction.",
+    ]
+    lines.append(DEMO_MODELS if demo_models else "The models are the checkpoints this server was started with.")
+    if start_clip:
+        lines.append(
+            f"**Start here:** pick **{start_clip}** under *Demo clips* (one passage read three times), press **Run**, "
+            "and watch the TTT model's loss (red) fall below the baseline's (blue) on the 2nd and 3rd readings "
+            "(shaded). Click the figure to hear that moment."
+        )
+    return "\n\n".join(lines)
+
+
+# The longer explanation, shown collapsed under the introduction.
 EXPLANATION = """\
 **TTT (Test-Time Training)** layers keep a small neural network, the *fast weights* W, inside the model. While \
 reading, every mini-batch of tokens takes one gradient step on W (learn to map each token's key to its value), so \
 W is a memory of the clip that reaches further back than attention's window. W starts from the trained W_base for \
-every clip; **drift** is how far it has moved, ||W − W_base|| / ||W_base||.
+every clip; **drift** is how far it has moved, ||W − W_base|| / ||W_base||. The **inner loop** row shows how well \
+W reconstructs each mini-batch before and after its step, as a fraction of what there is to learn (the target's \
+variance).
 
 **mini_batch_size** b: tokens per inner-loop step. Smaller b updates W more often (finer memory, slower); the \
-checkpoint was trained with its own b.
+checkpoint was trained with its own b. **persistent_states** off resets W every attention window.
 
 **Loss** is the teacher-forced cross-entropy of the next audio token (nats per codebook entry, lower is better). \
 **TTT − baseline** below zero means TTT predicts better there. **slope / 1k tokens** is the least-squares trend of \
-the loss over the clip, per 1,000 tokens (80 s): negative means the model predicts better the more it has heard.
+the loss over the clip, per 1,000 tokens (80 s): negative means the model predicts better the more it has heard. \
+**Per codebook**: Mimi's codebook 0 is *semantic* (distilled from a speech model), codebooks 1-7 *acoustic* detail.
 
 **Modes** give the same numbers: *live token by token* reads one token per call as in real-time use, *chunked* \
-reads chunks of 2 s, *whole sequence* reads the clip in one call (fastest; one update at the end).
+reads chunks of 2 s, *whole sequence* reads the clip in one call (fastest; one update at the end). \
+**Compare settings** scores several settings on one clip, each exactly as a run of its own would.
 """
 
 # What persistent_states=False does (options.py, docs/ARCHITECTURE.md "Persistence"): the UI shows it under the box.
@@ -55,18 +98,33 @@ def status_text(update: LiveUpdate | None, phase: str = "") -> str:
 
 
 def headline_for(update: LiveUpdate) -> str:
-    """The headline Markdown of a last update (marked partial after a stop)."""
+    """The headline Markdown of a last update (after a Stop it says which part of the clip it covers)."""
     comparison = headline.headline(update.document)
-    if comparison is None:
-        return ""
-    text = headline.headline_markdown(comparison)
-    return f"**Partial (stopped)** — {text}" if update.stopped else text
+    return "" if comparison is None else headline.headline_markdown(comparison)
 
 
-def table_rows(rows: list[dict], columns: list[str], partial: bool) -> list[list]:
-    """Rows of dicts as table rows in `columns` order, numbers rounded for the eye (percentages to 2 decimals, the
-    rest to 4, non-finite as empty); the run name says "(partial)" after a stop."""
-    out = [[_rounded(column, row.get(column)) for column in columns] for row in rows]
+def table_rows(rows: list[dict], columns: dict[str, str] | list[str], partial: bool) -> list[list]:
+    """Rows of dicts as table rows, numbers rounded for the eye, non-finite as empty; improvements (keys with "%")
+    in words ("6.33% lower", "9.58% higher (worse)") when the columns map labels to keys, rounded to 2 decimals when
+    they are listed as keys. The run name says "(partial)" after a stop.
+
+    Args:
+        rows: dicts, e.g. `reports.results.summary_rows`.
+        columns: {column label: key} (the words form) or the keys themselves, in table order.
+        partial: mark the first cell of each row "(partial)".
+    """
+    words = isinstance(columns, dict)
+    keys = list(columns.values()) if words else list(columns)
+    out = []
+    for row in rows:
+        cells = []
+        for key in keys:
+            value = row.get(key)
+            if words and "%" in key and isinstance(value, (int, float)):
+                cells.append(headline.change_words(float(value)))
+            else:
+                cells.append(_rounded(key, value))
+        out.append(cells)
     if partial:
         for row in out:
             row[0] = f"{row[0]} (partial)"
@@ -74,9 +132,69 @@ def table_rows(rows: list[dict], columns: list[str], partial: bool) -> list[list
 
 
 def _rounded(column: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, int):
         return value
     if not math.isfinite(value):
         return None
     digits = 2 if "%" in column else 1 if column in ("tokens/s", "peak MB") else 4
     return round(float(value), digits)
+
+
+def audio_notes(audio: dict) -> list[str]:
+    """What happened to the file before scoring: trimmed to the duration limit, mixed down to mono, resampled to
+    Mimi's 24 kHz. [] for a 24 kHz mono file scored whole.
+
+    Args:
+        audio: a results document's "audio" record ("duration_s", "sample_rate", "channels", "trimmed_from_s").
+    """
+    notes = []
+    whole = audio.get("trimmed_from_s")
+    if whole is not None and audio.get("duration_s") is not None:
+        notes.append(f"Scored the first {audio['duration_s']:.1f} s of {whole:.1f} s (the duration limit).")
+    changes = []
+    channels = audio.get("channels")
+    if isinstance(channels, int) and channels > 1:
+        changes.append(f"mixed its {channels} channels down to mono")
+    rate = audio.get("sample_rate")
+    if isinstance(rate, (int, float)) and rate != MIMI_SAMPLE_RATE:
+        changes.append(f"resampled it from {rate / 1000:g} kHz to {MIMI_SAMPLE_RATE / 1000:g} kHz")
+    if changes:
+        notes.append(f"Before encoding, the app {' and '.join(changes)} (what Mimi reads).")
+    return notes
+
+
+def notes_markdown(document: dict) -> str:
+    """The notes shown under the downloads: the audio's (`audio_notes`) and each run's (checkpoints, findings)."""
+    notes = audio_notes(document.get("audio") or {})
+    notes += [n for run_notes in ((document.get("config") or {}).get("notes") or {}).values() for n in run_notes]
+    return "\n\n".join(n for n in notes if n)
+
+
+def plain(text: str) -> str:
+    """`text` escaped for Markdown, so that it shows as it is (no HTML, links or emphasis of its own): for text from
+    users, such as the names in a reopened results.json."""
+    return re.sub(r"([\\`*_\[\]<>#|!])", r"\\\1", text)
+
+
+READING_COLUMNS = {"reading": "reading", "span (s)": "span (s)", "baseline loss": "baseline loss",
+                   "TTT loss": "TTT loss", "TTT vs baseline": "improvement %"}  # fmt: skip
+
+
+def readings_markdown(document: dict) -> str:
+    """The per-reading table of a document as Markdown (a caption and a table; "" without readings)."""
+    rows = table_rows(headline.reading_rows(document), READING_COLUMNS, False)
+    caption = "**Per reading of the repeated passage** (TTT can remember a passage from its 2nd reading on)"
+    return markdown_table(list(READING_COLUMNS), rows, caption)
+
+
+def markdown_table(columns: list[str], rows: list[list], caption: str = "") -> str:
+    """Rows as a Markdown table under an optional caption, each cell escaped (`plain`); "" without rows.
+
+    The app shows its tables whose every row matters (readings, codebooks, compared settings) as Markdown: Gradio's
+    Dataframe renders only the rows it thinks are in view, and left rows out of a table below the fold.
+    """
+    if not rows:
+        return ""
+    head = "| " + " | ".join(plain(c) for c in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join("" if c is None else plain(str(c)) for c in row) + " |\n" for row in rows)
+    return f"{caption}\n\n{head}{body}" if caption else head + body

@@ -36,11 +36,14 @@ except ImportError:
         return lambda fn: fn
 
 
-def gpu_duration(specs: dict[str, Spec]) -> Callable[..., int]:
-    """ZeroGPU's `duration` for the Run handler whose inputs `specs` describes.
+def gpu_duration(specs: dict[str, Spec], runs: Callable[[dict], int] | None = None) -> Callable[..., int]:
+    """ZeroGPU's `duration` for the Run (or Compare) handler whose inputs `specs` describes.
 
     Args:
-        specs: the Run event's specs (`handlers.run_specs`): "audio", "mode" and "max_seconds" are read.
+        specs: the event's specs (`handlers.run_specs`): "audio", "mode" (chunked without it) and "max_seconds"
+            are read.
+        runs: how many times the event scores the clip with both models, from the raw values by name (Compare:
+            once per setting; a refused value may count as 1); None: once.
     Returns:
         A function of the handler's arguments (Gradio's request, then the raw values in the specs' order) giving
         whole seconds: a start-up allowance plus the scored tokens (the clip's length, at most its max_seconds)
@@ -56,10 +59,10 @@ def gpu_duration(specs: dict[str, Spec]) -> Callable[..., int]:
         except (InputError, RuntimeError, TypeError, sf.LibsndfileError):
             duration_s = REFUSED_S
         try:
-            stream = LIVE_MODES[specs["mode"].check(raw.get("mode"))] == "stream"
+            stream = "mode" in specs and LIVE_MODES[specs["mode"].check(raw.get("mode"))] == "stream"
         except InputError:
             stream = False
         per_token = GPU_S_PER_TOKEN["stream" if stream else "chunked"]
-        return int(GPU_START_S + duration_s * FRAME_RATE * per_token)
+        return int(GPU_START_S + duration_s * FRAME_RATE * per_token * (runs(raw) if runs else 1))
 
     return seconds

@@ -40,23 +40,41 @@ def loss_figure(runs: dict[str, list[float]], smooth: int = 25, frame_rate: floa
     return fig
 
 
+def bin_spans(starts: list[int], tokens: int | None, bin_size: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of each position bin in tokens: a bin ends where the next starts, the last at the clip's end
+    (`tokens`; without it, one `bin_size` after its start)."""
+    size = bin_size or (starts[1] - starts[0] if len(starts) > 1 else 1)
+    ends = [*starts[1:], tokens if tokens is not None else (starts[-1] + size if starts else 0)]
+    return list(zip(starts, ends, strict=True))
+
+
 def bins_figure(
-    bins: dict[str, tuple[list[int], list[float]]], title: str, yaxis: str, bin_size: int | None = None
+    bins: dict[str, tuple[list[int], list[float]]],
+    title: str,
+    yaxis: str,
+    bin_size: int | None = None,
+    tokens: int | None = None,
 ) -> go.Figure:
     """Bars per position bin: name -> (bin starts, values); e.g. loss per bin or TTT improvement per bin.
 
-    Each bar spans its bin (centred on it, `bin_size` tokens wide: the starts' spacing when not given), so the time
-    axis starts at 0 s, as the loss plot's does.
+    Each bar spans its bin (`bin_spans`: the last one ends with the clip when `tokens` is given), side by side with
+    the other runs' bars of the same bin, and the time axis runs from 0 s to the clip's end, as the loss plot's.
     """
     fig = go.Figure()
     end = 0.0
-    for name, (starts, values) in bins.items():
-        size = bin_size or (starts[1] - starts[0] if len(starts) > 1 else 1)
-        centers = [(s + size / 2) / FRAME_RATE for s in starts]
-        end = max([end, *((s + size) / FRAME_RATE for s in starts)])
-        fig.add_trace(go.Bar(x=centers, y=_nullable(values), name=name, hovertemplate="%{y:.4f} at %{x:.1f} s"))
+    for j, (name, (starts, values)) in enumerate(bins.items()):
+        spans = bin_spans(starts, tokens, bin_size)
+        widths = [(b - a) / FRAME_RATE for a, b in spans]
+        share = [0.9 * w / len(bins) for w in widths]  # each run's part of its bin
+        fig.add_trace(go.Bar(
+            x=[a / FRAME_RATE for a, _ in spans], y=_nullable(values), name=name, width=share,
+            offset=[0.05 * w + j * s for w, s in zip(widths, share, strict=True)],
+            customdata=[[a / FRAME_RATE, b / FRAME_RATE] for a, b in spans],
+            hovertemplate="%{y:.4f} over %{customdata[0]:.1f}-%{customdata[1]:.1f} s",
+        ))  # fmt: skip
+        end = max([end, *(b / FRAME_RATE for _, b in spans)])
     fig.update_layout(title=title, xaxis_title="position in the clip (s; each bar spans its bin)", yaxis_title=yaxis,
-                      barmode="group", xaxis={"range": [0, end or 1]})  # fmt: skip
+                      barmode="overlay", xaxis={"range": [0, end or 1]})  # fmt: skip
     return fig
 
 

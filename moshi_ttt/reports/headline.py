@@ -111,11 +111,22 @@ def improvement_pct(baseline: float | None, ttt: float | None) -> float:
 
 
 def reading_losses(loss, readings: list[Reading], frame_rate: float = FRAME_RATE) -> list[dict]:
-    """results.json "readings": {"start_s", "end_s", "mean_loss"} of each reading, from loss [T] or [K, T]."""
+    """results.json "readings": {"start_s", "end_s", "mean_loss"} of each reading, from loss [T] or [K, T].
+
+    A reading that runs past the scored tokens (a Stop, or a clip trimmed to the duration limit) keeps only its
+    scored part: its "end_s" is where scoring ended and it carries "partial": true and "span_end_s" (the end its
+    transcript names); a reading that starts after the scored tokens is left out.
+    """
+    tokens = np.asarray(loss).shape[-1]
     rows = []
     for reading in readings:
         a, b = span_tokens(reading.start_s, reading.end_s, frame_rate)
-        rows.append({"start_s": reading.start_s, "end_s": reading.end_s, "mean_loss": mean_loss(loss, a, b)})
+        if a >= tokens:
+            break
+        row = {"start_s": reading.start_s, "end_s": reading.end_s, "mean_loss": mean_loss(loss, a, min(b, tokens))}
+        if b > tokens:
+            row.update(end_s=round(tokens / frame_rate, 3), partial=True, span_end_s=reading.end_s)
+        rows.append(row)
     return rows
 
 
@@ -131,19 +142,38 @@ def short_clip_caveat(tokens: int, context: int | None, frame_rate: float = FRAM
     )
 
 
+SILENT_CAVEAT = (
+    "This clip is silent (scored because 'allow silence' is on): the losses measure how the models predict "
+    "silence, which says nothing about TTT memory."
+)
+
+
+@dataclass(frozen=True)
+class ReadingGain:
+    """TTT against the baseline on one reading of the repeated passage."""
+
+    number: int  # 1 for the first reading
+    start_s: float
+    end_s: float  # where the scored part of the reading ends
+    improvement_pct: float  # positive: TTT's loss is lower
+    partial: bool  # the scoring ended inside the reading (Stop, duration limit)
+
+
 @dataclass(frozen=True)
 class Headline:
     """The comparison of a TTT run with the baseline on one clip (improvements in %, positive: TTT better)."""
 
-    tokens: int  # T of the clip
+    tokens: int  # T of the clip (of its scored part after a Stop)
     context: int | None  # the TTT model's attention context in tokens (None: unbounded)
-    baseline_loss: float  # mean loss over the whole clip
+    baseline_loss: float  # mean loss over the scored tokens
     ttt_loss: float
     improvement_pct: float
     baseline_loss_past_context: float  # mean loss at or after token `context` (NaN if the clip is not longer)
     ttt_loss_past_context: float
     improvement_past_context_pct: float
-    caveat: str | None  # set for a short clip: show it instead of a bold percentage
+    caveat: str | None  # set for a short or silent clip: show it instead of a bold percentage
+    scope: str = "the whole clip"  # what the numbers cover: "the first 23.4 s of 60.3 s (stopped)" after a Stop
+    readings: tuple[ReadingGain, ...] = ()  # per reading of a repeated passage, when the clip names them
 
 
 def headline(document: dict, ttt_run: str = "ttt") -> Headline | None:
@@ -155,6 +185,8 @@ def headline(document: dict, ttt_run: str = "ttt") -> Headline | None:
     context = ttt.get("context_tokens")
     tokens = int(ttt.get("tokens") or len(ttt.get("loss_per_token", [])))
     past = [_past_context(run, context) for run in (base, ttt)]
+    audio = document.get("audio") or {}
+    caveats = [short_clip_caveat(tokens, context), SILENT_CAVEAT if audio.get("silent") else None]
     return Headline(
         tokens=tokens,
         context=context,
@@ -164,8 +196,35 @@ def headline(document: dict, ttt_run: str = "ttt") -> Headline | None:
         baseline_loss_past_context=past[0],
         ttt_loss_past_context=past[1],
         improvement_past_context_pct=improvement_pct(*past),
-        caveat=short_clip_caveat(tokens, context),
+        caveat=" ".join(c for c in caveats if c) or None,
+        scope=scope_of(audio, tokens),
+        readings=tuple(reading_gains(document, ttt_run)),
     )
+
+
+def scope_of(audio: dict, tokens: int, frame_rate: float = FRAME_RATE) -> str:
+    """What a document's numbers cover: "the whole clip", or "the first N s of M s" after a Stop or a trim."""
+    partial = audio.get("partial")
+    if partial:
+        total = partial.get("total_tokens") or tokens
+        return f"the first {tokens / frame_rate:.1f} s of {total / frame_rate:.1f} s (stopped)"
+    if audio.get("trimmed_from_s") is not None:
+        return f"the first {tokens / frame_rate:.1f} s of {float(audio['trimmed_from_s']):.1f} s (duration limit)"
+    return "the whole clip"
+
+
+def reading_gains(document: dict, ttt_run: str = "ttt") -> list[ReadingGain]:
+    """TTT's improvement on each reading the baseline and `ttt_run` records both list; [] without readings."""
+    runs = document.get("runs", {})
+    base, ttt = runs.get("baseline", {}).get("readings"), runs.get(ttt_run, {}).get("readings")
+    if not base or not ttt or len(base) != len(ttt):
+        return []
+    return [
+        ReadingGain(
+            i, b["start_s"], b["end_s"], improvement_pct(b["mean_loss"], t["mean_loss"]), bool(b.get("partial"))
+        )
+        for i, (b, t) in enumerate(zip(base, ttt, strict=True), start=1)
+    ]
 
 
 def _past_context(run: dict, context: int | None) -> float:
@@ -177,7 +236,8 @@ def _past_context(run: dict, context: int | None) -> float:
 
 
 def reading_rows(document: dict, ttt_run: str = "ttt") -> list[dict]:
-    """Per-reading table: reading, span, baseline and TTT mean loss, improvement %; [] without readings."""
+    """Per-reading table: reading, span, baseline and TTT mean loss, improvement %; [] without readings. A reading
+    cut by a Stop (or the duration limit) shows its scored span, marked "(partial)"."""
     runs = document.get("runs", {})
     base, ttt = runs.get("baseline", {}).get("readings"), runs.get(ttt_run, {}).get("readings")
     if not base or not ttt or len(base) != len(ttt):
@@ -185,7 +245,7 @@ def reading_rows(document: dict, ttt_run: str = "ttt") -> list[dict]:
     return [
         {
             "reading": i,
-            "span (s)": f"{b['start_s']:.1f}-{b['end_s']:.1f}",
+            "span (s)": f"{b['start_s']:.1f}-{b['end_s']:.1f}" + (" (partial)" if b.get("partial") else ""),
             "baseline loss": _round(b["mean_loss"], 4),
             "TTT loss": _round(t["mean_loss"], 4),
             "improvement %": _round(improvement_pct(b["mean_loss"], t["mean_loss"]), 2),
@@ -195,44 +255,67 @@ def reading_rows(document: dict, ttt_run: str = "ttt") -> list[dict]:
 
 
 def bin_rows(document: dict, ttt_run: str = "ttt", frame_rate: float = FRAME_RATE) -> list[dict]:
-    """Per position bin: span (from 0 s), baseline and TTT mean loss, improvement %; [] without both runs."""
+    """Per position bin: span (from 0 s; the last bin ends with the clip), baseline and TTT mean loss, improvement %;
+    [] without both runs."""
     runs = document.get("runs", {})
     if "baseline" not in runs or ttt_run not in runs:
         return []
     base, ttt = runs["baseline"]["loss_per_bin"], runs[ttt_run]["loss_per_bin"]
-    size, tokens = base["bin_size"], len(runs["baseline"]["loss_per_token"])
+    tokens = len(runs["baseline"]["loss_per_token"])
+    ends = [*base["start"][1:], tokens] if base["start"] else []
     return [
         {
-            "bin (s)": f"{start / frame_rate:.1f}-{min(start + size, tokens) / frame_rate:.1f}",
+            "bin (s)": f"{start / frame_rate:.1f}-{end / frame_rate:.1f}",
             "baseline loss": _round(b, 4),
             "TTT loss": _round(t, 4),
             "improvement %": _round(improvement_pct(b, t), 2),
         }
-        for start, b, t in zip(base["start"], base["loss"], ttt["loss"], strict=True)
+        for start, end, b, t in zip(base["start"], ends, base["loss"], ttt["loss"], strict=True)
     ]
 
 
+def change_words(pct: float, bold: bool = False) -> str:
+    """TTT's change against the baseline in words: "6.33% lower", "9.58% higher (worse)", "no different"; "n/a" when
+    unknown. `pct` is `improvement_pct` (positive: TTT's loss is lower)."""
+    if not math.isfinite(pct):
+        return "n/a"
+    if round(abs(pct), 2) == 0:
+        text = "no different"
+    else:
+        text = f"{abs(pct):.2f}% lower" if pct > 0 else f"{abs(pct):.2f}% higher (worse)"
+    return f"**{text}**" if bold else text
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def headline_markdown(h: Headline) -> str:
-    """The app's headline: bold improvements for a long enough clip, the caveat (and plain numbers) otherwise."""
-
-    def pct(value: float) -> str:
-        if not math.isfinite(value):
-            return "n/a"
-        text = f"{value:+.2f}%"
-        return text if h.caveat else f"**{text}**"
-
+    """The app's headline: TTT's loss against the baseline in words over what was scored, after the first attention
+    window and per reading of a repeated passage; bold for a long enough clip, plain with the caveat otherwise."""
+    bold = h.caveat is None
     lines = [
-        f"TTT vs baseline, whole clip: {pct(h.improvement_pct)} lower loss "
-        f"({h.ttt_loss:.4f} vs {h.baseline_loss:.4f} nats)."
+        f"TTT vs baseline, {h.scope}: TTT's loss is {change_words(h.improvement_pct, bold)} "
+        f"({h.ttt_loss:.4f} vs {h.baseline_loss:.4f} nats per token)."
     ]
     if h.context is not None and h.tokens > h.context:
         lines.append(
             f"After the first attention window ({h.context / FRAME_RATE:.1f} s, where only TTT can still hold earlier "
-            f"audio): {pct(h.improvement_past_context_pct)} "
+            f"audio): {change_words(h.improvement_past_context_pct, bold)} "
             f"({h.ttt_loss_past_context:.4f} vs {h.baseline_loss_past_context:.4f} nats)."
         )
     elif h.context is not None:
         lines.append(f"The clip never gets past the first attention window ({h.context / FRAME_RATE:.1f} s).")
+    if h.readings:
+        parts = [
+            f"{_ordinal(r.number)} ({r.start_s:.1f}-{r.end_s:.1f} s{', partial' if r.partial else ''}) "
+            f"{change_words(r.improvement_pct, bold and r.number > 1 and not r.partial)}"
+            for r in h.readings
+        ]
+        lines.append(
+            "Per reading of the repeated passage (from the 2nd on, TTT can remember the earlier ones): "
+            + "; ".join(parts) + "."
+        )  # fmt: skip
     if h.caveat:
         lines.append(f"**Caveat:** {h.caveat}")
     return "\n\n".join(lines)
@@ -240,9 +323,9 @@ def headline_markdown(h: Headline) -> str:
 
 def headline_text(h: Headline) -> str:
     """One line for the CLI's summary."""
-    parts = [f"TTT vs baseline {h.improvement_pct:+.2f}% whole clip"]
+    parts = [f"TTT vs baseline: loss {change_words(h.improvement_pct)} over {h.scope}"]
     if math.isfinite(h.improvement_past_context_pct):
-        parts.append(f"{h.improvement_past_context_pct:+.2f}% past the context")
+        parts.append(f"{change_words(h.improvement_past_context_pct)} past the context")
     text = ", ".join(parts)
     return f"{text} (caveat: {h.caveat})" if h.caveat else text
 

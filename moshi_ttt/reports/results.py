@@ -38,6 +38,7 @@ import torch
 
 from moshi_ttt.data.audio import FRAME_RATE
 from moshi_ttt.reports import headline
+from moshi_ttt.reports.codebooks import codebook_rows
 from moshi_ttt.reports.inplace_report import inplace_figure, inplace_messages, inplace_record
 from moshi_ttt.reports.loss_views import LossViews, view_rows
 from moshi_ttt.reports.outdir import atomic_write_text
@@ -84,7 +85,11 @@ def least_squares_slope(loss_per_token, per: float = 1000.0) -> float:
 
 
 def position_bins(loss_per_token, bin_size: int = DEFAULT_BIN_SIZE) -> tuple[list[int], list[float]]:
-    """Mean of the finite losses in consecutive bins of `bin_size` steps (the last bin may be shorter).
+    """Mean of the finite losses in consecutive bins of `bin_size` steps.
+
+    A remainder shorter than half a bin joins the bin before it (a 0.4 s tail bin is noise, not a finding), so the
+    last bin runs from its start to the end of the clip and holds between half a bin and one and a half bins; a
+    clip shorter than a bin is one bin.
 
     Returns:
         (first step of each bin, mean loss of each bin; NaN for a bin without finite values)
@@ -92,11 +97,13 @@ def position_bins(loss_per_token, bin_size: int = DEFAULT_BIN_SIZE) -> tuple[lis
     if bin_size < 1:
         raise ValueError(f"bin_size must be >= 1, got {bin_size}")
     y = _as_array(loss_per_token)
-    starts, means = [], []
-    for start in range(0, y.shape[0], bin_size):
-        part = y[start : start + bin_size]
+    starts = list(range(0, y.shape[0], bin_size))
+    if len(starts) > 1 and y.shape[0] - starts[-1] < bin_size / 2:
+        starts.pop()
+    means = []
+    for i, start in enumerate(starts):
+        part = y[start : starts[i + 1] if i + 1 < len(starts) else None]
         part = part[np.isfinite(part)]
-        starts.append(start)
         means.append(float(part.mean()) if part.size else float("nan"))
     return starts, means
 
@@ -345,23 +352,39 @@ def _csv_cell(value) -> str:
     return f"{value:.6g}"
 
 
+PLOTLY_CDN_NOTE = (
+    "The figures load plotly.js from its CDN (cdn.plot.ly), which keeps this page small; offline, the tables still "
+    "hold every number and results.json / results.csv the curves."
+)
+
+
 def write_html(
     path: str | Path,
     title: str,
     figures: list,
     tables: dict[str, list[dict]] | None = None,
     header: dict[str, list[dict]] | None = None,
+    plotly_js: str = "cdn",
 ) -> Path:
-    """A self-contained report page: Plotly's JavaScript inlined once, so it opens offline.
+    """A report page: tables and Plotly figures.
 
     Args:
         figures: plotly Figures, shown in order.
         tables: caption -> rows (dicts with the same keys), shown after the figures.
         header: tables shown before the figures (what the report is about).
+        plotly_js: "cdn" (the default: a page of a few hundred KB whose figures need the network) or "inline"
+            (plotly.js, 4.6 MB, inlined once: the page works offline).
+    Returns:
+        The path written.
     """
+    if plotly_js not in ("cdn", "inline"):
+        raise ValueError(f"plotly_js must be 'cdn' or 'inline', got {plotly_js!r}")
     parts = [_html_table(caption, rows) for caption, rows in (header or {}).items()]
+    if plotly_js == "cdn" and figures:
+        parts.append(f"<p><small>{html.escape(PLOTLY_CDN_NOTE)}</small></p>")
     for i, fig in enumerate(figures):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_height="420px"))
+        include = ("cdn" if plotly_js == "cdn" else True) if i == 0 else False
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=include, default_height="420px"))
     for caption, rows in (tables or {}).items():
         parts.append(_html_table(caption, rows))
     body = "\n".join(parts)
@@ -448,12 +471,19 @@ def file_stem(document: dict) -> str:
 
 
 def write_report(
-    out_dir: str | Path, document: dict, title: str = "moshi-ttt scoring report", prefix: str = ""
+    out_dir: str | Path,
+    document: dict,
+    title: str = "moshi-ttt scoring report",
+    prefix: str = "",
+    plotly_js: str = "cdn",
 ) -> dict[str, Path]:
-    """Writes PREFIXresults.json, PREFIXresults.csv and a self-contained PREFIXreport.html for one audio.
+    """Writes PREFIXresults.json, PREFIXresults.csv and PREFIXreport.html for one audio.
 
     Args:
         prefix: put before each file name (the app uses the clip's stem and "_", so downloads say which clip).
+        plotly_js: "cdn" or "inline", as for `write_html`.
+    Returns:
+        {"json", "csv", "html"}: the paths written.
     """
     from moshi_ttt.reports import figures as plots  # plotly is only needed for the HTML page
 
@@ -463,13 +493,13 @@ def write_report(
     figures = [plots.loss_figure({name: run["loss_per_token"] for name, run in runs.items()})]
     bins = {name: (run["loss_per_bin"]["start"], run["loss_per_bin"]["loss"]) for name, run in runs.items()}
     bin_size = next(iter(runs.values()))["loss_per_bin"]["bin_size"] if runs else None
-    figures.append(plots.bins_figure(bins, "Mean loss per position bin", "cross-entropy (nats)", bin_size))
+    tokens = max((len(run["loss_per_token"]) for run in runs.values()), default=0)
+    figures.append(plots.bins_figure(bins, "Mean loss per position bin", "cross-entropy (nats)", bin_size, tokens))
     gains = document.get("improvement_over_baseline", {})
     if gains:
         gain_bins = {name: (g["start"], g["improvement"]) for name, g in gains.items()}
-        figures.append(
-            plots.bins_figure(gain_bins, "Improvement over the baseline per bin", "loss reduction (nats)", bin_size)
-        )
+        title = "Improvement over the baseline per bin"
+        figures.append(plots.bins_figure(gain_bins, title, "loss reduction (nats)", bin_size, tokens))
     for name, run in runs.items():
         if run.get("drift"):
             figures.append(plots.drift_figure(run["drift"]).update_layout(title=f"{name}: fast-weight drift"))
@@ -510,8 +540,10 @@ def write_report(
         header["Per position bin"] = headline.bin_rows(document)
         if headline.reading_rows(document):
             header["Per reading of the repeated passage"] = headline.reading_rows(document)
+        if codebook_rows(document):
+            header["Per codebook (0: semantic, 1-7: acoustic)"] = codebook_rows(document)
     return {
         "json": write_json(out_dir / f"{prefix}results.json", document),
         "csv": write_csv(out_dir / f"{prefix}results.csv", runs),
-        "html": write_html(out_dir / f"{prefix}report.html", title, figures, tables, header),
+        "html": write_html(out_dir / f"{prefix}report.html", title, figures, tables, header, plotly_js),
     }

@@ -1,0 +1,131 @@
+"""Several settings on one clip: TTT checkpoints x mini_batch_size values x persistence on/off, each scored against
+the baseline, collected into one results document (a run per setting) for one figure and one table.
+
+Each setting is scored by `engine.compare_file` exactly as the Run button scores it alone (a fresh streaming
+session, the same options, the same chunking), so its numbers are the ones it gets alone, whatever else is compared
+(tests/test_app_compare.py checks it). The price: the clip is encoded and the baseline scored once per setting; the
+baseline's numbers are checked to be the same every time. Gradio-free.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from moshi_ttt.app.engine import compare_file, live_options
+from moshi_ttt.app.models import ModelCache
+from moshi_ttt.reports import results as report
+
+MAX_SETTINGS = 12  # settings compared in one go (each costs a full run of both models)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting to compare: a TTT checkpoint and the options of its run."""
+
+    checkpoint: str  # a name of the model cache's allow-list
+    mini_batch_size: int  # TTT inner-loop mini-batch size
+    persistent_states: bool  # fast weights through the clip (True) or reset every attention window (False)
+
+    @property
+    def name(self) -> str:
+        """The setting's run name in the document, figure and table: "ttt · b=8 · persistent"."""
+        persistence = "persistent" if self.persistent_states else "reset every window"
+        return f"{self.checkpoint} · b={self.mini_batch_size} · {persistence}"
+
+
+def settings_grid(checkpoints: tuple[str, ...], sizes: tuple[int, ...], persistence: tuple[bool, ...]) -> list[Setting]:
+    """Every combination, checkpoint first, then mini_batch_size, then persistence (on before off).
+
+    Raises:
+        ValueError: an empty choice, or more than MAX_SETTINGS combinations (one sentence for the user).
+    """
+    if not checkpoints or not sizes or not persistence:
+        raise ValueError("Choose at least one TTT checkpoint, one mini_batch_size and one persistence setting.")
+    grid = [Setting(c, b, p) for c, b, p in itertools.product(checkpoints, sizes, sorted(persistence, reverse=True))]
+    if len(grid) > MAX_SETTINGS:
+        raise ValueError(f"{len(grid)} settings is more than {MAX_SETTINGS} at once; choose fewer combinations.")
+    return grid
+
+
+@dataclass
+class CompareUpdate:
+    """After each setting: the settings scored so far, as one results document."""
+
+    done: int  # settings scored
+    total: int  # settings to score
+    document: dict  # results document: "baseline" and a run per setting scored so far (`Setting.name`)
+    elapsed_s: float
+    current: str = ""  # the setting being scored next ("" when all are done)
+    stopped: bool = False  # the comparison was stopped: `document` holds the settings finished before the Stop
+    settings: list[Setting] = field(default_factory=list)  # the settings scored so far, in order
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped or self.done == self.total
+
+
+def compare_settings(
+    cache: ModelCache,
+    audio_path: str,
+    baseline_name: str,
+    settings: list[Setting],
+    max_seconds: float,
+    *,
+    mode: str = "chunked",
+    allow_silence: bool = False,
+    readings: list | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> Iterator[CompareUpdate]:
+    """Scores each setting against the baseline, one after the other, yielding an update before the first and after
+    each.
+
+    Args:
+        cache: the shared models.
+        audio_path: the clip (checked by the caller).
+        baseline_name: the baseline checkpoint.
+        settings: what to compare (`settings_grid`).
+        max_seconds: the duration scored, as for a single run.
+        mode: the engine's mode for every setting (LIVE_MODES' values).
+        allow_silence, readings: as for `engine.compare_file`.
+        stop_requested: polled between settings; a Stop ends the comparison with the settings already scored.
+    Raises:
+        ValueError / FileNotFoundError: `compare_file`'s one-sentence errors; a baseline whose numbers differ
+            between settings (a leak between runs: a bug).
+    """
+    start = time.perf_counter()
+    runs: dict[str, dict] = {}
+    audio: dict = {}
+    done: list[Setting] = []
+    notes: dict[str, list[str]] = {}
+    configs: dict[str, dict] = {}
+    for i, setting in enumerate(settings):
+        yield _update(done, len(settings), runs, audio, configs, notes, start, current=setting.name)
+        if stop_requested is not None and stop_requested() and done:
+            yield _update(done, len(settings), runs, audio, configs, notes, start, stopped=True)
+            return
+        options = live_options(mode, setting.mini_batch_size, setting.persistent_states)
+        *_, last = compare_file(cache, audio_path, baseline_name, setting.checkpoint, options, max_seconds,
+                                allow_silence=allow_silence, readings=readings,
+                                min_interval_s=float("inf"))  # fmt: skip
+        document = last.document
+        if i == 0:
+            runs["baseline"], audio = document["runs"]["baseline"], document["audio"]
+            notes.update({"baseline": document["config"].get("notes", {}).get("baseline", [])})
+        elif document["runs"]["baseline"]["loss_per_token"] != runs["baseline"]["loss_per_token"]:
+            raise ValueError("the baseline scored differently between two settings: runs are not independent")
+        runs[setting.name] = document["runs"]["ttt"]
+        notes[setting.name] = document["config"].get("notes", {}).get("ttt", [])
+        configs[setting.name] = {k: document["config"].get(k) for k in ("mode", "chunk_size", "mini_batch_size",
+                                                                         "persistent_states")}  # fmt: skip
+        done.append(setting)
+    yield _update(done, len(settings), runs, audio, configs, notes, start)
+
+
+def _update(done, total, runs, audio, configs, notes, start, current="", stopped=False) -> CompareUpdate:
+    config = {"compared": "settings of one clip, each scored alone against the baseline", "runs": dict(configs),
+              "notes": {run: list(items) for run, items in notes.items() if run in runs}}  # fmt: skip
+    document = report.results_document(dict(audio), config, dict(runs)) if runs else {"runs": {}, "audio": audio}
+    return CompareUpdate(len(done), total, document, time.perf_counter() - start, current, stopped, list(done))
