@@ -70,13 +70,18 @@ def call(url: str, values: list) -> tuple[str, object]:
 
     Returns ("complete", outputs) or ("error", message).
     """
+    return call_event(url, "run", values)
+
+
+def call_event(url: str, event: str, values: list) -> tuple[str, object]:
+    """One call of an event ("run", "compare", "open_results") through the queue with raw JSON: see `call`."""
     body = json.dumps({"data": values})
     headers = {"Content-Type": "application/json"}
-    response = httpx.post(f"{url}/gradio_api/call/run", content=body, headers=headers, timeout=30)
+    response = httpx.post(f"{url}/gradio_api/call/{event}", content=body, headers=headers, timeout=30)
     response.raise_for_status()
     event_id = response.json()["event_id"]
     kind, data = None, None
-    with httpx.stream("GET", f"{url}/gradio_api/call/run/{event_id}", timeout=120) as stream:
+    with httpx.stream("GET", f"{url}/gradio_api/call/{event}/{event_id}", timeout=120) as stream:
         for line in stream.iter_lines():
             if line.startswith("event:"):
                 kind = line.split(":", 1)[1].strip()
@@ -288,3 +293,29 @@ def test_two_raw_sessions_get_their_solo_results(api, assets):
         assert kind == "complete"
         for run, loss in losses(data).items():
             np.testing.assert_array_equal(loss, solo[clip][run])
+
+
+def test_compare_and_open_take_raw_json_too(api, assets, tmp_path):
+    """The Compare and Open events skip Gradio's preprocessing as Run does: their refusals are one sentence each,
+    a good comparison and a good results.json come back."""
+    audio = upload(api, assets / "a.wav")
+    kind, data = call_event(api, "compare", [audio, "baseline", ["ttt"], ["3"], ["on"], 60, False, ""])
+    assert kind == "error"
+    assert_one_sentence(data, "mini_batch_size values: '3' is not one of")
+    kind, data = call_event(api, "compare", [audio, "baseline", ["ttt"], ["4", "16"], ["on"], 60, False, ""])
+    assert kind == "complete" and data[0].startswith("Done: 2 of 2 settings"), data
+    results = next(f["path"] for f in data[3] if f["path"].endswith("_compare_results.json"))
+    with open(results, "rb") as f:
+        response = httpx.post(f"{api}/gradio_api/upload", files={"files": ("r.json", f, "application/json")})
+    uploaded = file_data(response.json()[0], "r.json")
+    kind, data = call_event(api, "open_results", [uploaded])
+    assert kind == "complete" and data[1].startswith("Opened r.json: a.wav, 38 tokens"), data
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 2, "runs": {"x": {"loss_per_token": [NaN]}}}')
+    with bad.open("rb") as f:
+        response = httpx.post(f"{api}/gradio_api/upload", files={"files": ("bad.json", f, "application/json")})
+    kind, data = call_event(api, "open_results", [file_data(response.json()[0], "bad.json")])
+    assert kind == "error"
+    assert_one_sentence(data, "The file holds NaN, which strict JSON does not allow (results.json writes null)")
+    kind, data = call_event(api, "open_results", [file_data("/etc/passwd", "passwd")])
+    assert kind == "error"

@@ -169,6 +169,7 @@ def test_a_refusal_replaces_the_working_status_with_its_sentence(assets, cache):
     shown = [dict(zip(OUTPUTS, next(updates), strict=True)) for _ in range(2)]
     assert shown[0]["status"].startswith("Working")
     assert shown[1]["status"].startswith("Not scored: ") and "could not be read as audio" in shown[1]["status"]
+    assert "Not scored: " in shown[1]["figure"].plot and "Reading and encoding" not in shown[1]["figure"].plot
     with pytest.raises(gr.Error, match="could not be read as audio"):
         next(updates)
     refused = run(None, *raw_values(specs, audio=str(assets / "a.wav"), mini_batch_size=2.5, max_seconds=60))

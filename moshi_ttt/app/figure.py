@@ -170,7 +170,9 @@ def empty_figure(message: str) -> dict:
     """The live figure's frame without curves: the four rows with their titles and `message` in the first. Shown
     before a run (so that the page loads plotly.js at once, not at the first update) and while a run starts."""
     layout = _layout(None, FigureInfo())
-    layout["xaxis"]["range"] = [0, 10]
+    layout["xaxis"].update(range=[0, 10], showticklabels=False)
+    for row in range(len(ROWS)):
+        layout[f"yaxis{_suffix(row)}"]["showticklabels"] = False  # no numbers where there is nothing yet
     _note_row(layout, 0, message)
     return {"data": placeholders([], len(ROWS)), "layout": layout}
 

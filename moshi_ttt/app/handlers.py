@@ -186,7 +186,7 @@ def run_handler(
                 yield outputs.final(update, downloads, figure).for_gradio()
         except (FileNotFoundError, ValueError) as e:  # the library's one-sentence errors about the audio and the fit
             message = _user_message(e)
-            yield outputs.refused(message).for_gradio()
+            yield outputs.refused(message, started=True).for_gradio()
             raise refuse(message) from None
         finally:
             updates.close()

@@ -125,9 +125,16 @@ def starting(mode: str) -> RunOutputs:
     return dataclasses.replace(CLEARED, status=status, figure=STARTING_FIGURE)
 
 
-def refused(message: str) -> RunOutputs:
-    """A refused run: the status line says why (the same sentence as Gradio's error toast)."""
-    return RunOutputs(status=f"Not scored: {message}")
+def refused(message: str, started: bool = False) -> RunOutputs:
+    """A refused run: the status line says why (the same sentence as Gradio's error toast).
+
+    Args:
+        message: the sentence.
+        started: the run had begun (`starting` cleared the page): the figure's frame says it too, instead of
+            "Reading and encoding the audio…". A run refused before it began leaves the previous results as they are.
+    """
+    text = f"Not scored: {message}"
+    return RunOutputs(status=text, figure=to_json(empty_figure(text), "moshi_ttt") if started else None)
 
 
 def live(update: LiveUpdate, figure: LiveFigure) -> RunOutputs:
