@@ -52,7 +52,7 @@ def codebook_figure(document: dict, info: FigureInfo | None = None, smooth: int 
                          "showlegend": row == 0,
                          "line": {"color": RUN_COLORS[run], "width": 2, "dash": RUN_DASH[run]}})  # fmt: skip
     last = len(names)
-    for name, color in zip(names, GROUP_COLORS, strict=False):
+    for name, color in zip(names, GROUP_COLORS[: len(names)], strict=True):  # one or two groups
         diff = groups["ttt"][name] - groups["baseline"][name]
         data.append({**common, "y": _rounded(moving_average(diff, smooth)), "yaxis": _axis(last),
                      "legend": _legend(last), "name": name.split(" (")[0], "hovertemplate": "%{y:+.4f} nats",

@@ -11,6 +11,7 @@ Notation: T tokens, K codebooks, U inner-loop updates.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -122,7 +123,7 @@ def _layers(value: object, where: str, keys: tuple[str, ...], optional: tuple[st
         if not isinstance(steps, list) or len(steps) > tokens:
             raise InputError(f"{where}[{layer}].t must be a list of at most {tokens} token positions.")
         steps = [_whole(s, f"{where}[{layer}].t", minimum=0) for s in steps]
-        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or any(s > tokens for s in steps):
+        if any(b <= a for a, b in itertools.pairwise(steps)) or any(s > tokens for s in steps):
             raise InputError(f"{where}[{layer}].t must increase and stay within the clip's {tokens} tokens.")
         clean = {"t": steps}
         for key in keys + tuple(k for k in optional if record.get(k) is not None):

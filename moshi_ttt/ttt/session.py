@@ -18,6 +18,7 @@ Two kinds of reset, both per row and respecting moshi's exec_mask:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import typing as tp
 
 import torch
@@ -111,7 +112,7 @@ def reset_segments(state: State, tokens: int) -> list[int]:
         if runs:
             cuts.update(range((period - offset % period) % period, tokens, period))
     edges = sorted(cuts)
-    return [stop - start for start, stop in zip(edges[:-1], edges[1:], strict=False) if stop > start]
+    return [stop - start for start, stop in itertools.pairwise(edges) if stop > start]
 
 
 def periodic_reset(state: State) -> None:
