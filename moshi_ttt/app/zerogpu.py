@@ -52,7 +52,8 @@ def gpu_duration(specs: dict[str, Spec], runs: Callable[[dict], int] | None = No
     """
 
     def seconds(request: tp.Any, *values: object) -> int:
-        raw = dict(zip(specs, values, strict=False))  # too few values: the missing ones are refused
+        names = list(specs)  # the values by name; a missing one reads as None and is refused below
+        raw = {names[i]: value for i, value in enumerate(values[: len(names)])}
         try:
             path = specs["audio"].check(raw.get("audio"))
             duration_s = min(sf.info(path).duration, specs["max_seconds"].check(raw.get("max_seconds")))
