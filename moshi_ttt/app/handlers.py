@@ -37,7 +37,7 @@ from moshi_ttt.app.inputs import (
 from moshi_ttt.app.models import ModelCache, build_allow_list
 from moshi_ttt.app.reopen import read_results
 from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
-from moshi_ttt.app.zerogpu import gpu_duration, on_gpu
+from moshi_ttt.app.zerogpu import cache_sizes, compare_models, gpu_duration, on_gpu
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
 
@@ -159,7 +159,7 @@ def run_handler(
     known = list(known_clips or [])
     stops = stops or StopRequests()
 
-    @on_gpu(gpu_duration(specs))
+    @on_gpu(gpu_duration(specs, cache_sizes(cache), refuse))
     def run(request: gr.Request, *values):
         try:
             args = validate(specs, values)
@@ -232,7 +232,7 @@ def compare_handler(
     known = list(known_clips or [])
     stops = stops or StopRequests()
 
-    @on_gpu(gpu_duration(specs, runs=compared_runs))
+    @on_gpu(gpu_duration(specs, cache_sizes(cache), refuse, runs=compared_runs, models=compare_models))
     def compare(request: gr.Request, *values):
         try:
             args = validate(specs, values)
