@@ -144,8 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=sorted(DTYPES),
         default="auto",
-        help="auto: float32, bfloat16 from 4e9 parameters (Moshi 7B); "
-        "TTT fast weights stay float32",
+        help="auto: float32, bfloat16 from 4e9 parameters (Moshi 7B); TTT fast weights stay float32",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     return p

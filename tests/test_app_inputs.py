@@ -11,9 +11,9 @@ from moshi_ttt.app import server, zerogpu
 from moshi_ttt.app.handlers import MAX_SECONDS, compare_specs, compared_runs, run_specs
 from moshi_ttt.app.inputs import AudioFile, Choice, Flag, InputError, Number, validate
 from moshi_ttt.app.models import ModelCache, build_allow_list
+from moshi_ttt.data.audio import load_audio
 from moshi_ttt.data.checkpoints import weight_bytes
 from moshi_ttt.scoring.cost import MOSHI_7B_PARAMS, MOSHI_7B_WEIGHT_BYTES, gpu_seconds_per_token
-from moshi_ttt.data.audio import load_audio
 
 MINI_BATCH = Number("TTT mini_batch_size", 1, 64, integer=True)
 SECONDS = Number("Max duration (s)", 5, 600)
