@@ -198,14 +198,17 @@ def test_zerogpu_duration_follows_the_models_chosen_and_refuses_what_cannot_fit(
         seconds({"baseline": 40 * MOSHI_7B_PARAMS, "ttt": 40 * MOSHI_7B_PARAMS}, "live token by token")
 
 
-def test_zerogpu_sizes_come_from_the_loaded_models_and_never_load_one(assets):
+def test_zerogpu_sizes_come_from_the_models_loaded_at_start_up_and_never_load_one(assets):
     cache = ModelCache(build_allow_list([assets / "checkpoints"], use_env=False))
     sizes = zerogpu.cache_sizes(cache)
     assert sizes(["ttt"]) == zerogpu.RunSize((MOSHI_7B_PARAMS,), MOSHI_7B_WEIGHT_BYTES)  # not loaded: taken as 7B
     assert cache.loaded("ttt") is None  # ...and still not loaded
-    model = cache.get("ttt").model
-    assert sizes(["ttt", "ttt"]) == zerogpu.RunSize((sum(p.numel() for p in model.parameters()),) * 2,
-                                                    weight_bytes(model))  # fmt: skip
+    ttt = cache.get("ttt")
+    baseline = cache.get("baseline")
+    sizes = zerogpu.cache_sizes(cache)  # read once, as the handler is built (on ZeroGPU: after the start-up loading)
+    packed = weight_bytes(ttt.model, ttt.mimi, baseline.model, baseline.mimi)  # all loaded: a worker moves them all
+    assert sizes(["ttt", "ttt"]) == zerogpu.RunSize((sum(p.numel() for p in ttt.model.parameters()),) * 2, packed)
+    assert sizes(["baseline", "added"]).weight_bytes == packed + MOSHI_7B_WEIGHT_BYTES
 
 
 def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):

@@ -55,19 +55,28 @@ class RunSize:
     """The models one run scores, as ZeroGPU's estimate needs them."""
 
     params: tuple[int, ...]  # parameters of each model scored, one after the other (TTT layers included)
-    weight_bytes: int  # distinct bytes of their weights (moved onto the GPU when a worker starts)
+    weight_bytes: int  # distinct bytes of weights a GPU worker moves onto its GPU as it starts
 
 
 def cache_sizes(cache: ModelCache) -> Callable[[Sequence[str]], RunSize]:
-    """The sizes of allowed checkpoints from the model cache, without loading any: a checkpoint not loaded yet (on
-    ZeroGPU every configured one is loaded at start-up; a Hub checkpoint added later is not) counts as Moshi 7B."""
+    """The sizes of the allowed checkpoints, read from the models loaded when this is called, loading none.
+
+    Call it when the handler is built: on ZeroGPU that is after the start-up loading and before `launch`, after
+    which `spaces` has packed the weights away from the server's process (its worker gets them), and they can no
+    longer be read there. A checkpoint not loaded then (a Hub checkpoint added later) counts as Moshi 7B.
+
+    Returns:
+        `sizes(names)`: the parameters of each named model, and the bytes a worker moves onto its GPU as it starts:
+        every model loaded at start-up (spaces moves all it packed), plus 7B's for each model not loaded.
+    """
+    loaded = {name: ckpt for name in cache.names() if (ckpt := cache.loaded(name)) is not None}
+    params = {name: sum(p.numel() for p in ckpt.model.parameters()) for name, ckpt in loaded.items()}
+    packed = weight_bytes(*(m for ckpt in loaded.values() for m in (ckpt.model, ckpt.mimi) if m is not None))
 
     def sizes(names: Sequence[str]) -> RunSize:
-        loaded = [cache.loaded(name) for name in names]
-        params = tuple(sum(p.numel() for p in c.model.parameters()) if c else MOSHI_7B_PARAMS for c in loaded)
-        unknown = sum(c is None for c in loaded)
-        nbytes = weight_bytes(*(c.model for c in loaded if c)) + unknown * MOSHI_7B_WEIGHT_BYTES
-        return RunSize(params, nbytes)
+        unknown = len({name for name in names if name not in params})
+        return RunSize(tuple(params.get(name, MOSHI_7B_PARAMS) for name in names),
+                       packed + unknown * MOSHI_7B_WEIGHT_BYTES)  # fmt: skip
 
     return sizes
 
