@@ -130,3 +130,9 @@ def apply_fork_yarn(model, cfg: YarnConfig):
     if cfg.extend_context and model.context is not None:
         set_model_context(model, int(model.context * cfg.scale))  # the fork's run_inference: int(context * scale)
     return model
+
+
+def fork_yarn_of(model) -> YarnConfig | None:
+    """The YaRN settings `apply_fork_yarn` put into a moshi LMModel's temporal transformer; None without them."""
+    rope = model.transformer.rope
+    return rope.cfg if isinstance(rope, ForkYarnRotary) else None
