@@ -13,7 +13,7 @@ from conftest import raw_values
 from safetensors.torch import load_file, save_file
 from test_codec import tiny_codec_config
 from test_inplace import inplace_model
-from tiny_models import random_audio_codes, tiny_lm_config
+from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import load, save, score
 from moshi_ttt.app import layout, outputs
@@ -188,6 +188,8 @@ def fork_cache(tmp_path_factory) -> ModelCache:
     (root / "config.json").write_text(json.dumps(tiny_lm_config(card=16)))  # moshi's format, then ours with a codec
     save(root / "checkpoints" / "fork_base", load(str(root)).model, lm_config=tiny_lm_config(card=16),
          mimi_ref="../../codec")  # fmt: skip
+    other = root / "checkpoints" / "other_base"  # a plain model of another vocabulary
+    save(other, tiny_lm(0, card=17), lm_config=tiny_lm_config(card=17), mimi_ref="../../codec")
     for name in ("ttt_only_lora", "lora_ttt_yarn", "full_yarn"):
         copy = root / "checkpoints" / name
         shutil.copytree(FORK_DATA / name, copy, ignore=shutil.ignore_patterns("fork_outputs*"))
@@ -212,6 +214,12 @@ def test_a_lora_layout_checkpoint_loads_over_the_baseline_and_leaves_it_alone(fo
     assert shared.data_ptr() == base.transformer.layers[0].self_attn.in_projs[0].weight.data_ptr()
     with pytest.raises(CheckpointMismatch, match="loads over a plain model, but the baseline 'full_yarn' has TTT"):
         fork_cache.get("ttt_only_lora", base="full_yarn")
+    with pytest.raises(CheckpointMismatch) as refused:
+        fork_cache.get("ttt_only_lora", base="other_base")
+    assert str(refused.value) == (
+        "checkpoint 'ttt_only_lora' does not load over the baseline 'other_base': ttt_only_lora and the base "
+        "other_base disagree on card: 16 vs 17"
+    )  # the names the user chose, no server path
 
 
 @pytest.mark.parametrize("ttt", ["full_yarn", "lora_ttt_yarn"], ids=["consolidated", "lora_over_the_baseline"])

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from moshi_ttt.compat.moshi import set_model_context, set_rotary
+from moshi_ttt.compat.moshi import rotary, set_model_context, set_rotary
 from moshi_ttt.config import YarnConfig
 
 
@@ -134,5 +134,5 @@ def apply_fork_yarn(model, cfg: YarnConfig):
 
 def fork_yarn_of(model) -> YarnConfig | None:
     """The YaRN settings `apply_fork_yarn` put into a moshi LMModel's temporal transformer; None without them."""
-    rope = model.transformer.rope
+    rope = rotary(model)
     return rope.cfg if isinstance(rope, ForkYarnRotary) else None
