@@ -17,6 +17,8 @@ from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt import load, save, score
 from moshi_ttt.app import layout, outputs
+from moshi_ttt.app.compare import compare_settings, settings_grid
+from moshi_ttt.app.compare_view import compare_figure
 from moshi_ttt.app.engine import compare_live, live_options
 from moshi_ttt.app.figure import FigureInfo, figure_dict
 from moshi_ttt.app.handlers import run_handler, run_specs
@@ -104,7 +106,8 @@ def test_the_control_is_the_in_place_chunk_and_refuses_what_a_model_cannot_take(
     size = layout.update_size_of(demo_cache, "working_clip", "fair_baseline")
     assert (size.kind, size.label, size.default) == ("chunk", "In-Place chunk size (tokens per update)", 64)
     assert layout.update_control(size)["value"] == 64 and "chunk is 64" in layout.update_control(size)["info"]
-    assert layout.checkpoint_mini_batch(demo_cache, "ttt") == 16
+    assert layout.update_control(layout.update_size_of(demo_cache, "ttt"))["value"] == 16
+    assert layout.update_size_of(demo_cache, "fair_baseline").kind == "none"
     with pytest.raises(InputError, match=r"^TTT mini_batch_size of checkpoint 'ttt' must be between 1 and 64, got 256"):
         update_size(demo_cache.get("ttt").model).check(256, "ttt")
     refused = run_demo(demo_cache, "ttt", tmp_path, mini_batch_size=256)
@@ -118,6 +121,16 @@ def test_the_control_is_the_in_place_chunk_and_refuses_what_a_model_cannot_take(
     figure = json.loads(last[0].plot)
     assert any("every In-Place chunk" in a["text"] or "one In-Place chunk" in a["text"]
                for a in figure["layout"]["annotations"])  # fmt: skip
+
+
+@needs_demo
+def test_compare_settings_shows_the_in_place_drift_on_a_log_row(demo_cache):
+    settings = settings_grid(("fork_settings", "working_clip"), (64,), (True,))
+    *_, last = compare_settings(demo_cache, str(CLIP), "fair_baseline", settings, 16)
+    figure = compare_figure(last.document, last.settings)
+    assert figure["layout"]["yaxis3"]["type"] == "log"
+    drift = {trace["name"]: trace["y"] for trace in figure["data"] if trace["yaxis"] == "y3"}
+    assert max(drift[settings[0].name]) < 1e-8 < 1e-4 < min(drift[settings[1].name])  # tau = 1e-5 against 100
 
 
 @needs_demo

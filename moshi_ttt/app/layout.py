@@ -55,12 +55,6 @@ def persistence_note(cache: ModelCache, ttt_name: str | None, baseline: str | No
     return "persistent_states: " + view.persistence_help(context)
 
 
-def checkpoint_mini_batch(cache: ModelCache, ttt_name: str | None, baseline: str | None = None) -> int:
-    """The mini_batch_size slider's start: the chosen TTT checkpoint's own mini-batch or In-Place chunk (16 for a
-    model without TTT layers)."""
-    return update_size_of(cache, ttt_name, baseline).default or DEFAULT_UPDATE_TOKENS
-
-
 def update_size_of(cache: ModelCache, ttt_name: str | None, baseline: str | None = None) -> UpdateSize:
     """What the tokens-per-update control means for the chosen TTT checkpoint (app/update_size.py); a model without
     TTT layers' meaning for an unknown name or a pair that does not fit (the Run button says why)."""
