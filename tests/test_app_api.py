@@ -112,7 +112,8 @@ BAD_VALUES = [
     ("max_seconds", 10_000, "Max duration (s) must be between 5 and 60"),
     ("max_seconds", 10**400, "Max duration (s) must be between 5 and 60"),
     ("mini_batch_size", 2.5, "TTT mini_batch_size must be a whole number"),
-    ("mini_batch_size", 0, "TTT mini_batch_size must be between 1 and 64"),
+    ("mini_batch_size", 0, "TTT mini_batch_size must be between 1 and 1024"),  # the bound over every kind of model
+    ("mini_batch_size", 65, "TTT mini_batch_size of checkpoint 'ttt' must be between 1 and 64, got 65."),  # its own
     ("mini_batch_size", "abc", "TTT mini_batch_size must be a number"),
     ("mini_batch_size", True, "TTT mini_batch_size must be a number"),
     ("baseline", ["baseline"], "Baseline checkpoint must be one of: baseline, ttt, wide_vocab"),

@@ -1,6 +1,9 @@
 """The server's start-up: Hub checkpoints named by the environment (a Space's settings), and ZeroGPU's start-up
 loading, simulated (the `spaces` package is not installed in the tests: SPACES_ZERO_GPU is what it reads)."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import tiny_lm_config
@@ -79,3 +82,14 @@ def test_preload_moves_models_that_share_a_base_keeping_one_copy(assets):
     preload(cache, device="meta")  # loaded already: nothing loads again, everything moves
     assert cache.device == "meta" and all(p.is_meta for p in (*baseline.parameters(), *ttt.parameters()))
     assert before > 0 and weight_bytes(baseline, ttt) == 0  # nothing left behind on the CPU
+
+
+def test_preload_leaves_in_place_lora_checkpoints_to_their_first_run(assets, tmp_path):
+    """An In-Place checkpoint in the fork's lora.safetensors layout loads over the baseline each run chooses: the
+    start-up cannot know it, so it loads everything else and leaves that one (instead of failing to start)."""
+    lora = tmp_path / "fork" / "ttt_only_lora"
+    shutil.copytree(Path(__file__).parent / "data" / "inplace_fork" / "ttt_only_lora", lora,
+                    ignore=shutil.ignore_patterns("fork_outputs*"))  # fmt: skip
+    cache = ModelCache(build_allow_list([assets / "checkpoints", lora.parent], use_env=False))
+    assert set(preload(cache)) == {"baseline", "ttt"}
+    assert cache.loaded("ttt_only_lora") is None and cache.loaded("baseline") is not None

@@ -2,7 +2,8 @@
 figure's time axis (`figure.stacked_layout`), against the one baseline. Gradio-free.
 
 Rows: the loss of the baseline and of each setting (2 s moving average); TTT − baseline of each setting (2 s moving
-average); the drift of W1 in the first TTT layer of each setting.
+average); the drift of W1 in the first TTT layer of each setting (of w_down in the first In-Place layer for a checkpoint
+of the In-Place fork, whose drift spans 1e-12 to 1: the row is then logarithmic).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ ROWS = (
     ("TTT − baseline of each setting, 2 s moving average (below 0: TTT better)", "Δ nats"),
     ("Fast-weight drift of W1 (first TTT layer) per setting", "relative drift"),
 )
+INPLACE_DRIFT_ROW = ("Fast-weight drift per setting: W1 (first TTT layer) or w_down (first In-Place layer), log",
+                     "relative drift (log)")  # fmt: skip
 COLUMNS = ["setting", "checkpoint", "mini_batch_size", "persistent_states", "mean loss", "TTT vs baseline",
            "past 1st window", "per reading"]  # fmt: skip
 
@@ -36,7 +39,11 @@ def compare_figure(document: dict, settings: list[Setting], info: FigureInfo | N
     """
     runs = document.get("runs", {})
     tokens = max((len(run["loss_per_token"]) for run in runs.values()), default=0)
-    layout = stacked_layout(ROWS, tokens or None, info or FigureInfo(), height=760)
+    in_place = any(runs.get(setting.name, {}).get("inplace") for setting in settings)
+    rows = (*ROWS[:2], INPLACE_DRIFT_ROW) if in_place else ROWS
+    layout = stacked_layout(rows, tokens or None, info or FigureInfo(), height=760)
+    if in_place:
+        layout["yaxis3"].update(type="log", exponentformat="e")
     data = []
     common = {"type": "scatter", "x0": 0.0, "dx": 1.0 / FRAME_RATE, "mode": "lines", "xaxis": "x"}
     base = _series(runs["baseline"]["loss_per_token"]) if "baseline" in runs else None
@@ -54,9 +61,10 @@ def compare_figure(document: dict, settings: list[Setting], info: FigureInfo | N
                          "legend": "legend2", "name": setting.name, "legendgroup": setting.name, "showlegend": False,
                          "line": {"color": color, "width": 1.5}, "hovertemplate": "%{y:+.4f} nats"})  # fmt: skip
         drift = run.get("drift") or {}
-        if drift:
-            record = drift[min(drift, key=int)]
-            data.append({"type": "scatter", "x": [t / FRAME_RATE for t in record["t"]], "y": record["W1"],
+        curve = _drift_curve(drift, run.get("inplace") or {})
+        if curve is not None:
+            steps, values = curve
+            data.append({"type": "scatter", "x": [t / FRAME_RATE for t in steps], "y": values,
                          "mode": "lines", "xaxis": "x", "yaxis": "y3", "legend": "legend3", "name": setting.name,
                          "legendgroup": setting.name, "showlegend": False, "line": {"color": color, "width": 1.5},
                          "hovertemplate": "%{y:.4f}"})  # fmt: skip
@@ -95,6 +103,19 @@ def compare_rows(document: dict, settings: list[Setting], partial: bool = False)
             per_reading,
         ])  # fmt: skip
     return rows
+
+
+def _drift_curve(drift: dict, inplace: dict) -> tuple[list, list] | None:
+    """(tokens, relative drift) of a setting's first TTT layer (W1), else of its first In-Place layer (w_down, zeros
+    as gaps for the log row); None without either."""
+    if drift:
+        record = drift[min(drift, key=int)]
+        return record["t"], record["W1"]
+    if inplace:
+        record = inplace[min(inplace, key=int)]
+        values = record.get("drift_relative") or []
+        return record["t"], [v if v is not None and v > 0 else None for v in values]
+    return None
 
 
 def _series(values) -> np.ndarray:

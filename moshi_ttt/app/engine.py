@@ -21,12 +21,16 @@ import torch
 
 from moshi_ttt.app.models import ModelCache, SharedModelRun
 from moshi_ttt.data.audio import FRAME_RATE, check_audio, read_blocks
+from moshi_ttt.data.checkpoints import LoadedCheckpoint
 from moshi_ttt.data.stream import ENCODE_FRAMES, encode_blocks
 from moshi_ttt.options import RunOptions
 from moshi_ttt.reports import results as report
+from moshi_ttt.reports.inplace_report import inplace_record
 from moshi_ttt.scoring.peak_memory import PeakMemory
 from moshi_ttt.scoring.teacher_forcing import ScoreResult, iter_score, iter_score_blocks, non_causal_mini_batch, score
 from moshi_ttt.ttt.apply import ttt_blocks
+from moshi_ttt.ttt.fork_yarn import fork_yarn_of
+from moshi_ttt.ttt.inplace import inplace_blocks
 from moshi_ttt.ttt.legacy import causal_reading
 
 logger = logging.getLogger(__name__)
@@ -64,6 +68,7 @@ class LiveUpdate:
     tokens_per_s: dict[str, float]
     elapsed_s: float
     inner_loss: dict[str, dict] = field(default_factory=dict)  # TTT layer -> results.json "inner_loss" record
+    inplace: dict[str, dict] = field(default_factory=dict)  # In-Place layer -> results.json "inplace" record
     document: dict | None = None  # set on the last update: the whole clip, or what was scored before a stop
     summary: list[dict] = field(default_factory=list)
     stopped: bool = False  # the run was stopped: `document` covers the first `tokens_done` tokens only
@@ -119,8 +124,9 @@ def _compare(
     """compare_live's loop over the runs' score generators (`scores(run, model, options)`, each advanced in turn in
     its own SharedModelRun); `all_codes()` gives the codes [1, 8, T] for the causal re-scoring of older non-causal
     checkpoints, once every run is complete."""
-    loaded = {run: cache.get(name) for run, name in names.items()}
-    check_compatible(loaded["baseline"].lm_config, loaded["ttt"].lm_config)
+    # An In-Place checkpoint in the fork's lora.safetensors layout loads over the run's baseline (models.needs_base).
+    loaded = {"baseline": cache.get(names["baseline"]), "ttt": cache.get(names["ttt"], base=names["baseline"])}
+    pairing_notes = check_compatible(loaded["baseline"], loaded["ttt"], names)
     codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
     if len(codecs) > 1:
         pair = f"the baseline {names['baseline']!r} and TTT {names['ttt']!r}"
@@ -169,6 +175,7 @@ def _compare(
             audio_info = {**audio_info, "tokens": latest["baseline"].total_tokens}
         context = {run: ckpt.model.context for run, ckpt in loaded.items()}
         notes = {run: list(ckpt.notes) for run, ckpt in loaded.items()}
+        notes["ttt"] += pairing_notes
         resets = _reset_periods(loaded, options)
         yield _final(latest, names, notes, options, audio_info, start, context, readings, memory.peak_mb,
                      stopped, causal, resets)  # fmt: skip
@@ -180,6 +187,7 @@ def _compare(
 def _update(latest: dict[str, ScoreResult], start: float) -> LiveUpdate:
     done = min(r.tokens_done for r in latest.values())
     drift, inner = report.telemetry_record(latest["ttt"].telemetry, 0) if "ttt" in latest else ({}, {})
+    inplace = inplace_record(latest["ttt"].telemetry, 0) if "ttt" in latest else {}
     return LiveUpdate(
         tokens_done=done,
         total_tokens=next(iter(latest.values())).total_tokens,
@@ -188,6 +196,7 @@ def _update(latest: dict[str, ScoreResult], start: float) -> LiveUpdate:
         tokens_per_s={run: r.tokens_per_s for run, r in latest.items()},
         elapsed_s=time.perf_counter() - start,
         inner_loss=inner,
+        inplace=inplace,
     )
 
 
@@ -201,7 +210,7 @@ def _reset_periods(loaded: dict, options: RunOptions) -> dict[str, int | None]:
     """Tokens between resets of each run's fast weights (None: never; runs without TTT layers are left out)."""
     periods = {}
     for run, ckpt in loaded.items():
-        blocks = ttt_blocks(ckpt.model)
+        blocks = {**ttt_blocks(ckpt.model), **inplace_blocks(ckpt.model)}
         if blocks:
             persistent = all(block.cfg.persistent_states for block in blocks.values())
             periods[run] = options.resets(persistent, ckpt.model.context)
@@ -233,13 +242,38 @@ def _final(latest, names, notes, options: RunOptions, audio_info: dict, start: f
     return update
 
 
-def check_compatible(baseline_config: dict, ttt_config: dict) -> None:
-    """Both models must read the same codes: same codebooks, cardinality and delays."""
+def check_compatible(baseline: LoadedCheckpoint, ttt: LoadedCheckpoint, names: dict[str, str]) -> list[str]:
+    """Whether two loaded checkpoints can be compared, and what the comparison must say about them.
+
+    Both models must read the same codes: same codebooks, cardinality and delays. A TTT checkpoint whose attention
+    window differs from the baseline's is compared all the same, with a note: the In-Place fork's YaRN checkpoints
+    attend over their context times the YaRN scale (its run_inference), so past the baseline's window attention
+    differs as well as TTT. (An In-Place checkpoint in the lora.safetensors layout is loaded over the baseline by
+    `ModelCache.get`, which says in one sentence when it cannot be.)
+
+    Args:
+        names: {"baseline": name, "ttt": name} as the user chose them.
+    Returns:
+        Notes for the TTT run (results.json config.notes), [] when there is nothing to say.
+    Raises:
+        ValueError: one sentence when the two do not read the same audio codes.
+    """
     keys = ("card", "dep_q", "n_q", "delays")
-    diffs = [k for k in keys if baseline_config.get(k) != ttt_config.get(k)]
+    diffs = [k for k in keys if baseline.lm_config.get(k) != ttt.lm_config.get(k)]
     if diffs:
-        detail = ", ".join(f"{k}: {baseline_config.get(k)} vs {ttt_config.get(k)}" for k in diffs)
+        detail = ", ".join(f"{k}: {baseline.lm_config.get(k)} vs {ttt.lm_config.get(k)}" for k in diffs)
         raise ValueError(f"the baseline and TTT checkpoints do not read the same audio codes ({detail})")
+    base_context, ttt_context = baseline.model.context, ttt.model.context
+    if base_context == ttt_context:
+        return []
+    yarn = fork_yarn_of(ttt.model)
+    window = f"{ttt_context} tokens"
+    if yarn is not None and yarn.extend_context:
+        window += f" (the In-Place fork's YaRN, scale {yarn.scale:g}: its context times the scale, as its inference)"
+    return [
+        f"The TTT checkpoint {names['ttt']!r} attends over {window}, the baseline {names['baseline']!r} over "
+        f"{base_context}: where one window reaches further back than the other, attention differs as well as TTT."
+    ]
 
 
 # One lock per shared codec: a run's streaming Mimi state is installed only while it holds it (data.stream).

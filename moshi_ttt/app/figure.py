@@ -11,6 +11,13 @@ the rows.
    no better than predicting the mini-batch's mean target; the four TTT stats of ttt-lm-jax). Records without the
    target variance are drawn raw.
 
+A TTT model with In-Place layers (the In-Place fork's checkpoints: no TTT blocks of ours, no inner-loop loss) fills
+rows 3 and 4 with its fast weight w_down per chunk update, on log axes (`INPLACE_ROWS`, the curves of
+reports/inplace_report.CURVES): row 3 the unitless ones (drift relative to ||W0||, clip factor, share of entries
+the step changed), row 4 the Frobenius norms (drift, the drift the updates add up to, the raw update, the lr-scaled
+clipped update, the step float32 kept) with the float32 resolution line: an update far below it rounds away, and a
+gap (a zero on a log axis) in "step kept by float32" says it did.
+
 The spans of the readings of a repeated passage are shaded across the rows and the end of the first attention
 window is marked: where the demo's story happens. Every trace sits on the one x axis ("x"), the rows on their own y
 axes, so that plotly's "x unified" hover with `hoversubplots="axis"` reads all four rows at once.
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 
+from moshi_ttt.app.inplace_view import INPLACE_ROW_TITLES, inplace_traces, layers_title
 from moshi_ttt.reports.figures import FRAME_RATE, moving_average
 
 RUN_COLORS = {"baseline": "#1f3fbf", "ttt": "#ef553b"}
@@ -50,6 +58,7 @@ ROWS = (  # (title, y-axis title), top to bottom
     ("Fast-weight drift ||W − W_base|| / ||W_base||", "relative drift"),
     ("Inner loop per mini-batch: reconstruction loss ÷ target variance (1 = no better than the mean)", "× target var."),
 )
+INPLACE_ROWS = ROWS[:2] + INPLACE_ROW_TITLES  # rows 3 and 4 for a TTT model with In-Place layers (inplace_view.py)
 RAW_INNER_AXIS = "½‖f(k) − y‖² per token"  # row 4's axis for records without the target variance
 ROW_GAP = 0.06  # fraction of the plot height between rows (room for the row titles)
 DECIMALS = 5  # values are rounded in the JSON (losses of ~5 nats: 1e-5 is far below what a plot shows)
@@ -73,6 +82,7 @@ class FigureInfo:
     spans: tuple[Span, ...] = ()  # readings of a repeated passage, shaded across the rows
     context_tokens: int | None = None  # the TTT model's attention context: marks where its first window ends
     mini_batch_size: int | None = None  # tokens per fast-weight update: says why rows 3 and 4 are still empty
+    # (the chunk size of an In-Place model)
     revision: str = UIREVISION  # plotly's uirevision: zoom survives the updates of a run, not the next run
 
 
@@ -105,6 +115,7 @@ def figure_dict(
     inner_loss: dict[str, dict] | None = None,
     info: FigureInfo | None = None,
     difference_range: list[float] | None = None,
+    inplace: dict[str, dict] | None = None,
 ) -> dict:
     """The four rows sharing the time axis (seconds), as a Plotly figure dict.
 
@@ -116,6 +127,7 @@ def figure_dict(
         inner_loss: TTT layer -> {"base", "start", "after", optional "target_variance", "t"} (results.json).
         info: the clip's name, readings, attention context and mini-batch size (`FigureInfo`).
         difference_range: row 2's y range; None: from the curves (`difference_range` of the data).
+        inplace: In-Place layer -> results.json "inplace" record: rows 3 and 4 show it (module docstring).
     Returns:
         {"data": [...], "layout": {...}} of JSON types (no template: plotly's default applies).
     """
@@ -148,7 +160,20 @@ def figure_dict(
     normalised = bool(inner_layers) and all(inner_loss[k].get("target_variance") for k in inner_layers)
     for i, layer in enumerate(inner_layers):
         data += [_on_row(trace, 3) for trace in _inner_traces(layer, inner_loss[layer], i, normalised)]
-    layout = _layout(total_tokens, info)
+    inplace_layers = sorted((layer for layer in inplace or {} if inplace[layer].get("t")), key=int)
+    dashes = {layer: LAYER_DASH[i % len(LAYER_DASH)] for i, layer in enumerate(inplace_layers)}
+    for i, layer in enumerate(inplace_layers):
+        traces = inplace_traces(layer, inplace[layer], dashes[layer], legend=i == 0)
+        data += [_on_row(trace, 2 + row) for row, trace in traces]
+    in_place = bool(inplace) and not layers
+    if in_place:
+        (title, axis), norms = INPLACE_ROWS[2], INPLACE_ROWS[3]
+        layout = stacked_layout((*INPLACE_ROWS[:2], (layers_title(title, dashes), axis), norms), total_tokens, info)
+    else:
+        layout = _layout(total_tokens, info)
+    if in_place:
+        for axis in ("yaxis3", "yaxis4"):
+            layout[axis].update(type="log", exponentformat="e")
     if not normalised and inner_layers:
         layout["yaxis4"]["title"]["text"] = RAW_INNER_AXIS
     if difference:
@@ -159,8 +184,8 @@ def figure_dict(
         layout["yaxis2"]["range"] = list(difference_range) if difference_range else data_difference_range(curves)
     if not any(v is not None for trace in data[: 2 * len(loss_per_token)] for v in trace["y"]):
         _note_row(layout, 0, "No valid token yet: moshi's delays leave the first tokens of each codebook unscored.")
-    if not layers and not inner_layers:
-        reason = _ttt_empty_reason(total_tokens, info.mini_batch_size)
+    if not layers and not inner_layers and not inplace_layers:
+        reason = _ttt_empty_reason(total_tokens, info.mini_batch_size, in_place)
         for row in (2, 3):
             _note_row(layout, row, reason)
     return {"data": data + placeholders(data, len(ROWS)), "layout": layout}
@@ -204,14 +229,15 @@ def _inner_traces(layer: str, record: dict, index: int, normalised: bool) -> lis
     return traces
 
 
-def _ttt_empty_reason(total_tokens: int | None, mini_batch_size: int | None) -> str:
-    """Why rows 3 and 4 have no curve: a clip shorter than one mini-batch, or no update yet."""
+def _ttt_empty_reason(total_tokens: int | None, mini_batch_size: int | None, in_place: bool = False) -> str:
+    """Why rows 3 and 4 have no curve: a clip shorter than one mini-batch (an In-Place chunk), or no update yet."""
     if mini_batch_size is None:
         return "No TTT layer has reported an update (the TTT checkpoint may have no TTT layer)."
     every = f"{mini_batch_size} tokens ({mini_batch_size / FRAME_RATE:.2f} s)"
+    unit = "In-Place chunk" if in_place else "mini-batch"
     if total_tokens is not None and total_tokens < mini_batch_size:
-        return f"No fast-weight update: the clip has {total_tokens} tokens, fewer than one mini-batch of {every}."
-    return f"No update yet: the fast weights update after every mini-batch of {every}."
+        return f"No fast-weight update: the clip has {total_tokens} tokens, fewer than one {unit} of {every}."
+    return f"No update yet: the fast weights update after every {unit} of {every}."
 
 
 def _note_row(layout: dict, row: int, text: str) -> None:
@@ -352,9 +378,10 @@ def live_figure(
     total_tokens: int | None = None,
     inner_loss: dict[str, dict] | None = None,
     info: FigureInfo | None = None,
+    inplace: dict[str, dict] | None = None,
 ) -> go.Figure:
     """`figure_dict` as a plotly Figure (validated; for notebooks and reports)."""
-    return go.Figure(figure_dict(loss_per_token, drift, smooth, total_tokens, inner_loss, info))
+    return go.Figure(figure_dict(loss_per_token, drift, smooth, total_tokens, inner_loss, info, inplace=inplace))
 
 
 def figure_json(
@@ -365,10 +392,11 @@ def figure_json(
     inner_loss: dict[str, dict] | None = None,
     info: FigureInfo | None = None,
     difference_range: list[float] | None = None,
+    inplace: dict[str, dict] | None = None,
 ) -> str:
     """`figure_dict` as the JSON a browser's Plotly reads: what `live_figure(...).to_json()` gives (plotly's default
     template, built without the validated objects), plus the plot's config (`plot_config`)."""
-    fig = figure_dict(loss_per_token, drift, smooth, total_tokens, inner_loss, info, difference_range)
+    fig = figure_dict(loss_per_token, drift, smooth, total_tokens, inner_loss, info, difference_range, inplace)
     return to_json(fig, (info or FigureInfo()).clip)
 
 

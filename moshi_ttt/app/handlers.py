@@ -34,9 +34,10 @@ from moshi_ttt.app.inputs import (
     Spec,
     validate,
 )
-from moshi_ttt.app.models import ModelCache, build_allow_list
+from moshi_ttt.app.models import CheckpointMismatch, ModelCache, build_allow_list
 from moshi_ttt.app.reopen import read_results
 from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
+from moshi_ttt.app.update_size import MAX_TOKENS, check_update_size
 from moshi_ttt.app.zerogpu import cache_sizes, compare_models, gpu_duration, on_gpu
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
@@ -71,7 +72,9 @@ def run_specs(
         "audio": AudioFile("Audio", roots=tuple(upload_roots), files=tuple(examples)),
         "baseline": Choice("Baseline checkpoint", tuple(names), default=baseline),
         "ttt": Choice("TTT checkpoint", tuple(names), default=ttt),
-        "mini_batch_size": Number("TTT mini_batch_size", 1, 64, integer=True, default=16),
+        # Tokens per fast-weight update: the mini-batch of our TTT blocks, the chunk of In-Place layers; each model's
+        # own range is checked once it is loaded (app/update_size.py), and the layout narrows the slider to it.
+        "mini_batch_size": Number("TTT mini_batch_size", 1, MAX_TOKENS, integer=True, default=16),
         "persistent_states": Flag("persistent_states", default=True, info="keep the fast weights through the clip"),
         "mode": Choice("Mode", tuple(LIVE_MODES), default="chunked", radio=True),
         "max_seconds": Number("Max duration (s)", 5, max_seconds, default=min(120, max_seconds), step=5),
@@ -163,10 +166,13 @@ def run_handler(
     def run(request: gr.Request, *values):
         try:
             args = validate(specs, values)
-            for name in (args["baseline"], args["ttt"]):
-                cache.get(name)  # a checkpoint that fails to load is a fault of the server: its traceback is logged
+            # A checkpoint that fails to load is a fault of the server (its traceback is logged); one that cannot be
+            # paired with the baseline (In-Place lora.safetensors over a base that does not fit) is the user's.
+            models = {args["baseline"]: cache.get(args["baseline"]).model,
+                      args["ttt"]: cache.get(args["ttt"], base=args["baseline"]).model}  # fmt: skip
+            check_update_size(models, args["mini_batch_size"])
             options = live_options(LIVE_MODES[args["mode"]], args["mini_batch_size"], args["persistent_states"])
-        except InputError as e:
+        except (InputError, CheckpointMismatch) as e:
             yield outputs.refused(str(e)).for_gradio()
             raise refuse(str(e)) from None
         session = session_of(request)
@@ -209,7 +215,9 @@ def figure_info(cache: ModelCache, args: dict, readings: list) -> FigureInfo:
     return FigureInfo(
         clip=report.file_stem({"audio": {"name": Path(args["audio"]).name}}),
         spans=outputs.reading_spans(readings),
-        context_tokens=cache.context_tokens(args.get("ttt") or args["baseline"]),
+        context_tokens=cache.context_tokens(args["ttt"], base=args["baseline"])
+        if args.get("ttt")
+        else cache.context_tokens(args["baseline"]),
         mini_batch_size=args.get("mini_batch_size"),
     )
 
@@ -239,7 +247,7 @@ def compare_handler(
             settings = settings_grid(args["compare_checkpoints"], tuple(int(b) for b in args["compare_sizes"]),
                                      tuple(p == "on" for p in args["compare_persistence"]))  # fmt: skip
             for name in {args["baseline"], *args["compare_checkpoints"]}:
-                cache.get(name)
+                cache.get(name, base=args["baseline"])
         except (InputError, ValueError) as e:
             yield (f"Not compared: {e}", gr.skip(), gr.skip(), gr.skip())
             raise refuse(str(e)) from None

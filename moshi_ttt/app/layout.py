@@ -11,6 +11,7 @@ from `outputs.OUTPUT_NAMES`; the Compare and Open events likewise from their spe
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,27 +33,41 @@ from moshi_ttt.app.handlers import (
     run_specs,
     session_of,
 )
-from moshi_ttt.app.models import ModelCache
+from moshi_ttt.app.models import CheckpointMismatch, ModelCache
 from moshi_ttt.app.player import PAGE_JS, SCROLL_TO_STATUS
 from moshi_ttt.app.resources import KEEP_RUNS, RunFolders, StopRequests
+from moshi_ttt.app.update_size import DEFAULT as DEFAULT_UPDATE_TOKENS
+from moshi_ttt.app.update_size import MAX_MINI_BATCH, MAX_TOKENS, UpdateSize, update_size
 
 DELETE_CACHE = (900, 3600)  # Gradio deletes its cached uploads and results older than 1 h, every 15 min
 START_CLIP = "demo_repeat"  # the demo clip the introduction points to, when it is offered
 
 
-def persistence_note(cache: ModelCache, ttt_name: str | None) -> str:
+def persistence_note(cache: ModelCache, ttt_name: str | None, baseline: str | None = None) -> str:
     """The note under the persistent_states checkbox for the chosen TTT checkpoint: its attention context is the
     reset period with persistence off (the same in every mode)."""
-    context = cache.context_tokens(ttt_name) if ttt_name in cache.names() else None
+    context = None
+    if ttt_name in cache.names():
+        with contextlib.suppress(CheckpointMismatch):  # the Run button says why the pair does not fit
+            context = cache.context_tokens(ttt_name, base=baseline)
     if context is None:
         return "persistent_states: on, the fast weights carry through the clip; off, reset every attention window."
     return "persistent_states: " + view.persistence_help(context)
 
 
-def checkpoint_mini_batch(cache: ModelCache, ttt_name: str | None) -> int:
-    """The mini_batch_size slider's start: the chosen TTT checkpoint's own (16 for a model without TTT layers)."""
-    size = cache.mini_batch_size(ttt_name) if ttt_name in cache.names() else None
-    return size if size is not None else 16
+def update_size_of(cache: ModelCache, ttt_name: str | None, baseline: str | None = None) -> UpdateSize:
+    """What the tokens-per-update control means for the chosen TTT checkpoint (app/update_size.py); a model without
+    TTT layers' meaning for an unknown name or a pair that does not fit (the Run button says why)."""
+    if ttt_name in cache.names():
+        with contextlib.suppress(CheckpointMismatch):
+            return update_size(cache.get(ttt_name, base=baseline).model)
+    return UpdateSize("none", "TTT mini_batch_size", None, 1, MAX_TOKENS, "")
+
+
+def update_control(size: UpdateSize) -> dict:
+    """The slider's label, bounds, start and help text for a TTT checkpoint (gr.update's arguments)."""
+    return {"label": size.label, "minimum": size.minimum, "maximum": size.maximum,
+            "value": size.default or DEFAULT_UPDATE_TOKENS, "info": size.info}  # fmt: skip
 
 
 def serves_demo_models(cache: ModelCache) -> bool:
@@ -91,12 +106,16 @@ def build_demo(
     runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", keep=keep_runs)
     compared = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-compare", keep=keep_runs)
     stops = StopRequests()
-    ttt_default = specs["ttt"].default
+    ttt_default, baseline_default = specs["ttt"].default, specs["baseline"].default
     start_clip = next((Path(e).name for e in examples if Path(e).stem == START_CLIP), None)
-    context = cache.context_tokens(ttt_default) if ttt_default else None
+    size = update_size_of(cache, ttt_default, baseline_default)
+    context = None
+    if ttt_default:
+        with contextlib.suppress(CheckpointMismatch):
+            context = cache.context_tokens(ttt_default, base=baseline_default)
     with demo:
-        gr.Markdown(view.intro_markdown(serves_demo_models(cache), start_clip, context,
-                                        checkpoint_mini_batch(cache, ttt_default)), elem_id="intro")  # fmt: skip
+        gr.Markdown(view.intro_markdown(serves_demo_models(cache), start_clip, context, size.default),
+                    elem_id="intro")  # fmt: skip
         with gr.Accordion("What is TTT, mini_batch_size, drift, the inner loop, codebooks?", open=False):
             gr.Markdown(view.EXPLANATION)
         with gr.Row(equal_height=False):
@@ -116,10 +135,14 @@ def build_demo(
                             hub = control(HUB_SPECS["hub"])
                             add = gr.Button("Add", size="sm")
                         hub_note = gr.Markdown()
-                    start = replace(specs["mini_batch_size"], default=checkpoint_mini_batch(cache, ttt_default))
-                    inputs["mini_batch_size"] = control(start)  # bounds and checks stay the spec's
+                    # The slider shows the chosen TTT model's own range and start (app/update_size.py); the
+                    # server checks the spec's bounds, then the model's.
+                    maximum = size.maximum if size.kind != "none" else MAX_MINI_BATCH
+                    start = replace(specs["mini_batch_size"], label=size.label, maximum=maximum, info=size.info,
+                                    default=size.default or DEFAULT_UPDATE_TOKENS)  # fmt: skip
+                    inputs["mini_batch_size"] = control(start)
                     inputs["persistent_states"] = control(specs["persistent_states"])
-                    note = gr.Markdown(persistence_note(cache, ttt_default))
+                    note = gr.Markdown(persistence_note(cache, ttt_default, baseline_default))
                     for name in ("readings", "allow_silence", "max_seconds"):
                         inputs[name] = control(specs[name])
                 with gr.Accordion("Open a results.json (no rescoring)", open=False):
@@ -158,9 +181,14 @@ def build_demo(
                         compare_table = gr.Markdown(elem_id="compare-table")
                         compare_files = gr.File(label="results.json, results.csv, report.html of the comparison",
                                                 file_count="multiple", elem_id="compare-downloads")  # fmt: skip
-        inputs["ttt"].change(lambda name: (persistence_note(cache, name), checkpoint_mini_batch(cache, name)),
-                             inputs["ttt"], [note, inputs["mini_batch_size"]], queue=False,
-                             show_progress="hidden")  # fmt: skip
+
+        def checkpoint_chosen(ttt_name, baseline):
+            control_update = update_control(update_size_of(cache, ttt_name, baseline))
+            return persistence_note(cache, ttt_name, baseline), gr.update(**control_update)
+
+        for chooser in (inputs["ttt"], inputs["baseline"]):  # an In-Place lora checkpoint loads over the baseline
+            chooser.change(checkpoint_chosen, [inputs["ttt"], inputs["baseline"]], [note, inputs["mini_batch_size"]],
+                           queue=False, show_progress="hidden")  # fmt: skip
         handler = run_handler(cache, specs, runs, examples, stops)
         run_outputs = [shown[name] for name in outputs.OUTPUT_NAMES]
         run_button.click(handler, [inputs[name] for name in specs], run_outputs, api_name="run", preprocess=False,

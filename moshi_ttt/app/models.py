@@ -3,6 +3,10 @@
 Models in the cache are shared by every user and never changed by a run: runs only open streaming sessions, and
 `SharedModelRun` gives each run its own streaming state (moshi keeps streaming state on the modules, so a run
 installs its state only while it holds the model's lock).
+
+A TTT model is one with TTT blocks of ours (`ttt_blocks`) or In-Place TTT layers of the In-Place fork
+(`inplace_blocks`, checkpoint kind "inplace_ttt"). An In-Place checkpoint in the fork's lora.safetensors layout holds
+only what it changes: the cache loads it over the run's baseline (`get(name, base=baseline)`), once per pair.
 """
 
 from __future__ import annotations
@@ -18,13 +22,35 @@ from pathlib import Path
 import torch
 from moshi.models.lm import LMModel
 
+from moshi_ttt.app.update_size import update_size
 from moshi_ttt.data.checkpoints import LoadedCheckpoint, load
+from moshi_ttt.data.checkpoints.inplace_format import FULL_NAME, LORA_NAME, is_inplace
 from moshi_ttt.data.codec import is_codec_dir
 from moshi_ttt.ttt.apply import ttt_blocks
+from moshi_ttt.ttt.inplace import inplace_blocks
 
 logger = logging.getLogger(__name__)
 
 ENV_CHECKPOINTS = "MOSHI_TTT_CHECKPOINTS"  # os.pathsep-separated directories of checkpoints
+
+
+class CheckpointMismatch(ValueError):
+    """A baseline and TTT checkpoint that cannot be paired; its message is one sentence for the user (no paths)."""
+
+
+def has_ttt_layers(model: LMModel) -> bool:
+    """TTT blocks of ours or In-Place TTT layers (the In-Place fork's checkpoints have no TTT blocks of ours)."""
+    return bool(ttt_blocks(model) or inplace_blocks(model))
+
+
+def needs_base(ref: str) -> bool:
+    """An In-Place checkpoint directory in the fork's lora.safetensors layout (no consolidated.safetensors beside it):
+    it holds only what it changes, so it loads over a base model. hf:// references are not looked into (they load
+    over the fork's default base, kyutai/moshiko-pytorch-bf16)."""
+    path = Path(ref)
+    if ref.startswith("hf://") or not path.is_dir() or (path / FULL_NAME).is_file():
+        return False
+    return (path / LORA_NAME).is_file() and is_inplace(path)
 
 
 @dataclass(frozen=True)
@@ -99,21 +125,62 @@ class ModelCache:
     def names(self) -> list[str]:
         return list(self.allow_list)
 
-    def get(self, name: str) -> LoadedCheckpoint:
-        """The loaded checkpoint of an allowed name; ValueError for any other name."""
+    def _entry(self, name: str) -> CheckpointEntry:
         entry = self.allow_list.get(name)
         if entry is None:
             raise ValueError(f"unknown checkpoint {name!r}; choose one of: {', '.join(self.allow_list) or 'none'}")
+        return entry
+
+    def get(self, name: str, base: str | None = None) -> LoadedCheckpoint:
+        """The loaded checkpoint of an allowed name; ValueError for any other name.
+
+        Args:
+            base: the allowed name of the model an In-Place lora.safetensors checkpoint loads over (the run's
+                baseline); ignored for every other checkpoint.
+        Raises:
+            CheckpointMismatch: such a checkpoint without a base, or over a base it does not fit (one sentence).
+        """
+        entry = self._entry(name)
+        base_ref = self._base_ref(name, entry, base)
+        key = name if base_ref is None else f"{name}\0{base}"
+        if base_ref is not None:
+            self.get(base)  # the base first, so that the checkpoint shares its tensors (data/checkpoints/shared.py)
         with self._lock:
-            if name not in self._loaded:
-                logger.info("loading checkpoint %s from %s", name, entry.ref)
-                loaded = load(entry.ref, device=self.device, dtype=self.dtype, load_mimi=True)
+            if key not in self._loaded:
+                logger.info("loading checkpoint %s from %s%s", name, entry.ref, f" over {base_ref}" if base_ref else "")
+                loaded = self._load(name, entry, base, base_ref)
                 for param in loaded.model.parameters():
                     param.requires_grad_(False)
                 self._share_with_loaded(loaded)
-                self._loaded[name] = loaded
+                self._loaded[key] = loaded
                 self._locks[id(loaded.model)] = threading.Lock()
-            return self._loaded[name]
+            return self._loaded[key]
+
+    def _base_ref(self, name: str, entry: CheckpointEntry, base: str | None) -> str | None:
+        """The reference `name` loads over: None for a checkpoint that holds its whole model."""
+        if not needs_base(entry.ref):
+            return None
+        if base is None:
+            raise CheckpointMismatch(
+                f"checkpoint {name!r} is an In-Place TTT checkpoint in the fork's lora.safetensors layout: it holds "
+                "only what it changes and loads over its base model; choose that base as the baseline"
+            )
+        if has_ttt_layers(self.get(base).model):
+            raise CheckpointMismatch(
+                f"checkpoint {name!r} (In-Place TTT, lora.safetensors layout) loads over a plain model, but the "
+                f"baseline {base!r} has TTT layers; choose the plain model it was trained from as the baseline"
+            )
+        return self._entry(base).ref
+
+    def _load(self, name: str, entry: CheckpointEntry, base: str | None, base_ref: str | None) -> LoadedCheckpoint:
+        if base_ref is None:
+            return load(entry.ref, device=self.device, dtype=self.dtype, load_mimi=True)
+        try:
+            return load(entry.ref, base=base_ref, device=self.device, dtype=self.dtype, load_mimi=True)
+        except ValueError as e:  # the base does not fit: the library names both paths, the user sees the names
+            logger.warning("checkpoint %s does not load over %s: %s", name, base_ref, e)
+            detail = str(e).replace(str(Path(entry.ref) / "config.json"), name).replace(base_ref, base or "")
+            raise CheckpointMismatch(f"checkpoint {name!r} does not load over the baseline {base!r}: {detail}") from e
 
     def loaded(self, name: str) -> LoadedCheckpoint | None:
         """The checkpoint of `name` if it is loaded already, else None (loads nothing, and never waits for a load in
@@ -123,24 +190,25 @@ class ModelCache:
     def _share_with_loaded(self, new: LoadedCheckpoint) -> None:
         """A TTT checkpoint that only adds TTT weights to a loaded baseline (or the reverse) shares its base tensors."""
         for other in self._loaded.values():
-            if other.lm_config != new.lm_config or bool(ttt_blocks(other.model)) == bool(ttt_blocks(new.model)):
+            if other.lm_config != new.lm_config or has_ttt_layers(other.model) == has_ttt_layers(new.model):
                 continue
-            ttt, base = (new, other) if ttt_blocks(new.model) else (other, new)
+            ttt, base = (new, other) if has_ttt_layers(new.model) else (other, new)
             shared = share_base_weights(ttt.model, base.model)
             logger.info("%s shares %d base tensors with %s", ttt.ref, shared, base.ref)
 
     def lock(self, model: LMModel) -> threading.Lock:
         return self._locks[id(model)]
 
-    def context_tokens(self, name: str) -> int | None:
-        """The attention context of an allowed checkpoint's model, in tokens (loads it once)."""
-        return self.get(name).model.context
+    def context_tokens(self, name: str, base: str | None = None) -> int | None:
+        """The attention context of an allowed checkpoint's model, in tokens (loads it once; `base` as for `get`).
+        An In-Place checkpoint with the fork's YaRN attends over its context times the YaRN scale."""
+        return self.get(name, base).model.context
 
-    def mini_batch_size(self, name: str) -> int | None:
-        """The checkpoint's own TTT mini-batch size (its first TTT layer's), None without TTT layers (loads it once).
-        The app's slider starts there."""
-        blocks = ttt_blocks(self.get(name).model)
-        return next(iter(blocks.values())).cfg.mini_batch_size if blocks else None
+    def mini_batch_size(self, name: str, base: str | None = None) -> int | None:
+        """The checkpoint's own tokens per fast-weight update: its first TTT layer's mini-batch size, or its first
+        In-Place layer's chunk size; None without either (loads it once; `base` as for `get`). The app's control
+        starts there."""
+        return update_size(self.get(name, base).model).default
 
 
 def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
@@ -151,6 +219,7 @@ def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
     written to.
     """
     ttt_names = {f"transformer.layers.{i}.ttt." for i in ttt_blocks(ttt_model)}
+    ttt_names |= {f"transformer.layers.{i}.gating.w_down" for i in inplace_blocks(ttt_model)}
     base = dict(base_model.named_parameters())
     shared = 0
     for name, param in ttt_model.named_parameters():

@@ -21,6 +21,7 @@ from moshi_ttt.app.codebook_view import COLUMNS as CODEBOOK_COLUMNS
 from moshi_ttt.app.codebook_view import codebook_figure, codebook_table
 from moshi_ttt.app.engine import LiveUpdate
 from moshi_ttt.app.figure import FigureInfo, Span, empty_figure, figure_dict, grown_range, to_json
+from moshi_ttt.app.inplace_view import inplace_markdown
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
 from moshi_ttt.reports.figures import FRAME_RATE
@@ -93,7 +94,7 @@ class LiveFigure:
         """
         info = dataclasses.replace(info, revision=self.info.revision) if info is not None else self.info
         fig = figure_dict(update.loss_per_token, update.drift, total_tokens=update.total_tokens,
-                          inner_loss=update.inner_loss, info=info)  # fmt: skip
+                          inner_loss=update.inner_loss, info=info, inplace=update.inplace)  # fmt: skip
         current = fig["layout"]["yaxis2"].get("range")
         if current is not None:
             self.difference_range = grown_range(self.difference_range, current)
@@ -138,8 +139,10 @@ def refused(message: str, started: bool = False) -> RunOutputs:
 
 
 def live(update: LiveUpdate, figure: LiveFigure) -> RunOutputs:
-    """An update while scoring: the figure so far and the progress line."""
-    return RunOutputs(figure=figure.json(update), status=view.status_text(update))
+    """An update while scoring: the figure so far and the progress line (and, for an In-Place TTT model, what its
+    fast weight did so far, where the headline comes at the end)."""
+    verdicts = inplace_markdown(update.inplace, done=False) or None
+    return RunOutputs(figure=figure.json(update), status=view.status_text(update), headline=verdicts)
 
 
 def final(update: LiveUpdate, downloads: list[str], figure: LiveFigure) -> RunOutputs:
@@ -159,7 +162,7 @@ def final(update: LiveUpdate, downloads: list[str], figure: LiveFigure) -> RunOu
     return RunOutputs(
         figure=figure.json(update, info),
         status=view.status_text(update),
-        headline=view.headline_for(update),
+        headline=_with_inplace(view.headline_for(update), update.inplace),
         summary=view.table_rows(update.summary, SUMMARY_COLUMNS, update.stopped),
         readings=view.readings_markdown(document),
         downloads=downloads,
@@ -185,7 +188,8 @@ def reopened(document: dict, file_name: str) -> RunOutputs:
     info = FigureInfo(clip=report.file_stem(document), spans=reading_spans(_readings(document)),
                       context_tokens=ttt.get("context_tokens"), revision=uuid.uuid4().hex)  # fmt: skip
     fig = figure_dict({name: run["loss_per_token"] for name, run in runs.items()}, ttt.get("drift") or {},
-                      total_tokens=total, inner_loss=ttt.get("inner_loss") or {}, info=info)  # fmt: skip
+                      total_tokens=total, inner_loss=ttt.get("inner_loss") or {}, info=info,
+                      inplace=ttt.get("inplace") or {})  # fmt: skip
     if "range" in fig["layout"]["yaxis2"]:
         fig["layout"]["yaxis2"]["range"] = grown_range(None, fig["layout"]["yaxis2"]["range"])
     stopped = bool(audio.get("partial"))
@@ -197,7 +201,7 @@ def reopened(document: dict, file_name: str) -> RunOutputs:
     return RunOutputs(
         figure=to_json(fig, info.clip),
         status=status,
-        headline=headline.headline_markdown(comparison) if comparison else "",
+        headline=_with_inplace(headline.headline_markdown(comparison) if comparison else "", ttt.get("inplace")),
         summary=view.table_rows(report.summary_rows(document), SUMMARY_COLUMNS, stopped),
         readings=view.readings_markdown(document),
         downloads=[],
@@ -205,6 +209,11 @@ def reopened(document: dict, file_name: str) -> RunOutputs:
         codebook_figure=to_json(codebooks, info.clip) if codebooks else "",
         codebook_table=view.markdown_table(list(CODEBOOK_COLUMNS), codebook_table(document, stopped)),
     )
+
+
+def _with_inplace(text: str, inplace: dict | None) -> str:
+    """The headline, then the verdicts of the TTT run's In-Place layers (`inplace_view.inplace_markdown`)."""
+    return "\n\n".join(part for part in (text, inplace_markdown(inplace or {}, done=True)) if part)
 
 
 def _readings(document: dict) -> list:

@@ -104,6 +104,9 @@ def _run(name: str, run: object) -> dict:
                     tokens)  # fmt: skip
     if inner:
         out["inner_loss"] = inner
+    inplace = _inplace(run.get("inplace"), f"{where}: inplace", tokens)
+    if inplace:
+        out["inplace"] = inplace
     if run.get("readings") is not None:
         out["readings"] = _readings(run["readings"], where, tokens)
     return out
@@ -130,6 +133,33 @@ def _layers(value: object, where: str, keys: tuple[str, ...], optional: tuple[st
             clean[key] = _series(record.get(key), f"{where}[{layer}].{key}", len(steps), len(steps))
         out[layer] = clean
     return out
+
+
+# The "inplace" record of an In-Place TTT run (reports/inplace_report.py): series of one number per chunk update
+INPLACE_SERIES = ("drift", "drift_intended", "raw_update_norm", "clip_factor", "update_norm", "update_per_entry",
+                  "step_norm", "changed_fraction")  # fmt: skip
+
+
+def _inplace(value: object, where: str, tokens: int) -> dict:
+    """inplace: {"<layer>": {"t", the INPLACE_SERIES (numbers), "drift_relative" and "drift_error_relative" (numbers
+    or null), "w0_norm", "float32_resolution", "lr", "clip" (null: none), "entries", "chunk_size"}}; "updates" and
+    "changed_any" are recomputed from the series, not taken from the file."""
+    layers = _layers(value, where, INPLACE_SERIES, ("drift_relative", "drift_error_relative"), tokens)
+    for layer, clean in layers.items():
+        record, at = value[layer], f"{where}[{layer}]"
+        for key in INPLACE_SERIES:
+            if any(v is None for v in clean[key]):
+                raise InputError(f"{at}.{key} must hold a number for every update.")
+        clean.setdefault("drift_relative", None)
+        clean.setdefault("drift_error_relative", [None] * len(clean["t"]))
+        for key in ("w0_norm", "float32_resolution", "lr"):
+            clean[key] = _number(record.get(key), f"{at}.{key}", required=True)
+        clean["clip"] = _number(record.get("clip"), f"{at}.clip")
+        clean["entries"] = _whole(record.get("entries"), f"{at}.entries", minimum=1)
+        clean["chunk_size"] = _whole(record.get("chunk_size"), f"{at}.chunk_size", minimum=1)
+        clean["updates"] = len(clean["t"])
+        clean["changed_any"] = any(v > 0 for v in clean["changed_fraction"])
+    return layers
 
 
 def _readings(value: object, where: str, tokens: int) -> list[dict]:

@@ -20,7 +20,7 @@ import time
 import typing as tp
 from collections.abc import Mapping
 
-from moshi_ttt.app.models import ModelCache
+from moshi_ttt.app.models import ModelCache, needs_base
 from moshi_ttt.data.checkpoints.hub import HubRef
 from moshi_ttt.data.checkpoints.shared import move_together, weight_bytes
 
@@ -56,8 +56,9 @@ def on_zerogpu(env: Mapping[str, str] = os.environ) -> bool:
 
 def preload(cache: ModelCache, device: str | None = None) -> dict[str, float]:
     """Loads every checkpoint of the cache's allow-list now, once each, in the allow-list's order (a TTT checkpoint
-    over a base loaded before takes that base's tensors); then, given a `device` other than the cache's, moves them
-    all there together and makes it the cache's device.
+    over a base loaded before takes that base's tensors; an In-Place checkpoint in the fork's lora layout, which
+    loads over the baseline each run chooses, is left to its first run); then, given a `device` other than the
+    cache's, moves them all there together and makes it the cache's device.
 
     Args:
         cache: the server's models (loaded on its device, "cpu" on ZeroGPU).
@@ -67,11 +68,14 @@ def preload(cache: ModelCache, device: str | None = None) -> dict[str, float]:
     """
     seconds = {}
     for name in cache.names():
+        if needs_base(cache.allow_list[name].ref):  # loads over the baseline a run chooses, at that run
+            logger.warning("%s loads over the baseline each run chooses: not loaded at start-up", name)
+            continue
         start = time.perf_counter()
         cache.get(name)
         seconds[name] = time.perf_counter() - start
         logger.info("loaded %s in %.1f s", name, seconds[name])
-    loaded = [cache.get(name) for name in cache.names()]
+    loaded = [cache.get(name) for name in seconds]
     models = [module for ckpt in loaded for module in (ckpt.model, ckpt.mimi)]
     if device is not None and device != cache.device:
         move_together(models, device=device)

@@ -65,6 +65,12 @@ checkpoint was trained with its own b. **persistent_states** off resets W every 
 the loss over the clip, per 1,000 tokens (80 s): negative means the model predicts better the more it has heard. \
 **Per codebook**: Mimi's codebook 0 is *semantic* (distilled from a speech model), codebooks 1-7 *acoustic* detail.
 
+**In-Place TTT** checkpoints (of the In-Place fork, AlufRon/moshi_in_place) keep no TTT layer of their own: the \
+fast weight is the down-projection w_down of some MLPs, updated once per *chunk* of tokens (the mini_batch_size \
+control becomes the chunk size). Their rows 3 and 4 show, on log axes, w_down's drift per chunk (relative, and \
+absolute with the raw, clipped and lr-scaled update and the step float32 kept), and above the figure one sentence \
+per layer says whether the updates survived float32 rounding.
+
 **Modes** give the same numbers: *live token by token* reads one token per call as in real-time use, *chunked* \
 reads chunks of 2 s, *whole sequence* reads the clip in one call (fastest; one update at the end). \
 **Compare settings** scores several settings on one clip, each exactly as a run of its own would.

@@ -191,6 +191,11 @@ def set_model_context(model: LMModel, context: int) -> None:
         set_attention_context(layer.self_attn, context)
 
 
+def rotary(model: LMModel) -> torch.nn.Module | None:
+    """The rotary embedding of the temporal transformer (`StreamingTransformer.rope`; None without rope)."""
+    return model.transformer.rope
+
+
 def set_rotary(model: LMModel, rope: torch.nn.Module) -> None:
     """Replaces the rotary embedding of the temporal transformer: `StreamingTransformer.rope`, which moshi shares
     with every layer's `StreamingMultiheadAttention.rope` and calls as `rope(q, k, offset, time_before_heads=False)`.

@@ -10,7 +10,9 @@ the field `runs.<name>.inplace` of results.json:
      the updates; about 1: they rounded away), "w0_norm", "entries", "float32_resolution" (half an ulp at a typical
      entry), "lr", "clip", "chunk_size", "updates", "changed_any" (some update changed some entry)}}
 `inplace_messages` says in one sentence per layer when the updates rounded away (the CLI prints them, and
-results_document adds them to config.notes).
+results_document adds them to config.notes); `inplace_verdicts` says in one sentence per layer what happened, also
+when float32 kept the updates (the app shows them). `CURVES` are the curves of `inplace_figure` and the app's live
+figure.
 """
 
 from __future__ import annotations
@@ -57,30 +59,100 @@ def inplace_record(telemetry: Telemetry | None, row: int = 0) -> dict:
     return record
 
 
+def rounding_verdict(layer: str, rec: dict) -> str | None:
+    """One sentence when a layer's updates (mostly) rounded away in float32, "layer L: update ... per entry, below
+    float32 resolution ..."; None when float32 kept them or there was no nonzero update."""
+    if not rec["updates"] or not any(u > 0 for u in rec["update_norm"]):
+        return None
+    per_entry = max(rec["update_per_entry"])
+    detail = _detail(rec)
+    if not rec["changed_any"]:
+        return (
+            f"layer {layer}: update {per_entry:.0e} per entry, below float32 resolution "
+            f"({rec['float32_resolution']:.0e}): the fast weight never changed ({detail})."
+        )
+    error = rec["drift_error_relative"][-1]
+    if error is not None and error > LOST:
+        return (
+            f"layer {layer}: update {per_entry:.0e} per entry, below float32 resolution "
+            f"({rec['float32_resolution']:.0e}) for all but {max(rec['changed_fraction']):.2%} of its entries "
+            f"(those near 0): the stored drift ({rec['drift'][-1]:.1e}) is {error:.0%} off the "
+            f"{rec['drift_intended'][-1]:.1e} its updates add up to ({detail})."
+        )
+    return None
+
+
+def _detail(rec: dict) -> str:
+    clip = "no clip" if rec["clip"] is None else f"clip tau = {rec['clip']:g}"
+    return f"{rec['updates']} chunk updates, lr = {rec['lr']:g}, {clip}"
+
+
 def inplace_messages(name: str, run: dict) -> list[str]:
     """One sentence per In-Place layer of a run whose updates (mostly) rounded away in float32; [] otherwise."""
-    messages = []
-    for layer, rec in (run.get("inplace") or {}).items():
-        if not rec["updates"] or not any(u > 0 for u in rec["update_norm"]):
-            continue
-        per_entry = max(rec["update_per_entry"])
-        clip = "no clip" if rec["clip"] is None else f"clip tau = {rec['clip']:g}"
-        detail = f"{rec['updates']} chunk updates, lr = {rec['lr']:g}, {clip}"
-        if not rec["changed_any"]:
-            messages.append(
-                f"Run '{name}', layer {layer}: update {per_entry:.0e} per entry, below float32 resolution "
-                f"({rec['float32_resolution']:.0e}): the fast weight never changed ({detail})."
-            )
-            continue
-        error = rec["drift_error_relative"][-1]
-        if error is not None and error > LOST:
-            messages.append(
-                f"Run '{name}', layer {layer}: update {per_entry:.0e} per entry, below float32 resolution "
-                f"({rec['float32_resolution']:.0e}) for all but {max(rec['changed_fraction']):.2%} of its entries "
-                f"(those near 0): the stored drift ({rec['drift'][-1]:.1e}) is {error:.0%} off the "
-                f"{rec['drift_intended'][-1]:.1e} its updates add up to ({detail})."
-            )
-    return messages
+    found = (rounding_verdict(layer, rec) for layer, rec in (run.get("inplace") or {}).items())
+    return [f"Run '{name}', {verdict}" for verdict in found if verdict]
+
+
+def inplace_verdicts(inplace: dict) -> list[str]:
+    """One sentence per In-Place layer of an "inplace" record, whatever happened: no update yet, updates that
+    rounded away (`rounding_verdict`), or updates float32 kept, with the drift they made (the app shows them)."""
+    verdicts = []
+    for layer, rec in inplace.items():
+        verdict = rounding_verdict(layer, rec)
+        if verdict is None and not rec["updates"]:
+            verdict = f"layer {layer}: no chunk update yet (one every {rec['chunk_size']} tokens)."
+        elif verdict is None and not any(u > 0 for u in rec["update_norm"]):
+            verdict = f"layer {layer}: every update was 0, the fast weight never changed ({_detail(rec)})."
+        elif verdict is None:
+            verdict = _kept_verdict(layer, rec)
+        verdicts.append(verdict)
+    return verdicts
+
+
+def _kept_verdict(layer: str, rec: dict) -> str:
+    """The sentence of a layer whose stored drift is (mostly) what its updates add up to."""
+    relative = rec["drift_relative"][-1] if rec["drift_relative"] else None
+    moved = f"relative drift {relative:.1e}" if relative is not None else f"drift {rec['drift'][-1]:.1e}"
+    per_entry, resolution = max(rec["update_per_entry"]), rec["float32_resolution"]
+    tail = f"clip factor {min(rec['clip_factor']):.2g} at its smallest; {_detail(rec)}"
+    if per_entry >= resolution:
+        return (
+            f"layer {layer}: update {per_entry:.0e} per entry, above float32 resolution ({resolution:.0e}): float32 "
+            f"kept the updates and the fast weight moved ({moved}, {tail})."
+        )
+    error = rec["drift_error_relative"][-1]
+    off = f"{error:.0%} off" if error is not None else "near"
+    return (
+        f"layer {layer}: each update ({per_entry:.0e} per entry) is below float32 resolution ({resolution:.0e}), but "
+        f"the fast weight is W0 + lr x their sum, rounded once, so float32 keeps more of it as the sum grows: the "
+        f"stored drift ({rec['drift'][-1]:.1e}) is {off} the {rec['drift_intended'][-1]:.1e} the updates add up to "
+        f"({moved}, {tail})."
+    )
+
+
+def resolution_norm(rec: dict) -> float:
+    """The Frobenius norm of an update of half a float32 ulp at every entry of typical size: an update far below it
+    rounds away (the reference line of the figures)."""
+    return rec["float32_resolution"] * math.sqrt(rec["entries"])
+
+
+def positive_or_none(values) -> list:
+    """Values for a log axis: zeros, negatives, non-finite values and None become gaps."""
+    return [v if v is not None and math.isfinite(v) and v > 0 else None for v in values or []]
+
+
+# The curves of the In-Place figures: (key of the record, label, dash, colour, unitless). Unitless curves (relative
+# drift, clip factor, share of entries changed) share one row, the Frobenius norms another.
+CURVES = (
+    ("drift", "drift ||W - W0||", "solid", "#00a67d", False),
+    ("drift_intended", "drift the updates add up to", "longdash", "#7f7f7f", False),
+    ("raw_update_norm", "raw update ||dW||", "dot", "#ab63fa", False),
+    ("update_norm", "lr * clipped update", "dash", "#ef553b", False),
+    ("step_norm", "step kept by float32", "dashdot", "#1f3fbf", False),
+    ("drift_relative", "relative drift", "solid", "#00a67d", True),
+    ("clip_factor", "clip factor", "dot", "#ff8c1a", True),
+    ("changed_fraction", "share of entries changed", "dash", "#1f3fbf", True),
+)
 
 
 def inplace_figure(inplace: dict):
@@ -96,24 +168,19 @@ def inplace_figure(inplace: dict):
         rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
         subplot_titles=("Frobenius norms per chunk update", "relative drift, clip factor, share of entries changed"),
     )  # fmt: skip
-    curves = (
-        ("drift", "drift ||W - W0||", "solid", 1),
-        ("drift_intended", "drift the updates add up to", "longdash", 1),
-        ("raw_update_norm", "raw update ||dW||", "dot", 1),
-        ("update_norm", "lr * clipped update", "dash", 1),
-        ("step_norm", "step kept by float32", "dashdot", 1),
-        ("drift_relative", "relative drift", "solid", 2),
-        ("clip_factor", "clip factor", "dot", 2),
-        ("changed_fraction", "share of entries changed", "dash", 2),
-    )
     for layer, rec in inplace.items():
         x = [t / FRAME_RATE for t in rec["t"]]
-        for key, label, dash, row in curves:
-            values = rec.get(key) or []
-            y = [v if v is not None and math.isfinite(v) and v > 0 else None for v in values]
+        for key, label, dash, _, unitless in CURVES:
             fig.add_trace(
-                go.Scatter(x=x, y=y, mode="lines+markers", name=f"layer {layer} {label}", line={"dash": dash}),
-                row=row, col=1,
+                go.Scatter(x=x, y=positive_or_none(rec.get(key)), mode="lines+markers", name=f"layer {layer} {label}",
+                           line={"dash": dash}),
+                row=2 if unitless else 1, col=1,
+            )  # fmt: skip
+        if x:
+            fig.add_trace(
+                go.Scatter(x=[x[0], x[-1]], y=[resolution_norm(rec)] * 2, mode="lines", line={"color": "#999999"},
+                           name=f"layer {layer} float32 resolution x sqrt(entries)"),
+                row=1, col=1,
             )  # fmt: skip
     fig.update_yaxes(type="log", exponentformat="e")
     fig.update_xaxes(title_text="time (s)", row=2, col=1)

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from moshi_ttt.compat.moshi import set_model_context, set_rotary
+from moshi_ttt.compat.moshi import rotary, set_model_context, set_rotary
 from moshi_ttt.config import YarnConfig
 
 
@@ -130,3 +130,9 @@ def apply_fork_yarn(model, cfg: YarnConfig):
     if cfg.extend_context and model.context is not None:
         set_model_context(model, int(model.context * cfg.scale))  # the fork's run_inference: int(context * scale)
     return model
+
+
+def fork_yarn_of(model) -> YarnConfig | None:
+    """The YaRN settings `apply_fork_yarn` put into a moshi LMModel's temporal transformer; None without them."""
+    rope = rotary(model)
+    return rope.cfg if isinstance(rope, ForkYarnRotary) else None
