@@ -5,6 +5,7 @@ huggingface_hub and moshi CheckpointInfo code runs, with no network.
 """
 
 import gc
+import re
 import weakref
 
 import pytest
@@ -60,6 +61,25 @@ def test_a_revision_missing_from_the_offline_cache_names_the_hub_cli(hub_repo):
         load(f"{BASE}@v3")
     with pytest.raises(FileNotFoundError, match="`hf download kyutai/other`"):
         load("hf://kyutai/other")
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        (f"{BASE}/nowhere", f"Hub repo {REPO} has no folder 'nowhere' in the local Hugging Face cache: check the path"),
+        (f"{BASE}@v2/nowhere", f"Hub repo {REPO} at revision v2 has no folder 'nowhere'"),
+        (f"{BASE}@", "has nothing after '@': name a branch, tag or commit"),
+        ("hf://kyutai", "'hf://kyutai' is not a Hub reference: write hf://owner/repo"),
+        ("hf://kyutai/../x", "does not name a Hub repo"),
+        ("hf:/kyutai/tiny-moshi", "'hf:/kyutai/tiny-moshi' is neither a local path nor a Hub reference"),
+        ("https://huggingface.co/kyutai/x", "'https://huggingface.co/kyutai/x' is neither a local path nor a Hub"),
+    ],
+    ids=["missing_folder", "missing_folder_at_revision", "empty_revision", "no_repo", "dots", "one_slash", "url"],
+)
+def test_a_bad_reference_is_one_sentence_naming_it(hub_repo, ref, message):
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(message)) as error:
+        load(ref)
+    assert "\n" not in str(error.value) and "Errno" not in str(error.value)
 
 
 def test_a_repo_without_config_json_is_taken_as_moshi_7b_offline_too(offline_hub_cache):

@@ -20,8 +20,10 @@ import time
 import typing as tp
 from collections.abc import Mapping
 
-from moshi_ttt.app.models import ModelCache, needs_base
-from moshi_ttt.data.checkpoints.hub import HubRef
+from huggingface_hub import constants
+
+from moshi_ttt.app.models import ENV_CHECKPOINTS, ModelCache, needs_base
+from moshi_ttt.data.checkpoints.hub import FORM, HF_PREFIX, HubRef, cached_snapshot
 from moshi_ttt.data.checkpoints.shared import move_together, weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,34 @@ def hub_checkpoints(flags: tp.Sequence[str] = (), env: Mapping[str, str] = os.en
         try:
             HubRef.parse(ref)
         except ValueError as e:
-            raise ValueError(f"{source}: {ref!r} is not a Hub checkpoint: {e}") from e
+            if ref.startswith(HF_PREFIX):
+                reason = str(e)  # names the entry and the form to write
+            elif "://" in ref:
+                reason = f"{ref!r} is not a Hub reference: only {FORM} is read, no other URL"
+            else:
+                reason = (f"{ref!r} is not a Hub reference ({FORM}); serve a local directory of checkpoints with "
+                          f"--checkpoint-dir or {ENV_CHECKPOINTS}")  # fmt: skip
+            raise ValueError(f"{source}: {reason}") from e
     return [ref for ref, _ in named]
+
+
+def check_cached(refs: tp.Sequence[str], offline: bool | None = None) -> None:
+    """With the Hub offline (HF_HUB_OFFLINE=1), checks that each reference's revision is in the local Hugging Face
+    cache, so that a Space missing a file stops at start-up with the command to run, not at each visitor's run.
+
+    Raises:
+        FileNotFoundError: the first reference not cached, with the `hf download` command that caches it.
+    """
+    if not (constants.HF_HUB_OFFLINE if offline is None else offline):
+        return
+    for ref in refs:
+        hub = HubRef.parse(ref)
+        if cached_snapshot(hub) is None:
+            raise FileNotFoundError(
+                f"{ref} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
+                f"run `{hub.download_command()}` with the same HF_HOME where there is network (on a Space, list the "
+                "repo in preload_from_hub), or unset HF_HUB_OFFLINE"
+            )
 
 
 def on_zerogpu(env: Mapping[str, str] = os.environ) -> bool:

@@ -19,7 +19,7 @@ from moshi_ttt.data.checkpoints.common import (
     check_weights_file,
     read_json,
 )
-from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, hub_file, hub_file_or_none, hub_folder
+from moshi_ttt.data.checkpoints.hub import FORM, HF_PREFIX, HubRef, hub_file, hub_file_or_none, hub_folder
 from moshi_ttt.data.checkpoints.inplace_format import is_inplace, load_inplace
 from moshi_ttt.data.checkpoints.legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
 from moshi_ttt.data.checkpoints.moshi_format import load_moshi_dir, load_moshi_hub
@@ -106,6 +106,11 @@ def _load_local(
     path: Path, *, ref: str, base: str | None, device, dtype: torch.dtype | None, legacy_causal: bool, share: bool
 ) -> LoadedCheckpoint:
     if not path.exists():
+        if "://" in ref or ref.lower().startswith("hf:"):  # a URL, or hf:// mistyped: Path() has already mangled it
+            raise FileNotFoundError(
+                f"checkpoint {ref!r} is neither a local path nor a Hub reference: write {FORM} for the Hugging Face "
+                "Hub (no other URL is read: download the files and give their directory)"
+            )
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
         check_weights_file(path)  # refuses pickles whatever the suffix
