@@ -143,6 +143,7 @@ def test_a_bad_hub_checkpoint_stops_the_server_with_one_sentence(assets, offline
         "http://x/y": r"'http://x/y' is not a Hub reference: only hf://owner/repo\[@revision\]\[/path\] is read",
         "hf://kyutai/not-cached": "is not in the local Hugging Face cache .* run `hf download kyutai/not-cached` ",
         "hf://kyutai/tiny-moshi@v9": "run `hf download kyutai/tiny-moshi --revision v9`",
+        "hf://kyutai/tiny-moshi/sub": "hf://kyutai/tiny-moshi/sub is not in the local Hugging Face cache",
     }
     write_moshi_repo(offline_hub_cache, tiny_lm_config(), dtype=torch.float32, repo="kyutai/tiny-moshi", mimi=False)
     for value, message in cases.items():

@@ -69,7 +69,8 @@ def check_cached(refs: tp.Sequence[str], offline: bool | None = None) -> None:
         return
     for ref in refs:
         hub = HubRef.parse(ref)
-        if cached_snapshot(hub) is None:
+        snapshot = cached_snapshot(hub)
+        if snapshot is None or (hub.path and not (snapshot / hub.path).exists()):
             raise FileNotFoundError(
                 f"{ref} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
                 f"run `{hub.download_command()}` with the same HF_HOME where there is network (on a Space, list the "
