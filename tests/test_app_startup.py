@@ -69,6 +69,7 @@ def test_on_zerogpu_every_model_loads_at_start_up_then_moves_to_the_gpu_together
     monkeypatch.setattr(server, "build_demo", build_demo)
     monkeypatch.setattr(startup, "move_together", lambda modules, device: moved.append((list(modules), device)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # spaces would say True; the env var suffices
+    monkeypatch.setattr(startup.zerogpu_module, "HAS_SPACES", True)  # as on a Space (not installed in the tests)
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     with pytest.raises(pytest.fail.Exception):
         server.main(["--checkpoint-dir", str(assets / "checkpoints"), "--threads", "1"])
@@ -159,10 +160,19 @@ def test_sigterm_ends_the_server_as_ctrl_c_does():
     """SIGTERM (docker stop, a Space restarting) raises KeyboardInterrupt in the main thread: Gradio's block_thread
     closes the server and returns, and the exit handlers (the Stop flags' folder) run."""
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        server.stop_on_sigterm()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs between bytecodes of this thread
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(KeyboardInterrupt), server.sigterm_as_ctrl_c():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs between bytecodes of this thread
+    assert signal.getsignal(signal.SIGTERM) is previous  # the process's own handler is back afterwards
+
+
+def test_a_cuda_device_without_a_gpu_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(startup.zerogpu_module, "HAS_SPACES", False)
+    with pytest.raises(ValueError, match=r"^--device cuda, but torch sees no CUDA GPU here: use --device cpu$"):
+        startup.check_device("cuda", zerogpu=False)
+    with pytest.raises(ValueError, match="SPACES_ZERO_GPU is set but this machine has no GPU and no `spaces` package"):
+        startup.check_device("cuda", zerogpu=True)
+    startup.check_device("cpu", zerogpu=True)  # --device cpu on ZeroGPU: nothing to refuse
+    monkeypatch.setattr(startup.zerogpu_module, "HAS_SPACES", True)
+    startup.check_device("cuda", zerogpu=True)  # spaces emulates CUDA at start-up

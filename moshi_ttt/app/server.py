@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from moshi.utils.compile import no_compile
@@ -25,7 +25,7 @@ from moshi_ttt.app.engine import threads_per_run
 from moshi_ttt.app.handlers import MAX_SECONDS
 from moshi_ttt.app.layout import build_demo
 from moshi_ttt.app.models import ModelCache, build_allow_list
-from moshi_ttt.app.startup import check_cached, hub_checkpoints, on_zerogpu, preload
+from moshi_ttt.app.startup import check_cached, check_device, hub_checkpoints, on_zerogpu, preload
 
 logger = logging.getLogger("moshi_ttt.app")
 
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one line each
     zerogpu = on_zerogpu()
     device = args.device or ("cuda" if torch.cuda.is_available() or zerogpu else "cpu")
+    try:
+        check_device(device, zerogpu)
+    except ValueError as e:
+        cli.error(str(e))
     dtype = DTYPES[args.dtype]
     if device == "cpu":
         torch.set_num_threads(args.threads or threads_per_run(args.concurrency))
@@ -131,18 +135,23 @@ def main(argv: list[str] | None = None) -> None:
         _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=args.share, quiet=True,
                                               max_file_size=MAX_FILE_SIZE, prevent_thread_lock=True)  # fmt: skip
         logger.info(startup_line(cache, device, dtype, local_url, share_url, args.share))
-        stop_on_sigterm()
-        demo.block_thread()  # returns on Ctrl-C or SIGTERM, having closed the server
+        with sigterm_as_ctrl_c():
+            demo.block_thread()  # returns on Ctrl-C or SIGTERM, having closed the server
 
 
-def stop_on_sigterm() -> None:
-    """Makes SIGTERM (`docker stop`, a Space restarting, `timeout`) end the server as Ctrl-C does.
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Inside, SIGTERM (`docker stop`, a Space restarting, `timeout`) ends the server as Ctrl-C does.
 
     Why: Python's default SIGTERM kills the process without running its exit handlers, which would leave the
     server's temporary folders behind (the Stop flags' folder, `resources.StopRequests`, is removed at exit). Gradio's
     `block_thread` closes the server on KeyboardInterrupt and returns; the interpreter then exits normally.
     """
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum: int, frame: object) -> None:

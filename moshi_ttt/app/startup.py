@@ -20,8 +20,10 @@ import time
 import typing as tp
 from collections.abc import Mapping
 
+import torch
 from huggingface_hub import constants
 
+from moshi_ttt.app import zerogpu as zerogpu_module
 from moshi_ttt.app.models import ENV_CHECKPOINTS, ModelCache, needs_base
 from moshi_ttt.data.checkpoints.hub import FORM, HF_PREFIX, HubRef, cached_snapshot
 from moshi_ttt.data.checkpoints.shared import move_together, weight_bytes
@@ -81,6 +83,23 @@ def check_cached(refs: tp.Sequence[str], offline: bool | None = None) -> None:
 def on_zerogpu(env: Mapping[str, str] = os.environ) -> bool:
     """Whether the server runs on a ZeroGPU Space (SPACES_ZERO_GPU true, read as the `spaces` package reads it)."""
     return env.get(ENV_ZERO_GPU, "").lower() in ("1", "t", "true")
+
+
+def check_device(device: str, zerogpu: bool) -> None:
+    """Refuses a CUDA device where there is none, before anything loads onto it (torch's own error would come as a
+    traceback, at start-up or at the first run). On ZeroGPU the `spaces` package emulates CUDA at start-up.
+
+    Raises:
+        ValueError: the sentence to show.
+    """
+    if not device.startswith("cuda") or torch.cuda.is_available() or (zerogpu and zerogpu_module.HAS_SPACES):
+        return
+    if zerogpu:
+        raise ValueError(
+            f"{ENV_ZERO_GPU} is set but this machine has no GPU and no `spaces` package: unset {ENV_ZERO_GPU} off "
+            "Hugging Face Spaces (or pip install spaces on a ZeroGPU Space)"
+        )
+    raise ValueError(f"--device {device}, but torch sees no CUDA GPU here: use --device cpu")
 
 
 def preload(cache: ModelCache, device: str | None = None) -> dict[str, float]:
