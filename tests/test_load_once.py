@@ -113,6 +113,20 @@ def test_revisions_and_dtypes_are_different_bases(hub_repo):
     assert weight_bytes(main, v2) == weight_bytes(main) + weight_bytes(v2)
     assert weight_bytes(main, bf16) == weight_bytes(main) + weight_bytes(bf16)
     assert weight_bytes(main, load(f"{BASE}@main").model) == weight_bytes(main)  # one revision, two spellings
+    # Offline the cache says which commit a branch or tag is: a tag and its hash are one base, as main and its hash.
+    assert weight_bytes(v2, load(f"{BASE}@{COMMIT_B}").model) == weight_bytes(v2)
+    assert weight_bytes(main, load(f"{BASE}@{COMMIT_A}").model) == weight_bytes(main)
+
+
+def test_online_a_branch_and_a_hash_stay_apart(hub_repo, monkeypatch):
+    """Online the branch may have moved since the cache was filled: its name is the key, not the cached hash."""
+    from huggingface_hub import constants
+
+    from moshi_ttt.data.checkpoints.shared import canonical_ref
+
+    assert canonical_ref(BASE) == canonical_ref(f"{BASE}@{COMMIT_A}") == f"{BASE}@{COMMIT_A}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert canonical_ref(BASE) == f"{BASE}@main" and canonical_ref(f"{BASE}@{COMMIT_A}") == f"{BASE}@{COMMIT_A}"
 
 
 def test_the_pool_keeps_nothing_alive_and_never_shares_changed_weights(hub_repo, tmp_path):

@@ -194,6 +194,16 @@ def hub_folder(ref: HubRef, subfolder: str) -> Path:
     return folder
 
 
+def offline_commit(ref: HubRef) -> str | None:
+    """The commit hash the reference's revision names in the local cache, when the Hub is offline (HF_HUB_OFFLINE):
+    then every file comes from that snapshot, so "main", a tag and the hash are one revision. None online (the branch
+    may have moved since the cache was filled) or when the revision is not cached."""
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    snapshot = cached_snapshot(ref)
+    return snapshot.name if snapshot is not None else None
+
+
 def cached_snapshot(ref: HubRef) -> Path | None:
     """The folder of the reference's revision in the local Hugging Face cache, None if it is not there.
 
