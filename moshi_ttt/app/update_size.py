@@ -87,3 +87,18 @@ def check_update_size(models: dict[str, tp.Any], value: int | None) -> int | Non
         if size.kind != "none":
             size.check(value, name)
     return value
+
+
+COMPARE_LABELS = {  # the Compare tab's sizes control, by the kinds of the TTT models compared
+    "chunk": "In-Place chunk sizes (tokens per update)",
+    "mini_batch": "TTT mini_batch_size values",
+    "mixed": "mini_batch_size or In-Place chunk sizes",  # also the spec's label, in the server's messages
+}
+
+
+def compare_label(sizes: tp.Iterable[UpdateSize]) -> str:
+    """The Compare tab's label for the sizes of the chosen TTT models: what the number is to all of them."""
+    kinds = {size.kind for size in sizes}
+    if kinds == {"chunk"}:
+        return COMPARE_LABELS["chunk"]
+    return COMPARE_LABELS["mixed" if "chunk" in kinds else "mini_batch"]

@@ -343,12 +343,20 @@ def _mimi_ref(raw: dict, directory: Path, default: str | None) -> str:
     return default or f"{HF_PREFIX}{loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}"
 
 
+class BaseMismatch(ValueError):
+    """A lora.safetensors checkpoint and a base whose LM configs disagree; `detail` names the kwargs, no path."""
+
+    def __init__(self, source: str, base_ref: str, detail: str):
+        super().__init__(f"{source} and the base {base_ref} disagree on {detail}")
+        self.detail = detail
+
+
 def _check_base_config(ckpt: dict, base: dict, base_ref: str, source: str) -> None:
     """The base must be the model the checkpoint was trained on: the LM kwargs both name must agree."""
     differ = sorted(k for k in set(ckpt) & set(base) if ckpt[k] != base[k])
     if differ:
         detail = ", ".join(f"{k}: {ckpt[k]!r} vs {base[k]!r}" for k in differ[:6])
-        raise ValueError(f"{source} and the base {base_ref} disagree on {detail}")
+        raise BaseMismatch(source, base_ref, detail)
 
 
 def inplace_notes(model: tp.Any, cfg: InPlaceConfig, yarn: YarnConfig | None, w_source: str) -> list[str]:
