@@ -22,8 +22,10 @@ from moshi_ttt.app.compare import settings_grid
 from moshi_ttt.app.compare_view import compare_rows
 from moshi_ttt.app.engine import LIVE_CHUNK_TOKENS, compare_live, live_options
 from moshi_ttt.app.handlers import add_hub_checkpoint, compare_handler, compare_specs, run_handler, run_specs
+from moshi_ttt.app.inputs import InputError
 from moshi_ttt.app.models import CheckpointMismatch, CheckpointUnavailable, ModelCache, build_allow_list
 from moshi_ttt.app.resources import RunFolders
+from moshi_ttt.app.update_size import UpdateSize
 from moshi_ttt.ttt.inplace import inplace_blocks
 
 HUB_LORA = "hf://someone/inplace-ttt-lora"
@@ -161,14 +163,23 @@ def test_the_dropdown_events_take_any_json(fork_cache):  # noqa: F811
         assert layout.compare_sizes_label(fork_cache, chosen, "fork_base") == "TTT mini_batch_size values"
 
 
-def test_hub_references_added_by_users_never_replace_a_checkpoint(fork_cache):  # noqa: F811
+def test_hub_references_added_by_users_can_be_run_and_never_replace_a_checkpoint(fork_cache):  # noqa: F811
+    """--allow-hub: a reference added while the app runs is offered by the dropdowns and accepted by the Run and
+    Compare events (their specs hold the cache's live names); a name taken by another checkpoint is never replaced."""
     cache = ModelCache(dict(fork_cache.allow_list))
     cache.allow_list["someone/repo"] = build_allow_list([], ["hf://other/thing"], use_env=False)["other/thing"]
+    specs = run_specs(cache.live_names(), ["/uploads"], [])
+    more = compare_specs(specs, cache.live_names())
     add = add_hub_checkpoint(cache)
     *_, note = add("hf://someone/repo")
     assert note == "Added hf://someone/repo as someone/repo (2): choose it in the dropdowns."
     assert cache.allow_list["someone/repo"].ref == "hf://other/thing"
     assert add("hf://someone/repo")[2].endswith("as someone/repo (2): choose it in the dropdowns.")  # once
+    assert specs["ttt"].check("someone/repo (2)") == specs["baseline"].check("someone/repo (2)") == "someone/repo (2)"
+    assert more["compare_checkpoints"].check(["someone/repo (2)"]) == ("someone/repo (2)",)
+    for bad in (["someone/repo (2)"], {"a": 1}, None, "someone/repo (3)"):
+        with pytest.raises(InputError, match="TTT checkpoint must be one of: "):
+            specs["ttt"].check(bad)
 
 
 def compare_event(cache: ModelCache, clip: Path, **given):
@@ -195,6 +206,20 @@ def test_compare_names_in_place_sizes_chunks_and_refuses_what_a_model_cannot_tak
         status = next(compare_event(fork_cache, clip, compare_checkpoints=["full_yarn"], compare_sizes=sizes))[0]
         assert status.startswith(f"Not compared: {sentence}")
     assert compare_rows({"runs": {}}, grid, False) == []
+
+
+def test_compare_refuses_a_size_a_compared_model_does_not_take_before_scoring(fork_cache, clip, monkeypatch):  # noqa: F811
+    """An older-fork checkpoint takes its own mini-batch only (update_size.py): refused before anything is scored,
+    as the Run tab refuses it, rather than failing half-way through the settings."""
+    from moshi_ttt.app import handlers
+
+    fixed = UpdateSize("legacy", "TTT mini_batch_size", 16, 16, 16, "fixed at 16 by this older-fork checkpoint")
+    monkeypatch.setattr(handlers, "update_size", lambda model: fixed)
+    events = compare_event(fork_cache, clip, compare_checkpoints=["full_yarn"], compare_sizes=["4", "16"])
+    assert next(events)[0] == (
+        "Not compared: checkpoint 'full_yarn' is a TTT checkpoint of the older fork: its mini-batch size (16) is part "
+        "of its math; set TTT mini_batch_size to 16, got 4."
+    )
 
 
 # ---- the same In-Place numbers in every mode and in the app's live path ----

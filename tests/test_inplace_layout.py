@@ -16,6 +16,7 @@ from moshi_ttt import evaluate, load, score
 from moshi_ttt.app.models import ModelCache, build_allow_list, discover, without_paths
 from moshi_ttt.data.checkpoints.inplace_layout import find_steps
 from moshi_ttt.data.codec import build_codec, save_codec
+from moshi_ttt.reports.outdir import checkpoint_identity
 
 FORK_DATA = Path(__file__).parent / "data" / "inplace_fork"
 
@@ -128,6 +129,8 @@ def test_the_cli_scores_a_step_folder_and_refuses_a_run_of_several(runs, codec, 
     assert evaluate.main([*argv, "--ttt", str(step), "--out", str(tmp_path / "out")]) == 0
     results = json.loads(next((tmp_path / "out").glob("*/results.json")).read_text())
     assert results["runs"]["ttt"]["checkpoint"] == str(step) and "inplace" in results["runs"]["ttt"]
+    identity = checkpoint_identity(str(step))  # the fingerprint of a rerun sees the step's files change
+    assert identity["ref"] == str(step) and sorted(identity["files"]) == ["config.json", "consolidated.safetensors"]
     assert evaluate.main([*argv, "--ttt", str(runs / "alpha"), "--out", str(tmp_path / "out2")]) != 0
     assert "with 3 saved steps (alpha/checkpoint_000100," in capsys.readouterr().err
 

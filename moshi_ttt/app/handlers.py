@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import typing as tp
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from moshi_ttt.app.inputs import (
     Spec,
     validate,
 )
-from moshi_ttt.app.models import CheckpointMismatch, CheckpointUnavailable, ModelCache
+from moshi_ttt.app.models import CheckpointMismatch, CheckpointNames, CheckpointUnavailable, ModelCache
 from moshi_ttt.app.reopen import read_results
 from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
 from moshi_ttt.app.update_size import COMPARE_LABELS, MAX_TOKENS, check_update_size, update_size
@@ -53,7 +54,7 @@ HUB_SPECS = {"hub": HubReference("Hub checkpoint", info="add an hf://owner/repo 
 
 
 def run_specs(
-    names: list[str], upload_roots: list[str], examples: list[str], max_seconds: float = MAX_SECONDS
+    names: tp.Sequence[str], upload_roots: list[str], examples: list[str], max_seconds: float = MAX_SECONDS
 ) -> dict[str, Spec]:
     """What the Run event accepts, input by input, in the order of its inputs (see moshi_ttt/app/inputs.py).
 
@@ -68,10 +69,11 @@ def run_specs(
     """
     baseline = next((n for n in names if "baseline" in n), names[0] if names else None)
     ttt = next((n for n in names if "ttt" in n.lower()), names[-1] if names else None)
+    offered = _offered(names)
     return {
         "audio": AudioFile("Audio", roots=tuple(upload_roots), files=tuple(examples)),
-        "baseline": Choice("Baseline checkpoint", tuple(names), default=baseline),
-        "ttt": Choice("TTT checkpoint", tuple(names), default=ttt),
+        "baseline": Choice("Baseline checkpoint", offered, default=baseline),
+        "ttt": Choice("TTT checkpoint", offered, default=ttt),
         # Tokens per fast-weight update: the mini-batch of our TTT blocks, the chunk of In-Place layers; each model's
         # own range is checked once it is loaded (app/update_size.py), and the layout narrows the slider to it.
         "mini_batch_size": Number("TTT mini_batch_size", 1, MAX_TOKENS, integer=True, default=16),
@@ -91,7 +93,7 @@ def run_specs(
 COMPARE_SIZES = ("1", "2", "4", "8", "16", "32", "64")  # tokens per update offered for a comparison
 
 
-def compare_specs(run: dict[str, Spec], names: list[str]) -> dict[str, Spec]:
+def compare_specs(run: dict[str, Spec], names: tp.Sequence[str]) -> dict[str, Spec]:
     """What the Compare event accepts, in order: the Run event's clip, baseline, duration, silence and readings
     specs (the same controls), and the settings to compare.
 
@@ -103,7 +105,7 @@ def compare_specs(run: dict[str, Spec], names: list[str]) -> dict[str, Spec]:
     return {
         "audio": run["audio"],
         "baseline": run["baseline"],
-        "compare_checkpoints": MultiChoice("TTT checkpoints to compare", tuple(names),
+        "compare_checkpoints": MultiChoice("TTT checkpoints to compare", _offered(names),
                                            default=(ttt,) if ttt else (), maximum=4, dropdown=True),  # fmt: skip
         # Labelled for the chosen models by the layout (update_size.compare_label): mini-batches or In-Place chunks.
         "compare_sizes": MultiChoice(COMPARE_LABELS["mixed"], COMPARE_SIZES, default=("4", "16", "64")),
@@ -113,6 +115,12 @@ def compare_specs(run: dict[str, Spec], names: list[str]) -> dict[str, Spec]:
         "allow_silence": run["allow_silence"],
         "readings": run["readings"],
     }  # fmt: skip
+
+
+def _offered(names: tp.Sequence[str]) -> tp.Sequence[str]:
+    """The checkpoint names a control offers: the model cache's live view as it is (names added while the app runs,
+    `ModelCache.live_names`), any other sequence as a tuple."""
+    return names if isinstance(names, CheckpointNames) else tuple(names)
 
 
 def open_specs(upload_roots: list[str]) -> dict[str, Spec]:

@@ -108,8 +108,8 @@ def build_demo(
     """
     examples = examples or []
     demo = gr.Blocks(title="moshi-ttt: what Test-Time Training does inside Moshi", delete_cache=DELETE_CACHE)
-    specs = run_specs(cache.names(), [demo.GRADIO_CACHE], examples, max_seconds)
-    more = compare_specs(specs, cache.names())
+    specs = run_specs(cache.live_names(), [demo.GRADIO_CACHE], examples, max_seconds)  # with --allow-hub's later
+    more = compare_specs(specs, cache.live_names())
     opening = open_specs([demo.GRADIO_CACHE])
     runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", keep=keep_runs)
     compared = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-compare", keep=keep_runs)

@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import typing as tp
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +65,30 @@ def without_paths(text: str) -> str:
     """`text` with every absolute path cut to its last part ("/srv/hub/snapshots/abc/lora.safetensors" ->
     "lora.safetensors"): messages for users name no server path."""
     return _PATH.sub(r"\1", text)
+
+
+class CheckpointNames(Sequence):
+    """The allow-list's names as they are now: the `--allow-hub` field adds to it while the app runs, and the specs of
+    the checkpoint controls hold this view (`ModelCache.live_names`), so that the server accepts what the dropdowns
+    offer. Only strings are ever in it."""
+
+    def __init__(self, allow_list: dict[str, tp.Any]):
+        self._allow_list = allow_list
+
+    def __getitem__(self, index):
+        return list(self._allow_list)[index]
+
+    def __len__(self) -> int:
+        return len(self._allow_list)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._allow_list))
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and value in self._allow_list
+
+    def __repr__(self) -> str:
+        return f"CheckpointNames({list(self._allow_list)!r})"
 
 
 @dataclass(frozen=True)
@@ -161,6 +185,10 @@ class ModelCache:
 
     def names(self) -> list[str]:
         return list(self.allow_list)
+
+    def live_names(self) -> CheckpointNames:
+        """The names, also those added later (`add_hub`): for the specs of the checkpoint controls."""
+        return CheckpointNames(self.allow_list)
 
     def _entry(self, name: str) -> CheckpointEntry:
         entry = self.allow_list.get(name) if isinstance(name, str) else None
