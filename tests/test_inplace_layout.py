@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_app_inplace import fork_cache  # noqa: F401 (the fork's tiny checkpoints beside their base)
 from test_codec import tiny_codec_config
 from tiny_models import random_audio_codes
 
@@ -145,3 +146,22 @@ def test_the_model_cache_lists_fork_steps_as_models(runs, codec):
     use_codec(runs / "beta" / "checkpoints" / "checkpoint_000300" / "consolidated", codec)
     cache = ModelCache(build_allow_list([runs / "beta"], use_env=False))
     assert cache.names() == ["beta/checkpoint_000300"] and cache.mini_batch_size("beta/checkpoint_000300") == 8
+
+
+def test_the_cli_loads_a_lora_step_over_the_baseline_as_the_app_does(fork_cache, tmp_path, offline_hub_cache):  # noqa: F811
+    """--ttt a lora.safetensors step with --baseline: over that baseline (nothing from the Hub, whose cache is empty
+    and offline here), the numbers of the app's pairing."""
+    import soundfile as sf
+    from conftest import speechlike
+
+    base = fork_cache.allow_list["fork_base"].ref
+    step = write_step(tmp_path / "run", 40, source="ttt_only_lora").parent
+    sf.write(tmp_path / "a.wav", speechlike(1.0, 0), 24_000)
+    argv = ["--audio", str(tmp_path / "a.wav"), "--mode", "full", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert evaluate.main([*argv, "--baseline", base, "--ttt", str(step)]) == 0
+    results = json.loads(next((tmp_path / "out").glob("*/results.json")).read_text())
+    app = fork_cache.get("ttt_only_lora", base="fork_base").model
+    codes = fork_cache.get("fork_base").mimi.encode(torch.from_numpy(speechlike(1.0, 0))[None, None])
+    expected = score(app, codes[:, :, : results["runs"]["ttt"]["tokens"]], mode="full").loss_per_token[0]
+    got = torch.tensor([float("nan") if v is None else v for v in results["runs"]["ttt"]["loss_per_token"]])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
