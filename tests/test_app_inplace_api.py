@@ -26,6 +26,7 @@ from moshi_ttt.app.inputs import InputError
 from moshi_ttt.app.models import CheckpointMismatch, CheckpointUnavailable, ModelCache, build_allow_list
 from moshi_ttt.app.resources import RunFolders
 from moshi_ttt.app.update_size import UpdateSize
+from moshi_ttt.data.checkpoints.inplace_format import InPlaceOptions, inplace_config, yarn_config
 from moshi_ttt.ttt.inplace import inplace_blocks
 
 HUB_LORA = "hf://someone/inplace-ttt-lora"
@@ -41,7 +42,11 @@ def hub_cache(fork_cache, offline_hub_cache) -> ModelCache:  # noqa: F811
     snapshot = snapshot_dir(offline_hub_cache, LORA_NAME)
     for name in ("config.json", "lora.safetensors"):
         shutil.copy(FORK_DATA / "ttt_only_lora" / name, snapshot / name)
-    refs = [HUB_LORA, "hf://someone/missing"]
+    bad = snapshot_dir(offline_hub_cache, "someone/bad-config")  # a full In-Place checkpoint whose chunk is a list
+    shutil.copy(FORK_DATA / "full_yarn" / "consolidated.safetensors", bad / "consolidated.safetensors")
+    raw = json.loads((FORK_DATA / "full_yarn" / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**raw, "ttt_config": {**raw["ttt_config"], "chunk_size": [8]}}))
+    refs = [HUB_LORA, "hf://someone/missing", "hf://someone/bad-config"]
     return ModelCache({**fork_cache.allow_list, **build_allow_list([], refs, use_env=False)})
 
 
@@ -75,6 +80,37 @@ def test_a_hub_checkpoint_the_server_cannot_have_is_one_sentence(hub_cache):
         "someone/missing."
     )
     assert layout.update_size_of(hub_cache, "someone/missing", "fork_base").kind == "none"  # the dropdown's change
+
+
+def test_a_hub_checkpoint_with_a_config_the_loader_refuses_is_one_sentence(hub_cache, clip):
+    """With --allow-hub any user chooses the files: the loader's refusal reaches them as a sentence, without paths."""
+    assert refusal(run_event(hub_cache, clip, ttt="someone/bad-config")) == (
+        "checkpoint 'someone/bad-config' cannot be loaded: ttt_config.chunk_size must be a finite number, got [8]."
+    )
+
+
+CONFIG_VALUES = [None, "8", "NaN", float("nan"), float("inf"), [8], {}, True, 2.5]
+
+
+@pytest.mark.parametrize("key", ["layer_frequency", "start_layer", "chunk_size", "learning_rate", "conv_kernel_size",
+                                 "delta_clip_epsilon"])  # fmt: skip
+def test_the_fork_config_numbers_are_numbers(key):
+    """config.json's ttt_config and yarn_config: a value that is not a (finite, whole where it must be) number is a
+    ValueError naming it, never a TypeError, an OverflowError or a silent int(2.5) = 2."""
+    section = {"enabled": True, "layer_frequency": 1, "start_layer": 1, "chunk_size": 8, "learning_rate": 0.05}
+    for value in CONFIG_VALUES:
+        if key in ("learning_rate", "delta_clip_epsilon") and value == 2.5:
+            continue  # a float where a float belongs
+        with pytest.raises(ValueError, match=f"ttt_config.{key} must be|InPlaceConfig"):
+            inplace_config({**section, key: value}, 3)
+    assert inplace_config({**section, "chunk_size": 8.0}, 3).chunk_size == 8
+    yarn = {"enabled": True, "scale": 4.0, "original_max_seq_len": 8}
+    for key in ("scale", "original_max_seq_len", "beta_fast", "mscale"):
+        for value in CONFIG_VALUES:
+            if key != "original_max_seq_len" and value == 2.5:
+                continue
+            with pytest.raises(ValueError, match=f"yarn_config.{key} must be|YarnConfig"):
+                yarn_config({**yarn, key: value}, {"context": 16}, InPlaceOptions())
 
 
 # ---- the Run and Compare events with raw values ----
@@ -255,3 +291,21 @@ def test_modes_and_the_live_path_agree_for_a_chunk_that_does_not_divide_t(fork_c
         assert record["t"] == steps and record["chunk_size"] == 9
         drift = torch.tensor(record["drift"], dtype=torch.float64)
         torch.testing.assert_close(drift, full.telemetry.inplace[first].drift[0].double(), rtol=1e-12, atol=1e-15)
+
+
+def test_the_control_never_offers_a_chunk_the_run_event_refuses():
+    """A checkpoint whose chunk is above the Run event's bound (MAX_TOKENS) starts the control at that bound and
+    says so, rather than offering a value the server refuses."""
+    from tiny_models import tiny_lm
+
+    from moshi_ttt.app.update_size import MAX_TOKENS, update_size
+    from moshi_ttt.config import InPlaceConfig
+    from moshi_ttt.ttt.inplace import apply_inplace
+
+    size = update_size(apply_inplace(tiny_lm(0), InPlaceConfig(layers=(1,), chunk_size=2048)))
+    assert (size.default, size.maximum) == (MAX_TOKENS, MAX_TOKENS) == (1024, 1024)
+    assert size.info.endswith("this checkpoint's chunk is 2048, above the app's 1024: runs here use at most 1024")
+    spec = run_specs(["a"], [], [])["mini_batch_size"]
+    assert spec.maximum == size.maximum and size.check(1024, "x") == spec.check(1024) == 1024
+    with pytest.raises(InputError, match="must be between 1 and 1024, got 1025"):
+        spec.check(1025)

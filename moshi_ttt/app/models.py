@@ -302,16 +302,20 @@ class ModelCache:
 
 @contextlib.contextmanager
 def _hub_errors(name: str, ref: str) -> Iterator[None]:
-    """An hf:// checkpoint that cannot be had (FileNotFoundError of data/checkpoints/hub.py) as CheckpointUnavailable,
-    in the words of the Hub's answer without the server's cache path."""
+    """An hf:// checkpoint that cannot be had (FileNotFoundError of data/checkpoints/hub.py) or that the loader
+    refuses (ValueError: its files, which any user may choose with --allow-hub) as CheckpointUnavailable, in the
+    loader's words without the server's paths."""
     try:
         yield
-    except FileNotFoundError as e:
+    except (CheckpointMismatch, CheckpointUnavailable):
+        raise
+    except (FileNotFoundError, ValueError) as e:
         if not ref.startswith("hf://"):
             raise
         logger.warning("checkpoint %s (%s) is not available: %s", name, ref, e)
-        reason = without_paths(str(e)).split(" (", 1)[0]
-        raise CheckpointUnavailable(f"checkpoint {name!r} cannot be loaded: {reason}.") from e
+        reason = without_paths(str(e))
+        reason = reason.split(" (", 1)[0] if isinstance(e, FileNotFoundError) else reason  # not the cache's advice
+        raise CheckpointUnavailable(f"checkpoint {name!r} cannot be loaded: {reason.rstrip('.')}.") from e
 
 
 def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:
