@@ -152,6 +152,8 @@ BAD_PAIRS = [
     ({"ttt": ["ttt_only_lora"]}, "TTT checkpoint must be one of: "),
     ({"ttt": "../ttt_only_lora"}, "TTT checkpoint must be one of: "),
     ({"baseline": 5}, "Baseline checkpoint must be one of: "),
+    ({"baseline": None}, "Baseline checkpoint must be one of: "),  # a lora checkpoint without a baseline
+    ({"baseline": "nope"}, "Baseline checkpoint must be one of: "),
     ({"baseline": "ttt_only_lora"}, "checkpoint 'ttt_only_lora' is an In-Place TTT checkpoint in the fork's "),
     (
         {"baseline": "full_yarn"},
