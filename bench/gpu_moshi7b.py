@@ -3,6 +3,8 @@
 Baseline vs TTT on layers "29,30,31" and on "middle", measured in the same run: tokens/s of full, chunked and
 stream scoring, ms per stream step, peak GPU memory of chunked scoring at two lengths (flat in T is the goal).
 Targets on one H100: chunked TTT >= 0.8x the baseline's chunked tokens/s, stream <= 25 ms per token, memory flat.
+Its figures (1 / tokens/s of the baseline, chunked and stream) replace the ESTIMATES that ZeroGPU's durations use,
+`GPU_ESTIMATES` in moshi_ttt/scoring/cost.py: nothing else holds GPU costs.
 
 Usage:
     NO_TORCH_COMPILE=1 python -m bench.gpu_moshi7b                       # GPU, bfloat16, moshiko's LM config

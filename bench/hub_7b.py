@@ -7,6 +7,9 @@ each step in a fresh process with HF_HOME=ROOT/hf_home and HF_HUB_OFFLINE=1:
 - cli-both: `python -m moshi_ttt.evaluate --baseline hf://kyutai/moshiko-pytorch-bf16 --ttt ROOT/ttt` on 8 s of
   speech (the CLI loads the baseline first: the bytes held after that load are the baseline's alone);
 - app: moshi_ttt.app.models.ModelCache + moshi_ttt.app.engine.compare_file, the TTT checkpoint loaded first;
+- handler: the app as a Space serves it: the baseline named by MOSHI_TTT_HUB_CHECKPOINTS, every model loaded at
+  start-up (moshi_ttt.app.startup.preload, ZeroGPU's path, here on the CPU), then the Run button's handler
+  (moshi_ttt.app.handlers.run_handler) driven to its last output with the raw values the page sends;
 - cli-baseline (not run by default): the CLI with the baseline alone.
 
 Each step reports each load's time and the unique bytes of weights held after it (distinct storages,
@@ -16,6 +19,7 @@ the process's peak resident memory, into ROOT/report_<step>.json; `all` prints t
 Usage (about 15 GB of disk and 18 GB of free memory at full size):
     NO_TORCH_COMPILE=1 python -m bench.hub_7b all --root /tmp/hub7b
     NO_TORCH_COMPILE=1 python -m bench.hub_7b all --root /tmp/hub7b_small --num-layers 2 --ttt-layers 1   # small
+    NO_TORCH_COMPILE=1 python -m bench.hub_7b all --root /tmp/hub7b --steps handler   # the Run handler alone
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from pathlib import Path
 
 BASE = "hf://kyutai/moshiko-pytorch-bf16"
 SPEECH = Path(__file__).resolve().parent.parent / "demo_assets" / "demo_plain.wav"  # espeak-ng speech, 43.7 s
-STEPS = ("cli-baseline", "cli-both", "app")
-DEFAULT_STEPS = "cli-both,app"  # cli-both loads the baseline alone first: its load time and bytes are reported
+STEPS = ("cli-baseline", "cli-both", "app", "handler")
+DEFAULT_STEPS = "cli-both,app,handler"  # cli-both loads the baseline alone first: its load time and bytes are reported
 
 
 def paths(root: Path) -> dict[str, Path]:
@@ -146,13 +150,63 @@ def run_app(args) -> dict:
             "wall_s": wall_s, **_sizes(models), "peak_rss_gb": _peak_rss_gb()}  # fmt: skip
 
 
+def drive_run_handler(ttt_dir: Path, audio: Path, runs_dir: Path, dtype) -> dict:
+    """The app's Run handler at the server's start-up state, offline: allow-list from `ttt_dir` and
+    $MOSHI_TTT_HUB_CHECKPOINTS (the baseline), every model loaded by `startup.preload`, then the handler's generator
+    called as Gradio calls it (request None: an API call) with the page's default controls and `audio`.
+
+    Returns:
+        The report: each load's seconds, tokens and tokens/s of each run (from the results.json the handler
+        wrote), the handler's wall time, the outputs it yielded, and the unique weight bytes of both models against
+        the baseline's.
+    """
+    from moshi_ttt.app.handlers import run_handler, run_specs
+    from moshi_ttt.app.models import ModelCache, build_allow_list
+    from moshi_ttt.app.outputs import OUTPUT_NAMES
+    from moshi_ttt.app.resources import RunFolders
+    from moshi_ttt.app.startup import hub_checkpoints, preload
+
+    hub = hub_checkpoints()
+    cache = ModelCache(build_allow_list([ttt_dir], hub, use_env=False), device="cpu", dtype=dtype)
+    loads = [{"ref": cache.allow_list[n].ref, "load_s": s} for n, s in preload(cache).items()]
+    baseline = next(name for name, entry in cache.allow_list.items() if entry.ref == hub[0])
+    ttt = next(name for name in cache.names() if name != baseline)
+    specs = run_specs(cache.names(), [str(audio.parent)], [])
+    given = {"audio": {"path": str(audio)}, "baseline": baseline, "ttt": ttt}
+    values = [given.get(name, getattr(spec, "default", None)) for name, spec in specs.items()]
+    handler = run_handler(cache, specs, RunFolders(runs_dir))
+    start = time.perf_counter()
+    outputs = list(handler(None, *values))
+    wall_s = time.perf_counter() - start
+    downloads = outputs[-1][OUTPUT_NAMES.index("downloads")]
+    results = json.loads(Path(next(d for d in downloads if d.endswith("results.json"))).read_text())
+    runs = {name: {"tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"]} for name, r in results["runs"].items()}
+    models = {"baseline": cache.get(baseline).model, "ttt": cache.get(ttt).model}
+    return {"path": "startup.preload + handlers.run_handler (the page's defaults: chunked)", "loads": loads,
+            "runs": runs, "wall_s": wall_s, "outputs_yielded": len(outputs), **_sizes(models),
+            "peak_rss_gb": _peak_rss_gb()}  # fmt: skip
+
+
+def run_handler_step(args) -> dict:
+    import torch
+
+    p = paths(args.root)
+    os.environ["MOSHI_TTT_HUB_CHECKPOINTS"] = BASE
+    return drive_run_handler(p["ttt"], p["audio"], args.root / "handler_runs", getattr(torch, args.dtype))
+
+
 def step(args) -> None:
     if os.environ.get("HF_HUB_OFFLINE") != "1":
         raise SystemExit("run the steps through `all`, or with HF_HOME=ROOT/hf_home HF_HUB_OFFLINE=1")
     import torch
 
     torch.set_num_threads(args.threads)
-    report = run_app(args) if args.command == "app" else run_cli(args, with_ttt=args.command == "cli-both")
+    if args.command == "handler":
+        report = run_handler_step(args)
+    elif args.command == "app":
+        report = run_app(args)
+    else:
+        report = run_cli(args, with_ttt=args.command == "cli-both")
     report.update(step=args.command, threads=args.threads, dtype=args.dtype)
     (args.root / f"report_{args.command}.json").write_text(json.dumps(report, indent=2))
 
@@ -167,10 +221,9 @@ def run_all(args) -> None:
         print("+ HF_HOME=... HF_HUB_OFFLINE=1 " + " ".join(command[1:]), flush=True)
         subprocess.run(command, env=env, check=True)
         report = json.loads((args.root / f"report_{name}.json").read_text())
-        loads = ", ".join(
-            f"{x['ref']} {x['load_s']:.1f} s (then {x['weight_bytes_held'] / 2**30:.2f} GiB held)"
-            for x in report["loads"]
-        )
+        held = {x["ref"]: f" (then {x['weight_bytes_held'] / 2**30:.2f} GiB held)" for x in report["loads"]
+                if "weight_bytes_held" in x}  # fmt: skip
+        loads = ", ".join(f"{x['ref']} {x['load_s']:.1f} s{held.get(x['ref'], '')}" for x in report["loads"])
         runs = report["runs"].items()
         speed = ", ".join(f"{n} {r['tokens_per_s']:.3f} tok/s ({r['tokens']} tokens)" for n, r in runs)
         print(f"{name}: load {loads}; {speed}; weights {report['weight_bytes_all_models'] / 2**30:.2f} GiB = "

@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_assets"
 # The demo's baseline is the fair one: the same extra training as the TTT model, without TTT.
 DEMO_CHECKPOINTS = {"baseline": DEMO_DIR / "fair_baseline", "ttt": DEMO_DIR / "ttt"}
-# "auto": bfloat16 on a GPU; on the CPU float32, bfloat16 for models of 4e9 parameters and more (Moshi 7B: 14.3 GiB
-# instead of 28.6); TTT fast weights stay float32 (moshi_ttt.data.checkpoints.common.resolve_dtype).
+# "auto": float32, bfloat16 for models of 4e9 parameters and more (Moshi 7B: 14.3 GiB instead of 28.6), on every
+# device; TTT fast weights stay float32 (moshi_ttt.data.checkpoints.common.resolve_dtype).
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -149,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=sorted(DTYPES),
         default="auto",
-        help="auto: bfloat16 on a GPU; on the CPU float32, bfloat16 from 4e9 parameters (Moshi 7B); "
-        "TTT fast weights stay float32",
+        help="auto: float32, bfloat16 from 4e9 parameters (Moshi 7B); TTT fast weights stay float32",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     return p

@@ -10,8 +10,11 @@ from conftest import SR, raw_values, speechlike
 from moshi_ttt.app import server, zerogpu
 from moshi_ttt.app.handlers import MAX_SECONDS, compare_specs, compared_runs, run_specs
 from moshi_ttt.app.inputs import AudioFile, Choice, Flag, InputError, Number, validate
+from moshi_ttt.app.models import ModelCache, build_allow_list
 from moshi_ttt.app.update_size import MAX_TOKENS
 from moshi_ttt.data.audio import load_audio
+from moshi_ttt.data.checkpoints import weight_bytes
+from moshi_ttt.scoring.cost import MOSHI_7B_PARAMS, MOSHI_7B_WEIGHT_BYTES, gpu_seconds_per_token
 
 MINI_BATCH = Number("TTT mini_batch_size", 1, 64, integer=True)
 SECONDS = Number("Max duration (s)", 5, 600)
@@ -129,28 +132,86 @@ def test_server_address_honours_the_gradio_variables_unless_flags_are_given():
         server.server_address(None, None, {"GRADIO_SERVER_PORT": "http"})
 
 
+class Refused(Exception):
+    """What the handler's `refuse` would raise (gr.Error), without Gradio."""
+
+
+def sizes_of(params: dict[str, int]):
+    """`zerogpu.cache_sizes` of a cache whose models of these names have these sizes (bfloat16: 2 bytes each)."""
+    return lambda names: zerogpu.RunSize(tuple(params[n] for n in names), 2 * sum(params[n] for n in set(names)))
+
+
+MOSHI_7B = {"baseline": MOSHI_7B_PARAMS, "ttt": MOSHI_7B_PARAMS + 217_000_000}  # TTT on 3 layers: +0.2e9
+DEMO = {"baseline": 1_618_816, "ttt": 1_802_001}
+
+
 def test_zerogpu_duration_grows_with_the_clip_and_stays_small_for_refused_inputs(tmp_path):
     short, long = tmp_path / "short.wav", tmp_path / "long.wav"
     sf.write(short, speechlike(2.0, 1), SR)
     sf.write(long, speechlike(20.0, 1), SR)
     specs = run_specs(["baseline", "ttt"], [str(tmp_path)], [])
-    duration = zerogpu.gpu_duration(specs)
+    duration = zerogpu.gpu_duration(specs, sizes_of(MOSHI_7B), Refused)
 
     def seconds(clip, mode="chunked", max_seconds=600):  # called as ZeroGPU calls it: with the handler's arguments
         return duration(None, *raw_values(specs, audio={"path": str(clip)}, mode=mode, max_seconds=max_seconds))
 
     assert seconds(short) < seconds(long) < seconds(long, "live token by token")
     assert seconds(long, max_seconds=5) < seconds(long)  # the duration limit bounds it too
+    start_s = zerogpu.GPU_START_S + 2 * sum(MOSHI_7B.values()) / zerogpu.GPU_TRANSFER_BYTES_PER_S
+    per_token = sum(gpu_seconds_per_token(p, "chunked") for p in MOSHI_7B.values())
+    assert seconds(long) == math.ceil(start_s + 20 * 12.5 * per_token)
     refused = [seconds("/etc/passwd"), seconds(long, max_seconds=math.nan), seconds(long, max_seconds="9")]
-    assert refused == [int(zerogpu.GPU_START_S + 5 * 12.5 * zerogpu.GPU_S_PER_TOKEN["chunked"])] * 3
+    assert refused == [math.ceil(start_s + 5 * 12.5 * per_token)] * 3
     assert seconds(long, mode=["x"]) == seconds(long)  # any JSON: no crash before the handler refuses it
-    assert duration(None) == duration(None, *raw_values(specs))  # too few values: a refused run
+    assert duration(None) == zerogpu.GPU_START_S  # no values: a refused run, no model named, nothing to score
+    assert duration(None, *raw_values(specs)) == refused[0]  # no clip: refused before the models run
     more = compare_specs(specs, ["baseline", "ttt"])
-    compare = zerogpu.gpu_duration(more, runs=compared_runs)
+    compare = zerogpu.gpu_duration(more, sizes_of(MOSHI_7B), Refused, runs=compared_runs,
+                                   models=zerogpu.compare_models)  # fmt: skip
     given = raw_values(more, audio={"path": str(long)}, compare_checkpoints=["ttt"], compare_sizes=["4", "16"],
                        compare_persistence=["on", "off"])  # fmt: skip
-    assert compare(None, *given) == int(zerogpu.GPU_START_S + 4 * 20 * 12.5 * zerogpu.GPU_S_PER_TOKEN["chunked"])
+    assert compare(None, *given) == math.ceil(start_s + 4 * 20 * 12.5 * per_token)
     assert compare(None, *raw_values(more, audio={"path": str(long)}, compare_sizes="x")) == seconds(long)
+
+
+def test_zerogpu_duration_follows_the_models_chosen_and_refuses_what_cannot_fit(tmp_path):
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, speechlike(180.0, 1), SR)
+    specs = run_specs(["baseline", "ttt"], [str(tmp_path)], [])
+
+    def seconds(params, mode="chunked", max_seconds=180):
+        duration = zerogpu.gpu_duration(specs, sizes_of(params), Refused)
+        return duration(None, *raw_values(specs, audio={"path": str(clip)}, mode=mode, max_seconds=max_seconds))
+
+    # The demo models ask for the start-up allowance and next to nothing more, even live token by token...
+    assert seconds(DEMO) <= seconds(DEMO, "live token by token") <= zerogpu.GPU_START_S + 15
+    # ...Moshi 7B for much more: 3 minutes chunked fit, live token by token they do not.
+    assert 40 < seconds(MOSHI_7B) < zerogpu.ZEROGPU_MAX_S
+    with pytest.raises(Refused, match=r"more than the 300 s ZeroGPU grants one run: lower Max duration to \d+ s or"):
+        seconds(MOSHI_7B, "live token by token")
+    try:
+        seconds(MOSHI_7B, "live token by token")
+    except Refused as e:
+        fits = int(str(e).split("lower Max duration to ")[1].split(" s")[0])
+    assert 5 <= fits < 180  # what the sentence proposes fits, and a little more would not
+    assert seconds(MOSHI_7B, "live token by token", max_seconds=fits) <= zerogpu.ZEROGPU_MAX_S
+    with pytest.raises(Refused):
+        seconds(MOSHI_7B, "live token by token", max_seconds=fits + 5)
+    with pytest.raises(Refused, match="choose smaller models"):  # nothing fits: no duration to propose
+        seconds({"baseline": 40 * MOSHI_7B_PARAMS, "ttt": 40 * MOSHI_7B_PARAMS}, "live token by token")
+
+
+def test_zerogpu_sizes_come_from_the_models_loaded_at_start_up_and_never_load_one(assets):
+    cache = ModelCache(build_allow_list([assets / "checkpoints"], use_env=False))
+    sizes = zerogpu.cache_sizes(cache)
+    assert sizes(["ttt"]) == zerogpu.RunSize((MOSHI_7B_PARAMS,), MOSHI_7B_WEIGHT_BYTES)  # not loaded: taken as 7B
+    assert cache.loaded("ttt") is None  # ...and still not loaded
+    ttt = cache.get("ttt")
+    baseline = cache.get("baseline")
+    sizes = zerogpu.cache_sizes(cache)  # read once, as the handler is built (on ZeroGPU: after the start-up loading)
+    packed = weight_bytes(ttt.model, ttt.mimi, baseline.model, baseline.mimi)  # all loaded: a worker moves them all
+    assert sizes(["ttt", "ttt"]) == zerogpu.RunSize((sum(p.numel() for p in ttt.model.parameters()),) * 2, packed)
+    assert sizes(["baseline", "added"]).weight_bytes == packed + MOSHI_7B_WEIGHT_BYTES
 
 
 def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):
@@ -163,7 +224,7 @@ def test_main_parses_dtype_queue_and_duration_flags(monkeypatch):
     assert seen["allow_hub"] is False  # the hf:// field is off unless asked for
     with pytest.raises(pytest.fail.Exception):
         server.main(["--device", "cpu", "--threads", "1", "--allow-hub"])
-    assert seen["cache"].dtype == torch.float32 and seen["allow_hub"] is True
+    assert seen["cache"].dtype is None and seen["allow_hub"] is True  # auto: float32 for the demo models
     with pytest.raises(SystemExit):
         server.main(["--max-seconds", "nan"])
 

@@ -5,6 +5,8 @@ are, and an entry point that does not need app.py."""
 import ast
 import inspect
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -140,6 +142,31 @@ def test_stop_flags_are_per_session():
     stops.request("s2")
     stops.end_session("s2")
     assert poll_2() is False
+
+
+def test_stop_reaches_a_run_in_a_forked_worker_as_on_zerogpu():
+    """ZeroGPU runs the Run handler in a process forked from the server (spaces' GPU decorator, multiprocessing
+    "fork"), with a copy of the flags made at the fork; the Stop button's handler runs in the server. The run must
+    still see its Stop, and another session's run must not."""
+    stops = StopRequests()
+    context = multiprocessing.get_context("fork")
+    started, results = context.Event(), context.Queue()
+
+    def worker() -> None:  # the run's side: start, then poll between steps as compare_file does
+        polls = {session: stops.start(session) for session in ("s1", "s2")}
+        started.set()
+        deadline = time.monotonic() + 20
+        while not polls["s1"]() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        results.put((polls["s1"](), polls["s2"]()))
+
+    process = context.Process(target=worker)
+    process.start()
+    assert started.wait(20)
+    stops.request("s1")  # the server's side: the Stop button of session s1
+    assert results.get(timeout=30) == (True, False)
+    process.join(20)
+    assert stops.folder.is_dir()  # the worker's copy of the flags left the server's folder alone
 
 
 def test_the_demo_assets_are_found_by_env_then_checkout_then_working_directory(tmp_path):

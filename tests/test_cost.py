@@ -25,12 +25,13 @@ def test_measured_points_come_back_and_sizes_between_them_interpolate():
     assert seconds_per_token(1_000, "cuda", torch.bfloat16) is None  # never measured: no made-up figure
 
 
-def test_dtype_auto_is_float32_on_the_cpu_below_4e9_parameters_and_bfloat16_above():
+def test_dtype_auto_is_float32_below_4e9_parameters_and_bfloat16_above_on_every_device():
     moshi_7b = {"dim": 4096, "num_layers": 32, "n_q": 16, "card": 2048}
     demo = {"dim": 128, "num_layers": 3, "n_q": 8, "card": 256}
     assert resolve_dtype(None, moshi_7b, "cpu") == torch.bfloat16
     assert resolve_dtype(None, demo, "cpu") == torch.float32
-    assert resolve_dtype(None, demo, "cuda") == torch.bfloat16
+    assert resolve_dtype(None, demo, "cuda") == torch.float32  # the demo models stay float32 on a GPU too
+    assert resolve_dtype(None, moshi_7b, "cuda") == torch.bfloat16
     assert resolve_dtype(torch.float32, moshi_7b, "cuda") == torch.float32  # an explicit dtype always wins
 
 

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from bench.hub_7b import SPEECH
+from bench.hub_7b import SPEECH, drive_run_handler
 from bench.hub_cache import write_moshi_repo, write_ttt_checkpoint
 from moshi_ttt import evaluate, load, score
 from moshi_ttt.app.engine import compare_file, live_options
@@ -98,3 +98,14 @@ def test_three_modes_agree_at_7b_width_in_bfloat16(offline):
     assert full.isfinite().sum() == 8 * 10 - 7  # the 7 delayed codebooks lose their last step
     for other in (chunked, stream):
         torch.testing.assert_close(other, full, rtol=0, atol=BF16_ATOL, equal_nan=True)
+
+
+def test_the_run_handler_serves_the_hub_layout_as_a_space_would(offline, monkeypatch, tmp_path):
+    """bench/hub_7b.py's handler step: the baseline named by MOSHI_TTT_HUB_CHECKPOINTS, both models loaded at
+    start-up, the Run button's handler called as the page calls it; one copy of the base."""
+    monkeypatch.setenv("MOSHI_TTT_HUB_CHECKPOINTS", BASE)
+    report = drive_run_handler(offline / "ttt", offline / "speech.wav", tmp_path / "runs", torch.bfloat16)
+    assert [x["ref"] for x in report["loads"]] == [str((offline / "ttt").resolve()), BASE]
+    assert report["ratio_to_one_model"] <= 1.10
+    assert set(report["runs"]) == {"baseline", "ttt"}
+    assert all(r["tokens"] == 13 and r["tokens_per_s"] > 0 for r in report["runs"].values())

@@ -14,7 +14,7 @@ from tiny_models import random_audio_codes, tiny_lm_config
 from bench.hub_cache import write_moshi_repo, write_ttt_checkpoint
 from moshi_ttt import load
 from moshi_ttt.compat.sequence import model_codes
-from moshi_ttt.data.checkpoints.shared import weight_bytes
+from moshi_ttt.data.checkpoints.shared import move_together, weight_bytes
 from moshi_ttt.ttt.apply import ttt_blocks
 
 REPO = "kyutai/tiny-moshi"
@@ -135,3 +135,38 @@ def test_a_ttt_checkpoint_on_the_hub_over_a_hub_base_loads_offline(hub_repo, tmp
         logits(ckpt.model), logits(load(str(local), share=False).model), rtol=0, atol=0, equal_nan=True
     )
     assert weight_bytes(ckpt.model, load(f"{BASE}@v2").model) == weight_bytes(ckpt.model)
+
+
+def test_models_that_share_a_base_move_together_keeping_one_copy(hub_repo, tmp_path):
+    """A cast to bfloat16 stands in for a move to the GPU (the same `_apply` path): the baseline and the TTT model
+    still hold one copy of the base, the fast weights stay float32, and the values are those of `.to()` alone."""
+    ttt_dir = write_ttt_checkpoint(tmp_path / "ttt", BASE, tiny_lm_config(), layers="1,2", dtype=torch.float32)
+    baseline_ckpt, ttt_ckpt = load(BASE, load_mimi=False), load(str(ttt_dir))
+    baseline, ttt = baseline_ckpt.model, ttt_ckpt.model
+    expected = {name: load(ref, share=False).model.to(torch.bfloat16) for name, ref in (("b", BASE), ("t", ttt_dir))}
+    one_base = weight_bytes(baseline)
+    move_together([baseline, ttt, ttt, None], dtype=torch.bfloat16)  # a module twice, a missing codec: skipped
+    assert weight_bytes(baseline) * 2 == one_base  # converted, not copied beside the float32 originals
+    assert weight_bytes(baseline, ttt) == weight_bytes(ttt)  # the baseline adds no byte: one base
+    base_weight = "transformer.layers.1.self_attn.in_projs.0.weight"
+    assert baseline.state_dict()[base_weight].data_ptr() == ttt.state_dict()[base_weight].data_ptr()
+    assert baseline.state_dict()[base_weight].dtype == torch.bfloat16
+    assert ttt_blocks(ttt)[1].W1.dtype == torch.float32  # fast weights: float32 under any cast
+    for model, alone in ((baseline, expected["b"]), (ttt, expected["t"])):
+        torch.testing.assert_close(logits(model), logits(alone), rtol=0, atol=0, equal_nan=True)
+    # Moved one by one, two models over one base hold two copies of it: what move_together avoids.
+    shared = [load(BASE).model, load(str(ttt_dir)).model]
+    assert weight_bytes(*shared) == weight_bytes(shared[1])
+    for model in shared:
+        model.to(torch.bfloat16)
+    assert weight_bytes(*shared) == weight_bytes(shared[0]) + weight_bytes(shared[1])
+
+
+def test_move_together_moves_devices_and_keeps_the_fast_weights_float32(hub_repo, tmp_path):
+    """A real device move on a CPU-only machine: to the meta device (what `to("cuda")` does, minus the values)."""
+    ttt_dir = write_ttt_checkpoint(tmp_path / "ttt", BASE, tiny_lm_config(), layers="1", dtype=torch.float32)
+    baseline, ttt = load(BASE, dtype=torch.bfloat16).model, load(str(ttt_dir), dtype=torch.bfloat16).model
+    move_together([baseline, ttt], device="meta")
+    tensors = [*baseline.parameters(), *baseline.buffers(), *ttt.parameters(), *ttt.buffers()]
+    assert all(t.is_meta for t in tensors)
+    assert ttt_blocks(ttt)[1].W1.dtype == torch.float32 and baseline.text_emb.weight.dtype == torch.bfloat16

@@ -39,7 +39,7 @@ from moshi_ttt.app.models import CheckpointMismatch, CheckpointNames, Checkpoint
 from moshi_ttt.app.reopen import read_results
 from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
 from moshi_ttt.app.update_size import COMPARE_LABELS, MAX_TOKENS, check_update_size, update_size
-from moshi_ttt.app.zerogpu import gpu_duration, on_gpu
+from moshi_ttt.app.zerogpu import cache_sizes, compare_models, gpu_duration, on_gpu
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
 
@@ -171,7 +171,7 @@ def run_handler(
     known = list(known_clips or [])
     stops = stops or StopRequests()
 
-    @on_gpu(gpu_duration(specs))
+    @on_gpu(gpu_duration(specs, cache_sizes(cache), refuse))
     def run(request: gr.Request, *values):
         try:
             args = validate(specs, values)
@@ -249,7 +249,7 @@ def compare_handler(
     known = list(known_clips or [])
     stops = stops or StopRequests()
 
-    @on_gpu(gpu_duration(specs, runs=compared_runs))
+    @on_gpu(gpu_duration(specs, cache_sizes(cache), refuse, runs=compared_runs, models=compare_models))
     def compare(request: gr.Request, *values):
         try:
             args = validate(specs, values)

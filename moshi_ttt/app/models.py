@@ -168,8 +168,8 @@ class ModelCache:
     A TTT checkpoint that names a base and that base (say the baseline) hold one copy of the base weights, whichever
     is loaded first: `moshi_ttt.load` shares them as it loads (data/checkpoints/shared.py), so the peak is one base
     plus the TTT tensors. Standalone checkpoints whose weights are equal are deduplicated after loading
-    (`share_base_weights`). `dtype` None: bfloat16 on a GPU, on the CPU float32 for small models and bfloat16 for
-    large ones (`moshi_ttt.data.checkpoints.common.resolve_dtype`).
+    (`share_base_weights`). `dtype` None: float32 for small models and bfloat16 for large ones
+    (`moshi_ttt.data.checkpoints.common.resolve_dtype`).
     """
 
     def __init__(
@@ -275,6 +275,11 @@ class ModelCache:
             raise CheckpointMismatch(
                 f"checkpoint {name!r} does not load over the baseline {base!r}: {detail.rstrip('.')}."
             ) from e
+
+    def loaded(self, name: str) -> LoadedCheckpoint | None:
+        """The checkpoint of `name` if it is loaded already, else None (loads nothing, and never waits for a load in
+        progress: a dict read is atomic)."""
+        return self._loaded.get(name)
 
     def _share_with_loaded(self, new: LoadedCheckpoint) -> None:
         """A TTT checkpoint that only adds TTT weights to a loaded baseline (or the reverse) shares its base tensors."""

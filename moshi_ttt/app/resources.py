@@ -9,11 +9,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -106,17 +109,33 @@ class RunFolders:
 class StopRequests:
     """The Stop button's flags, one per browser session: Stop sets its session's flag, the session's run polls it
     between steps and ends with the results of what it scored so far (Gradio's cancel would end the generator
-    before it could write them). A session-less caller has no Stop button."""
+    before it could write them). A session-less caller has no Stop button.
 
-    def __init__(self):
-        self._stopped: set[str] = set()
-        self._lock = threading.Lock()
+    The flags are empty files in `folder`, so that a run in another process sees them: on ZeroGPU the Run handler
+    runs in a worker process forked from the server (spaces' `GPU` decorator), which holds a copy of this object
+    made at the fork, while the Stop button's handler runs in the server itself. An in-memory flag would never
+    reach the run; a file does (both processes share the disk). Gradio's cancel reaches such a worker too, but
+    only by closing the run's generator (spaces sets its worker's stop event, which closes the generator at its
+    next update): the partial results would be lost.
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        """Args:
+        folder: where the flags go (default: a new temporary folder, removed when this object goes, by the
+            process that made it only: a forked copy leaves it).
+        """
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="moshi-ttt-stop-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if folder is None:
+            weakref.finalize(self, _remove_folder, self.folder, os.getpid())
+
+    def _flag(self, session: str) -> Path:
+        return self.folder / hashlib.sha256(session.encode()).hexdigest()  # any session string, one safe file name
 
     def request(self, session: str | None) -> None:
         """The Stop button of `session` (None or "": nothing to stop)."""
         if session:
-            with self._lock:
-                self._stopped.add(session)
+            self._flag(session).touch()
 
     def start(self, session: str | None) -> Callable[[], bool]:
         """A new run of `session`: clears its flag.
@@ -124,11 +143,19 @@ class StopRequests:
         Returns:
             The poll for compare_file's `stop_requested` (always False for a session-less run).
         """
-        with self._lock:
-            self._stopped.discard(session)
-        return lambda: session is not None and session in self._stopped
+        if not session:
+            return lambda: False
+        flag = self._flag(session)
+        flag.unlink(missing_ok=True)
+        return flag.exists
 
     def end_session(self, session: str | None) -> None:
         """The session's tab was closed or reloaded: its flag goes."""
-        with self._lock:
-            self._stopped.discard(session)
+        if session:
+            self._flag(session).unlink(missing_ok=True)
+
+
+def _remove_folder(folder: Path, owner_pid: int) -> None:
+    """Removes the flags' folder, in the process that made it only (a forked worker's copy must not remove it)."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,9 @@
 
 Run: moshi-ttt-app (or python app.py) [--host 127.0.0.1] [--port 7860] [--share] [--checkpoint-dir DIR]...
      [--checkpoint hf://...]... [--allow-hub]   (adds a field where users may add hf:// checkpoints; off by default)
+     [--preload]   (loads every checkpoint before serving; always on ZeroGPU)
+Hub checkpoints may also be named by MOSHI_TTT_HUB_CHECKPOINTS (commas or whitespace between them), directories
+by MOSHI_TTT_CHECKPOINTS.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from moshi_ttt.app.engine import threads_per_run
 from moshi_ttt.app.handlers import MAX_SECONDS
 from moshi_ttt.app.layout import build_demo
 from moshi_ttt.app.models import ModelCache, build_allow_list
+from moshi_ttt.app.startup import hub_checkpoints, on_zerogpu, preload
 
 logger = logging.getLogger("moshi_ttt.app")
 
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype (auto: resolve_dtype)
 QUEUE_SIZE = 16  # runs waiting at most (--queue-size); the next user is told the queue is full
 MAX_FILE_SIZE = "200mb"  # largest upload (10 min of 48 kHz stereo 16-bit WAV is 115 MB)
 
@@ -62,20 +67,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true")
     p.add_argument("--checkpoint-dir", action="append", default=[], help="directory of checkpoints (repeatable; "
                    "default: the demo assets, $MOSHI_TTT_DEMO_ASSETS or the checkout's demo_assets/)")  # fmt: skip
-    p.add_argument("--checkpoint", action="append", default=[], help="hf://owner/repo checkpoint (repeatable)")
+    p.add_argument("--checkpoint", action="append", default=[], help="hf://owner/repo[@revision] checkpoint "
+                   "(repeatable; also $MOSHI_TTT_HUB_CHECKPOINTS)")  # fmt: skip
     p.add_argument("--device", default=os.environ.get("MOSHI_TTT_DEVICE"), help="cpu or cuda (default: auto)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="model weights (default: bfloat16 on GPU, "
-                   "float32 on CPU); TTT fast weights stay float32")  # fmt: skip
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="model weights (auto: float32 below 4e9 "
+                   "parameters, as the demo models are stored, bfloat16 from there, as Moshi 7B is); TTT fast weights "
+                   "stay float32")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=2, help="runs at once per process")
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="runs waiting at most")
     p.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="longest duration scored (s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores shared by the runs)")
     p.add_argument("--allow-hub", action="store_true", help="let users add hf:// checkpoints (downloads them)")
+    p.add_argument("--preload", action="store_true", help="load every checkpoint before serving (always on ZeroGPU, "
+                   "where models must load at start-up)")  # fmt: skip
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parses the command line, loads nothing yet (models load on first use), builds the UI and serves it.
+    """Parses the command line, builds the UI and serves it. Models load on first use, or before serving with
+    --preload and on ZeroGPU (on the CPU, then moved to the GPU together: moshi_ttt/app/startup.py).
 
     Args:
         argv: the arguments (default: sys.argv[1:]).
@@ -86,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.error(f"--max-seconds must be between 5 and {MAX_SECONDS:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one line each
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
+    zerogpu = on_zerogpu()
+    device = args.device or ("cuda" if torch.cuda.is_available() or zerogpu else "cpu")
+    dtype = DTYPES[args.dtype]
     if device == "cpu":
         torch.set_num_threads(args.threads or threads_per_run(args.concurrency))
     try:
@@ -95,9 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as e:
         cli.error(str(e))
     dirs = args.checkpoint_dir or ([demo_dir] if demo_dir.is_dir() else [])
-    cache = ModelCache(build_allow_list(dirs, args.checkpoint), device=device, dtype=dtype)
+    try:
+        hub_refs = hub_checkpoints(args.checkpoint)
+    except ValueError as e:
+        cli.error(str(e))
+    # On ZeroGPU the models load on the CPU and move to the (emulated) GPU at start-up, before launch packs them.
+    cache = ModelCache(build_allow_list(dirs, hub_refs), device="cpu" if zerogpu else device, dtype=dtype)
     if not cache.names():
         cli.error("no checkpoint to serve: build demo_assets/ or pass --checkpoint-dir / --checkpoint")
+    if args.preload or zerogpu:
+        preload(cache, device=device)
     host, port = server_address(args.host, args.port)
     demo = build_demo(cache, example_clips(demo_dir), max_seconds=args.max_seconds, allow_hub=args.allow_hub)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
@@ -116,7 +134,7 @@ def startup_line(cache: ModelCache, device: str, dtype, local_url: str, share_ur
 
     Args:
         cache: the models served (their allow-list).
-        device, dtype: where and how they run.
+        device, dtype: where and how they run (dtype None: auto).
         local_url: Gradio's local address; share_url: its public link (None without --share).
         share: whether --share was given.
     """
@@ -125,7 +143,8 @@ def startup_line(cache: ModelCache, device: str, dtype, local_url: str, share_ur
     if not share:
         where += " (add --share for a public link)"
     threads = f", {torch.get_num_threads()} CPU thread(s) per run" if device == "cpu" else ""
-    return f"moshi-ttt app: serving {checkpoints} on {device} ({str(dtype).removeprefix('torch.')}{threads}); {where}"
+    dtype_name = "dtype auto" if dtype is None else str(dtype).removeprefix("torch.")
+    return f"moshi-ttt app: serving {checkpoints} on {device} ({dtype_name}{threads}); {where}"
 
 
 def quiet_known_warnings() -> None:

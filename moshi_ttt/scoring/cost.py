@@ -6,7 +6,9 @@ bench/hub_7b.py (Moshi 7B from kyutai's Hub layout, through the CLI) on a 2-core
 bfloat16 matmuls run 2.4x slower than float32 there) shared with other jobs (load average 5-9): they vary by up to
 2x from one hour to the next and are on the slow side. Between two model sizes the cost is interpolated linearly in
 the parameter count; above the largest it grows in proportion; CPU time is taken as inversely proportional to the
-threads. GPU figures are not measured yet: `seconds_per_token` says None.
+threads. GPU figures are not measured yet: `seconds_per_token` says None, and `gpu_seconds_per_token` gives the
+estimates of GPU_ESTIMATES (labelled as such, for ZeroGPU's duration), until bench/gpu_moshi7b.py's figures replace
+them.
 """
 
 from __future__ import annotations
@@ -98,3 +100,47 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     for param in model.parameters():
         counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
     return max(counts, key=counts.get)
+
+
+MOSHI_7B_PARAMS = 7_687_729_152  # moshiko's LMModel (moshi's default LM kwargs, no TTT)
+MOSHI_7B_WEIGHT_BYTES = 15_375_458_304  # its weights in bfloat16 (bench/hub_7b.py: weight_bytes of the baseline)
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    """Seconds per token of one model on one GPU in bfloat16: an ESTIMATE, not a measurement (no GPU has run this
+    code yet). Replace the figures with 1 / the tokens/s that bench/gpu_moshi7b.py prints for Moshi 7B."""
+
+    moshi_7b_s: float  # per token of one Moshi 7B model (MOSHI_7B_PARAMS); other sizes in proportion
+    floor_s: float  # per token of any model however small: kernel launches and Python, not arithmetic
+    derivation: str  # how the figure was estimated
+
+
+GPU_ESTIMATES = {
+    "stream": GpuEstimate(
+        0.080,
+        0.002,
+        "moshi runs Moshi 7B in real time on one GPU: at most one 80 ms frame per step (temporal transformer, then "
+        "the depth transformer's 8 codebooks); stream scoring does the same work per token, without moshi's CUDA "
+        "graphs, so the real-time bound itself; the floor: ~300 kernel launches per token at ~7 us",
+    ),
+    "chunked": GpuEstimate(
+        0.010,
+        0.0002,
+        "the app scores chunks of 25 tokens: one temporal-transformer call reads the 15 GB of weights once per chunk "
+        "(memory-bound, ~5-10 ms on an H200 slice) and the depth transformer runs once per chunk, so about 1/25 of a "
+        "stream step (0.0032 s), taken 3x for telemetry, TTT and Mimi; the floor: a stream step's launches per chunk",
+    ),
+}
+
+
+def gpu_seconds_per_token(params: int, mode: str) -> float:
+    """ESTIMATED seconds per token of one model of `params` parameters on one GPU in bfloat16 (GPU_ESTIMATES):
+    Moshi 7B's figure scaled by the parameter count, never below the per-token floor.
+
+    Args:
+        params: the model's parameter count (TTT layers included).
+        mode: "stream" (one token per call), or "chunked" / "full" (chunks or the whole clip at once).
+    """
+    estimate = GPU_ESTIMATES["stream" if mode == "stream" else "chunked"]
+    return max(estimate.floor_s, estimate.moshi_7b_s * params / MOSHI_7B_PARAMS)

@@ -146,9 +146,10 @@ def ttt_prefixes(model: LMModel) -> list[str]:
 
 # Below this many parameters (about; see `approx_params`), a model loaded onto the CPU is built there directly.
 SMALL_MODEL_PARAMS = 50_000_000
-# From this many parameters on, dtype=None ("auto") loads a model in bfloat16 on the CPU too: Moshi 7B (7.7e9
-# parameters) takes 14.3 GiB in bfloat16 and 28.6 GiB in float32. Below, float32: exact, and faster on CPUs without
-# native bfloat16 (2.4x per token on an AVX2 AMD EPYC, scoring/cost.py), for at most 16 GB.
+# From this many parameters on, dtype=None ("auto") loads a model in bfloat16, the dtype kyutai stores and runs its
+# checkpoints in: Moshi 7B (7.7e9 parameters) takes 14.3 GiB in bfloat16 and 28.6 GiB in float32. Below, float32 on
+# every device: exact, the dtype the demo and test models are stored in, faster on CPUs without native bfloat16
+# (2.4x per token on an AVX2 AMD EPYC, scoring/cost.py), and at most 16 GB.
 LARGE_MODEL_PARAMS = 4_000_000_000
 
 
@@ -159,14 +160,16 @@ def approx_params(lm_config: dict) -> int:
 
 
 def resolve_dtype(dtype: torch.dtype | None, lm_config: dict, device: torch.device | str) -> torch.dtype:
-    """`dtype`, or what None ("auto") stands for: bfloat16 on a GPU (how kyutai's checkpoints are stored and run);
-    on the CPU float32 for models under LARGE_MODEL_PARAMS (exact numerics, faster there; the demo models) and
-    bfloat16 from there on (Moshi 7B: 14.3 GiB instead of 28.6). TTT fast weights are float32 in every case."""
+    """`dtype`, or what None ("auto") stands for: float32 for models under LARGE_MODEL_PARAMS (exact numerics; the
+    demo models, stored in float32) and bfloat16 from there on (Moshi 7B, stored in bfloat16: 14.3 GiB instead of
+    28.6), on every device: a model loaded on the CPU and then moved to a GPU (ZeroGPU's start-up) has the dtype it
+    would have had loaded there. TTT fast weights are float32 in every case.
+
+    `device` is kept for callers; the rule no longer depends on it."""
+    del device  # the same rule on every device (see above)
     if dtype is not None:
         return dtype
-    if torch.device(device).type != "cpu" or approx_params(lm_config) >= LARGE_MODEL_PARAMS:
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if approx_params(lm_config) >= LARGE_MODEL_PARAMS else torch.float32
 
 
 class SkipInitOnMeta(TorchFunctionMode):

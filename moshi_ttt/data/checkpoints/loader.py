@@ -58,8 +58,7 @@ def load(
             older TTT checkpoints with lora.safetensors, moshi-finetune LoRA): a local path or hf:// reference.
             None uses the base the checkpoint names.
         device, dtype: of the model; TTT fast-weight parameters are float32 whatever `dtype`. dtype None ("auto"):
-            bfloat16 on a GPU; on the CPU float32, and bfloat16 from 4e9 parameters on (Moshi 7B)
-            (`common.resolve_dtype`).
+            float32, and bfloat16 from 4e9 parameters on (Moshi 7B), on every device (`common.resolve_dtype`).
         legacy_causal: for legacy-mode checkpoints, the causal variant of the same weights (no future tokens of a
             mini-batch leak into earlier tokens' outputs).
         load_mimi: also build the Mimi codec from `mimi_ref` (may download it); one codec per file and device is

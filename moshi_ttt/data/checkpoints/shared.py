@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import typing as tp
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,3 +192,47 @@ def weight_bytes(*modules: torch.nn.Module) -> int:
             storage = tensor.untyped_storage()
             storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
+
+
+def move_together(
+    modules: tp.Iterable[torch.nn.Module | None],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Moves (or casts) modules that share tensors, in place, keeping one copy of each shared tensor.
+
+    `module.to(device)` on two models that hold the same base tensors (load once) gives each model its own copy:
+    twice the memory on the GPU. Here every module goes through `nn.Module._apply` with one conversion that
+    remembers what it converted: a tensor already converted for another module (the same storage, offset, shape,
+    strides and dtype) is taken from there, so the modules share the converted tensors as they shared the
+    originals. TTT fast-weight parameters keep float32 under a dtype cast (the TTT block's own `_apply`).
+
+    The originals stay alive until every module is converted (the memory of both copies at the peak, on the host
+    for a cast; what a device move needs anyway). Moved tensors no longer match the load-once pool's fingerprints:
+    a later `load` on the old device reads the file again.
+
+    Args:
+        modules: the models and codecs to move; None entries (a checkpoint loaded without codec) are skipped, and a
+            module given twice is converted once.
+        device: where to (None: where each tensor is).
+        dtype: floating-point tensors become this dtype (None: they keep theirs); integer and bool buffers keep
+            their dtype, as with `module.to(dtype)`.
+    """
+    converted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # view key -> (original, converted)
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        cast = dtype if dtype is not None and (tensor.is_floating_point() or tensor.is_complex()) else None
+        if tensor.numel() == 0 or tensor.is_meta:  # no storage to share (and the TTT block's dtype probe)
+            return tensor.to(device=device, dtype=cast)
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride(), tensor.dtype)  # fmt: skip
+        if key not in converted:
+            converted[key] = (tensor, tensor.to(device=device, dtype=cast))
+        return converted[key][1]
+
+    seen: set[int] = set()
+    for module in modules:
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        module._apply(convert)
