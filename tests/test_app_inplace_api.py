@@ -311,3 +311,17 @@ def test_the_control_never_offers_a_chunk_the_run_event_refuses():
     assert spec.maximum == size.maximum and size.check(1024, "x") == spec.check(1024) == 1024
     with pytest.raises(InputError, match="must be between 1 and 1024, got 1025"):
         spec.check(1025)
+
+
+def test_start_up_loading_leaves_a_hub_lora_checkpoint_to_its_first_run(fork_cache, offline_hub_cache):  # noqa: F811
+    """needs_base looks into hf:// references too: the start-up loading (app/startup.preload) does not load a Hub
+    In-Place lora checkpoint over the fork's default base (not in the cache here), and its first run pairs it."""
+    from moshi_ttt.app.startup import preload
+
+    snapshot = snapshot_dir(offline_hub_cache, LORA_NAME)
+    for name in ("config.json", "lora.safetensors"):
+        shutil.copy(FORK_DATA / "ttt_only_lora" / name, snapshot / name)
+    cache = ModelCache({"fork_base": fork_cache.allow_list["fork_base"],
+                        **build_allow_list([], [HUB_LORA], use_env=False)})  # fmt: skip
+    assert list(preload(cache)) == ["fork_base"] and cache.loaded(LORA_NAME) is None
+    assert cache.mini_batch_size(LORA_NAME, base="fork_base") == 8
