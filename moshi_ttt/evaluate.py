@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--audio", nargs="+", type=Path, help="audio files (anything libsndfile reads)")
     src.add_argument("--manifest", type=Path, help='JSONL with one {"path": ..., "duration": ...} per line')
     p.add_argument("--baseline", help="baseline checkpoint (default: demo_assets/fair_baseline when it exists)")
-    p.add_argument("--ttt", help="TTT checkpoint (default: demo_assets/ttt when it exists)")
+    p.add_argument(
+        "--ttt",
+        help="TTT checkpoint (default: demo_assets/ttt when it exists); an In-Place fork checkpoint in the "
+        "lora.safetensors layout (its step folder checkpoint_NNNNNN/ or consolidated/) loads over --baseline when "
+        "given, as in the app, else over the fork's default base",
+    )
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -169,11 +174,23 @@ def read_manifest(path: Path) -> list[Path]:
     return files
 
 
-def _load_checkpoint(ref: str, device: str, dtype: torch.dtype):
-    """moshi_ttt.data.checkpoints.load, imported here so that the CLI starts without it (tests replace this)."""
+def _load_checkpoint(ref: str, device: str, dtype: torch.dtype, **base):
+    """moshi_ttt.data.checkpoints.load, imported here so that the CLI starts without it (tests replace this);
+    `base=` only for an In-Place lora.safetensors checkpoint over --baseline (`_base_of`)."""
     from moshi_ttt.data.checkpoints import load
 
-    return load(ref, device=device, dtype=dtype, load_mimi=True)
+    return load(ref, device=device, dtype=dtype, load_mimi=True, **base)
+
+
+def _base_of(name: str, refs: dict[str, str]) -> dict[str, str]:
+    """{"base": --baseline} for a --ttt In-Place checkpoint in the fork's lora.safetensors layout (it holds only what
+    it changes; the app loads it over the run's baseline too), else {}."""
+    from moshi_ttt.data.checkpoints.loader import inplace_over_base
+
+    if name != "ttt" or "baseline" not in refs or not inplace_over_base(refs["ttt"]):
+        return {}
+    logger.info("In-Place checkpoint %s loads over the baseline %s", refs["ttt"], refs["baseline"])
+    return {"base": refs["baseline"]}
 
 
 def _checkpoint_refs(args) -> dict[str, str]:
@@ -400,7 +417,7 @@ def run(args) -> int:
     refs = _checkpoint_refs(args)
     models, mimi, identities, args.checkpoint_notes = {}, None, {}, {}
     for name, ref in refs.items():
-        ckpt = _load_checkpoint(ref, args.device, DTYPES[args.dtype])
+        ckpt = _load_checkpoint(ref, args.device, DTYPES[args.dtype], **_base_of(name, refs))
         models[name] = (ref, ckpt.model.eval())
         args.checkpoint_notes[name] = list(getattr(ckpt, "notes", None) or [])
         mimi = mimi if mimi is not None else ckpt.mimi

@@ -302,7 +302,7 @@ def test_compare_and_open_take_raw_json_too(api, assets, tmp_path):
     audio = upload(api, assets / "a.wav")
     kind, data = call_event(api, "compare", [audio, "baseline", ["ttt"], ["3"], ["on"], 60, False, ""])
     assert kind == "error"
-    assert_one_sentence(data, "mini_batch_size values: '3' is not one of")
+    assert_one_sentence(data, "mini_batch_size or In-Place chunk sizes: '3' is not one of")
     kind, data = call_event(api, "compare", [audio, "baseline", ["ttt"], ["4", "16"], ["on"], 60, False, ""])
     assert kind == "complete" and data[0].startswith("Done: 2 of 2 settings"), data
     results = next(f["path"] for f in data[3] if f["path"].endswith("_compare_results.json"))

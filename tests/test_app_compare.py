@@ -75,7 +75,7 @@ def test_the_figure_overlays_every_setting_and_the_table_lists_them(assets, cach
     assert figure["layout"]["hovermode"] == "x unified"
     rows = compare_rows(last.document, last.settings)
     assert len(rows) == 2 and len(rows[0]) == len(COLUMNS)
-    assert rows[0][:4] == [settings[0].name, "ttt", 2, "on"]
+    assert rows[0][:4] == [settings[0].name, "ttt", "b=2", "on"]  # "chunk=2" for an In-Place model
     base = last.document["runs"]["baseline"]["mean_loss"]
     mine = last.document["runs"][settings[0].name]["mean_loss"]
     assert rows[0][4] == round(mine, 4) and rows[0][5].endswith(("lower", "higher (worse)", "no different"))

@@ -231,7 +231,7 @@ def test_a_lora_layout_checkpoint_loads_over_the_baseline_and_leaves_it_alone(fo
         fork_cache.get("ttt_only_lora", base="other_base")
     assert str(refused.value) == (
         "checkpoint 'ttt_only_lora' does not load over the baseline 'other_base': ttt_only_lora and the base "
-        "other_base disagree on card: 16 vs 17"
+        "other_base disagree on card: 16 vs 17."
     )  # the names the user chose, no server path
 
 

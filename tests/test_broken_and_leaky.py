@@ -149,7 +149,7 @@ def test_app_comparison_scores_legacy_checkpoints_causally_too(legacy_dirs):
     directory, base = legacy_dirs["legacy"]
     loaded = {"base": load(base), "legacy": load(directory, base=str(base))}
     locks = {id(c.model): threading.Lock() for c in loaded.values()}
-    cache = types.SimpleNamespace(get=loaded.__getitem__, lock=lambda model: locks[id(model)])
+    cache = types.SimpleNamespace(get=lambda name, base=None: loaded[name], lock=lambda model: locks[id(model)])
     codes = random_audio_codes(1, 14, seed=6)
     updates = list(
         compare_live(cache, "base", "legacy", codes, live_options("chunked").replace(chunk_size=8, record_every=8))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import typing as tp
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -26,25 +27,39 @@ class Setting:
     """One setting to compare: a TTT checkpoint and the options of its run."""
 
     checkpoint: str  # a name of the model cache's allow-list
-    mini_batch_size: int  # TTT inner-loop mini-batch size
+    mini_batch_size: int  # tokens per fast-weight update: the TTT mini-batch, or an In-Place model's chunk
     persistent_states: bool  # fast weights through the clip (True) or reset every attention window (False)
+    chunk: bool = False  # the checkpoint has In-Place layers: `mini_batch_size` is their chunk size
+
+    @property
+    def size(self) -> str:
+        """The size as the table and run names show it: "b=8" (TTT mini-batch) or "chunk=8" (In-Place chunk)."""
+        return f"{'chunk' if self.chunk else 'b'}={self.mini_batch_size}"
 
     @property
     def name(self) -> str:
         """The setting's run name in the document, figure and table: "ttt · b=8 · persistent"."""
         persistence = "persistent" if self.persistent_states else "reset every window"
-        return f"{self.checkpoint} · b={self.mini_batch_size} · {persistence}"
+        return f"{self.checkpoint} · {self.size} · {persistence}"
 
 
-def settings_grid(checkpoints: tuple[str, ...], sizes: tuple[int, ...], persistence: tuple[bool, ...]) -> list[Setting]:
+def settings_grid(
+    checkpoints: tuple[str, ...],
+    sizes: tuple[int, ...],
+    persistence: tuple[bool, ...],
+    chunked: tp.Collection[str] = (),
+) -> list[Setting]:
     """Every combination, checkpoint first, then mini_batch_size, then persistence (on before off).
 
+    Args:
+        chunked: the checkpoints with In-Place layers (their size is a chunk size: `Setting.chunk`).
     Raises:
         ValueError: an empty choice, or more than MAX_SETTINGS combinations (one sentence for the user).
     """
     if not checkpoints or not sizes or not persistence:
         raise ValueError("Choose at least one TTT checkpoint, one mini_batch_size and one persistence setting.")
-    grid = [Setting(c, b, p) for c, b, p in itertools.product(checkpoints, sizes, sorted(persistence, reverse=True))]
+    combinations = itertools.product(checkpoints, sizes, sorted(persistence, reverse=True))
+    grid = [Setting(c, b, p, c in chunked) for c, b, p in combinations]
     if len(grid) > MAX_SETTINGS:
         raise ValueError(f"{len(grid)} settings is more than {MAX_SETTINGS} at once; choose fewer combinations.")
     return grid

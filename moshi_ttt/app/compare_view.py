@@ -24,7 +24,7 @@ ROWS = (
 )
 INPLACE_DRIFT_ROW = ("Fast-weight drift per setting: W1 (first TTT layer) or w_down (first In-Place layer), log",
                      "relative drift (log)")  # fmt: skip
-COLUMNS = ["setting", "checkpoint", "mini_batch_size", "persistent_states", "mean loss", "TTT vs baseline",
+COLUMNS = ["setting", "checkpoint", "tokens per update", "persistent_states", "mean loss", "TTT vs baseline",
            "past 1st window", "per reading"]  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def compare_rows(document: dict, settings: list[Setting], partial: bool = False)
         rows.append([
             setting.name + (" (partial)" if partial else ""),
             setting.checkpoint,
-            setting.mini_batch_size,
+            setting.size,  # b=8 (TTT mini-batch) or chunk=8 (In-Place)
             "on" if setting.persistent_states else "off",
             None if mean is None or not np.isfinite(mean) else round(mean, 4),
             headline.change_words(headline.improvement_pct(base.get("mean_loss"), mean)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import typing as tp
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,10 +35,10 @@ from moshi_ttt.app.inputs import (
     Spec,
     validate,
 )
-from moshi_ttt.app.models import CheckpointMismatch, ModelCache, build_allow_list
+from moshi_ttt.app.models import CheckpointMismatch, CheckpointNames, CheckpointUnavailable, ModelCache
 from moshi_ttt.app.reopen import read_results
 from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
-from moshi_ttt.app.update_size import MAX_TOKENS, check_update_size
+from moshi_ttt.app.update_size import COMPARE_LABELS, MAX_TOKENS, check_update_size, update_size
 from moshi_ttt.app.zerogpu import cache_sizes, compare_models, gpu_duration, on_gpu
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
@@ -53,7 +54,7 @@ HUB_SPECS = {"hub": HubReference("Hub checkpoint", info="add an hf://owner/repo 
 
 
 def run_specs(
-    names: list[str], upload_roots: list[str], examples: list[str], max_seconds: float = MAX_SECONDS
+    names: tp.Sequence[str], upload_roots: list[str], examples: list[str], max_seconds: float = MAX_SECONDS
 ) -> dict[str, Spec]:
     """What the Run event accepts, input by input, in the order of its inputs (see moshi_ttt/app/inputs.py).
 
@@ -68,10 +69,11 @@ def run_specs(
     """
     baseline = next((n for n in names if "baseline" in n), names[0] if names else None)
     ttt = next((n for n in names if "ttt" in n.lower()), names[-1] if names else None)
+    offered = _offered(names)
     return {
         "audio": AudioFile("Audio", roots=tuple(upload_roots), files=tuple(examples)),
-        "baseline": Choice("Baseline checkpoint", tuple(names), default=baseline),
-        "ttt": Choice("TTT checkpoint", tuple(names), default=ttt),
+        "baseline": Choice("Baseline checkpoint", offered, default=baseline),
+        "ttt": Choice("TTT checkpoint", offered, default=ttt),
         # Tokens per fast-weight update: the mini-batch of our TTT blocks, the chunk of In-Place layers; each model's
         # own range is checked once it is loaded (app/update_size.py), and the layout narrows the slider to it.
         "mini_batch_size": Number("TTT mini_batch_size", 1, MAX_TOKENS, integer=True, default=16),
@@ -88,10 +90,10 @@ def run_specs(
     }
 
 
-COMPARE_SIZES = ("1", "2", "4", "8", "16", "32", "64")  # mini_batch_size values offered for a comparison
+COMPARE_SIZES = ("1", "2", "4", "8", "16", "32", "64")  # tokens per update offered for a comparison
 
 
-def compare_specs(run: dict[str, Spec], names: list[str]) -> dict[str, Spec]:
+def compare_specs(run: dict[str, Spec], names: tp.Sequence[str]) -> dict[str, Spec]:
     """What the Compare event accepts, in order: the Run event's clip, baseline, duration, silence and readings
     specs (the same controls), and the settings to compare.
 
@@ -103,15 +105,22 @@ def compare_specs(run: dict[str, Spec], names: list[str]) -> dict[str, Spec]:
     return {
         "audio": run["audio"],
         "baseline": run["baseline"],
-        "compare_checkpoints": MultiChoice("TTT checkpoints to compare", tuple(names),
+        "compare_checkpoints": MultiChoice("TTT checkpoints to compare", _offered(names),
                                            default=(ttt,) if ttt else (), maximum=4, dropdown=True),  # fmt: skip
-        "compare_sizes": MultiChoice("mini_batch_size values", COMPARE_SIZES, default=("4", "16", "64")),
+        # Labelled for the chosen models by the layout (update_size.compare_label): mini-batches or In-Place chunks.
+        "compare_sizes": MultiChoice(COMPARE_LABELS["mixed"], COMPARE_SIZES, default=("4", "16", "64")),
         "compare_persistence": MultiChoice("persistent_states", ("on", "off"), default=("on", "off"),
                                            info="off: the fast weights go back to W_base every attention window"),
         "max_seconds": run["max_seconds"],
         "allow_silence": run["allow_silence"],
         "readings": run["readings"],
     }  # fmt: skip
+
+
+def _offered(names: tp.Sequence[str]) -> tp.Sequence[str]:
+    """The checkpoint names a control offers: the model cache's live view as it is (names added while the app runs,
+    `ModelCache.live_names`), any other sequence as a tuple."""
+    return names if isinstance(names, CheckpointNames) else tuple(names)
 
 
 def open_specs(upload_roots: list[str]) -> dict[str, Spec]:
@@ -172,7 +181,7 @@ def run_handler(
                       args["ttt"]: cache.get(args["ttt"], base=args["baseline"]).model}  # fmt: skip
             check_update_size(models, args["mini_batch_size"])
             options = live_options(LIVE_MODES[args["mode"]], args["mini_batch_size"], args["persistent_states"])
-        except (InputError, CheckpointMismatch) as e:
+        except (InputError, CheckpointMismatch, CheckpointUnavailable) as e:
             yield outputs.refused(str(e)).for_gradio()
             raise refuse(str(e)) from None
         session = session_of(request)
@@ -244,10 +253,16 @@ def compare_handler(
     def compare(request: gr.Request, *values):
         try:
             args = validate(specs, values)
-            settings = settings_grid(args["compare_checkpoints"], tuple(int(b) for b in args["compare_sizes"]),
-                                     tuple(p == "on" for p in args["compare_persistence"]))  # fmt: skip
-            for name in {args["baseline"], *args["compare_checkpoints"]}:
-                cache.get(name, base=args["baseline"])
+            sizes = tuple(int(b) for b in args["compare_sizes"])
+            cache.get(args["baseline"])
+            chunked = []  # In-Place models: their sizes are chunk sizes (update_size.py), as on the Run tab
+            for name in args["compare_checkpoints"]:
+                size = update_size(cache.get(name, base=args["baseline"]).model)
+                chunked += [name] if size.kind == "chunk" else []
+                for b in sizes if size.kind != "none" else ():
+                    size.check(b, name)
+            settings = settings_grid(args["compare_checkpoints"], sizes,
+                                     tuple(p == "on" for p in args["compare_persistence"]), chunked)  # fmt: skip
         except (InputError, ValueError) as e:
             yield (f"Not compared: {e}", gr.skip(), gr.skip(), gr.skip())
             raise refuse(str(e)) from None
@@ -324,8 +339,8 @@ def add_hub_checkpoint(cache: ModelCache) -> Callable[[object], tuple]:
             ref = validate(HUB_SPECS, [text])["hub"]
         except InputError as e:
             raise refuse(str(e)) from None
-        cache.allow_list.update(build_allow_list([], [ref], use_env=False))
+        name = cache.add_hub(ref)
         names = cache.names()
-        return gr.update(choices=names), gr.update(choices=names), f"Added {ref}: choose it in the dropdowns."
+        return gr.update(choices=names), gr.update(choices=names), f"Added {ref} as {name}: choose it in the dropdowns."
 
     return add

@@ -84,7 +84,7 @@ class Choice:
     """One of the offered strings, exactly."""
 
     label: str
-    choices: tuple[str, ...]
+    choices: Sequence[str]  # a tuple, or a live view of names that grows while the app runs (models.CheckpointNames)
     default: str | None = None  # the control's initial value (one of `choices`); None: nothing chosen
     radio: bool = False  # shown as radio buttons (a few fixed options) rather than a dropdown
     info: str = ""
@@ -174,7 +174,7 @@ class MultiChoice:
     """Some of the offered strings, each at most once: a tuple in the order of `choices`."""
 
     label: str
-    choices: tuple[str, ...]
+    choices: Sequence[str]  # as Choice's
     default: tuple[str, ...] = ()  # the control's initial selection
     minimum: int = 1  # fewest selected
     maximum: int | None = None  # most selected (None: all)

@@ -12,6 +12,7 @@ from `outputs.OUTPUT_NAMES`; the Compare and Open events likewise from their spe
 from __future__ import annotations
 
 import contextlib
+import typing as tp
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,11 +34,11 @@ from moshi_ttt.app.handlers import (
     run_specs,
     session_of,
 )
-from moshi_ttt.app.models import CheckpointMismatch, ModelCache
+from moshi_ttt.app.models import ModelCache
 from moshi_ttt.app.player import PAGE_JS, SCROLL_TO_STATUS
 from moshi_ttt.app.resources import KEEP_RUNS, RunFolders, StopRequests
 from moshi_ttt.app.update_size import DEFAULT as DEFAULT_UPDATE_TOKENS
-from moshi_ttt.app.update_size import MAX_MINI_BATCH, MAX_TOKENS, UpdateSize, update_size
+from moshi_ttt.app.update_size import MAX_MINI_BATCH, MAX_TOKENS, UpdateSize, compare_label, update_size
 
 DELETE_CACHE = (900, 3600)  # Gradio deletes its cached uploads and results older than 1 h, every 15 min
 START_CLIP = "demo_repeat"  # the demo clip the introduction points to, when it is offered
@@ -47,8 +48,8 @@ def persistence_note(cache: ModelCache, ttt_name: str | None, baseline: str | No
     """The note under the persistent_states checkbox for the chosen TTT checkpoint: its attention context is the
     reset period with persistence off (the same in every mode)."""
     context = None
-    if ttt_name in cache.names():
-        with contextlib.suppress(CheckpointMismatch):  # the Run button says why the pair does not fit
+    if isinstance(ttt_name, str) and ttt_name in cache.names():
+        with contextlib.suppress(ValueError):  # the Run button says why the pair does not fit (CheckpointMismatch)
             context = cache.context_tokens(ttt_name, base=baseline)
     if context is None:
         return "persistent_states: on, the fast weights carry through the clip; off, reset every attention window."
@@ -58,10 +59,17 @@ def persistence_note(cache: ModelCache, ttt_name: str | None, baseline: str | No
 def update_size_of(cache: ModelCache, ttt_name: str | None, baseline: str | None = None) -> UpdateSize:
     """What the tokens-per-update control means for the chosen TTT checkpoint (app/update_size.py); a model without
     TTT layers' meaning for an unknown name or a pair that does not fit (the Run button says why)."""
-    if ttt_name in cache.names():
-        with contextlib.suppress(CheckpointMismatch):
+    if isinstance(ttt_name, str) and ttt_name in cache.names():
+        with contextlib.suppress(ValueError):  # also an unknown or non-string baseline of a raw API call
             return update_size(cache.get(ttt_name, base=baseline).model)
     return UpdateSize("none", "TTT mini_batch_size", None, 1, MAX_TOKENS, "")
+
+
+def compare_sizes_label(cache: ModelCache, checkpoints: tp.Any, baseline: str | None = None) -> str:
+    """The Compare tab's label for its sizes: In-Place chunk sizes, TTT mini_batch_size values, or both, as the
+    chosen checkpoints take them (`update_size.compare_label`; any raw value of the API is taken as no choice)."""
+    names = checkpoints if isinstance(checkpoints, (list, tuple)) else []
+    return compare_label(update_size_of(cache, name, baseline) for name in names)
 
 
 def update_control(size: UpdateSize) -> dict:
@@ -100,8 +108,8 @@ def build_demo(
     """
     examples = examples or []
     demo = gr.Blocks(title="moshi-ttt: what Test-Time Training does inside Moshi", delete_cache=DELETE_CACHE)
-    specs = run_specs(cache.names(), [demo.GRADIO_CACHE], examples, max_seconds)
-    more = compare_specs(specs, cache.names())
+    specs = run_specs(cache.live_names(), [demo.GRADIO_CACHE], examples, max_seconds)  # with --allow-hub's later
+    more = compare_specs(specs, cache.live_names())
     opening = open_specs([demo.GRADIO_CACHE])
     runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", keep=keep_runs)
     compared = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-compare", keep=keep_runs)
@@ -111,7 +119,7 @@ def build_demo(
     size = update_size_of(cache, ttt_default, baseline_default)
     context = None
     if ttt_default:
-        with contextlib.suppress(CheckpointMismatch):
+        with contextlib.suppress(ValueError):  # CheckpointMismatch, CheckpointUnavailable: the Run button says why
             context = cache.context_tokens(ttt_default, base=baseline_default)
     with demo:
         gr.Markdown(view.intro_markdown(serves_demo_models(cache), start_clip, context, size.default),
@@ -173,8 +181,10 @@ def build_demo(
                         gr.Markdown("Several settings on the clip chosen on the left, against its baseline, in one "
                                     "figure. Each is scored exactly as Run scores it alone (chunked).")  # fmt: skip
                         with gr.Row():
-                            compare_inputs = {n: control(more[n]) for n in ("compare_checkpoints", "compare_sizes",
-                                                                            "compare_persistence")}  # fmt: skip
+                            label = compare_sizes_label(cache, more["compare_checkpoints"].default, baseline_default)
+                            compare_inputs = {"compare_checkpoints": control(more["compare_checkpoints"]),
+                                              "compare_sizes": control(replace(more["compare_sizes"], label=label)),
+                                              "compare_persistence": control(more["compare_persistence"])}  # fmt: skip
                         compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                         compare_status = gr.Markdown(elem_id="compare-status")
                         compare_plot = gr.Plot(show_label=False, elem_id="compare-plot")
@@ -189,6 +199,13 @@ def build_demo(
         for chooser in (inputs["ttt"], inputs["baseline"]):  # an In-Place lora checkpoint loads over the baseline
             chooser.change(checkpoint_chosen, [inputs["ttt"], inputs["baseline"]], [note, inputs["mini_batch_size"]],
                            queue=False, show_progress="hidden")  # fmt: skip
+
+        def compared_chosen(checkpoints, baseline):
+            return gr.update(label=compare_sizes_label(cache, checkpoints, baseline))
+
+        for chooser in (compare_inputs["compare_checkpoints"], inputs["baseline"]):  # chunks for In-Place models
+            chooser.change(compared_chosen, [compare_inputs["compare_checkpoints"], inputs["baseline"]],
+                           [compare_inputs["compare_sizes"]], queue=False, show_progress="hidden")  # fmt: skip
         handler = run_handler(cache, specs, runs, examples, stops)
         run_outputs = [shown[name] for name in outputs.OUTPUT_NAMES]
         run_button.click(handler, [inputs[name] for name in specs], run_outputs, api_name="run", preprocess=False,

@@ -11,11 +11,13 @@ only what it changes: the cache loads it over the run's baseline (`get(name, bas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import threading
 import typing as tp
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from moshi.models.lm import LMModel
 
 from moshi_ttt.app.update_size import update_size
 from moshi_ttt.data.checkpoints import LoadedCheckpoint, load
-from moshi_ttt.data.checkpoints.inplace_format import FULL_NAME, LORA_NAME, is_inplace
+from moshi_ttt.data.checkpoints.inplace_format import BaseMismatch
+from moshi_ttt.data.checkpoints.inplace_layout import find_steps, step_name
+from moshi_ttt.data.checkpoints.loader import inplace_over_base
 from moshi_ttt.data.codec import is_codec_dir
 from moshi_ttt.ttt.apply import ttt_blocks
 from moshi_ttt.ttt.inplace import inplace_blocks
@@ -38,19 +42,53 @@ class CheckpointMismatch(ValueError):
     """A baseline and TTT checkpoint that cannot be paired; its message is one sentence for the user (no paths)."""
 
 
+class CheckpointUnavailable(ValueError):
+    """An hf:// checkpoint that the server can neither download nor find in its Hub cache (no such repo, no network);
+    one sentence for the user (no paths). A local checkpoint that fails to load is the server's fault instead."""
+
+
 def has_ttt_layers(model: LMModel) -> bool:
     """TTT blocks of ours or In-Place TTT layers (the In-Place fork's checkpoints have no TTT blocks of ours)."""
     return bool(ttt_blocks(model) or inplace_blocks(model))
 
 
 def needs_base(ref: str) -> bool:
-    """An In-Place checkpoint directory in the fork's lora.safetensors layout (no consolidated.safetensors beside it):
-    it holds only what it changes, so it loads over a base model. hf:// references are not looked into (they load
-    over the fork's default base, kyutai/moshiko-pytorch-bf16)."""
-    path = Path(ref)
-    if ref.startswith("hf://") or not path.is_dir() or (path / FULL_NAME).is_file():
-        return False
-    return (path / LORA_NAME).is_file() and is_inplace(path)
+    """An In-Place checkpoint in the fork's lora.safetensors layout (no consolidated.safetensors beside it), local or
+    hf://: it holds only what it changes, so it loads over a base model (the run's baseline)."""
+    return inplace_over_base(ref)
+
+
+_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"]+[/\\])*([^\s/\\'\"]+)")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part ("/srv/hub/snapshots/abc/lora.safetensors" ->
+    "lora.safetensors"): messages for users name no server path."""
+    return _PATH.sub(r"\1", text)
+
+
+class CheckpointNames(Sequence):
+    """The allow-list's names as they are now: the `--allow-hub` field adds to it while the app runs, and the specs of
+    the checkpoint controls hold this view (`ModelCache.live_names`), so that the server accepts what the dropdowns
+    offer. Only strings are ever in it."""
+
+    def __init__(self, allow_list: dict[str, tp.Any]):
+        self._allow_list = allow_list
+
+    def __getitem__(self, index):
+        return list(self._allow_list)[index]
+
+    def __len__(self) -> int:
+        return len(self._allow_list)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._allow_list))
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and value in self._allow_list
+
+    def __repr__(self) -> str:
+        return f"CheckpointNames({list(self._allow_list)!r})"
 
 
 @dataclass(frozen=True)
@@ -65,15 +103,37 @@ def _is_checkpoint_dir(path: Path) -> bool:
 
 
 def discover(directory: str | Path) -> list[CheckpointEntry]:
-    """A checkpoint directory itself, or the checkpoint directories directly inside it."""
+    """A checkpoint directory itself, the checkpoint directories directly inside it, and the In-Place fork's saved
+    steps at any level of a run's tree (`<run>/checkpoints/checkpoint_000500/consolidated/`, named
+    "<run>/checkpoint_000500"; data/checkpoints/inplace_layout.py), in that order, each sorted.
+
+    Nothing that resolves outside `directory` (a symlink out of it) is listed.
+
+    Raises:
+        FileNotFoundError: `directory` is not a directory, or it holds no checkpoint.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    root = directory.resolve()
     if _is_checkpoint_dir(directory):
-        return [CheckpointEntry(directory.name, str(directory.resolve()))]
-    found = [CheckpointEntry(p.name, str(p.resolve())) for p in sorted(directory.iterdir()) if _is_checkpoint_dir(p)]
+        return [CheckpointEntry(step_name(root) or directory.name, str(root))]
+    found = []
+    for child in sorted(directory.iterdir()):
+        resolved = child.resolve()
+        if not _is_checkpoint_dir(child) or step_name(child) is not None:  # a step's consolidated/: find_steps's
+            continue
+        if not resolved.is_relative_to(root):
+            logger.warning("skipping checkpoint %s: it resolves to %s, outside %s", child, resolved, root)
+            continue
+        found.append(CheckpointEntry(child.name, str(resolved)))
+    listed = {entry.ref for entry in found}
+    found += [CheckpointEntry(s.name, str(s.path)) for s in find_steps(directory, root) if str(s.path) not in listed]
     if not found:
-        raise FileNotFoundError(f"no checkpoint (a directory with config.json) in {directory}")
+        raise FileNotFoundError(
+            f"no checkpoint in {directory}: expected directories with a config.json, or the In-Place fork's "
+            "<run>/checkpoints/checkpoint_NNNNNN/consolidated/ folders"
+        )
     return found
 
 
@@ -121,15 +181,38 @@ class ModelCache:
         self._loaded: dict[str, LoadedCheckpoint] = {}
         self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._needs_base: dict[str, bool] = {}  # reference -> an In-Place lora.safetensors checkpoint
 
     def names(self) -> list[str]:
         return list(self.allow_list)
 
+    def live_names(self) -> CheckpointNames:
+        """The names, also those added later (`add_hub`): for the specs of the checkpoint controls."""
+        return CheckpointNames(self.allow_list)
+
     def _entry(self, name: str) -> CheckpointEntry:
-        entry = self.allow_list.get(name)
+        entry = self.allow_list.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise ValueError(f"unknown checkpoint {name!r}; choose one of: {', '.join(self.allow_list) or 'none'}")
+            shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
+            raise ValueError(f"unknown checkpoint {shown}; choose one of: {', '.join(self.allow_list) or 'none'}")
         return entry
+
+    def add_hub(self, ref: str) -> str:
+        """Allows an hf:// reference (already checked: `inputs.HubReference`) and returns its name: "owner/repo", or
+        "owner/repo (2)" where that name is taken by another checkpoint (never replaced: users share the list)."""
+        entry = next(iter(build_allow_list([], [ref], use_env=False).values()))
+        with self._lock:
+            name, n = entry.name, 2
+            while name in self.allow_list and self.allow_list[name].ref != ref:
+                name, n = f"{entry.name} ({n})", n + 1
+            self.allow_list.setdefault(name, CheckpointEntry(name, ref))
+        return name
+
+    def _over_base(self, entry: CheckpointEntry) -> bool:
+        """`needs_base`, asked once per reference (an hf:// one asks the Hub or its cache)."""
+        if entry.ref not in self._needs_base:
+            self._needs_base[entry.ref] = needs_base(entry.ref)
+        return self._needs_base[entry.ref]
 
     def get(self, name: str, base: str | None = None) -> LoadedCheckpoint:
         """The loaded checkpoint of an allowed name; ValueError for any other name.
@@ -139,16 +222,19 @@ class ModelCache:
                 baseline); ignored for every other checkpoint.
         Raises:
             CheckpointMismatch: such a checkpoint without a base, or over a base it does not fit (one sentence).
+            CheckpointUnavailable: an hf:// checkpoint (or base) the server cannot download nor find in its cache.
         """
         entry = self._entry(name)
-        base_ref = self._base_ref(name, entry, base)
+        with _hub_errors(name, entry.ref):
+            base_ref = self._base_ref(name, entry, base)
         key = name if base_ref is None else f"{name}\0{base}"
         if base_ref is not None:
             self.get(base)  # the base first, so that the checkpoint shares its tensors (data/checkpoints/shared.py)
         with self._lock:
             if key not in self._loaded:
                 logger.info("loading checkpoint %s from %s%s", name, entry.ref, f" over {base_ref}" if base_ref else "")
-                loaded = self._load(name, entry, base, base_ref)
+                with _hub_errors(name, entry.ref):
+                    loaded = self._load(name, entry, base, base_ref)
                 for param in loaded.model.parameters():
                     param.requires_grad_(False)
                 self._share_with_loaded(loaded)
@@ -158,17 +244,17 @@ class ModelCache:
 
     def _base_ref(self, name: str, entry: CheckpointEntry, base: str | None) -> str | None:
         """The reference `name` loads over: None for a checkpoint that holds its whole model."""
-        if not needs_base(entry.ref):
+        if not self._over_base(entry):
             return None
         if base is None:
             raise CheckpointMismatch(
                 f"checkpoint {name!r} is an In-Place TTT checkpoint in the fork's lora.safetensors layout: it holds "
-                "only what it changes and loads over its base model; choose that base as the baseline"
+                "only what it changes and loads over its base model; choose that base as the baseline."
             )
         if has_ttt_layers(self.get(base).model):
             raise CheckpointMismatch(
                 f"checkpoint {name!r} (In-Place TTT, lora.safetensors layout) loads over a plain model, but the "
-                f"baseline {base!r} has TTT layers; choose the plain model it was trained from as the baseline"
+                f"baseline {base!r} has TTT layers; choose the plain model it was trained from as the baseline."
             )
         return self._entry(base).ref
 
@@ -177,10 +263,18 @@ class ModelCache:
             return load(entry.ref, device=self.device, dtype=self.dtype, load_mimi=True)
         try:
             return load(entry.ref, base=base_ref, device=self.device, dtype=self.dtype, load_mimi=True)
-        except ValueError as e:  # the base does not fit: the library names both paths, the user sees the names
+        except BaseMismatch as e:  # the names the user chose, not the paths the library names
             logger.warning("checkpoint %s does not load over %s: %s", name, base_ref, e)
-            detail = str(e).replace(str(Path(entry.ref) / "config.json"), name).replace(base_ref, base or "")
-            raise CheckpointMismatch(f"checkpoint {name!r} does not load over the baseline {base!r}: {detail}") from e
+            raise CheckpointMismatch(
+                f"checkpoint {name!r} does not load over the baseline {base!r}: {name} and the base {base} disagree "
+                f"on {e.detail}."
+            ) from e
+        except ValueError as e:  # another misfit: the library names the files, the user sees their names only
+            logger.warning("checkpoint %s does not load over %s: %s", name, base_ref, e)
+            detail = without_paths(str(e).replace(str(Path(entry.ref) / "config.json"), name).replace(base_ref, base))
+            raise CheckpointMismatch(
+                f"checkpoint {name!r} does not load over the baseline {base!r}: {detail.rstrip('.')}."
+            ) from e
 
     def loaded(self, name: str) -> LoadedCheckpoint | None:
         """The checkpoint of `name` if it is loaded already, else None (loads nothing, and never waits for a load in
@@ -209,6 +303,24 @@ class ModelCache:
         In-Place layer's chunk size; None without either (loads it once; `base` as for `get`). The app's control
         starts there."""
         return update_size(self.get(name, base).model).default
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str, ref: str) -> Iterator[None]:
+    """An hf:// checkpoint that cannot be had (FileNotFoundError of data/checkpoints/hub.py) or that the loader
+    refuses (ValueError: its files, which any user may choose with --allow-hub) as CheckpointUnavailable, in the
+    loader's words without the server's paths."""
+    try:
+        yield
+    except (CheckpointMismatch, CheckpointUnavailable):
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        if not ref.startswith("hf://"):
+            raise
+        logger.warning("checkpoint %s (%s) is not available: %s", name, ref, e)
+        reason = without_paths(str(e))
+        reason = reason.split(" (", 1)[0] if isinstance(e, FileNotFoundError) else reason  # not the cache's advice
+        raise CheckpointUnavailable(f"checkpoint {name!r} cannot be loaded: {reason.rstrip('.')}.") from e
 
 
 def share_base_weights(ttt_model: LMModel, base_model: LMModel) -> int:

@@ -5,7 +5,8 @@ The run's `mini_batch_size` (RunOptions) is the mini-batch of our TTT blocks and
 layers (`ttt.apply.set_streaming_options`): one number, named for what the chosen TTT model does with it.
 - TTT blocks of ours: mini_batch_size 1 to 64, starting at the checkpoint's own;
 - layers of the older TTT fork: the checkpoint's own mini-batch only (it is part of its math, `ttt/session.configure`);
-- In-Place layers: the chunk size, 1 to `MAX_TOKENS` (the fork's runs use 256), starting at the checkpoint's own;
+- In-Place layers: the chunk size, 1 to `MAX_TOKENS` (the fork's runs use 256), starting at the checkpoint's own
+  (at `MAX_TOKENS` for a larger one: the Run event takes no more);
 - a model without TTT layers: any value of the control (it reads none).
 """
 
@@ -57,10 +58,11 @@ def update_size(model: tp.Any) -> UpdateSize:
     inplace = inplace_blocks(model)
     if inplace:
         chunk = next(iter(inplace.values())).cfg.chunk_size
-        return UpdateSize(
-            "chunk", "In-Place chunk size (tokens per update)", chunk, 1, max(MAX_TOKENS, chunk),
-            f"In-Place TTT: the fast weight w_down takes one update per chunk; this checkpoint's chunk is {chunk}",
-        )  # fmt: skip
+        info = f"In-Place TTT: the fast weight w_down takes one update per chunk; this checkpoint's chunk is {chunk}"
+        if chunk > MAX_TOKENS:  # the Run event's spec refuses more (handlers.run_specs): say so rather than offer it
+            info += f", above the app's {MAX_TOKENS}: runs here use at most {MAX_TOKENS}"
+        return UpdateSize("chunk", "In-Place chunk size (tokens per update)", min(chunk, MAX_TOKENS), 1, MAX_TOKENS,
+                          info)  # fmt: skip
     blocks = ttt_blocks(model)
     if not blocks:
         return UpdateSize("none", "TTT mini_batch_size", None, 1, MAX_TOKENS, "this model has no TTT layer")
@@ -87,3 +89,18 @@ def check_update_size(models: dict[str, tp.Any], value: int | None) -> int | Non
         if size.kind != "none":
             size.check(value, name)
     return value
+
+
+COMPARE_LABELS = {  # the Compare tab's sizes control, by the kinds of the TTT models compared
+    "chunk": "In-Place chunk sizes (tokens per update)",
+    "mini_batch": "TTT mini_batch_size values",
+    "mixed": "mini_batch_size or In-Place chunk sizes",  # also the spec's label, in the server's messages
+}
+
+
+def compare_label(sizes: tp.Iterable[UpdateSize]) -> str:
+    """The Compare tab's label for the sizes of the chosen TTT models: what the number is to all of them."""
+    kinds = {size.kind for size in sizes}
+    if kinds == {"chunk"}:
+        return COMPARE_LABELS["chunk"]
+    return COMPARE_LABELS["mixed" if "chunk" in kinds else "mini_batch"]

@@ -21,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from moshi_ttt.data.checkpoints.inplace_layout import consolidated_of
+
 RUN_FILE = "run.json"
 DONE_FILE = "summary.json"
 HASH_WHOLE_BYTES = 1 << 20  # files up to this size are hashed whole
@@ -65,12 +67,14 @@ def file_identity(path: Path) -> dict:
 
 def checkpoint_identity(ref: str | None, seen: set[str] | None = None) -> dict | None:
     """The reference and, for a local checkpoint (directory or file), the identity of each of its files, following
-    the base checkpoint and codec that our config.json names (relative to the directory). None for None."""
+    the base checkpoint and codec that our config.json names (relative to the directory); for a step folder of the
+    In-Place fork (`checkpoint_000500/`), the files of its consolidated/. None for None."""
     if ref is None:
         return None
     seen = set() if seen is None else seen
     identity: dict = {"ref": str(ref)}
     path = Path(ref)
+    path = consolidated_of(path) or path  # a step folder of the In-Place fork's trainer: the folder `load` reads
     if "://" in str(ref) or not path.exists() or str(path.resolve()) in seen:
         return identity
     seen.add(str(path.resolve()))

@@ -83,7 +83,8 @@ def _chunk_step(
     inner: InPlaceInner, params: InPlaceParams, token: int, observe: bool
 ) -> tuple[InPlaceInner, ChunkUpdate | None]:
     """The update at the end of a full chunk (inner.z holds its C tokens): the next chunk's W and S."""
-    v_hat = chunk_target(inner.x0, params.conv_weight, params.target_weight).float()  # [B, C, d]
+    # [B, C, d] in the fast weight's dtype: float32 (the fork's), float64 for a float64 model
+    v_hat = chunk_target(inner.x0, params.conv_weight, params.target_weight).to(inner.z.dtype)
     delta = torch.einsum("btd,bth->bdh", v_hat, inner.z)  # sum_t V_hat_t Z_t^T: [B, d, h]
     clipped, raw_norm, factor = clip_update(delta, params.clip, params.clip_epsilon)
     delta_sum = inner.delta_sum + clipped

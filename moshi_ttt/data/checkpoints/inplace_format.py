@@ -96,6 +96,21 @@ def is_inplace(path: Path) -> bool:
     return any(TARGET_MARK in k for w in weights for k in tensor_shapes(w))
 
 
+def _num(section: dict, key: str, default: float, where: str, whole: bool = False) -> tp.Any:
+    """A number of a config section (`default` when absent), as the fork's dataclasses hold it: an int when `whole`
+    (4.0 read as 4), else a float. Ranges are checked by InPlaceConfig and YarnConfig.
+
+    Raises:
+        ValueError: a string, list, object, true/false, NaN or infinity, or a fraction where a whole number belongs.
+    """
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}.{key} must be a finite number, got {value!r}"[:200])
+    if whole and value != int(value):
+        raise ValueError(f"{where}.{key} must be a whole number, got {value!r}")
+    return int(value) if whole else float(value)
+
+
 def inplace_config(section: tp.Any, num_layers: int, activation: str = "gelu") -> InPlaceConfig:
     """Our InPlaceConfig from the fork's `ttt_config`, with its defaults (modules/transformer.py and ttt_module.py:
     layer_frequency 6, start_layer 0, chunk_size 256, learning_rate 1e-3, conv_kernel_size 2, delta_clip_fro_norm
@@ -111,7 +126,8 @@ def inplace_config(section: tp.Any, num_layers: int, activation: str = "gelu") -
         raise ValueError(f"unknown ttt_config fields {unknown}; the In-Place fork knows {sorted(_TTT_FIELDS)}")
     if not section.get("enabled", False):
         raise ValueError("ttt_config.enabled is false: the fork builds no TTT layer for this checkpoint")
-    frequency, start = int(section.get("layer_frequency", 6)), int(section.get("start_layer", 0))
+    frequency = _num(section, "layer_frequency", 6, "ttt_config", whole=True)
+    start = _num(section, "start_layer", 0, "ttt_config", whole=True)
     if frequency < 1:
         raise ValueError(f"ttt_config.layer_frequency must be >= 1, got {frequency}")
     layers = tuple(i for i in range(num_layers) if i >= start and (i - start) % frequency == 0)
@@ -119,15 +135,16 @@ def inplace_config(section: tp.Any, num_layers: int, activation: str = "gelu") -
         raise ValueError(f"ttt_config (start_layer {start}, layer_frequency {frequency}) names none of the "
                          f"{num_layers} layers")  # fmt: skip
     clip = section.get("delta_clip_fro_norm", DEFAULT_CLIP)
-    if clip is not None and float(clip) <= 0:
+    clip = None if clip is None else _num(section, "delta_clip_fro_norm", DEFAULT_CLIP, "ttt_config")
+    if clip is not None and clip <= 0:
         clip = None  # the fork: a bound <= 0 turns the clip off
     return InPlaceConfig(
         layers=layers,
-        chunk_size=int(section.get("chunk_size", 256)),
-        lr=float(section.get("learning_rate", 1e-3)),
-        clip=None if clip is None else float(clip),
-        clip_epsilon=float(section.get("delta_clip_epsilon", 1e-12)),
-        conv_kernel_size=int(section.get("conv_kernel_size", 2)),
+        chunk_size=_num(section, "chunk_size", 256, "ttt_config", whole=True),
+        lr=_num(section, "learning_rate", 1e-3, "ttt_config"),
+        clip=clip,
+        clip_epsilon=_num(section, "delta_clip_epsilon", 1e-12, "ttt_config"),
+        conv_kernel_size=_num(section, "conv_kernel_size", 2, "ttt_config", whole=True),
         activation=activation,
     )
 
@@ -142,16 +159,18 @@ def yarn_config(section: tp.Any, lm_config: dict, options: InPlaceOptions) -> Ya
     unknown = sorted(set(section) - _YARN_FIELDS)
     if unknown:
         raise ValueError(f"unknown yarn_config fields {unknown}; the In-Place fork knows {sorted(_YARN_FIELDS)}")
-    scale = float(section.get("scale", 1.0))
+    scale = _num(section, "scale", 1.0, "yarn_config")
     if not section.get("enabled", False) or scale <= 1.0:
         return None
     return YarnConfig(
         scale=scale,
-        original_max_seq_len=int(section.get("original_max_seq_len", lm_config.get("context") or 3000)),
-        beta_fast=float(section.get("beta_fast", 32)),
-        beta_slow=float(section.get("beta_slow", 1)),
-        mscale=float(section.get("mscale", 1.0)),
-        mscale_all_dim=float(section.get("mscale_all_dim", 0.0)),
+        original_max_seq_len=_num(
+            section, "original_max_seq_len", lm_config.get("context") or 3000, "yarn_config", whole=True
+        ),
+        beta_fast=_num(section, "beta_fast", 32.0, "yarn_config"),
+        beta_slow=_num(section, "beta_slow", 1.0, "yarn_config"),
+        mscale=_num(section, "mscale", 1.0, "yarn_config"),
+        mscale_all_dim=_num(section, "mscale_all_dim", 0.0, "yarn_config"),
         frequencies=options.yarn_frequencies,
         extend_context=options.yarn_extend_context,
     )
@@ -343,12 +362,20 @@ def _mimi_ref(raw: dict, directory: Path, default: str | None) -> str:
     return default or f"{HF_PREFIX}{loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}"
 
 
+class BaseMismatch(ValueError):
+    """A lora.safetensors checkpoint and a base whose LM configs disagree; `detail` names the kwargs, no path."""
+
+    def __init__(self, source: str, base_ref: str, detail: str):
+        super().__init__(f"{source} and the base {base_ref} disagree on {detail}")
+        self.detail = detail
+
+
 def _check_base_config(ckpt: dict, base: dict, base_ref: str, source: str) -> None:
     """The base must be the model the checkpoint was trained on: the LM kwargs both name must agree."""
     differ = sorted(k for k in set(ckpt) & set(base) if ckpt[k] != base[k])
     if differ:
         detail = ", ".join(f"{k}: {ckpt[k]!r} vs {base[k]!r}" for k in differ[:6])
-        raise ValueError(f"{source} and the base {base_ref} disagree on {detail}")
+        raise BaseMismatch(source, base_ref, detail)
 
 
 def inplace_notes(model: tp.Any, cfg: InPlaceConfig, yarn: YarnConfig | None, w_source: str) -> list[str]:

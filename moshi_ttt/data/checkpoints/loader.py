@@ -20,7 +20,8 @@ from moshi_ttt.data.checkpoints.common import (
     read_json,
 )
 from moshi_ttt.data.checkpoints.hub import FORM, HF_PREFIX, HubRef, hub_file, hub_file_or_none, hub_folder
-from moshi_ttt.data.checkpoints.inplace_format import is_inplace, load_inplace
+from moshi_ttt.data.checkpoints.inplace_format import FULL_NAME, LORA_NAME, is_inplace, load_inplace
+from moshi_ttt.data.checkpoints.inplace_layout import CONSOLIDATED, STEP, consolidated_of, find_steps
 from moshi_ttt.data.checkpoints.legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
 from moshi_ttt.data.checkpoints.moshi_format import load_moshi_dir, load_moshi_hub
 from moshi_ttt.data.checkpoints.ours import CONFIG_NAME, is_ours, load_ours
@@ -119,6 +120,7 @@ def _load_local(
         if is_inplace(path):
             return load_inplace(path.parent, ref=ref, base=base, device=device, dtype=dtype, load_fn=load)
         return load_moshi_dir(path.parent, ref=ref, weights=path, base=base, device=device, dtype=dtype)
+    path = _checkpoint_folder(path)
     config_path = path / CONFIG_NAME
     kwargs = {"ref": ref, "base": base, "device": device, "dtype": dtype, "legacy_causal": legacy_causal}
     if config_path.is_file() and is_ours(read_json(config_path)):
@@ -130,6 +132,65 @@ def _load_local(
     if is_legacy(path):
         return load_legacy(path, load_fn=functools.partial(load, share=share), **kwargs)
     return load_moshi_dir(path, ref=ref, base=base, device=device, dtype=dtype)
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """The folder to load for a local directory: itself, or the `consolidated/` folder of a step folder of the
+    In-Place fork's trainer (`checkpoint_000500/`, inplace_layout.py).
+
+    Raises:
+        ValueError: a folder without config.json that holds several saved steps (a run or its checkpoints/): names
+            them and asks for one.
+    """
+    if (path / CONFIG_NAME).is_file():
+        return path
+    consolidated = consolidated_of(path)
+    if consolidated is not None:
+        return consolidated
+    steps = find_steps(path)
+    if len(steps) == 1:
+        return steps[0].path
+    if steps:
+        shown = ", ".join(s.name for s in steps[:4]) + (f" and {len(steps) - 4} more" if len(steps) > 4 else "")
+        raise ValueError(
+            f"{path} is a folder of the In-Place fork's trainer with {len(steps)} saved steps ({shown}); give one "
+            f"step's folder, e.g. {steps[-1].path.parent}"
+        )
+    if STEP.match(path.name):
+        raise FileNotFoundError(
+            f"{path} is named as a step folder of the In-Place fork's trainer but holds no {CONSOLIDATED}/"
+            f"{CONFIG_NAME} (the trainer writes {CONSOLIDATED}/ with {CONFIG_NAME} and {LORA_NAME} or {FULL_NAME})"
+        )
+    return path
+
+
+def inplace_over_base(ref: str) -> bool:
+    """Whether `ref` (a local folder or hf:// reference) is an In-Place checkpoint in the fork's lora.safetensors
+    layout: it holds only what it changes and loads over a base (`load(ref, base=...)`; without one, the fork's
+    default, hf://kyutai/moshiko-pytorch-bf16). A Hub reference's config.json and lora.safetensors are downloaded
+    (or read from the local cache) to tell; its consolidated.safetensors too when it has one.
+
+    Raises:
+        FileNotFoundError: a Hub reference that cannot be reached and is not cached (see `hub.hub_call`).
+    """
+    if not ref.startswith(HF_PREFIX):
+        path = Path(ref)
+        if not path.is_dir():
+            return False
+        path = consolidated_of(path) or path
+        if (path / CONFIG_NAME).is_file() and is_ours(read_json(path / CONFIG_NAME)):
+            return False
+        return not (path / FULL_NAME).is_file() and (path / LORA_NAME).is_file() and is_inplace(path)
+    hub = HubRef.parse(ref)
+    if Path(hub.path).suffix:  # one file of a repo: loaded as moshi's weights
+        return False
+    config = hub_file_or_none(hub, hub.file(CONFIG_NAME))
+    if config is None:
+        return False
+    raw = read_json(config)
+    if is_ours(raw) or not isinstance(raw.get("ttt_config"), dict):  # as `_load_hub` tells the kinds apart
+        return False
+    return hub_file_or_none(hub, hub.file(LORA_NAME)) is not None and hub_file_or_none(hub, hub.file(FULL_NAME)) is None
 
 
 def _load_hub(
