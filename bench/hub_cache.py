@@ -10,11 +10,16 @@ The LM weights are written one tensor at a time by `write_safetensors` (safetens
 file's bytes besides the tensors: 15 GB of weights would need 30 GB). `write_ttt_checkpoint` writes a TTT checkpoint
 of ours over such a base, building only the TTT blocks (on the meta device, then `to_empty`).
 
-Used by bench/hub_7b.py (full size) and tests/test_hub_layout.py (7B width, 2 layers).
+Used by bench/hub_7b.py (full size) and tests/test_hub_layout.py (7B width, 2 layers). From the command line, a
+small cache to try offline Hub references by hand (1.8 GB of LM weights and 385 MB of Mimi at these sizes):
+    NO_TORCH_COMPILE=1 python -m bench.hub_cache --root /tmp/hub --num-layers 2 --depth-layers 1
+    HF_HOME=/tmp/hub/hf_home HF_HUB_OFFLINE=1 python -m moshi_ttt.evaluate --audio clip.wav \
+        --baseline hf://kyutai/moshiko-pytorch-bf16 --ttt /tmp/hub/ttt --out /tmp/hub/results
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import struct
@@ -221,3 +226,30 @@ def write_ttt_checkpoint(
                 else:
                     param.uniform_(-bound, bound, generator=generator)
     return save(directory, model, base=base, ttt_config=cfg, dtype=dtype, overwrite=True)
+
+
+def main(argv: tp.Sequence[str] | None = None) -> None:
+    """Writes ROOT/hf_home/hub (kyutai's moshiko repo, random weights) and ROOT/ttt (a TTT checkpoint over it)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, required=True, help="HF_HOME is ROOT/hf_home; the TTT checkpoint ROOT/ttt")
+    p.add_argument("--num-layers", type=int, help="temporal layers (default: Moshi 7B's 32, 15 GB)")
+    p.add_argument("--depth-layers", type=int, help="depth transformer layers (default: Moshi 7B's)")
+    p.add_argument("--ttt-layers", default=None, help="TTT layers of ROOT/ttt (default: the last layer)")
+    p.add_argument("--revision", action="append", default=[], help="another branch or tag name of the snapshot")
+    p.add_argument("--no-mimi", action="store_true", help="an empty codec file (nothing can encode audio then)")
+    args = p.parse_args(argv)
+    lm_config = default_lm_kwargs()
+    if args.num_layers is not None:
+        lm_config["num_layers"] = args.num_layers
+    if args.depth_layers is not None:
+        lm_config["depformer_num_layers"] = args.depth_layers
+    cache = args.root / "hf_home" / "hub"
+    snapshot = write_moshi_repo(cache, lm_config, refs=("main", *args.revision), mimi=not args.no_mimi)
+    layers = args.ttt_layers or str(lm_config["num_layers"] - 1)
+    ttt = write_ttt_checkpoint(args.root / "ttt", f"hf://{REPO}", lm_config, layers=layers)
+    print(f"wrote {snapshot} (revisions main, {COMMIT}{''.join(', ' + r for r in args.revision)}) and {ttt}")
+    print(f"use it offline with HF_HOME={args.root / 'hf_home'} HF_HUB_OFFLINE=1")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,9 +3,11 @@ the specs' order, each update mapped to the outputs, run folders and Stop flags 
 are, and an entry point that does not need app.py."""
 
 import ast
+import gc
 import inspect
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -142,6 +144,39 @@ def test_stop_flags_are_per_session():
     stops.request("s2")
     stops.end_session("s2")
     assert poll_2() is False
+
+
+SESSIONS = ["x" * 100_000, "../../etc/passwd", "a/b", "/", ".", "..", "\x00", "\U0001f3a7 \u00e9", "\ud800", " ", "s1"]
+
+
+def test_stop_flags_take_any_session_string_each_its_own_file_in_the_folder(tmp_path):
+    """Session hashes come from the page: any string is one flag file inside the flags' folder, and sessions stay
+    independent."""
+    stops = StopRequests(tmp_path / "stops")
+    polls = {session: stops.start(session) for session in SESSIONS}
+    for i, session in enumerate(SESSIONS):
+        stops.request(session)
+        assert [poll() for poll in polls.values()] == [j <= i for j in range(len(SESSIONS))], repr(session[:20])
+    files = list((tmp_path / "stops").iterdir())
+    assert len(files) == len(SESSIONS) and all(f.parent == tmp_path / "stops" for f in files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stops"]  # nothing written outside the folder
+    for session in SESSIONS:
+        stops.end_session(session)
+    assert list((tmp_path / "stops").iterdir()) == []
+
+
+def test_the_flags_folder_goes_with_the_server_and_only_with_it():
+    """A default folder is a temporary one, removed when the server's StopRequests goes (at exit at the latest),
+    never by a forked worker's copy; a Stop after a /tmp cleaner removed it still works."""
+    stops = StopRequests()
+    folder = stops.folder
+    assert folder.is_dir() and folder.name.startswith("moshi-ttt-stop-")
+    shutil.rmtree(folder)
+    stops.request("s1")
+    assert stops.start("s2")() is False and folder.is_dir()
+    del stops
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_stop_reaches_a_run_in_a_forked_worker_as_on_zerogpu():

@@ -48,3 +48,23 @@ def test_cli_defaults_and_the_cpu_time_note(tmp_path):
     assert scoring_seconds([big], 100, "cpu") == pytest.approx(
         100 * seconds_per_token(5_000_050_000, "cpu", torch.bfloat16)
     )
+
+
+def test_an_explicit_bfloat16_loads_a_small_model_in_bfloat16_with_float32_fast_weights(assets):
+    """dtype auto would give float32 to the demo-sized models; asking for bfloat16 still gives it, and the TTT
+    fast weights stay float32 (the inner loop's numerics), and the model scores."""
+    from moshi_ttt import load, score
+    from moshi_ttt.ttt.apply import ttt_blocks
+    from moshi_ttt.ttt.layer import FLOAT32_PARAMS
+
+    ckpt = load(assets / "checkpoints" / "ttt", dtype=torch.bfloat16, share=False)
+    assert resolve_dtype(None, ckpt.lm_config, "cpu") == torch.float32  # what auto would have chosen
+    blocks = ttt_blocks(ckpt.model)
+    assert blocks
+    for block in blocks.values():
+        for name, param in block.named_parameters(recurse=False):
+            assert param.dtype == (torch.float32 if name in FLOAT32_PARAMS else torch.bfloat16), name
+    assert ckpt.model.text_emb.weight.dtype == torch.bfloat16  # the rest of the model is bfloat16
+    codes = torch.randint(0, ckpt.lm_config["card"], (1, ckpt.model.dep_q, 20))  # [B, K, T] audio codes
+    result = score(ckpt.model, codes, mode="chunked")
+    assert result.loss.dtype == torch.float32 and torch.isfinite(result.loss[result.mask]).all()

@@ -5,6 +5,7 @@ huggingface_hub and moshi CheckpointInfo code runs, with no network.
 """
 
 import gc
+import re
 import weakref
 
 import pytest
@@ -62,6 +63,25 @@ def test_a_revision_missing_from_the_offline_cache_names_the_hub_cli(hub_repo):
         load("hf://kyutai/other")
 
 
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        (f"{BASE}/nowhere", f"Hub repo {REPO} has no folder 'nowhere' in the local Hugging Face cache: check the path"),
+        (f"{BASE}@v2/nowhere", f"Hub repo {REPO} at revision v2 has no folder 'nowhere'"),
+        (f"{BASE}@", "has nothing after '@': name a branch, tag or commit"),
+        ("hf://kyutai", "'hf://kyutai' is not a Hub reference: write hf://owner/repo"),
+        ("hf://kyutai/../x", "does not name a Hub repo"),
+        ("hf:/kyutai/tiny-moshi", "'hf:/kyutai/tiny-moshi' is neither a local path nor a Hub reference"),
+        ("https://huggingface.co/kyutai/x", "'https://huggingface.co/kyutai/x' is neither a local path nor a Hub"),
+    ],
+    ids=["missing_folder", "missing_folder_at_revision", "empty_revision", "no_repo", "dots", "one_slash", "url"],
+)
+def test_a_bad_reference_is_one_sentence_naming_it(hub_repo, ref, message):
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(message)) as error:
+        load(ref)
+    assert "\n" not in str(error.value) and "Errno" not in str(error.value)
+
+
 def test_a_repo_without_config_json_is_taken_as_moshi_7b_offline_too(offline_hub_cache):
     """moshi assumes Moshi 7B without config.json; offline, the missing file must not stop the load first."""
     write_moshi_repo(offline_hub_cache, tiny_lm_config(), dtype=torch.float32, repo=REPO, with_config=False, mimi=False)
@@ -93,6 +113,20 @@ def test_revisions_and_dtypes_are_different_bases(hub_repo):
     assert weight_bytes(main, v2) == weight_bytes(main) + weight_bytes(v2)
     assert weight_bytes(main, bf16) == weight_bytes(main) + weight_bytes(bf16)
     assert weight_bytes(main, load(f"{BASE}@main").model) == weight_bytes(main)  # one revision, two spellings
+    # Offline the cache says which commit a branch or tag is: a tag and its hash are one base, as main and its hash.
+    assert weight_bytes(v2, load(f"{BASE}@{COMMIT_B}").model) == weight_bytes(v2)
+    assert weight_bytes(main, load(f"{BASE}@{COMMIT_A}").model) == weight_bytes(main)
+
+
+def test_online_a_branch_and_a_hash_stay_apart(hub_repo, monkeypatch):
+    """Online the branch may have moved since the cache was filled: its name is the key, not the cached hash."""
+    from huggingface_hub import constants
+
+    from moshi_ttt.data.checkpoints.shared import canonical_ref
+
+    assert canonical_ref(BASE) == canonical_ref(f"{BASE}@{COMMIT_A}") == f"{BASE}@{COMMIT_A}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert canonical_ref(BASE) == f"{BASE}@main" and canonical_ref(f"{BASE}@{COMMIT_A}") == f"{BASE}@{COMMIT_A}"
 
 
 def test_the_pool_keeps_nothing_alive_and_never_shares_changed_weights(hub_repo, tmp_path):

@@ -130,11 +130,14 @@ class StopRequests:
             weakref.finalize(self, _remove_folder, self.folder, os.getpid())
 
     def _flag(self, session: str) -> Path:
-        return self.folder / hashlib.sha256(session.encode()).hexdigest()  # any session string, one safe file name
+        # Any session string, one safe file name: the hash comes from the page, and a JSON string may hold a lone
+        # surrogate ("\ud800"), which plain UTF-8 refuses to encode.
+        return self.folder / hashlib.sha256(session.encode("utf-8", "surrogatepass")).hexdigest()
 
     def request(self, session: str | None) -> None:
         """The Stop button of `session` (None or "": nothing to stop)."""
         if session:
+            self.folder.mkdir(parents=True, exist_ok=True)  # again, in case a /tmp cleaner removed it meanwhile
             self._flag(session).touch()
 
     def start(self, session: str | None) -> Callable[[], bool]:

@@ -13,8 +13,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from moshi.utils.compile import no_compile
@@ -24,7 +25,7 @@ from moshi_ttt.app.engine import threads_per_run
 from moshi_ttt.app.handlers import MAX_SECONDS
 from moshi_ttt.app.layout import build_demo
 from moshi_ttt.app.models import ModelCache, build_allow_list
-from moshi_ttt.app.startup import hub_checkpoints, on_zerogpu, preload
+from moshi_ttt.app.startup import check_cached, check_device, hub_checkpoints, on_zerogpu, preload
 
 logger = logging.getLogger("moshi_ttt.app")
 
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one line each
     zerogpu = on_zerogpu()
     device = args.device or ("cuda" if torch.cuda.is_available() or zerogpu else "cpu")
+    try:
+        check_device(device, zerogpu)
+    except ValueError as e:
+        cli.error(str(e))
     dtype = DTYPES[args.dtype]
     if device == "cpu":
         torch.set_num_threads(args.threads or threads_per_run(args.concurrency))
@@ -108,14 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     dirs = args.checkpoint_dir or ([demo_dir] if demo_dir.is_dir() else [])
     try:
         hub_refs = hub_checkpoints(args.checkpoint)
-    except ValueError as e:
+        check_cached(hub_refs)
+    except (ValueError, FileNotFoundError) as e:
         cli.error(str(e))
     # On ZeroGPU the models load on the CPU and move to the (emulated) GPU at start-up, before launch packs them.
     cache = ModelCache(build_allow_list(dirs, hub_refs), device="cpu" if zerogpu else device, dtype=dtype)
     if not cache.names():
         cli.error("no checkpoint to serve: build demo_assets/ or pass --checkpoint-dir / --checkpoint")
     if args.preload or zerogpu:
-        preload(cache, device=device)
+        try:
+            preload(cache, device=device)
+        except (ValueError, FileNotFoundError) as e:  # a checkpoint that cannot load: the server cannot serve it
+            cli.error(str(e))
     host, port = server_address(args.host, args.port)
     demo = build_demo(cache, example_clips(demo_dir), max_seconds=args.max_seconds, allow_hub=args.allow_hub)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
@@ -126,7 +135,27 @@ def main(argv: list[str] | None = None) -> None:
         _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=args.share, quiet=True,
                                               max_file_size=MAX_FILE_SIZE, prevent_thread_lock=True)  # fmt: skip
         logger.info(startup_line(cache, device, dtype, local_url, share_url, args.share))
-        demo.block_thread()
+        with sigterm_as_ctrl_c():
+            demo.block_thread()  # returns on Ctrl-C or SIGTERM, having closed the server
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Inside, SIGTERM (`docker stop`, a Space restarting, `timeout`) ends the server as Ctrl-C does.
+
+    Why: Python's default SIGTERM kills the process without running its exit handlers, which would leave the
+    server's temporary folders behind (the Stop flags' folder, `resources.StopRequests`, is removed at exit). Gradio's
+    `block_thread` closes the server on KeyboardInterrupt and returns; the interpreter then exits normally.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def startup_line(cache: ModelCache, device: str, dtype, local_url: str, share_url: str | None, share: bool) -> str:

@@ -20,8 +20,12 @@ import time
 import typing as tp
 from collections.abc import Mapping
 
-from moshi_ttt.app.models import ModelCache, needs_base
-from moshi_ttt.data.checkpoints.hub import HubRef
+import torch
+from huggingface_hub import constants
+
+from moshi_ttt.app import zerogpu as zerogpu_module
+from moshi_ttt.app.models import ENV_CHECKPOINTS, ModelCache, needs_base
+from moshi_ttt.data.checkpoints.hub import FORM, HF_PREFIX, HubRef, cached_snapshot
 from moshi_ttt.data.checkpoints.shared import move_together, weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -45,13 +49,57 @@ def hub_checkpoints(flags: tp.Sequence[str] = (), env: Mapping[str, str] = os.en
         try:
             HubRef.parse(ref)
         except ValueError as e:
-            raise ValueError(f"{source}: {ref!r} is not a Hub checkpoint: {e}") from e
+            if ref.startswith(HF_PREFIX):
+                reason = str(e)  # names the entry and the form to write
+            elif "://" in ref:
+                reason = f"{ref!r} is not a Hub reference: only {FORM} is read, no other URL"
+            else:
+                reason = (f"{ref!r} is not a Hub reference ({FORM}); serve a local directory of checkpoints with "
+                          f"--checkpoint-dir or {ENV_CHECKPOINTS}")  # fmt: skip
+            raise ValueError(f"{source}: {reason}") from e
     return [ref for ref, _ in named]
+
+
+def check_cached(refs: tp.Sequence[str], offline: bool | None = None) -> None:
+    """With the Hub offline (HF_HUB_OFFLINE=1), checks that each reference's revision is in the local Hugging Face
+    cache, so that a Space missing a file stops at start-up with the command to run, not at each visitor's run.
+
+    Raises:
+        FileNotFoundError: the first reference not cached, with the `hf download` command that caches it.
+    """
+    if not (constants.HF_HUB_OFFLINE if offline is None else offline):
+        return
+    for ref in refs:
+        hub = HubRef.parse(ref)
+        snapshot = cached_snapshot(hub)
+        if snapshot is None or (hub.path and not (snapshot / hub.path).exists()):
+            raise FileNotFoundError(
+                f"{ref} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
+                f"run `{hub.download_command()}` with the same HF_HOME where there is network (on a Space, list the "
+                "repo in preload_from_hub), or unset HF_HUB_OFFLINE"
+            )
 
 
 def on_zerogpu(env: Mapping[str, str] = os.environ) -> bool:
     """Whether the server runs on a ZeroGPU Space (SPACES_ZERO_GPU true, read as the `spaces` package reads it)."""
     return env.get(ENV_ZERO_GPU, "").lower() in ("1", "t", "true")
+
+
+def check_device(device: str, zerogpu: bool) -> None:
+    """Refuses a CUDA device where there is none, before anything loads onto it (torch's own error would come as a
+    traceback, at start-up or at the first run). On ZeroGPU the `spaces` package emulates CUDA at start-up.
+
+    Raises:
+        ValueError: the sentence to show.
+    """
+    if not device.startswith("cuda") or torch.cuda.is_available() or (zerogpu and zerogpu_module.HAS_SPACES):
+        return
+    if zerogpu:
+        raise ValueError(
+            f"{ENV_ZERO_GPU} is set but this machine has no GPU and no `spaces` package: unset {ENV_ZERO_GPU} off "
+            "Hugging Face Spaces (or pip install spaces on a ZeroGPU Space)"
+        )
+    raise ValueError(f"--device {device}, but torch sees no CUDA GPU here: use --device cpu")
 
 
 def preload(cache: ModelCache, device: str | None = None) -> dict[str, float]:

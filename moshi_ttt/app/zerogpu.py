@@ -39,11 +39,14 @@ REFUSED_S = 5.0  # the clip's seconds assumed for inputs the handler will refuse
 try:  # the `spaces` package is there only on Spaces
     import spaces  # type: ignore[import-not-found]
 
+    HAS_SPACES = True  # ZeroGPU's CUDA emulation at start-up comes with it
+
     def on_gpu(duration: Callable[..., int]) -> Callable:
         """The decorator that runs a handler on a ZeroGPU slice for `duration(*its arguments)` seconds."""
         return spaces.GPU(duration=duration)
 
 except ImportError:
+    HAS_SPACES = False
 
     def on_gpu(duration: Callable[..., int]) -> Callable:
         """Off Spaces: the handler as it is."""

@@ -20,15 +20,18 @@ from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
 
 HF_PREFIX = "hf://"
+FORM = "hf://owner/repo[@revision][/path]"  # what a reference looks like, for messages
 # Revisions that hold a "/" and need no quoting, as huggingface_hub's HfFileSystem reads them: pull requests and
 # conversion branches. Any other revision with a "/" is written URL-encoded (hf://owner/repo@my%2Fbranch).
 _SPECIAL_REVISION = re.compile(r"^(refs/pr/\d+|refs/convert/\w+)(?=/|$)")
@@ -63,9 +66,19 @@ class HubRef:
             else:
                 revision = unquote(head)
             if not revision:
-                raise ValueError(f"{ref!r} has an empty revision after '@'")
+                raise ValueError(
+                    f"{ref!r} has nothing after '@': name a branch, tag or commit (hf://{owner}/{name}@main) or drop "
+                    "the '@'"
+                )
         if not ref.startswith(HF_PREFIX) or not owner or not name:
-            raise ValueError(f"a Hub reference must look like hf://owner/repo[@revision][/path], got {ref!r}")
+            raise ValueError(f"{ref!r} is not a Hub reference: write {FORM} (e.g. hf://kyutai/moshiko-pytorch-bf16)")
+        try:
+            validate_repo_id(f"{owner}/{name}")
+        except HFValidationError as e:
+            raise ValueError(
+                f"{ref!r} does not name a Hub repo: owner and name take letters, digits, '-', '_' and '.' (no '--' "
+                f"or '..', at most 96 characters); write {FORM}"
+            ) from e
         return cls(f"{owner}/{name}", revision, rest)
 
     def __str__(self) -> str:
@@ -171,7 +184,24 @@ def hub_folder(ref: HubRef, subfolder: str) -> Path:
         f"folder {subfolder or '/'}",
         lambda: snapshot_download(ref.repo, revision=ref.revision, allow_patterns=[pattern]),
     )
-    return Path(root) / subfolder
+    folder = Path(root) / subfolder
+    if not folder.is_dir():  # snapshot_download matched no file: the repo's revision has no such folder
+        at = f" at revision {ref.revision}" if ref.revision else ""
+        cached = " in the local Hugging Face cache" if constants.HF_HUB_OFFLINE else ""
+        raise FileNotFoundError(
+            f"Hub repo {ref.repo}{at} has no folder {subfolder!r}{cached}: check the path after the repo name in {ref}"
+        )
+    return folder
+
+
+def offline_commit(ref: HubRef) -> str | None:
+    """The commit hash the reference's revision names in the local cache, when the Hub is offline (HF_HUB_OFFLINE):
+    then every file comes from that snapshot, so "main", a tag and the hash are one revision. None online (the branch
+    may have moved since the cache was filled) or when the revision is not cached."""
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    snapshot = cached_snapshot(ref)
+    return snapshot.name if snapshot is not None else None
 
 
 def cached_snapshot(ref: HubRef) -> Path | None:

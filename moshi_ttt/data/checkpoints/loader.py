@@ -19,7 +19,7 @@ from moshi_ttt.data.checkpoints.common import (
     check_weights_file,
     read_json,
 )
-from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, hub_file, hub_file_or_none, hub_folder
+from moshi_ttt.data.checkpoints.hub import FORM, HF_PREFIX, HubRef, hub_file, hub_file_or_none, hub_folder
 from moshi_ttt.data.checkpoints.inplace_format import FULL_NAME, LORA_NAME, is_inplace, load_inplace
 from moshi_ttt.data.checkpoints.inplace_layout import CONSOLIDATED, STEP, consolidated_of, find_steps
 from moshi_ttt.data.checkpoints.legacy_format import TRAINING_CONFIG, is_legacy, load_legacy
@@ -107,6 +107,11 @@ def _load_local(
     path: Path, *, ref: str, base: str | None, device, dtype: torch.dtype | None, legacy_causal: bool, share: bool
 ) -> LoadedCheckpoint:
     if not path.exists():
+        if "://" in ref or ref.lower().startswith("hf:"):  # a URL, or hf:// mistyped: Path() has already mangled it
+            raise FileNotFoundError(
+                f"checkpoint {ref!r} is neither a local path nor a Hub reference: write {FORM} for the Hugging Face "
+                "Hub (no other URL is read: download the files and give their directory)"
+            )
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
         check_weights_file(path)  # refuses pickles whatever the suffix

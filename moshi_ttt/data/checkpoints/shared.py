@@ -28,7 +28,7 @@ from huggingface_hub import constants
 from moshi.models.compression import MimiModel
 
 from moshi_ttt.data.checkpoints.common import LoadedCheckpoint, meta_lm, resolve_dtype
-from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef
+from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, offline_commit
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,12 @@ _MIMI: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (path, cod
 
 
 def canonical_ref(ref: str) -> str:
-    """One spelling per reference: hf://owner/repo@main for hf://owner/repo, absolute paths for local ones."""
+    """One spelling per reference: hf://owner/repo@main for hf://owner/repo, absolute paths for local ones. Offline,
+    a revision is its cached commit hash (a Space that pins its baseline at a tag or hash and a TTT checkpoint whose
+    base names the repo without one then share one copy)."""
     if ref.startswith(HF_PREFIX):
         hub = HubRef.parse(ref)
-        return str(HubRef(hub.repo, hub.revision or "main", hub.path))
+        return str(HubRef(hub.repo, offline_commit(hub) or hub.revision or "main", hub.path))
     return str(Path(ref).resolve())
 
 
