@@ -1,5 +1,7 @@
 """Scoring: full == chunked == stream past the attention window, == LMModel.forward, and no state leak."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,6 +120,25 @@ def test_iter_score_yields_growing_prefixes_that_end_with_the_score():
     assert [r.tokens_done for r in chunked] == [15, 31, T]  # at chunk ends, minus the one-step delay
     assert_same(chunked[-1].loss, final.loss)
     assert final.loss_per_token.shape == (2, T) and final.tokens_per_s > 0
+
+
+def test_elapsed_counts_the_scorers_own_work_only():
+    """tokens_per_s of a run is its own: the caller's time between partial results (the app plots, or scores the
+    other model interleaved) is not counted."""
+    model = ttt_lm(4)
+    codes = random_audio_codes(1, T, seed=3)
+    pause_s = 0.05
+    start = time.perf_counter()
+    results = []
+    for result in iter_score(model, codes, "stream", record_every=5):
+        results.append(result)
+        time.sleep(pause_s)  # the caller's own work between results
+    wall = time.perf_counter() - start
+    paused = pause_s * len(results)
+    elapsed = [r.elapsed_s for r in results]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert elapsed[-1] <= wall - paused + 1e-3  # the pauses are left out
+    assert results[-1].tokens_per_s == pytest.approx(T / elapsed[-1])
 
 
 def test_bad_requests_are_clear_value_errors():

@@ -6,7 +6,6 @@ the length of the file in "chunked" and "stream" mode; "full" mode keeps every c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -63,7 +62,6 @@ def score_audio_file(
         ValueError: one sentence for a file that turns out damaged or cut off, or codes the models cannot score.
     """
     start = time.perf_counter()
-    busy = dict.fromkeys(models, 0.0)
     kept: list[torch.Tensor] = []
     dep_q = {model.dep_q for model in models.values()}
     if len(dep_q) != 1:
@@ -77,20 +75,14 @@ def score_audio_file(
         blocks = stack.enter_context(contextlib.closing(encode_blocks(mimi, read_blocks(info))))
         for codes in blocks:  # [1, K', n] as they come
             codes = codes[:, :K].to(device)
-            for name, scorer in scorers.items():
-                tick = time.perf_counter()
+            for scorer in scorers.values():
                 for _ in scorer.push(codes):
                     pass
-                busy[name] += time.perf_counter() - tick
             if keep_codes:
                 kept.append(codes)
             if on_tokens is not None:
                 on_tokens(codes.shape[-1])
-        results = {}
-        for name, scorer in scorers.items():
-            tick = time.perf_counter()
-            result = scorer.finish()
-            results[name] = dataclasses.replace(result, elapsed_s=busy[name] + time.perf_counter() - tick)
+        results = {name: scorer.finish() for name, scorer in scorers.items()}  # elapsed_s: each one's own time
     tokens = next(iter(results.values())).total_tokens
     logger.info("%s: %d tokens in %.1f s", info.name, tokens, time.perf_counter() - start)
     return FileScores(results, tokens, torch.cat(kept, dim=-1) if keep_codes else None, memory.peak_mb,

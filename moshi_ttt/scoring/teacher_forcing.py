@@ -57,7 +57,7 @@ class ScoreResult:
     telemetry: Telemetry | None  # TTT drift and inner-loop losses; None without TTT layers or when turned off
     tokens_done: int  # steps of the input whose losses are final
     total_tokens: int  # T of the input
-    elapsed_s: float  # wall time since scoring started
+    elapsed_s: float  # seconds of this scorer's own work so far (its caller's time between results left out)
     # [B, tokens_done] float32 text-stream cross-entropy where a text was given (text_stream "transcript"), NaN
     # where invalid (moshi's zero token); None when the text stream is not scored.
     text_loss: torch.Tensor | None = None
@@ -310,7 +310,8 @@ class BlockScorer:
         self.recorder = None
         self.stack = ExitStack()
         self.opened = False  # inside the streaming session of model.transformer
-        self.start_time = time.perf_counter()
+        self.busy_s = 0.0  # seconds spent in push and finish so far, the caller's time between results left out
+        self.since: float | None = None  # perf_counter at the start of the work under way (None: none)
 
     def __enter__(self) -> BlockScorer:
         return self
@@ -340,6 +341,26 @@ class BlockScorer:
         Raises:
             ValueError: for codes that do not fit the model or the earlier blocks.
         """
+        self._resume()
+        try:
+            yield from self._push(audio_codes, text_tokens, user_codes)
+        finally:
+            self._pause()
+
+    def _resume(self) -> None:
+        self.since = time.perf_counter()
+
+    def _pause(self) -> None:
+        if self.since is not None:
+            self.busy_s += time.perf_counter() - self.since
+            self.since = None
+
+    def _busy(self) -> float:
+        """Seconds of own work so far, the work under way included."""
+        return self.busy_s + (time.perf_counter() - self.since if self.since is not None else 0.0)
+
+    def _push(self, audio_codes, text_tokens, user_codes) -> tp.Iterator[ScoreResult]:
+        """`push`'s work; the time its caller spends between two results is not counted (`_pause` at each yield)."""
         if text_tokens is None and self.options.text_stream == "zero":
             text_tokens = torch.full(audio_codes.shape[::2], self.model.zero_token_id, dtype=torch.long,
                                      device=audio_codes.device)  # fmt: skip
@@ -375,7 +396,9 @@ class BlockScorer:
                 break  # an incomplete chunk: wait for more codes (or `finish`)
             result = self._step(min(stop, self.received), last=min(stop, self.received) == self.total)
             if result is not None:
+                self._pause()
                 yield result
+                self._resume()
 
     def _step(self, stop: int, last: bool) -> ScoreResult | None:
         """The temporal transformer over steps [forwarded, stop); the depth transformer when enough are pending.
@@ -419,6 +442,13 @@ class BlockScorer:
         Raises:
             ValueError: no codes at all, or fewer than `total_tokens`.
         """
+        self._resume()
+        try:
+            return self._finish()
+        finally:
+            self._pause()
+
+    def _finish(self) -> ScoreResult:
         T = self.received
         if T == 0:
             raise ValueError("there are no audio codes to score (T = 0)")
@@ -460,7 +490,7 @@ class BlockScorer:
             telemetry=None if self.recorder is None else self.recorder.snapshot(),
             tokens_done=done,
             total_tokens=total,
-            elapsed_s=time.perf_counter() - self.start_time,
+            elapsed_s=self._busy(),
             text_loss=None if self.text_loss is None else self.text_loss.data[:, 0, :done],
             text_tokens=self.text.data[:, 0, :done],
         )
