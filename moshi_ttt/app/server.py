@@ -68,9 +68,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true")
     p.add_argument("--checkpoint-dir", action="append", default=[], help="directory of checkpoints (repeatable; "
                    "default: the demo assets, $MOSHI_TTT_DEMO_ASSETS or the checkout's demo_assets/)")  # fmt: skip
-    p.add_argument("--checkpoint", action="append", default=[], help="hf://owner/repo[@revision] checkpoint "
+    p.add_argument("--checkpoint", action="append", default=[], help="hf://owner/repo[@revision][/path] checkpoint "
                    "(repeatable; also $MOSHI_TTT_HUB_CHECKPOINTS)")  # fmt: skip
-    p.add_argument("--device", default=os.environ.get("MOSHI_TTT_DEVICE"), help="cpu or cuda (default: auto)")
+    p.add_argument(
+        "--device",
+        default=os.environ.get("MOSHI_TTT_DEVICE"),
+        help="cpu or cuda (default: $MOSHI_TTT_DEVICE, else cuda when there is a GPU)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="model weights (auto: float32 below 4e9 "
                    "parameters, as the demo models are stored, bfloat16 from there, as Moshi 7B is); TTT fast weights "
                    "stay float32")  # fmt: skip

@@ -6,7 +6,7 @@ NaN marks invalid entries. Everything here takes plain arrays or results.json di
 
 Why "past the context": inside the first attention window the baseline sees everything TTT sees, so any difference
 there is not memory. Only at or after token `context` can the fast weights hold audio that attention no longer
-reaches (DESIGN.md, "Results": `mean_loss_past_context`).
+reaches (ARCHITECTURE.md, "Results": `mean_loss_past_context`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Results of scoring runs: summary statistics, results.json (DESIGN.md contract), results.csv and report.html.
+"""Results of scoring runs: summary statistics, results.json (ARCHITECTURE.md, "Results"), results.csv and report.html.
 
 Notation: T steps (tokens at 12.5 Hz), K = 8 audio codebooks, U inner-loop updates.
 Everything here takes plain arrays or ScoreResults and returns numbers, dicts or files; nothing is printed.
 
-Fields of a run beyond the DESIGN.md contract:
+Fields of a run beyond the contract (ARCHITECTURE.md, "Results"):
 - `non_finite_tokens`: [K] counts of valid (moshi-masked-in) tokens whose loss is NaN or infinite (the model's
   logits were NaN or inf there). When any is non-zero, `mean_loss` and `perplexity` are NaN: a broken model never
   reports a healthy mean. `non_finite_message` turns it into one sentence naming the run and the codebooks.
@@ -169,7 +169,7 @@ def run_record(
     readings: list | None = None,
     views: LossViews | None = None,
 ) -> dict:
-    """One entry of results.json "runs" for batch row `row` of a complete ScoreResult (DESIGN.md contract).
+    """One entry of results.json "runs" for batch row `row` of a complete ScoreResult (ARCHITECTURE.md, "Results").
 
     Args:
         context_tokens: the model's attention context (`LMModel.context`), for "mean_loss_past_context".
