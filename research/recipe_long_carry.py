@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{json.dumps({k: round(v, 4) for k, v in history[step].items()})} gate {gates} "
                   f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
         if args.minutes and time.time() - start > args.minutes * 60:
-            print(f"[{args.kind}] stopped at the time limit after step {step} of {args.steps}", flush=True)
+            print(f"[{args.kind}] stopped at the time limit after step {step} of {trainer.cfg.steps}", flush=True)
             break
     model.eval()
     args.save.mkdir(parents=True, exist_ok=True)
