@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from moshi.models.compression import MimiModel  # noqa: E402
 
-from moshi_ttt.data.codec import load_codec, save_codec  # noqa: E402
+from moshi_ttt.data.codec import build_codec, load_codec, save_codec  # noqa: E402
 from research.natural_corpus import Grammar, random_voice, speak  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,6 +103,25 @@ def agreement(mimi: MimiModel, clips: list[np.ndarray], seed: int = 0, shifts: i
 
 
 @torch.no_grad()
+def aligned_agreement(mimi: MimiModel, clips: list[np.ndarray], seed: int = 0, shifts: int = 3) -> list[float]:
+    """`agreement` at the nearest frame alignment: for a delay delta > 960 samples the delayed audio's frame t holds
+    mostly the original frame t - 1, so it is compared with that one (what a memory copying a reading at another
+    offset meets: the same codes, the index moved by at most one); the same delays as `agreement`."""
+    rng = random.Random(seed)
+    same, total = torch.zeros(mimi.num_codebooks), 0
+    for audio in clips:
+        x = torch.from_numpy(audio)[None, None]
+        codes = mimi.encode(x)  # [1, K, T]
+        for _ in range(shifts):
+            delta = rng.randrange(1, FRAME)
+            shifted = mimi.encode(torch.nn.functional.pad(x, (delta, 0))[..., : x.shape[-1]])
+            T, k = codes.shape[-1], int(delta > FRAME // 2)
+            same += (codes[0, :, 1 : T - 1 - k] == shifted[0, :, 1 + k : T - 1]).float().sum(-1)
+            total += T - 2 - k
+    return (same / total).tolist()
+
+
+@torch.no_grad()
 def usage_bits(mimi: MimiModel, clips: list[np.ndarray]) -> list[float]:
     """Per codebook, the entropy (bits) of the codes over the clips' frames: agreement means something only with
     codes that carry information (a collapsed codebook agrees with itself everywhere at 0 bits; 8 bits at most)."""
@@ -111,6 +131,20 @@ def usage_bits(mimi: MimiModel, clips: list[np.ndarray]) -> list[float]:
         p = torch.bincount(row, minlength=mimi.cardinality).float() / row.numel()
         bits.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
     return bits
+
+
+@torch.no_grad()
+def cross_agreement(mimi: MimiModel, clips: list[np.ndarray]) -> list[float]:
+    """Per codebook, the share of frames t where two *different* clips have the same code (clip i against clip
+    i + 1, frames 1 .. T-2): near chance (the sum of squared code frequencies) for codes of the content, high for
+    codes of the frame's position (a codec that learnt where a frame sits agrees with itself under shifts too)."""
+    codes = [mimi.encode(torch.from_numpy(a)[None, None])[0] for a in clips]  # [K, T_i] each
+    same, total = torch.zeros(mimi.num_codebooks), 0
+    for a, b in itertools.pairwise(codes):
+        T = min(a.shape[-1], b.shape[-1])
+        same += (a[:, 1 : T - 1] == b[:, 1 : T - 1]).float().sum(-1)
+        total += T - 2
+    return (same / total).tolist()
 
 
 @torch.no_grad()
@@ -124,15 +158,38 @@ def reconstruction(mimi: MimiModel, clips: list[np.ndarray]) -> float:
     return sum(dists) / len(dists)
 
 
-def _crops(clips: list[np.ndarray], rng: random.Random, batch: int, frames: int) -> tuple[torch.Tensor, ...]:
-    """Two views [B, 1, frames * 1920] of the same audio, the second starting delta in 1..1919 samples later."""
+def _crops(
+    clips: list[np.ndarray],
+    rng: random.Random,
+    batch: int,
+    frames: int,
+    max_lag: int = 0,
+    noise: bool = False,
+    centred: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Two views [B, 1, frames * 1920] of the same audio, the second starting lag * 1920 + delta samples later
+    (delta in 1..1919, lag in 0..max_lag drawn once per batch): frame t + lag of view a holds the audio of frame t of
+    view b. With lag > 0 a frame's position in its crop does not identify it (see `train`). With `noise`, each view
+    gets its own white noise (25-45 dB below the crop's RMS) and gain (+-6 dB), as readings of a user's clip do."""
+    lag = rng.randrange(0, max_lag + 1)
     seg, xa, xb = frames * FRAME, [], []
     for _ in range(batch):
         audio = rng.choice(clips)
-        delta, o = rng.randrange(1, FRAME), rng.randrange(0, len(audio) - frames * FRAME - FRAME)
-        xa.append(audio[o : o + seg])
-        xb.append(audio[o + delta : o + delta + seg])
-    return torch.from_numpy(np.stack(xa))[:, None], torch.from_numpy(np.stack(xb))[:, None]
+        # centred: delta in -959..960 (view b's frame t holds mostly frame t's audio, never mostly t - 1's)
+        delta = rng.randrange(1, FRAME) - (FRAME // 2 - 1 if centred else 0)
+        o = rng.randrange(FRAME, len(audio) - (frames + lag + 2) * FRAME)
+        views = [audio[o : o + seg], audio[o + lag * FRAME + delta : o + lag * FRAME + delta + seg]]
+        if noise:
+            gen = np.random.default_rng(rng.randrange(2**31))
+            for i, v in enumerate(views):
+                rms = max(float(np.sqrt(np.mean(v**2))), 1e-5)
+                v = v * 10 ** (rng.uniform(-6, 6) / 20)
+                views[i] = (v + gen.standard_normal(len(v)) * rms * 10 ** (-rng.uniform(25, 45) / 20)).astype(
+                    np.float32
+                )
+        xa.append(views[0])
+        xb.append(views[1])
+    return torch.from_numpy(np.stack(xa))[:, None], torch.from_numpy(np.stack(xb))[:, None], lag
 
 
 def _encoding_params(model: MimiModel) -> tuple[list[str], list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -142,28 +199,58 @@ def _encoding_params(model: MimiModel) -> tuple[list[str], list[torch.nn.Paramet
     return encoding, [p for n, p in named if n in encoding], [p for n, p in named if n not in encoding]
 
 
-def shift_contrast(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
+def shift_contrast(za: torch.Tensor, zb: torch.Tensor, temperature: float, neighbours: int = 0) -> torch.Tensor:
     """InfoNCE over all frames of a batch: frame t of view a must be nearer (cosine) to frame t of view b (the same
     audio delta samples later) than to any other frame of view b. Shift invariance without collapse: a constant
-    latent cannot tell the frames apart. za, zb: [B, C, frames]."""
+    latent cannot tell the frames apart. With `neighbours` = n, frames t +- 1..n of the same crop are left out of the
+    negatives: at a shift of half a frame, the neighbour holds as much of frame t's audio as the positive does, and
+    asking to tell them apart asks for latents that change from frame to frame (codes that do not survive a shift).
+    za, zb: [B, C, frames]."""
     a = torch.nn.functional.normalize(za.transpose(1, 2).flatten(0, 1), dim=-1)  # [B * frames, C]
     b = torch.nn.functional.normalize(zb.transpose(1, 2).flatten(0, 1), dim=-1)
     logits = a @ b.T / temperature  # [N, C] @ [C, N] -> [N, N]
+    if neighbours:
+        frames = za.shape[-1]
+        item, t = torch.arange(len(a)) // frames, torch.arange(len(a)) % frames
+        gap = (t[:, None] - t[None, :]).abs()
+        logits = logits.masked_fill((item[:, None] == item[None, :]) & (gap > 0) & (gap <= neighbours), -1e4)
     target = torch.arange(len(a))
     return 0.5 * (
         torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
     )
 
 
+def uniformity(z: torch.Tensor) -> torch.Tensor:
+    """Wang & Isola's uniformity loss, log E exp(-2 |u - v|^2) over pairs of normalised frames of the batch: low when
+    the frames spread over the sphere (so k-means finds many distinct clusters). z: [B, C, frames]."""
+    u = torch.nn.functional.normalize(z.transpose(1, 2).flatten(0, 1), dim=-1)  # [N, C]
+    return torch.pdist(u).pow(2).mul(-2).exp().mean().log()
+
+
+def invariance_variance(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    """VICReg's invariance and variance terms on the raw latents, the space the codebooks cut (k-means, Euclidean):
+    the mean squared distance between the two views' frames (what decides whether a shifted frame keeps its code)
+    plus a hinge on each channel's standard deviation over the batch's frames (>= 1: the frames stay spread).
+    za, zb: [B, C, frames]."""
+    a, b = za.transpose(1, 2).flatten(0, 1), zb.transpose(1, 2).flatten(0, 1)  # [N, C]
+    spread = sum(torch.relu(1 - torch.sqrt(x.var(dim=0) + 1e-4)).mean() for x in (a, b))
+    return (a - b).pow(2).sum(-1).mean() / a.shape[-1] + spread
+
+
 def train(mimi: MimiModel, clips: list[np.ndarray], minutes: float, args, log, measure) -> MimiModel:
-    """Trains a copy of `mimi` in three phases within `minutes` of wall time: 40% the encoder side for shift
-    invariance (`shift_contrast`), then the codebooks refit on the new latents (moshi's k-means init and EMA), then
-    60% the decoder side for reconstruction (multi-scale log-mel L1) with the codes fixed.
+    """Trains a copy of `mimi` in three phases within `minutes` of wall time: `args.encoder_share` of it the encoder
+    side for shift invariance (`shift_contrast`), then the codebooks refit on the new latents (moshi's k-means init
+    and EMA), then the rest the decoder side for reconstruction (multi-scale log-mel L1) with the codes fixed.
 
     Why not one joint loss (measured, `--minutes 0.5`): training the encoder through the straight-through RVQ with
     the mel loss, with or without a latent-distance consistency term, at lr 1e-3 or 1e-4, collapsed every codebook
     to 0-0.5 bits (every frame one code) within 15-40 steps; the decoder alone lowered the mel distance 5.93 -> 4.04
-    in 0.4 min without touching the codes."""
+    in 0.4 min without touching the codes.
+
+    Why views with a lag (`--max-lag`, measured): with both views cut at the same frame grid (lag 0, the first run)
+    the contrast loss stopped at ln 4 = 1.386 with a batch of 4 and the codebooks carried ~log2(12) bits for crops of
+    12 frames: the encoder had learnt each frame's position in its crop (causal padding, the transformer's start),
+    which is the same in both views, and not its content; `cross_agreement` shows it."""
     model = copy.deepcopy(mimi)
     rng = random.Random(args.seed)
     _, encoder, decoder = _encoding_params(model)
@@ -173,29 +260,50 @@ def train(mimi: MimiModel, clips: list[np.ndarray], minutes: float, args, log, m
     model.train()
     opt = torch.optim.AdamW(encoder, lr=args.encoder_lr, weight_decay=0.0)
     step = 0
-    while time.perf_counter() - start < 0.4 * minutes * 60:
-        xa, xb = _crops(clips, rng, args.batch, args.seg_frames)
-        loss = shift_contrast(
-            model._encode_to_unquantized_latent(xa), model._encode_to_unquantized_latent(xb), args.temperature
-        )
+    while time.perf_counter() - start < args.encoder_share * minutes * 60:
+        xa, xb, lag = _crops(clips, rng, args.batch, args.seg_frames, args.max_lag, args.noise, args.centred)
+        za, zb = model._encode_to_unquantized_latent(xa), model._encode_to_unquantized_latent(xb)
+        za, zb = za[..., lag:], zb[..., : zb.shape[-1] - lag]  # frame t + lag of a <-> frame t of b
+        loss = shift_contrast(za, zb, args.temperature, args.neighbours)
+        if args.uniformity:
+            loss = loss + args.uniformity * 0.5 * (uniformity(za) + uniformity(zb))
+        if args.vicreg:
+            loss = loss + args.vicreg * invariance_variance(za, zb)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder, 1.0)
         opt.step()
         step += 1
         if step % 25 == 0:
-            log(f"encoder step {step} ({time.perf_counter() - start:.0f} s): contrast {loss.item():.3f}")
+            log(f"encoder step {step} ({time.perf_counter() - start:.0f} s): loss {loss.item():.3f}")
     log(f"encoder: {step} steps")
 
-    # Phase 2: codebooks refit on the new latents (k-means at the first training-mode pass, then EMA passes).
+    # Phase 2: codebooks refit on the new latents: the latents of `kmeans_crops` crops computed once, then
+    # training-mode passes of the quantizer alone over batches of them (k-means init of level i at pass i, as moshi
+    # allows one level per pass, then EMA).
     for buffer_name, buffer in model.quantizer.named_buffers():
         if buffer_name.endswith("_initialized"):
             buffer.zero_()
+    for module in model.quantizer.modules():
+        if hasattr(module, "_cached_initialized"):
+            module._cached_initialized = False
+        if hasattr(module, "_embedding"):
+            module._embedding = None
+    model.eval()
     with torch.no_grad():
-        for _ in range(args.codebook_passes):
-            xa, _ = _crops(clips, rng, 64, args.seg_frames)  # 64 x 12 frames: 3 per code for the k-means
-            model(xa)
-    log(f"codebooks refit: held-out {json.dumps(measure(model.eval()))}")
+        latents = []
+        for _ in range(0, args.kmeans_crops, 16):
+            xa, _, _ = _crops(clips, rng, 16, args.kmeans_frames)
+            latents.append(model._encode_to_unquantized_latent(xa))  # [16, C, frames]
+        latents = torch.cat(latents)  # [crops, C, frames]
+        model.quantizer.train()
+        for i in range(args.codebook_passes):
+            idx = torch.randperm(len(latents), generator=torch.Generator().manual_seed(args.seed + i))
+            model.quantizer(latents[idx[: args.kmeans_batch]], model.frame_rate)
+        model.quantizer.eval()
+    save_codec(args.work / "codec_refit", model, args.codec_config)  # the codes are final from here on
+    log(f"codebooks refit on {latents.shape[0] * latents.shape[-1]} frames ({time.perf_counter() - start:.0f} s): "
+        f"held-out {json.dumps(measure(model.eval()))}")  # fmt: skip
 
     # Phase 3: the decoder side with fixed codes (quantizer in eval mode: no EMA).
     model.eval()
@@ -204,7 +312,7 @@ def train(mimi: MimiModel, clips: list[np.ndarray], minutes: float, args, log, m
     opt = torch.optim.AdamW(decoder, lr=args.lr, weight_decay=0.0)
     step = 0
     while time.perf_counter() - start < minutes * 60:
-        xa, _ = _crops(clips, rng, args.batch, args.seg_frames)
+        xa, _, _ = _crops(clips, rng, args.batch, args.seg_frames)
         with torch.no_grad():
             codes = model.encode(xa)
         loss = mel_distance(xa, model.decode(codes)[..., : xa.shape[-1]])
@@ -233,6 +341,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-frames", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-clips", type=int, default=40)
+    parser.add_argument("--max-lag", type=int, default=0, help="phase 1: view b up to this many frames later")
+    parser.add_argument("--noise", action="store_true", help="phase 1: own noise and gain per view")
+    parser.add_argument("--uniformity", type=float, default=0.0, help="phase 1: weight of the uniformity term")
+    parser.add_argument("--neighbours", type=int, default=0, help="phase 1: same-crop frames +-n not negatives")
+    parser.add_argument("--centred", action="store_true", help="phase 1: shifts of -959..960, not 1..1919")
+    parser.add_argument("--vicreg", type=float, default=0.0, help="phase 1: weight of `invariance_variance`")
+    parser.add_argument("--context", type=int, default=0, help="the transformers' attention context (0: keep)")
+    parser.add_argument("--encoder-share", type=float, default=0.4, help="share of the minutes for phase 1")
+    parser.add_argument("--kmeans-crops", type=int, default=256, help="phase 2: crops whose latents are fit")
+    parser.add_argument("--kmeans-frames", type=int, default=24, help="phase 2: frames per crop")
+    parser.add_argument("--kmeans-batch", type=int, default=128, help="phase 2: crops per quantizer pass")
+    parser.add_argument("--from-codec", type=Path, help="start from this codec (default: demo_assets/codec)")
+    parser.add_argument("--measure-only", action="store_true", help="figures of --from-codec, no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -247,21 +368,35 @@ def main(argv: list[str] | None = None) -> int:
     train_clips = make_audio(31, "train", args.train_clips, 8.0)
     heldout = make_audio(32, "heldout", 6, 8.0)
     old = load_codec(REPO / "demo_assets" / "codec")
-    config = json.loads((REPO / "demo_assets" / "codec" / "config.json").read_text())
+    start_codec = load_codec(args.from_codec) if args.from_codec else old
+    config = json.loads(((args.from_codec or REPO / "demo_assets" / "codec") / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("format", "version")}
+    if args.context:  # a short context: the causal transformer cannot count frames from the start of the audio
+        config["transformer"]["context"] = args.context
+        start_codec, weights = build_codec(config), start_codec.state_dict()
+        start_codec.load_state_dict(weights)
 
     def measure(mimi: MimiModel) -> dict:
-        return {"agreement": agreement(mimi, heldout), "usage_bits": usage_bits(mimi, heldout),
+        return {"agreement": agreement(mimi, heldout), "aligned_agreement": aligned_agreement(mimi, heldout),
+                "usage_bits": usage_bits(mimi, heldout),
+                "cross_agreement": cross_agreement(mimi, heldout),
                 "mel_distance": reconstruction(mimi, heldout)}  # fmt: skip
 
     figures = {"old": measure(old)}
     silence = [float(mel_distance(torch.from_numpy(a)[None, None], torch.zeros(1, 1, len(a)))) for a in heldout]
     figures["zeros_mel_distance"] = sum(silence) / len(silence)
     log(f"old codec: {json.dumps(figures['old'])}; silence as output: {figures['zeros_mel_distance']:.3f}")
-    new = train(old, train_clips, args.minutes, args, log, measure)
+    if args.measure_only:
+        figures["start"] = measure(start_codec)
+        log(f"{args.from_codec}: {json.dumps(figures['start'])}")
+        (args.work / "figures.json").write_text(json.dumps(figures, indent=1))
+        return 0
+    args.codec_config = config
+    new = train(start_codec, train_clips, args.minutes, args, log, measure)
     figures["new"] = measure(new)
     figures["args"] = {k: str(v) for k, v in vars(args).items()}
     log(f"new codec: {json.dumps(figures['new'])}")
-    save_codec(args.work / "codec", new, {k: v for k, v in config.items() if k not in ("format", "version")})
+    save_codec(args.work / "codec", new, config)
     (args.work / "figures.json").write_text(json.dumps(figures, indent=1))
     return 0
 

@@ -36,13 +36,13 @@ BIN = 2000  # tokens per bin of the table (160 s)
 FRAME_RATE = 12.5
 
 
-def encode_long(work: Path) -> Path:
+def encode_long(work: Path, codec: Path = ASSETS / "codec") -> Path:
     """W/long.wav -> W/long_codes.pt [1, 8, T], encoded in 60 s blocks of whole frames (the demo codec is causal
     with a short receptive field: blocks cut on frame boundaries change only the frames next to a cut)."""
     audio, sr = sf.read(work / "long.wav", dtype="float32")
     if sr != 24000:
         raise ValueError(f"expected 24 kHz audio, got {sr}")
-    mimi = load_codec(ASSETS / "codec")
+    mimi = load_codec(codec)
     block = 1920 * 750
     codes = [encode(mimi, torch.from_numpy(audio[i : i + block])) for i in range(0, len(audio), block)]
     out = work / "long_codes.pt"
@@ -170,16 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true")
     parser.add_argument("--checkpoint", type=Path, help="score this checkpoint too, as run --name")
     parser.add_argument("--name", default="checkpoint")
+    parser.add_argument("--codec", type=Path, default=ASSETS / "codec", help="encode: the codec")
+    parser.add_argument(
+        "--baseline-checkpoint",
+        type=Path,
+        default=ASSETS / "fair_baseline",
+        help="score --baseline: the fair baseline (its codec must be the one that encoded the file)",
+    )
     parser.add_argument("--reset-every", type=int, nargs="*", default=[], help="TTT without decay, reset every N")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.stage == "make-demo":
         print(make_demo_style(args.work, args.minutes, args.seed))
     elif args.stage == "encode":
-        print(encode_long(args.work))
+        print(encode_long(args.work, args.codec))
     elif args.stage == "score":
         if args.baseline:
-            run = score_run(args.work, "baseline", ASSETS / "fair_baseline")
+            run = score_run(args.work, "baseline", args.baseline_checkpoint)
             print(f"baseline: {run['seconds']:.0f} s")
         if args.checkpoint is not None:
             run = score_run(args.work, args.name, args.checkpoint)

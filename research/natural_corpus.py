@@ -197,14 +197,25 @@ class Clip:
     readings: list[tuple[int, int]] = field(default_factory=list)  # (start, end) samples of each passage reading
 
 
-def repeat_clip(rng: random.Random, split: str, passage_s: tuple[float, float], gap_s: tuple[float, float]) -> Clip:
+def repeat_clip(
+    rng: random.Random,
+    split: str,
+    passage_s: tuple[float, float],
+    gap_s: tuple[float, float],
+    aligned: bool = False,
+) -> Clip:
     """A passage read three times by one voice, other sentences between; every reading at an arbitrary sample
-    offset (a random 0-1919-sample lead-in of silence), the noise drawn anew over the whole clip."""
+    offset (a random 0-1919-sample lead-in of silence), the noise drawn anew over the whole clip. `aligned`: the
+    lead-in puts every reading on a codec-frame boundary instead (the same draws otherwise: the same clip with its
+    readings moved by less than a frame; a control for what the sub-frame offsets cost)."""
     grammar, voice = Grammar(rng), random_voice(rng, split)
     passage, passage_text = speak(grammar, voice, rng, rng.uniform(*passage_s))
     parts, texts, readings = [silence(rng.uniform(0.2, 0.6))], [], []
     for i in range(3):
-        parts.append(np.zeros(rng.randrange(FRAME), dtype=np.float32))  # sub-frame offset
+        lead = rng.randrange(FRAME)  # sub-frame offset
+        if aligned:
+            lead = -sum(len(p) for p in parts) % FRAME
+        parts.append(np.zeros(lead, dtype=np.float32))
         start = sum(len(p) for p in parts)
         parts.append(passage)
         readings.append((start, start + len(passage)))
@@ -257,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("train", "heldout"), default="heldout")
     parser.add_argument("--seed", type=int, default=2121)
     parser.add_argument("--minutes", type=float, default=25.0)
+    parser.add_argument("--aligned", action="store_true", help="repeat: readings on codec-frame boundaries")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     if args.kind == "long":
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     index = {}
     for i in range(args.count):
-        clip = repeat_clip(rng, args.split, (8.0, 14.0), (2.0, 8.0))
+        clip = repeat_clip(rng, args.split, (8.0, 14.0), (2.0, 8.0), args.aligned)
         name = f"{args.split}_repeat_{i:03d}"
         sf.write(args.out / f"{name}.wav", clip.audio, SAMPLE_RATE, subtype="PCM_16")
         (args.out / f"{name}.txt").write_text(clip.text + "\n")
