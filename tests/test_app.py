@@ -39,6 +39,19 @@ def test_allow_list_names_checkpoints_and_skips_the_codec(assets):
         ModelCache(entries).get("/etc/passwd")
 
 
+def test_allow_list_spells_each_hub_reference_once():
+    entries = build_allow_list([], ["hf://kyutai/moshiko-pytorch-bf16", "hf://kyutai/moshiko-pytorch-bf16/",
+                                    "hf://a/b@v1//sub/"], use_env=False)  # fmt: skip
+    assert {name: e.ref for name, e in entries.items()} == {
+        "kyutai/moshiko-pytorch-bf16": "hf://kyutai/moshiko-pytorch-bf16",
+        "a/b@v1/sub": "hf://a/b@v1/sub",
+    }
+    with pytest.raises(ValueError, match="not a Hub reference"):
+        build_allow_list([], ["hf://a"], use_env=False)
+    with pytest.raises(ValueError, match=r"'\.\.' in its path"):
+        build_allow_list([], ["hf://a/b/../../../etc"], use_env=False)
+
+
 def test_one_copy_of_the_base_weights_serves_both_models(cache):
     base, ttt = cache.get("baseline").model, cache.get("ttt").model
     a = base.transformer.layers[0].self_attn.in_projs[0].weight

@@ -26,6 +26,7 @@ from moshi.models.lm import LMModel
 
 from moshi_ttt.app.update_size import update_size
 from moshi_ttt.data.checkpoints import LoadedCheckpoint, load
+from moshi_ttt.data.checkpoints.hub import HubRef
 from moshi_ttt.data.checkpoints.inplace_format import BaseMismatch
 from moshi_ttt.data.checkpoints.inplace_layout import find_steps, step_name
 from moshi_ttt.data.checkpoints.loader import inplace_over_base
@@ -140,7 +141,12 @@ def discover(directory: str | Path) -> list[CheckpointEntry]:
 def build_allow_list(
     directories: tp.Sequence[str | Path] = (), hub_refs: tp.Sequence[str] = (), use_env: bool = True
 ) -> dict[str, CheckpointEntry]:
-    """Name -> entry, from directories (flag and MOSHI_TTT_CHECKPOINTS) and hf:// references; names are unique."""
+    """Name -> entry, from directories (flag and MOSHI_TTT_CHECKPOINTS) and hf:// references (in their canonical
+    spelling, `HubRef`); names are unique.
+
+    Raises:
+        ValueError: a reference that is not an hf:// one.
+    """
     dirs = [Path(d) for d in directories]
     if use_env and os.environ.get(ENV_CHECKPOINTS):
         dirs += [Path(d) for d in os.environ[ENV_CHECKPOINTS].split(os.pathsep) if d]
@@ -158,6 +164,7 @@ def build_allow_list(
     for ref in hub_refs:
         if not ref.startswith("hf://"):
             raise ValueError(f"--checkpoint takes hf://owner/repo references, got {ref!r}")
+        ref = str(HubRef.parse(ref))  # one spelling per reference: hf://a/b and hf://a/b/ are one entry
         add(CheckpointEntry(ref.removeprefix("hf://"), ref))
     return entries
 

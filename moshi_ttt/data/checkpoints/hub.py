@@ -70,6 +70,10 @@ class HubRef:
                     f"{ref!r} has nothing after '@': name a branch, tag or commit (hf://{owner}/{name}@main) or drop "
                     "the '@'"
                 )
+        parts = [part for part in rest.split("/") if part]  # hf://a/b//sub/ is hf://a/b/sub
+        if any(part in (".", "..") for part in parts):
+            raise ValueError(f"{ref!r} has a '.' or '..' in its path: name the folder inside the repo as it is")
+        rest = "/".join(parts)
         if not ref.startswith(HF_PREFIX) or not owner or not name:
             raise ValueError(f"{ref!r} is not a Hub reference: write {FORM} (e.g. hf://kyutai/moshiko-pytorch-bf16)")
         try:
