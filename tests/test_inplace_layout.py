@@ -165,3 +165,16 @@ def test_the_cli_loads_a_lora_step_over_the_baseline_as_the_app_does(fork_cache,
     expected = score(app, codes[:, :, : results["runs"]["ttt"]["tokens"]], mode="full").loss_per_token[0]
     got = torch.tensor([float("nan") if v is None else v for v in results["runs"]["ttt"]["loss_per_token"]])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_a_lora_step_is_told_apart_at_every_level_the_cli_takes(tmp_path):
+    """`inplace_over_base` reads a folder as `load` does: a run or its checkpoints/ holding one lora step loads over
+    the baseline (else the CLI would load it over the fork's default base from the Hub)."""
+    from moshi_ttt.data.checkpoints.loader import inplace_over_base
+
+    consolidated = write_step(tmp_path / "run", 40, source="ttt_only_lora")
+    for where in (consolidated, consolidated.parent, consolidated.parent.parent, tmp_path / "run"):
+        assert inplace_over_base(str(where)), where
+    write_step(tmp_path / "run", 80, source="ttt_only_lora")
+    assert not inplace_over_base(str(tmp_path / "run"))  # two steps: load refuses it, naming them
+    assert not inplace_over_base(str(write_step(tmp_path / "full", 1, source="full_yarn")))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from moshi_ttt.app.engine import compare_file, live_options
+from moshi_ttt.app.inputs import InputError
 from moshi_ttt.app.models import ModelCache
 from moshi_ttt.reports import results as report
 
@@ -54,14 +55,14 @@ def settings_grid(
     Args:
         chunked: the checkpoints with In-Place layers (their size is a chunk size: `Setting.chunk`).
     Raises:
-        ValueError: an empty choice, or more than MAX_SETTINGS combinations (one sentence for the user).
+        InputError: an empty choice, or more than MAX_SETTINGS combinations (one sentence for the user).
     """
     if not checkpoints or not sizes or not persistence:
-        raise ValueError("Choose at least one TTT checkpoint, one mini_batch_size and one persistence setting.")
+        raise InputError("Choose at least one TTT checkpoint, one mini_batch_size and one persistence setting.")
     combinations = itertools.product(checkpoints, sizes, sorted(persistence, reverse=True))
     grid = [Setting(c, b, p, c in chunked) for c, b, p in combinations]
     if len(grid) > MAX_SETTINGS:
-        raise ValueError(f"{len(grid)} settings is more than {MAX_SETTINGS} at once; choose fewer combinations.")
+        raise InputError(f"{len(grid)} settings is more than {MAX_SETTINGS} at once; choose fewer combinations.")
     return grid
 
 

@@ -263,7 +263,7 @@ def compare_handler(
                     size.check(b, name)
             settings = settings_grid(args["compare_checkpoints"], sizes,
                                      tuple(p == "on" for p in args["compare_persistence"]), chunked)  # fmt: skip
-        except (InputError, ValueError) as e:
+        except (InputError, CheckpointMismatch, CheckpointUnavailable) as e:  # a checkpoint that fails to load: as Run
             yield (f"Not compared: {e}", gr.skip(), gr.skip(), gr.skip())
             raise refuse(str(e)) from None
         session = session_of(request)

@@ -284,9 +284,10 @@ class ModelCache:
             ) from e
 
     def loaded(self, name: str) -> LoadedCheckpoint | None:
-        """The checkpoint of `name` if it is loaded already, else None (loads nothing, and never waits for a load in
-        progress: a dict read is atomic)."""
-        return self._loaded.get(name)
+        """The checkpoint of `name` if it is loaded already (an In-Place lora checkpoint: over any base), else None
+        (loads nothing, and never waits for a load in progress)."""
+        over_a_base = (ckpt for key, ckpt in list(self._loaded.items()) if key.startswith(f"{name}\0"))
+        return self._loaded.get(name) or next(over_a_base, None)
 
     def _share_with_loaded(self, new: LoadedCheckpoint) -> None:
         """A TTT checkpoint that only adds TTT weights to a loaded baseline (or the reverse) shares its base tensors."""

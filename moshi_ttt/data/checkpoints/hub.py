@@ -9,6 +9,7 @@ not in the cached snapshot of the revision is taken as absent, as a 404 would sa
 from __future__ import annotations
 
 import logging
+import os
 import re
 import typing as tp
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ class HubRef:
                 rest = f"{head}/{rest}"[len(revision) :].strip("/")
             else:
                 revision = unquote(head)
+            if revision and any(part in ("", ".", "..") for part in revision.split("/")):
+                raise ValueError(
+                    f"{ref!r} has an empty, '.' or '..' part in its revision: name a branch, tag or commit"
+                )
             if not revision:
                 raise ValueError(
                     f"{ref!r} has nothing after '@': name a branch, tag or commit (hf://{owner}/{name}@main) or drop "
@@ -219,4 +224,38 @@ def cached_snapshot(ref: HubRef) -> Path | None:
     pointer = root / "refs" / revision
     commit = pointer.read_text().strip() if pointer.is_file() else revision
     snapshot = root / "snapshots" / commit
+    if snapshot.parent != root / "snapshots" or commit in ("", ".", ".."):  # a pointer or revision that leads away
+        return None
     return snapshot if snapshot.is_dir() else None
+
+
+def snapshot_of(directory: Path) -> Path | None:
+    """The snapshot folder of the local Hugging Face cache that `directory` lies in (a checkpoint read from the
+    Hub), else None."""
+    cache = Path(os.path.abspath(constants.HF_HUB_CACHE))
+    path = Path(os.path.abspath(directory))
+    if not path.is_relative_to(cache):
+        return None
+    parts = path.relative_to(cache).parts  # models--owner--repo / snapshots / <commit> / ...
+    return cache.joinpath(*parts[:3]) if len(parts) >= 3 and parts[1] == "snapshots" else None
+
+
+def confined_ref(ref: object, directory: Path, field: str) -> tp.Any:
+    """`ref`, a file or checkpoint that the config.json in `directory` names (its base, codec, tokenizer...), checked
+    when the checkpoint came from the Hub: there it must be an hf:// reference or a relative path inside the repo, so
+    that a config.json on the Hub cannot send the loader to the server's own files. Local checkpoints are the user's
+    own: anything goes (None too).
+
+    Raises:
+        ValueError: for a Hub checkpoint, a non-string, absolute, URL or escaping `ref` (the message names no path).
+    """
+    snapshot = snapshot_of(directory)
+    if ref is None or snapshot is None or (isinstance(ref, str) and ref.startswith(HF_PREFIX)):
+        return ref
+    target = Path(os.path.normpath(Path(os.path.abspath(directory)) / ref)) if isinstance(ref, str) else None
+    if target is None or "://" in ref or Path(ref).is_absolute() or not target.is_relative_to(snapshot):
+        raise ValueError(
+            f"the config.json of a Hub checkpoint names {field} {ref!r}: only hf:// references or files inside its "
+            "repo are read"
+        )
+    return ref

@@ -42,7 +42,7 @@ from moshi_ttt.data.checkpoints.common import (
     read_tensors,
     tensor_shapes,
 )
-from moshi_ttt.data.checkpoints.hub import HF_PREFIX
+from moshi_ttt.data.checkpoints.hub import HF_PREFIX, confined_ref
 from moshi_ttt.ttt.fork_yarn import apply_fork_yarn
 from moshi_ttt.ttt.inplace import apply_inplace, inplace_blocks
 
@@ -356,7 +356,7 @@ def _apply(model: tp.Any, cfg: InPlaceConfig, yarn: YarnConfig | None) -> None:
 def _mimi_ref(raw: dict, directory: Path, default: str | None) -> str:
     """The codec: config.json's `mimi_name` next to the checkpoint (a file or one of our codec directories), else
     `default` (the base's), else moshi's on the Hub."""
-    name = raw.get("mimi_name")
+    name = confined_ref(raw.get("mimi_name"), directory, "mimi_name")
     if isinstance(name, str) and (directory / name).exists():
         return str((directory / name).resolve())
     return default or f"{HF_PREFIX}{loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}"

@@ -177,7 +177,10 @@ def inplace_over_base(ref: str) -> bool:
         path = Path(ref)
         if not path.is_dir():
             return False
-        path = consolidated_of(path) or path
+        try:
+            path = _checkpoint_folder(path)  # as `load` reads it: a step folder, or a run holding one step
+        except (ValueError, FileNotFoundError):
+            return False  # `load` says what is wrong with it
         if (path / CONFIG_NAME).is_file() and is_ours(read_json(path / CONFIG_NAME)):
             return False
         return not (path / FULL_NAME).is_file() and (path / LORA_NAME).is_file() and is_inplace(path)

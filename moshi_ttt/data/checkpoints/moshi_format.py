@@ -29,7 +29,7 @@ from moshi_ttt.data.checkpoints.common import (
     resolve_dtype,
     tensor_shapes,
 )
-from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, hub_call, hub_file, hub_file_or_none
+from moshi_ttt.data.checkpoints.hub import HF_PREFIX, HubRef, confined_ref, hub_call, hub_file, hub_file_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def load_moshi_dir(
     full_names = (raw.get("moshi_name", loaders.MOSHI_NAME), *FULL_NAMES) if raw is not None else FULL_NAMES
     lora_path = None
     if lora:
-        lora_path = directory / raw.get("lora_name", LORA_NAME)
+        lora_path = directory / confined_ref(raw.get("lora_name", LORA_NAME), directory, "lora_name")
         check_weights_file(lora_path)
         weights = weights or _find_weights(directory, full_names) or base_weights(base)
         notes.append(
@@ -136,6 +136,7 @@ def load_moshi_dir(
             raise FileNotFoundError(f"{directory} holds no moshi weights (looked for {list(full_names)})")
     check_weights_file(weights)
     mimi_name = raw.get("mimi_name", loaders.MIMI_NAME) if raw is not None else loaders.MIMI_NAME
+    mimi_name = confined_ref(mimi_name, directory, "mimi_name")
     mimi_path = directory / mimi_name
     mimi_ref = str(mimi_path) if mimi_path.is_file() else f"{HF_PREFIX}{loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}"
     info_config = None
@@ -147,7 +148,8 @@ def load_moshi_dir(
     info = loaders.CheckpointInfo(
         moshi_weights=weights,
         mimi_weights=mimi_path,  # only read by get_mimi, which `load` calls only for an existing mimi_ref
-        tokenizer=directory / (raw or {}).get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
+        tokenizer=directory
+        / confined_ref((raw or {}).get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME), directory, "tokenizer_name"),
         lm_config=info_config,
         raw_config=raw,
         lora_weights=lora_path,

@@ -30,6 +30,7 @@ from moshi_ttt.data.checkpoints.common import (
     read_tensors,
     ttt_prefixes,
 )
+from moshi_ttt.data.checkpoints.hub import confined_ref
 from moshi_ttt.ttt.apply import apply_ttt, ttt_blocks
 from moshi_ttt.ttt.inplace import inplace_blocks
 
@@ -166,7 +167,7 @@ def load_ours(
     if ttt is not None and ttt.legacy is not None and legacy_causal:
         ttt = dataclasses.replace(ttt, legacy=dataclasses.replace(ttt.legacy, causal=True))
     weights = directory / WEIGHTS_NAME
-    mimi_ref = _resolve_relative(config.get("mimi"), directory)
+    mimi_ref = _resolve_relative(confined_ref(config.get("mimi"), directory, "mimi"), directory)
     notes: list[str] = []
     if "lm_config" in config:
         lm_config = dict(config["lm_config"])
@@ -175,7 +176,7 @@ def load_ours(
             apply_ttt(model, ttt, device="meta")  # filled by load_full, never randomly initialised
         load_full(model, read_tensors(weights), str(weights), device)
     else:
-        base_ref = base or _resolve_relative(config["base"], directory)
+        base_ref = base or _resolve_relative(confined_ref(config["base"], directory, "base"), directory)
         # The base's tensors: read from its files, or those of a model of this process loaded from it (shared.py).
         base_ckpt = load_fn(base_ref, device=device, dtype=dtype)
         if base_ckpt.ttt_config is not None:
