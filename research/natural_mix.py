@@ -61,8 +61,8 @@ def make_audio(args) -> None:
     start = time.perf_counter()
     rng = random.Random(args.seed)
     short = {}
-    for i in range(args.short):
-        clip = repeat_clip(rng, "train", (4.0, 10.0), (1.5, 6.0))
+    for i in range(args.short):  # the first --aligned-short on codec-frame boundaries (the strongest copy signal)
+        clip = repeat_clip(rng, "train", (4.0, 10.0), (1.5, 6.0), i < args.aligned_short)
         short[f"short_{i:04d}"] = (clip.audio, clip.readings, "repeat")
     write_set(args.out / "short", short)
     print(f"{args.short} short clips ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--codec", type=Path, help="codes: the codec directory")
     parser.add_argument("--short", type=int, default=900)
+    parser.add_argument("--aligned-short", type=int, default=0, help="of the short clips, on codec-frame boundaries")
     parser.add_argument("--repeat", type=int, default=60)
     parser.add_argument("--plain", type=int, default=120)
     parser.add_argument("--long", type=int, default=3)
