@@ -3,9 +3,10 @@
 import pytest
 import torch
 from moshi.models.lm import LMModel
+from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import State
 from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformerLayer
-from tiny_models import CONTEXT, random_audio_codes, tiny_lm
+from tiny_models import CONTEXT, random_audio_codes, tiny_lm, tiny_lm_config
 
 from moshi_ttt.compat import moshi as moshi_compat
 from moshi_ttt.compat.sequence import delayed_input, model_codes
@@ -169,3 +170,20 @@ def test_set_model_context_and_set_rotary_reach_every_layer():
     assert model.transformer.rope is rope and all(layer.self_attn.rope is rope for layer in model.transformer.layers)
     with pytest.raises(ValueError, match="no rotary embedding"):
         moshi_compat.set_rotary(tiny_lm(0, positional_embedding="sin"), rope)
+
+
+def test_layer_gating_and_gated_mlp_read_moshis_feed_forward_and_is_conditioned_its_conditions():
+    """`StreamingTransformerLayer.gating` is moshi's ActivationGating for a gated LM, None for a plain feed-forward;
+    `LMModel.condition_provider` / `fuser` are None for an unconditioned LM."""
+    model = tiny_lm(0)
+    layer = model.transformer.layers[0]
+    assert isinstance(moshi_compat.layer_gating(layer), ActivationGating)
+    assert moshi_compat.gated_mlp(layer) is layer.gating
+    assert moshi_compat.layer_gating(torch.nn.Linear(2, 2)) is None  # not moshi's layer
+    replaced = _PlainGating(layer.gating)
+    moshi_compat.feed_token_embeddings(model, 0, replaced)
+    assert moshi_compat.layer_gating(model.transformer.layers[0]) is replaced  # a replacement is still its MLP
+    assert moshi_compat.gated_mlp(model.transformer.layers[0]) is None  # but not moshi's gated MLP
+    plain = LMModel(**{**tiny_lm_config(), "gating": "none"}).transformer.layers[0]
+    assert moshi_compat.layer_gating(plain) is None and moshi_compat.gated_mlp(plain) is None
+    assert moshi_compat.is_conditioned(model) is False

@@ -13,6 +13,7 @@ import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.models.lm_utils import _delay_sequence
+from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import (
     RingKVCache,
@@ -162,6 +163,24 @@ class LayerWithTokenFeedForward(StreamingTransformerLayer):
         x_orig = x
         update = self.gating(self.norm2(x), token_embeddings())
         return x_orig.to(update) + self.layer_scale_2(update)
+
+
+def is_conditioned(model: LMModel) -> bool:
+    """Whether the LM mixes conditions into its transformer input (`LMModel.condition_provider` and `fuser`)."""
+    return model.condition_provider is not None or model.fuser is not None
+
+
+def layer_gating(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The feed-forward MLP of a temporal-transformer layer (`StreamingTransformerLayer.gating`, a replacement put
+    there by `feed_token_embeddings` included); None for a layer without one (moshi's plain feed-forward) or a module
+    that is not moshi's layer."""
+    return layer.gating if isinstance(layer, StreamingTransformerLayer) else None
+
+
+def gated_mlp(layer: torch.nn.Module) -> ActivationGating | None:
+    """The layer's MLP when it is moshi's single gated MLP (`ActivationGating`: linear_in, linear_out), else None."""
+    gating = layer_gating(layer)
+    return gating if isinstance(gating, ActivationGating) else None
 
 
 def feed_token_embeddings(model: LMModel, layer: int, gating: torch.nn.Module) -> None:

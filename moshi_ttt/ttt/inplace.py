@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from moshi_ttt.compat.moshi import feed_token_embeddings, forget_streaming_children, streaming_state
+from moshi_ttt.compat.moshi import (
+    feed_token_embeddings,
+    forget_streaming_children,
+    gated_mlp,
+    is_conditioned,
+    layer_gating,
+    streaming_state,
+)
 from moshi_ttt.config import InPlaceConfig
 from moshi_ttt.ttt.inplace_math import InPlaceInner, InPlaceParams, inplace_read
 from moshi_ttt.ttt.layer import apply_keeping_float32
@@ -240,7 +247,7 @@ def apply_inplace(model: tp.Any, cfg: InPlaceConfig) -> tp.Any:
     """
     if model.is_streaming:
         raise ValueError("apply_inplace cannot change a model while it is streaming; leave streaming() first")
-    if getattr(model, "fuser", None) is not None or getattr(model, "condition_provider", None) is not None:
+    if is_conditioned(model):
         raise ValueError("In-Place layers read the token embeddings, which a conditioned model's transformer mixes")
     layers = model.transformer.layers
     bad = [i for i in cfg.layers if not 0 <= i < len(layers)]
@@ -249,8 +256,8 @@ def apply_inplace(model: tp.Any, cfg: InPlaceConfig) -> tp.Any:
     if inplace_blocks(model):
         raise ValueError("In-Place layers are already applied to this model")
     for i in cfg.layers:
-        gating = getattr(layers[i], "gating", None)
-        if gating is None or not hasattr(gating, "linear_out"):
+        gating = gated_mlp(layers[i])
+        if gating is None:
             raise ValueError(f"layer {i} has no single gated MLP (linear_in, linear_out) to make In-Place")
         feed_token_embeddings(model, i, InPlaceGating.from_gating(gating, cfg))
     forget_streaming_children(model)  # moshi caches the streaming children on first use
@@ -262,7 +269,7 @@ def apply_inplace(model: tp.Any, cfg: InPlaceConfig) -> tp.Any:
 def inplace_blocks(model: tp.Any) -> dict[int, InPlaceGating]:
     """The In-Place layers' MLPs of `model.transformer`, by layer index."""
     layers = model.transformer.layers
-    found = {i: getattr(layer, "gating", None) for i, layer in enumerate(layers)}
+    found = {i: layer_gating(layer) for i, layer in enumerate(layers)}
     return {i: gating for i, gating in found.items() if isinstance(gating, InPlaceGating)}
 
 
