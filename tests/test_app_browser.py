@@ -32,6 +32,9 @@ if not Path(CHROMIUM).exists():
 
 from playwright.sync_api import sync_playwright  # noqa: E402  (after the skip above)
 
+from moshi_ttt.app import engine  # noqa: E402
+from moshi_ttt.app.models import SharedModelRun  # noqa: E402
+
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -115,6 +118,20 @@ def _tokens(status: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+class _PacedRun(SharedModelRun):
+    """A scoring step that takes at least STEP_FLOOR_S: the tour's live run must last long enough for the page's
+    pacing to be seen and for Stop to land mid-run, however fast the machine scores the demo models."""
+
+    STEP_FLOOR_S = 0.15
+
+    def __next__(self):
+        start = time.monotonic()
+        try:
+            return super().__next__()
+        finally:
+            time.sleep(max(0.0, self.STEP_FLOOR_S - (time.monotonic() - start)))
+
+
 @pytest.fixture(scope="module")
 def demo_server():
     if not (DEMO / "ttt").is_dir():
@@ -128,9 +145,11 @@ def demo_server():
     cache = ModelCache(build_allow_list([DEMO], use_env=False))
     demo = app.build_demo(cache, example_clips(DEMO))
     demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield url
-    demo.close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "SharedModelRun", _PacedRun)  # a run as long on a fast CI machine as on a slow one
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+        yield url
+        demo.close()
 
 
 def _screenshot(page, name: str) -> None:

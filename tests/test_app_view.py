@@ -38,7 +38,8 @@ def _run(cache, clip, mode="chunked", known=(), allow_silence=False, stop_after=
     return outputs
 
 
-def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(assets, cache, tmp_path):
+def test_stop_leaves_the_partial_figure_a_marked_table_and_partial_downloads(assets, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(handlers, "FIGURE_INTERVAL_S", 0.0)  # an update per chunk, however fast the machine
     long_clip = tmp_path / "long talk.wav"
     sf.write(long_clip, np.random.default_rng(0).uniform(-0.3, 0.3, int(12 * SR)).astype(np.float32), SR)
     outputs = _run(cache, long_clip, mode="live token by token", stop_after=3)
