@@ -179,13 +179,16 @@ def speak(grammar: Grammar, voice: Voice, rng: random.Random, seconds: float) ->
     return np.concatenate(parts), texts
 
 
-def deliver(audio: np.ndarray, rng: random.Random, level_db: float, snr_db: float) -> np.ndarray:
-    """Scales speech to `level_db` (RMS dBFS over its voiced part) and adds white noise at `snr_db` below it."""
+def deliver(audio: np.ndarray, rng: random.Random, level_db: float, snr_db: float, clean: bool = False) -> np.ndarray:
+    """Scales speech to `level_db` (RMS dBFS over its voiced part) and adds white noise at `snr_db` below it (none if
+    `clean`; the noise's seed is drawn either way)."""
     voiced = audio[np.abs(audio) > 1e-4]
     rms = float(np.sqrt(np.mean(voiced**2))) if voiced.size else 1.0
     out = audio * (10 ** (level_db / 20) / max(rms, 1e-6))
     noise_rms = 10 ** ((level_db - snr_db) / 20)
     noise = np.random.default_rng(rng.randrange(2**31)).standard_normal(len(out)).astype(np.float32) * noise_rms
+    if clean:
+        noise[:] = 0.0
     return np.clip(out + noise, -1.0, 1.0).astype(np.float32)
 
 
@@ -203,11 +206,13 @@ def repeat_clip(
     passage_s: tuple[float, float],
     gap_s: tuple[float, float],
     aligned: bool = False,
+    clean: bool = False,
 ) -> Clip:
     """A passage read three times by one voice, other sentences between; every reading at an arbitrary sample
     offset (a random 0-1919-sample lead-in of silence), the noise drawn anew over the whole clip. `aligned`: the
     lead-in puts every reading on a codec-frame boundary instead (the same draws otherwise: the same clip with its
-    readings moved by less than a frame; a control for what the sub-frame offsets cost)."""
+    readings moved by less than a frame; a control for what the sub-frame offsets cost). `clean`: no noise (the same
+    draws otherwise; with `aligned`, the readings differ only by what the codec's encoder heard before them)."""
     grammar, voice = Grammar(rng), random_voice(rng, split)
     passage, passage_text = speak(grammar, voice, rng, rng.uniform(*passage_s))
     parts, texts, readings = [silence(rng.uniform(0.2, 0.6))], [], []
@@ -226,7 +231,7 @@ def repeat_clip(
             parts += [silence(rng.uniform(0.2, 0.6)), filler, silence(rng.uniform(0.2, 0.6))]
             texts.append("[filler] " + " ".join(filler_text))
     parts.append(silence(0.5))
-    audio = deliver(np.concatenate(parts), rng, rng.uniform(-30, -18), rng.uniform(25, 40))
+    audio = deliver(np.concatenate(parts), rng, rng.uniform(-30, -18), rng.uniform(25, 40), clean)
     return Clip(audio, "\n".join(texts), voice, readings)
 
 
@@ -269,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2121)
     parser.add_argument("--minutes", type=float, default=25.0)
     parser.add_argument("--aligned", action="store_true", help="repeat: readings on codec-frame boundaries")
+    parser.add_argument("--clean", action="store_true", help="repeat: no noise")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     if args.kind == "long":
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     index = {}
     for i in range(args.count):
-        clip = repeat_clip(rng, args.split, (8.0, 14.0), (2.0, 8.0), args.aligned)
+        clip = repeat_clip(rng, args.split, (8.0, 14.0), (2.0, 8.0), args.aligned, args.clean)
         name = f"{args.split}_repeat_{i:03d}"
         sf.write(args.out / f"{name}.wav", clip.audio, SAMPLE_RATE, subtype="PCM_16")
         (args.out / f"{name}.txt").write_text(clip.text + "\n")

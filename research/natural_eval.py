@@ -6,6 +6,7 @@ Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
     python -m moshi_ttt.evaluate --audio R/*.wav --baseline B --ttt T --out E
     python -m research.natural_eval summary E [E2 ...]                    # readings 1 / 2+3 and whole clips
     python -m research.natural_eval copyable R --codec C                  # what a perfect copy could predict
+    python -m research.natural_eval ceiling R --baseline B [--ttt T]      # the loss a copying memory could reach
 """
 
 from __future__ import annotations
@@ -36,11 +37,67 @@ def summary(out: Path) -> dict:
         if not pairs:
             return {}
         b, t = sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
-        per = [100 * (1 - p[1] / p[0]) for p in pairs]
+        per = sorted(100 * (1 - p[1] / p[0]) for p in pairs)
+        median = (per[(len(per) - 1) // 2] + per[len(per) // 2]) / 2
         return {"baseline": round(b, 4), "ttt": round(t, 4), "gain_pct": round(100 * (1 - t / b), 2),
-                "min_pct": round(min(per), 2), "max_pct": round(max(per), 2), "n": len(pairs)}  # fmt: skip
+                "median_pct": round(median, 2), "min_pct": round(per[0], 2), "max_pct": round(per[-1], 2),
+                "n": len(pairs)}  # fmt: skip
 
     return {"clips": len(files), "reading1": gain(first), "readings23": gain(later), "whole": gain(whole)}
+
+
+def _repeat_frames(meta: dict) -> list[tuple[int, int, int]]:
+    """(first frame of reading 1, first frame of the later reading, frames) for readings 2 and 3: the first whole
+    frames at the nearest alignment (the readings' sample offsets are known), two frames short of a reading."""
+    (s1, e1), *later = meta["readings"]
+    return [(round(s1 / 1920) + 1, round(s / 1920) + 1, (e1 - s1) // 1920 - 2) for s, _ in later]
+
+
+def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
+    """The loss of the readings 2+3 frames of `copyable` that a memory copying reading 1 could reach on top of the
+    baseline: per codebook k the mixture p = a_k [x = copy] + (1 - a_k) p_base(x) (a proper distribution), a_k
+    fitted on these very frames (an upper bound for any copy of the aligned code). Codes from the baseline's codec
+    (moshi's streaming encoding, as `moshi_ttt.evaluate`), losses from chunked teacher-forced scoring."""
+    import torch
+
+    from moshi_ttt import load, score
+    from moshi_ttt.data.stream import encode_streaming
+
+    base = load(str(baseline), load_mimi=True)
+    other = load(str(ttt)) if ttt is not None else None
+    index = json.loads((clips / "index.json").read_text())
+    base_p, match, ttt_loss = [], [], []
+    with torch.no_grad():
+        for name, meta in index.items():
+            audio, _ = sf.read(clips / f"{name}.wav", dtype="float32")
+            codes = encode_streaming(base.mimi, torch.from_numpy(audio))
+            loss = score(base.model, codes, mode="chunked").loss[0]  # [K, T]
+            loss_ttt = score(other.model, codes, mode="chunked").loss[0] if other is not None else None
+            for a, b, n in _repeat_frames(meta):
+                base_p.append(torch.exp(-loss[:, b : b + n].double()))
+                match.append((codes[0, :, a : a + n] == codes[0, :, b : b + n]).double())
+                if loss_ttt is not None:
+                    ttt_loss.append(loss_ttt[:, b : b + n].double())
+    p, m = torch.cat(base_p, -1), torch.cat(match, -1)  # [K, frames]
+    valid = torch.isfinite(p)
+    p, m = torch.where(valid, p, 1.0), torch.where(valid, m, 0.0)
+    grid = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
+    mix = -torch.log(grid[:, None, None] * m + (1 - grid[:, None, None]) * p)  # [A, K, frames]
+    per_a = (mix * valid).sum(-1) / valid.sum(-1)  # [A, K]
+    best, at = per_a.min(0)
+    base_loss = (-torch.log(p) * valid).sum(-1) / valid.sum(-1)
+    out = {"frames": int(valid[0].sum()), "copyable_per_codebook": [round(x, 3) for x in (m * valid).sum(-1).div(
+        valid.sum(-1)).tolist()], "a_per_codebook": [round(float(grid[i]), 2) for i in at],
+        "baseline_loss": round(float(base_loss.mean()), 4), "ceiling_loss": round(float(best.mean()), 4),
+        "ceiling_gain_pct": round(100 * (1 - float(best.mean()) / float(base_loss.mean())), 2)}  # fmt: skip
+    if ttt_loss:
+        t = torch.cat(ttt_loss, -1)
+        ttt_mean = float(((torch.where(valid, t, 0.0)) * valid).sum(-1).div(valid.sum(-1)).mean())
+        out |= {
+            "ttt_loss": round(ttt_mean, 4),
+            "ttt_gain_pct": round(100 * (1 - ttt_mean / float(base_loss.mean())), 2),
+        }
+    return out
 
 
 def copyable(clips: Path, codec: Path) -> dict:
@@ -67,7 +124,9 @@ def copyable(clips: Path, codec: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("plain", "summary", "copyable"))
+    parser.add_argument("stage", choices=("plain", "summary", "copyable", "ceiling"))
+    parser.add_argument("--baseline", type=Path, help="ceiling: the baseline checkpoint")
+    parser.add_argument("--ttt", type=Path, help="ceiling: a TTT checkpoint scored on the same frames")
     parser.add_argument("--codec", type=Path, default=Path("demo_assets/codec"))
     parser.add_argument("paths", type=Path, nargs="*")
     parser.add_argument("--out", type=Path)
@@ -84,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.count} clips in {args.out}")
         return 0
     for path in args.paths:
+        if args.stage == "ceiling":
+            print(path, json.dumps(ceiling(path, args.baseline, args.ttt)), flush=True)
+            continue
         print(path, json.dumps(summary(path) if args.stage == "summary" else copyable(path, args.codec)))
     return 0
 
