@@ -30,7 +30,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import torch  # noqa: E402
 
 from moshi_ttt import ttt_blocks  # noqa: E402
-from moshi_ttt.data.checkpoints import save  # noqa: E402
+from moshi_ttt.data.checkpoints import load, save  # noqa: E402
 from moshi_ttt.training.clip_mix import ClipMixBatcher, ClipMixConfig  # noqa: E402
 from moshi_ttt.training.paired import pair_member, seeded_lm  # noqa: E402
 from moshi_ttt.training.trainer import Trainer  # noqa: E402
@@ -100,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, required=True)
+    p.add_argument(
+        "--init", type=Path, help="start from INIT/<kind> (a saved pair of this recipe) instead of the seeded init"
+    )
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     recipe = JointRecipe(
         steps=args.steps, batch_size=args.clip_rows, seq_len=args.seq_len, short_frac=args.short_frac,
         copy_frac=args.copy_frac, decay_start=args.decay_start, eval_every=args.eval_every, val=args.val,
     )  # fmt: skip
+    if args.lr is not None:
+        recipe = dataclasses.replace(recipe, lr=args.lr)
     ttt_cfg = dataclasses.replace(recipe.ttt_config(), decay=args.decay)
     index, codes, short, files = {}, {}, {}, []
     for i, d in enumerate(args.data):
@@ -125,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     source = CarryMixBatcher(clips, files, args.stream_rows, args.seq_len, args.seed)
     member = "ttt" if args.kind == "ttt" else "baseline"
     model = pair_member(member, seeded_lm(LM_CONFIG, args.seed), ttt_cfg, recipe.ttt_start(args.seed))
+    if args.init is not None:
+        start_from = load(str(args.init / args.kind)).model
+        model.load_state_dict(start_from.state_dict(), strict=True)
     trainer = Trainer(model, source, recipe.train_config())
     tokens = sum(f.shape[1] for f in files)
     print(f"[{args.kind}] {len(short)} short clips, {len(crops)} crop clips, {len(val)} val clips, "
