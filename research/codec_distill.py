@@ -223,6 +223,15 @@ def crops(clips: list[np.ndarray], rng: random.Random, batch: int, frames: int) 
     return torch.from_numpy(np.stack(out).astype(np.float32))
 
 
+def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, max_norm: float) -> float:
+    """One step on `loss` with the gradients of `params` clipped at `max_norm`; returns the loss."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    return loss.item()
+
+
 def r2(z: torch.Tensor, target: torch.Tensor) -> float:
     """1 - SSE / SST over frames and dims (z, target: [N, D])."""
     return float(1 - ((z - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum())
@@ -271,12 +280,8 @@ def stage_student(args, log, train, heldout) -> None:
             on = (torch.rand(len(x), 1, generator=gen) < 0.5).float()
             noisy = x + on * rms * 10 ** (-db / 20) * torch.randn(x.shape, generator=gen)
         z = mimi._encode_to_unquantized_latent(noisy[:, None])
-        loss = (z - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = optimise(opt, (z - target).pow(2).mean(), params, 5.0)
+        running = value if running is None else 0.98 * running + 0.02 * value
         if (step + 1) % 100 == 0:
             log(f"student step {step + 1}/{args.steps} ({time.perf_counter() - start:.0f} s): mse {running:.4f}")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
@@ -344,12 +349,8 @@ def stage_decoder(args, log, train, heldout) -> None:
         x = crops(train, rng, args.decoder_batch, args.decoder_frames)[:, None]
         with torch.no_grad():
             codes = mimi.encode(x)
-        loss = mel_distance(x, mimi.decode(codes)[..., : x.shape[-1]])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        value = optimise(opt, mel_distance(x, mimi.decode(codes)[..., : x.shape[-1]]), params, 1.0)
+        running = value if running is None else 0.95 * running + 0.05 * value
         if (step + 1) % 50 == 0:
             log(
                 f"decoder step {step + 1}/{args.decoder_steps} ({time.perf_counter() - start:.0f} s): mel {running:.3f}"
