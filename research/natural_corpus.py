@@ -185,11 +185,11 @@ def deliver(audio: np.ndarray, rng: random.Random, level_db: float, snr_db: floa
     voiced = audio[np.abs(audio) > 1e-4]
     rms = float(np.sqrt(np.mean(voiced**2))) if voiced.size else 1.0
     out = audio * (10 ** (level_db / 20) / max(rms, 1e-6))
-    noise_rms = 10 ** ((level_db - snr_db) / 20)
-    noise = np.random.default_rng(rng.randrange(2**31)).standard_normal(len(out)).astype(np.float32) * noise_rms
-    if clean:
-        noise[:] = 0.0
-    return np.clip(out + noise, -1.0, 1.0).astype(np.float32)
+    seed = rng.randrange(2**31)
+    if not clean:
+        noise = np.random.default_rng(seed).standard_normal(len(out)).astype(np.float32)
+        out = out + noise * 10 ** ((level_db - snr_db) / 20)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
 @dataclass

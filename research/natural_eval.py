@@ -65,6 +65,8 @@ def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
 
     base = load(str(baseline), load_mimi=True)
     other = load(str(ttt)) if ttt is not None else None
+    if other is not None and other.mimi_ref != base.mimi_ref:
+        raise ValueError(f"{ttt} reads codes of {other.mimi_ref}, {baseline} of {base.mimi_ref}: not one codec")
     index = json.loads((clips / "index.json").read_text())
     base_p, match, ttt_loss = [], [], []
     with torch.no_grad():
@@ -81,22 +83,20 @@ def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
     p, m = torch.cat(base_p, -1), torch.cat(match, -1)  # [K, frames]
     valid = torch.isfinite(p)
     p, m = torch.where(valid, p, 1.0), torch.where(valid, m, 0.0)
-    grid = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
-    mix = -torch.log(grid[:, None, None] * m + (1 - grid[:, None, None]) * p)  # [A, K, frames]
-    per_a = (mix * valid).sum(-1) / valid.sum(-1)  # [A, K]
-    best, at = per_a.min(0)
-    base_loss = (-torch.log(p) * valid).sum(-1) / valid.sum(-1)
-    out = {"frames": int(valid[0].sum()), "copyable_per_codebook": [round(x, 3) for x in (m * valid).sum(-1).div(
-        valid.sum(-1)).tolist()], "a_per_codebook": [round(float(grid[i]), 2) for i in at],
-        "baseline_loss": round(float(base_loss.mean()), 4), "ceiling_loss": round(float(best.mean()), 4),
-        "ceiling_gain_pct": round(100 * (1 - float(best.mean()) / float(base_loss.mean())), 2)}  # fmt: skip
+
+    def mean(x: torch.Tensor) -> torch.Tensor:  # [..., K, frames] -> [..., K] over the valid frames
+        return torch.where(valid, x, 0.0).sum(-1) / valid.sum(-1)
+
+    grid = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)[:, None, None]
+    best, at = mean(-torch.log(grid * m + (1 - grid) * p)).min(0)  # the best a_k per codebook
+    base_loss = float(mean(-torch.log(p)).mean())
+    out = {"frames": int(valid[0].sum()), "copyable_per_codebook": [round(x, 3) for x in mean(m).tolist()],
+           "a_per_codebook": [round(float(grid[i]), 2) for i in at], "baseline_loss": round(base_loss, 4),
+           "ceiling_loss": round(float(best.mean()), 4),
+           "ceiling_gain_pct": round(100 * (1 - float(best.mean()) / base_loss), 2)}  # fmt: skip
     if ttt_loss:
-        t = torch.cat(ttt_loss, -1)
-        ttt_mean = float(((torch.where(valid, t, 0.0)) * valid).sum(-1).div(valid.sum(-1)).mean())
-        out |= {
-            "ttt_loss": round(ttt_mean, 4),
-            "ttt_gain_pct": round(100 * (1 - ttt_mean / float(base_loss.mean())), 2),
-        }
+        ttt_mean = float(mean(torch.cat(ttt_loss, -1)).mean())
+        out |= {"ttt_loss": round(ttt_mean, 4), "ttt_gain_pct": round(100 * (1 - ttt_mean / base_loss), 2)}
     return out
 
 
@@ -113,10 +113,7 @@ def copyable(clips: Path, codec: Path) -> dict:
         for name, meta in index.items():
             audio, _ = sf.read(clips / f"{name}.wav", dtype="float32")
             codes = mimi.encode(torch.from_numpy(audio)[None, None])[0]  # [K, T]
-            (s1, e1), *later = meta["readings"]
-            for s, _ in later:
-                a, b = round(s1 / 1920) + 1, round(s / 1920) + 1  # the first whole frames, aligned
-                n = (e1 - s1) // 1920 - 2
+            for a, b, n in _repeat_frames(meta):
                 same += (codes[:, a : a + n] == codes[:, b : b + n]).float().sum(-1)
                 total += n
     return {"copyable_per_codebook": [round(x, 3) for x in (same / total).tolist()], "frames": total}
