@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         "--init", type=Path, help="start from INIT/<kind> (a saved pair of this recipe) instead of the seeded init"
     )
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument(
+        "--mimi-ref", help="the codec reference written into the saved checkpoints (default: --codec, resolved); "
+        "changes nothing else (scripts/build_demo_assets.py saves '../codec')",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     recipe = JointRecipe(
@@ -167,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             break
     model.eval()
     args.save.mkdir(parents=True, exist_ok=True)
-    save(args.save / args.kind, model, lm_config=LM_CONFIG, mimi_ref=str(args.codec.resolve()), overwrite=True)
+    save(
+        args.save / args.kind,
+        model,
+        lm_config=LM_CONFIG,
+        mimi_ref=args.mimi_ref or str(args.codec.resolve()),
+        overwrite=True,
+    )
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "val": history, "train_losses": losses,
               "steps_done": trainer.step_count, "seconds": time.time() - start}  # fmt: skip
     (args.save / f"{args.kind}.json").write_text(json.dumps(record, indent=1))
