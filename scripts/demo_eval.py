@@ -68,7 +68,8 @@ def evaluate(work: Path, out: Path, log) -> dict[str, str]:
         shutil.copy(heldout / "L" / name, long / name)
     _run("research.long_drift", ["encode", "--work", str(long), "--codec", str(out / "codec")])
     _run("research.long_drift", ["score", "--work", str(long), "--baseline", "--baseline-checkpoint",
-                                 str(out / "fair_baseline"), "--checkpoint", str(out / "ttt"), "--name", "ttt"])  # fmt: skip
+                                 str(out / "fair_baseline"), "--checkpoint", str(out / "ttt"),
+                                 "--name", "ttt"])  # fmt: skip
     results["long_table.md"] = _run("research.long_drift", ["table", "--work", str(long)])
     log("eval: long file")
     codec_log = work / "codec" / "log.txt"

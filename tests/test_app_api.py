@@ -212,6 +212,24 @@ def test_a_long_clip_is_scored_up_to_the_limit_with_a_note(api, assets, tmp_path
     assert doc["runs"]["ttt"]["tokens"] == math.ceil(5 * 12.5)
 
 
+def test_the_codecs_reconstruction_is_served_as_a_wav_of_the_scored_length(api, tmp_path, gradio_dir):
+    """The "What the models hear" button through the network: the first Max duration of the clip, decoded, served
+    from the session's own folder in the server's Gradio cache."""
+    from gradio_client import Client, handle_file
+
+    clip = tmp_path / "long.wav"
+    sf.write(clip, speechlike(8.0, 6), SR)
+    client = Client(api, verbose=False, download_files=False)
+    player, note = client.predict(handle_file(str(clip)), "baseline", 5, False, api_name="/hear")
+    served = Path(player["path"])
+    assert served.name == "long_codec_reconstruction.wav" and served.parent.parent == gradio_dir / "moshi-ttt-heard"
+    info = sf.info(str(served))
+    assert (info.samplerate, info.channels, info.frames) == (24_000, 1, math.ceil(5 * 12.5) * 1920)
+    assert note.startswith("Decoded 5.0 s of codes with the codec of 'baseline'")
+    with pytest.raises(Exception, match="must be between 5 and 60"):
+        client.predict(handle_file(str(clip)), "baseline", 600, False, api_name="/hear")
+
+
 def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 

@@ -207,3 +207,61 @@ def test_a_silent_clip_scored_anyway_gets_no_bold_number(cache, tmp_path):
     sf.write(silent, np.zeros(int(12 * SR), dtype=np.float32), SR)
     headline = _run(cache, silent, allow_silence=True)[-1]["headline"]
     assert "is silent" in headline and "**" not in headline.split("**Caveat:**")[0]
+
+
+def _hear(cache, clip, folders, session="session-1", **given):
+    """The "What the models hear" button called directly (no server), reading `clip` as if it were an upload."""
+    specs = handlers.hear_specs(handlers.run_specs(cache.names(), [str(Path(clip).parent)], []))
+    handler = handlers.hear_handler(cache, specs, folders)
+    values = raw_values(specs, **{"audio": str(clip), "max_seconds": 60, **given})
+    return list(handler(types.SimpleNamespace(session_hash=session), *values))
+
+
+def test_the_codecs_reconstruction_is_the_decoded_codes_a_run_scores(assets, cache, tmp_path):
+    import torch
+
+    from moshi_ttt.data.audio import check_audio
+    from moshi_ttt.data.stream import encode_file
+
+    clip = tmp_path / "long talk.wav"
+    sf.write(clip, np.random.default_rng(1).uniform(-0.3, 0.3, int(7 * SR)).astype(np.float32), SR)
+    folders = RunFolders(tmp_path / "heard")
+    shown = _hear(cache, clip, folders, max_seconds=5)
+    assert shown[0] == (None, "Working: encoding the clip and decoding its codes…")  # the previous wav goes
+    path, note = shown[-1]
+    assert Path(path).name == "long_talk_codec_reconstruction.wav" and Path(path).parent.parent == tmp_path / "heard"
+    assert note.startswith("Decoded 5.0 s of codes with the codec of 'baseline' in ")
+    loaded = cache.get("baseline")
+    codes = encode_file(loaded.mimi, check_audio(clip, max_seconds=5, trim=True))[:, : loaded.model.dep_q]
+    assert codes.shape[-1] == 63  # the tokens a run of Max duration 5 s scores: ceil(5 s x 12.5)
+    with torch.no_grad():
+        expected = loaded.mimi.decode(codes)[0, 0].clamp(-1, 1)
+    written, rate = sf.read(path, dtype="float32")
+    assert rate == 24_000 and written.shape == (63 * 1920,)
+    torch.testing.assert_close(torch.from_numpy(written), expected, rtol=0, atol=1 / 32767 + 1e-4)
+
+
+def test_each_session_keeps_its_latest_reconstruction_until_it_ends(assets, cache, tmp_path):
+    folders = RunFolders(tmp_path / "heard")
+    first = _hear(cache, assets / "a.wav", folders)[-1][0]
+    mine, theirs = _hear(cache, assets / "a.wav", folders)[-1][0], _hear(cache, assets / "b.wav", folders, "s2")[-1][0]
+    assert not Path(first).exists() and Path(mine).is_file() and Path(theirs).is_file() and mine != first
+    folders.end_session("session-1")
+    assert not Path(mine).exists() and Path(theirs).is_file()
+
+
+def test_a_clip_that_cannot_be_decoded_says_why_in_the_note_and_the_toast(assets, cache, tmp_path):
+    folders = RunFolders(tmp_path / "heard")
+    specs = handlers.hear_specs(handlers.run_specs(cache.names(), [str(assets)], []))
+    hear = handlers.hear_handler(cache, specs, folders)
+    updates = hear(None, *raw_values(specs, audio=str(assets / "garbage.wav"), max_seconds=60))
+    assert next(updates)[1].startswith("Working")
+    player, note = next(updates)
+    assert player is None and note.startswith("Not decoded: garbage.wav could not be read as audio")
+    with pytest.raises(gr.Error, match="could not be read as audio"):
+        next(updates)
+    refused = hear(None, *raw_values(specs, audio=str(assets / "a.wav"), baseline="nope", max_seconds=60))
+    assert next(refused) == (gr.skip(), "Not decoded: Baseline checkpoint must be one of: baseline, ttt, wide_vocab; "
+                                         "got 'nope'.")  # fmt: skip
+    with pytest.raises(gr.Error, match="must be one of"):
+        next(refused)

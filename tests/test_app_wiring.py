@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from moshi_ttt.app import handlers, outputs
+from moshi_ttt.app import handlers, outputs, view
 from moshi_ttt.app.controls import control
 from moshi_ttt.app.demo_assets import ENV_DEMO_ASSETS, demo_assets_dir, example_clips
 from moshi_ttt.app.engine import compare_file, live_options
@@ -68,6 +68,25 @@ def test_the_run_event_takes_the_spec_built_controls_in_the_specs_order():
     assert run.outputs[0].elem_id == "live-plot" and run.outputs[1].elem_id == "run-status"
     assert outputs.OUTPUT_NAMES == ("figure", "status", "headline", "summary", "readings", "downloads", "notes",
                                     "codebook_figure", "codebook_table")  # fmt: skip
+
+
+def test_the_hear_button_reads_the_run_controls_and_fills_its_own_player():
+    """The "What the models hear" button takes the Run event's own clip, baseline, duration and silence controls (so
+    that it decodes the codes a run of these settings scores) and fills a player of its own; it queues with the
+    runs."""
+    demo = build_demo(ModelCache({}), max_seconds=45)
+    run_names = list(handlers.run_specs([], [demo.GRADIO_CACHE], [], max_seconds=45))
+    specs = handlers.hear_specs(handlers.run_specs([], [demo.GRADIO_CACHE], [], max_seconds=45))
+    events = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("run", "hear")}
+    hear, run = events["hear"], events["run"]
+    assert list(specs) == ["audio", "baseline", "max_seconds", "allow_silence"]
+    assert [id(c) for c in hear.inputs] == [id(run.inputs[run_names.index(name)]) for name in specs]
+    assert list(inspect.signature(hear.fn).parameters) == ["request", *specs] and not hear.preprocess
+    assert [p["parameter_name"] for p in demo.get_api_info()["named_endpoints"]["/hear"]["parameters"]] == list(specs)
+    assert [type(c) for c in hear.outputs] == [gr.Audio, gr.Markdown]
+    player = hear.outputs[0]
+    assert player.label == view.RECONSTRUCTION_TITLE and player.elem_id == "heard-audio" and not player.interactive
+    assert hear.concurrency_id == run.concurrency_id == "score"
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from moshi.models.compression import MimiModel
 
 from moshi_ttt.app.models import ModelCache, SharedModelRun
-from moshi_ttt.data.audio import FRAME_RATE, check_audio, read_blocks
+from moshi_ttt.data.audio import FRAME_RATE, AudioInfo, check_audio, read_blocks
 from moshi_ttt.data.checkpoints import LoadedCheckpoint
 from moshi_ttt.data.stream import ENCODE_FRAMES, encode_blocks
 from moshi_ttt.options import RunOptions
@@ -287,6 +288,33 @@ def codec_lock(mimi: torch.nn.Module) -> threading.Lock:
         return _CODEC_LOCKS.setdefault(mimi, threading.Lock())
 
 
+def open_clip(
+    cache: ModelCache, audio_path: str, baseline_name: str, max_seconds: float, *, allow_silence: bool = False
+) -> tuple[AudioInfo, MimiModel]:
+    """The clip a run scores (its first `max_seconds`, checked in one pass) and the codec that encodes it: the
+    baseline's. `compare_file` and the codec's reconstruction (app/reconstruction.py) both start here, so that they
+    read the same codes.
+
+    Raises:
+        ValueError / FileNotFoundError: one readable sentence for bad audio or a checkpoint without a codec.
+    """
+    info = check_audio(audio_path, max_seconds=max_seconds, trim=True, allow_silence=allow_silence)
+    if info.num_frames < 2:
+        raise ValueError(f"{info.name} is too short to score ({info.duration_s:.2f} s)")
+    baseline = cache.get(baseline_name)
+    if baseline.mimi is None:
+        raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
+    return info, baseline.mimi
+
+
+def clip_codes(info: AudioInfo, mimi: MimiModel) -> Iterator[torch.Tensor]:
+    """The codes [1, K, n] of a clip (`open_clip`) as they come: read and encoded block by block with moshi's
+    streaming Mimi, the codec shared through its lock. Close the generator when done with it (it leaves the codec's
+    streaming session then, also after a stop or an error)."""
+    block_s = ENCODE_FRAMES / FRAME_RATE  # read one encode call's audio at a time: codes as soon as possible
+    return encode_blocks(mimi, read_blocks(info, block_s), lock=codec_lock(mimi))
+
+
 def compare_file(
     cache: ModelCache,
     audio_path: str,
@@ -313,18 +341,12 @@ def compare_file(
     Raises:
         ValueError / FileNotFoundError: one readable sentence for bad audio or checkpoints that do not fit.
     """
-    info = check_audio(audio_path, max_seconds=max_seconds, trim=True, allow_silence=allow_silence)
-    if info.num_frames < 2:
-        raise ValueError(f"{info.name} is too short to score ({info.duration_s:.2f} s)")
-    baseline = cache.get(baseline_name)
-    if baseline.mimi is None:
-        raise ValueError(f"checkpoint {baseline_name!r} names no audio codec, so uploads cannot be encoded")
+    info, mimi = open_clip(cache, audio_path, baseline_name, max_seconds, allow_silence=allow_silence)
     audio_info = {"name": info.name, "duration_s": info.duration_s, "sample_rate": info.source_sample_rate,
                   "channels": info.source_channels, "tokens": info.num_frames, "silent": info.silent}  # fmt: skip
     if info.trimmed_from_s is not None:
         audio_info["trimmed_from_s"] = info.trimmed_from_s
-    block_s = ENCODE_FRAMES / FRAME_RATE  # read one encode call's audio at a time: codes as soon as possible
-    encoded = encode_blocks(baseline.mimi, read_blocks(info, block_s), lock=codec_lock(baseline.mimi))
+    encoded = clip_codes(info, mimi)
     kept: list[torch.Tensor] = []  # every code so far: [1, 8, n] blocks (7,500 steps at most under the app's cap)
 
     def keep(blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

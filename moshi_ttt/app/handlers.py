@@ -36,10 +36,11 @@ from moshi_ttt.app.inputs import (
     validate,
 )
 from moshi_ttt.app.models import CheckpointMismatch, CheckpointNames, CheckpointUnavailable, ModelCache
+from moshi_ttt.app.reconstruction import reconstruct_clip
 from moshi_ttt.app.reopen import read_results
 from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
 from moshi_ttt.app.update_size import COMPARE_LABELS, MAX_TOKENS, check_update_size, update_size
-from moshi_ttt.app.zerogpu import cache_sizes, compare_models, gpu_duration, on_gpu
+from moshi_ttt.app.zerogpu import cache_sizes, compare_models, gpu_duration, on_gpu, reconstruction_duration
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
 
@@ -325,6 +326,49 @@ def open_handler(specs: dict[str, Spec]) -> Callable[..., Iterator[tuple]]:
 
     open_results.__signature__ = event_signature(specs)
     return open_results
+
+
+def hear_specs(run: dict[str, Spec]) -> dict[str, Spec]:
+    """What the "What the models hear" button takes, in order: the Run event's clip, baseline (its codec decodes),
+    duration and silence specs (the same controls), so that it decodes the codes a run of these settings scores."""
+    return {name: run[name] for name in ("audio", "baseline", "max_seconds", "allow_silence")}
+
+
+def hear_handler(cache: ModelCache, specs: dict[str, Spec], folders: RunFolders) -> Callable[..., Iterator[tuple]]:
+    """The "What the models hear" button: the chosen clip's codes decoded by the codec (app/reconstruction.py).
+
+    Args:
+        cache: the shared models.
+        specs: its inputs (`hear_specs`).
+        folders: where each session's wav goes (its previous one is deleted, the last one when the session ends).
+    Returns:
+        `hear(request, *values)` yielding (audio path or None, note as Markdown): first a cleared player and
+        "Decoding…", then the wav and what it is; a refusal is written in the note, then raised as Gradio's error.
+    """
+
+    @on_gpu(reconstruction_duration(specs, cache_sizes(cache)))
+    def hear(request: gr.Request, *values):
+        try:
+            args = validate(specs, values)
+            cache.get(args["baseline"])
+        except (InputError, CheckpointMismatch, CheckpointUnavailable) as e:
+            yield gr.skip(), view.reconstruction_refused(str(e))
+            raise refuse(str(e)) from None
+        yield None, view.RECONSTRUCTION_WORKING
+        try:
+            folder = folders.new(session_of(request))
+            result = reconstruct_clip(cache, args["audio"], args["baseline"], args["max_seconds"], folder,
+                                      allow_silence=args["allow_silence"])  # fmt: skip
+        except (FileNotFoundError, ValueError) as e:  # the library's one-sentence errors about the audio
+            message = _user_message(e)
+            yield None, view.reconstruction_refused(message)
+            raise refuse(message) from None
+        finally:
+            release_memory()
+        yield str(result.path), view.reconstruction_note(result, args["baseline"])
+
+    hear.__signature__ = event_signature(specs)
+    return hear
 
 
 def add_hub_checkpoint(cache: ModelCache) -> Callable[[object], tuple]:

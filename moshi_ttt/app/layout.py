@@ -2,8 +2,9 @@
 tables and the downloads, and wires the events to `moshi_ttt.app.handlers`.
 
 At 1400 x 1000 the page reads top to bottom: what it shows and where to start, then the clip and the Run button
-(above the fold), the settings under them; on the right the status line (it stays in view while the page scrolls),
-the headline and the figure, with the per-codebook view and the settings comparison in tabs beside it.
+(above the fold), the settings under them, then what the models hear (the codec's reconstruction of the clip, on
+demand); on the right the status line (it stays in view while the page scrolls), the headline and the figure, with
+the per-codebook view and the settings comparison in tabs beside it.
 
 The Run event's inputs list is built from `handlers.run_specs` (their order exists there only), its outputs list
 from `outputs.OUTPUT_NAMES`; the Compare and Open events likewise from their specs.
@@ -28,6 +29,8 @@ from moshi_ttt.app.handlers import (
     add_hub_checkpoint,
     compare_handler,
     compare_specs,
+    hear_handler,
+    hear_specs,
     open_handler,
     open_specs,
     run_handler,
@@ -111,8 +114,10 @@ def build_demo(
     specs = run_specs(cache.live_names(), [demo.GRADIO_CACHE], examples, max_seconds)  # with --allow-hub's later
     more = compare_specs(specs, cache.live_names())
     opening = open_specs([demo.GRADIO_CACHE])
+    hearing = hear_specs(specs)
     runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", keep=keep_runs)
     compared = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-compare", keep=keep_runs)
+    heard = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-heard", keep=keep_runs)  # each session's latest wav
     stops = StopRequests()
     ttt_default, baseline_default = specs["ttt"].default, specs["baseline"].default
     start_clip = next((Path(e).name for e in examples if Path(e).stem == START_CLIP), None)
@@ -153,6 +158,12 @@ def build_demo(
                     note = gr.Markdown(persistence_note(cache, ttt_default, baseline_default))
                     for name in ("readings", "allow_silence", "max_seconds"):
                         inputs[name] = control(specs[name])
+                with gr.Accordion(view.RECONSTRUCTION_TITLE, open=False):
+                    gr.Markdown(view.RECONSTRUCTION_HELP)
+                    hear_button = gr.Button(view.RECONSTRUCTION_BUTTON, elem_id="hear-button")
+                    heard_audio = gr.Audio(label=view.RECONSTRUCTION_TITLE, type="filepath", interactive=False,
+                                           elem_id="heard-audio")  # fmt: skip
+                    heard_note = gr.Markdown(elem_id="heard-note")
                 with gr.Accordion("Open a results.json (no rescoring)", open=False):
                     gr.Markdown("A results.json of this app or of the command line (e.g. Moshi 7B scored on a "
                                 "cluster): its figure, headline and tables, as when it was scored.")  # fmt: skip
@@ -208,8 +219,12 @@ def build_demo(
                            [compare_inputs["compare_sizes"]], queue=False, show_progress="hidden")  # fmt: skip
         handler = run_handler(cache, specs, runs, examples, stops)
         run_outputs = [shown[name] for name in outputs.OUTPUT_NAMES]
+        # Runs and decodings share the queue's slots (the CPU threads per run are the cores shared by them).
         run_button.click(handler, [inputs[name] for name in specs], run_outputs, api_name="run", preprocess=False,
-                         show_progress="hidden", js=SCROLL_TO_STATUS)  # fmt: skip
+                         show_progress="hidden", js=SCROLL_TO_STATUS, concurrency_id="score")  # fmt: skip
+        hear_button.click(hear_handler(cache, hearing, heard), [inputs[name] for name in hearing],
+                          [heard_audio, heard_note], api_name="hear", preprocess=False, show_progress="hidden",
+                          concurrency_id="score")  # fmt: skip
         compare_controls = {**inputs, **compare_inputs}
         compare_button.click(compare_handler(cache, more, compared, examples, stops),
                              [compare_controls[name] for name in more],
@@ -222,7 +237,7 @@ def build_demo(
             stops.request(session_of(request))
 
         def end_session(request: gr.Request) -> None:
-            for folders in (runs, compared):
+            for folders in (runs, compared, heard):
                 folders.end_session(session_of(request))
             stops.end_session(session_of(request))
 

@@ -9,6 +9,7 @@ import re
 from moshi_ttt.app.engine import LiveUpdate
 from moshi_ttt.data.audio import FRAME_RATE
 from moshi_ttt.data.audio import SAMPLE_RATE as MIMI_SAMPLE_RATE
+from moshi_ttt.data.decode import Reconstruction
 from moshi_ttt.reports import headline
 
 DEMO_MODELS = (
@@ -88,6 +89,40 @@ def persistence_help(context_tokens: int) -> str:
     """What persistent_states does, for a TTT model with an attention context of `context_tokens` (the same text in
     every mode: the reset period does not depend on it)."""
     return PERSISTENCE_HELP.format(tokens=context_tokens, seconds=context_tokens / FRAME_RATE)
+
+
+# "What the models hear": the chosen clip's codes decoded back to audio by the codec (app/reconstruction.py). The
+# decoded audio is as good as the codec's decoder: these texts promise no speech quality.
+RECONSTRUCTION_TITLE = "What the models hear (the codec's reconstruction)"
+RECONSTRUCTION_HELP = (
+    "The models never hear the waveform: they read the codes the codec (Mimi) gives for it. This decodes those "
+    "codes back to audio with the codec's own decoder: the clip chosen above, as the Run button with these settings "
+    "encodes it (the baseline's codec, at most Max duration). How close it sounds to your clip depends on the "
+    "codec: moshi's Mimi gives recognisable speech, a codec whose decoder was never trained gives noise."
+)
+RECONSTRUCTION_BUTTON = "Decode the codes"
+RECONSTRUCTION_WORKING = "Working: encoding the clip and decoding its codes…"
+
+
+def reconstruction_note(result: Reconstruction, codec: str) -> str:
+    """What the decoded audio is, under its player.
+
+    Args:
+        result: the wav written.
+        codec: the baseline checkpoint whose codec decoded it.
+    """
+    note = (f"Decoded {result.duration_s:.1f} s of codes with the codec of {plain(repr(codec))} in "
+            f"{result.decode_s:.1f} s.")  # fmt: skip
+    if result.clipped_samples:
+        share = 100 * result.clipped_samples / max(result.num_samples, 1)
+        note += (f" The decoder went past full scale (peak {result.peak:.2g}) at {share:.2g}% of the samples, "
+                 "clipped in the file.")  # fmt: skip
+    return note
+
+
+def reconstruction_refused(message: str) -> str:
+    """The note when nothing was decoded (the same sentence as Gradio's error toast)."""
+    return f"Not decoded: {message}"
 
 
 def status_text(update: LiveUpdate | None, phase: str = "") -> str:

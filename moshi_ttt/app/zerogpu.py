@@ -35,6 +35,9 @@ GPU_TRANSFER_BYTES_PER_S = 2e9
 # (huggingface.co/spaces/zero-gpu-explorers/README, discussions 7 and 98).
 ZEROGPU_MAX_S = 300
 REFUSED_S = 5.0  # the clip's seconds assumed for inputs the handler will refuse before any model runs
+# GPU seconds per second of audio to encode a clip and decode its codes (the codec's reconstruction): an ESTIMATE,
+# not measured on a GPU (moshi's server runs Mimi both ways in real time with room to spare; 20x real time here).
+RECONSTRUCTION_GPU_S_PER_AUDIO_S = 0.05
 
 try:  # the `spaces` package is there only on Spaces
     import spaces  # type: ignore[import-not-found]
@@ -128,13 +131,8 @@ def gpu_duration(
     """
 
     def seconds(request: tp.Any, *values: object) -> int:
-        names = list(specs)  # the values by name; a missing one reads as None and is refused below
-        raw = {names[i]: value for i, value in enumerate(values[: len(names)])}
-        try:
-            path = specs["audio"].check(raw.get("audio"))
-            duration_s = min(sf.info(path).duration, specs["max_seconds"].check(raw.get("max_seconds")))
-        except (InputError, RuntimeError, TypeError, sf.LibsndfileError):
-            duration_s = REFUSED_S
+        raw = _by_name(specs, values)
+        duration_s = _clip_seconds(specs, raw)
         try:
             mode = LIVE_MODES[specs["mode"].check(raw.get("mode"))] if "mode" in specs else "chunked"
         except InputError:
@@ -153,6 +151,41 @@ def gpu_duration(
         return math.ceil(needed)
 
     return seconds
+
+
+def reconstruction_duration(specs: dict[str, Spec], sizes: Callable[[Sequence[str]], RunSize]) -> Callable[..., int]:
+    """ZeroGPU's `duration` for the codec's reconstruction (app/reconstruction.py: the clip encoded and decoded).
+
+    Args:
+        specs: its event's specs ("audio" and "max_seconds" are read, as `gpu_duration` reads them).
+        sizes: the sizes of the models of given names (`cache_sizes`): a worker moves every packed model as it starts.
+    Returns:
+        A function of the handler's arguments giving whole seconds: the start-up allowance plus the clip's seconds
+        times RECONSTRUCTION_GPU_S_PER_AUDIO_S, at most ZEROGPU_MAX_S (600 s of audio ask for 30 s).
+    """
+
+    def seconds(request: tp.Any, *values: object) -> int:
+        duration_s = _clip_seconds(specs, _by_name(specs, values))
+        start_s = GPU_START_S + sizes([]).weight_bytes / GPU_TRANSFER_BYTES_PER_S
+        return min(math.ceil(start_s + duration_s * RECONSTRUCTION_GPU_S_PER_AUDIO_S), ZEROGPU_MAX_S)
+
+    return seconds
+
+
+def _by_name(specs: dict[str, Spec], values: Sequence[object]) -> dict[str, object]:
+    """An event's raw values by input name; a missing one reads as None (the handler refuses it)."""
+    names = list(specs)
+    return {names[i]: value for i, value in enumerate(values[: len(names)])}
+
+
+def _clip_seconds(specs: dict[str, Spec], raw: dict) -> float:
+    """The seconds of audio an event reads: the clip's duration, at most its max_seconds; REFUSED_S for values the
+    handler refuses before any model runs."""
+    try:
+        path = specs["audio"].check(raw.get("audio"))
+        return min(sf.info(path).duration, specs["max_seconds"].check(raw.get("max_seconds")))
+    except (InputError, RuntimeError, TypeError, sf.LibsndfileError):
+        return REFUSED_S
 
 
 def too_long_message(needed_s: float, fits_s: int, mode: str) -> str:

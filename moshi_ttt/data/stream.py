@@ -17,6 +17,9 @@ Streamed codes differ from whole-clip codes (`audio.encode`) at a small share of
 shapes round differently and flip near ties of the residual quantizer, and a flipped codebook changes the residual
 of the later ones. bench/long_file.py measures that share on speech, also against moshi's server-style encoding
 (one frame per call, the ring as it is). The streamed codes are the reference: they are what moshi produces in use.
+
+`CodecStream` is the streaming session both directions share (calls of whole frames, the widened windows, a shared
+codec's state per user); `moshi_ttt.data.decode` decodes codes back to audio with it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import math
 import threading
+import typing as tp
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 
@@ -37,35 +41,32 @@ from moshi_ttt.data.audio import FRAME_SIZE, SAMPLE_RATE, Audio, AudioInfo, mimi
 logger = logging.getLogger(__name__)
 
 ENCODE_FRAMES = 25  # Mimi frames per streaming encode call (2 s of audio; 0.4% of the one-frame calls' time each)
+_Stream = tp.TypeVar("_Stream", bound="CodecStream")  # a subclass's own type (typing.Self is Python 3.11+)
 
 
-class StreamEncoder:
-    """moshi's streaming Mimi fed blocks of any length; gives the codes of each whole call as soon as it is complete.
-
-        with StreamEncoder(mimi) as encoder:
-            for samples in blocks:                # [n] float32 at 24 kHz
-                for codes in encoder.push(samples):
-                    ...                           # [1, K, ENCODE_FRAMES]
-            last = encoder.finish()               # [1, K, f] or None
+class CodecStream:
+    """moshi's Mimi in streaming mode, called on `frames_per_call` whole frames at a time: the base of
+    `StreamEncoder` here and of `moshi_ttt.data.decode.StreamDecoder`.
 
     With a `lock` (a codec shared by several runs, as in the app), the codec's streaming state is installed only
-    while the lock is held, and saved between calls: runs interleave call by call without seeing each other's state.
+    while the lock is held, and saved between calls: runs (encoding or decoding) interleave call by call without
+    seeing each other's state.
     """
 
     def __init__(
         self,
         mimi: MimiModel,
         *,
-        frames_per_call: int = ENCODE_FRAMES,
+        frames_per_call: int,
         lock: threading.Lock | None = None,
         exact_window: bool = True,
     ):
         """
         Args:
             mimi: a moshi MimiModel at 24 kHz with 1920-sample frames, not streaming.
-            frames_per_call: Mimi frames per encode call (the codes depend on it a little: module docstring).
+            frames_per_call: Mimi frames per call (the codes depend on it a little: module docstring).
             lock: taken around every use of the codec; its streaming state lives here in between.
-            exact_window: widen the encoder transformer's KV cache (module docstring); False: moshi's ring as it is
+            exact_window: widen the transformers' KV caches (module docstring); False: moshi's ring as it is
                 (its server's behaviour with frames_per_call=1).
         """
         if mimi.sample_rate != SAMPLE_RATE or mimi.frame_size != FRAME_SIZE:
@@ -73,21 +74,18 @@ class StreamEncoder:
         if frames_per_call < 1:
             raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
         self.mimi = mimi
-        self.call_samples = frames_per_call * FRAME_SIZE
         self.frames_per_call = frames_per_call
         self.lock = lock
         self.exact_window = exact_window
         self.device = next(mimi.parameters()).device
-        self.buffer = torch.zeros(0, dtype=torch.float32, device=self.device)  # [n] samples not yet encoded
-        self.samples_in = 0  # samples pushed
-        self.frames_out = 0  # frames of codes given out
         self.stack = ExitStack()
         self.state: dict | None = None  # the codec's streaming state between calls when a lock is given
 
-    def __enter__(self) -> StreamEncoder:
+    def __enter__(self: _Stream) -> _Stream:
         with self._using():
             self.stack.enter_context(self.mimi.streaming(1))
             if self.exact_window:
+                # The encoder's and the decoder's transformers run at the encoder frame rate (25 Hz for Mimi).
                 steps_per_frame = max(1, round(self.mimi.encoder_frame_rate / self.mimi.frame_rate))
                 widen_kv_caches(self.mimi, self.frames_per_call * steps_per_frame)
         return self
@@ -99,7 +97,7 @@ class StreamEncoder:
 
     @contextlib.contextmanager
     def _using(self):
-        """Holds the lock with this encoder's streaming state installed (no lock: the state stays installed)."""
+        """Holds the lock with this stream's streaming state installed (no lock: the state stays installed)."""
         if self.lock is None:
             yield
             return
@@ -112,6 +110,33 @@ class StreamEncoder:
                 state = self.mimi.get_streaming_state()
                 self.state = state if any(v is not None for v in state.values()) else None
                 self.mimi.set_streaming_state(dict.fromkeys(state))
+
+
+class StreamEncoder(CodecStream):
+    """moshi's streaming Mimi fed blocks of any length; gives the codes of each whole call as soon as it is complete.
+
+        with StreamEncoder(mimi) as encoder:
+            for samples in blocks:                # [n] float32 at 24 kHz
+                for codes in encoder.push(samples):
+                    ...                           # [1, K, ENCODE_FRAMES]
+            last = encoder.finish()               # [1, K, f] or None
+
+    `lock` and `exact_window`: see `CodecStream`.
+    """
+
+    def __init__(
+        self,
+        mimi: MimiModel,
+        *,
+        frames_per_call: int = ENCODE_FRAMES,
+        lock: threading.Lock | None = None,
+        exact_window: bool = True,
+    ):
+        super().__init__(mimi, frames_per_call=frames_per_call, lock=lock, exact_window=exact_window)
+        self.call_samples = frames_per_call * FRAME_SIZE
+        self.buffer = torch.zeros(0, dtype=torch.float32, device=self.device)  # [n] samples not yet encoded
+        self.samples_in = 0  # samples pushed
+        self.frames_out = 0  # frames of codes given out
 
     def _encode(self, samples: torch.Tensor) -> torch.Tensor:
         with self._using(), torch.no_grad():
