@@ -160,9 +160,69 @@ def table(work: Path) -> str:
     return "\n".join(lines)
 
 
+def _polyline(
+    xs: list[float],
+    ys: list[float],
+    box: tuple[float, float, float, float],
+    span: tuple[float, float],
+    x_max: float,
+    colour: str,
+) -> str:
+    """One SVG polyline of (xs, ys) in the panel box (left, top, width, height), y from span[0] to span[1]."""
+    left, top, width, height = box
+    lo, hi = span
+    points = " ".join(f"{left + width * x / x_max:.1f},{top + height * (1 - (y - lo) / (hi - lo)):.1f}"
+                      for x, y in zip(xs, ys, strict=True))  # fmt: skip
+    return f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>'
+
+
+def plot(work: Path) -> str:
+    """An SVG of the long file (no plotting library needed): the mean loss per 2,000-token bin of every run (top)
+    and the TTT runs' relative drift of W1 and W2 at each update (bottom), against minutes of audio."""
+    runs = {p.stem[4:]: json.loads(p.read_text()) for p in sorted(work.glob("run_*.json"))}
+    tokens = len(runs["baseline"]["loss_per_token"])
+    minutes = tokens / 12.5 / 60
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    bins = {name: _bins(run["loss_per_token"]) for name, run in runs.items()}
+    lo = min(min(b) for b in bins.values())
+    hi = max(max(b) for b in bins.values())
+    pad = 0.1 * (hi - lo or 1.0)
+    top, bottom = (70, 40, 620, 200), (70, 300, 620, 200)
+    drifts = {n: r for n, r in runs.items() if "drift_W1" in r}
+    d_hi = max([max(r["drift_W1"] + r["drift_W2"]) for r in drifts.values()] or [1.0]) * 1.1
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="720" height="560" font-family="sans-serif" '
+             'font-size="12"><rect width="720" height="560" fill="white"/>',
+             f'<text x="70" y="28">Mean loss per 2,000-token bin (nats), {minutes:.1f}-minute file</text>',
+             '<text x="70" y="288">Relative drift of the fast weights ||W - W_base|| / ||W_base|| at each update'
+             "</text>"]  # fmt: skip
+    for box, (y_lo, y_hi) in ((top, (lo - pad, hi + pad)), (bottom, (0.0, d_hi))):
+        left, y0, width, height = box
+        parts.append(f'<rect x="{left}" y="{y0}" width="{width}" height="{height}" fill="none" stroke="#888"/>')
+        for frac in (0.0, 0.5, 1.0):
+            y = y0 + height * (1 - frac)
+            parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{y_lo + frac * (y_hi - y_lo):.2f}'
+                         "</text>")  # fmt: skip
+        for m in range(0, int(minutes) + 1, 5):
+            x = left + width * m / minutes
+            parts.append(f'<text x="{x:.1f}" y="{y0 + height + 16}" text-anchor="middle">{m} min</text>')
+    for i, (name, b) in enumerate(bins.items()):
+        centres = [min((k + 0.5) * BIN, tokens) / 12.5 / 60 for k in range(len(b))]
+        parts.append(_polyline(centres, b, top, (lo - pad, hi + pad), minutes, colours[i % len(colours)]))
+        parts.append(f'<text x="{700}" y="{60 + 16 * i}" text-anchor="end" fill="{colours[i % len(colours)]}">'
+                     f"{name}</text>")  # fmt: skip
+    for i, (name, run) in enumerate(drifts.items()):
+        xs = [s / 12.5 / 60 for s in run["update_step"]]
+        for weight, dash in (("W1", ""), ("W2", ' stroke-dasharray="4 3"')):
+            line = _polyline(xs, run[f"drift_{weight}"], bottom, (0.0, d_hi), minutes, colours[(i + 1) % 5])
+            parts.append(line.replace("/>", f"{dash}/>"))
+            parts.append(f'<text x="700" y="{320 + 16 * (2 * i + (weight == "W2"))}" text-anchor="end">{name} '
+                         f"{weight}{' (dashed)' if dash else ''}</text>")  # fmt: skip
+    return "\n".join([*parts, "</svg>"]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("make-demo", "encode", "score", "table"))
+    parser.add_argument("stage", choices=("make-demo", "encode", "score", "table", "plot"))
     parser.add_argument("--minutes", type=float, default=26.0)
     parser.add_argument("--seed", type=int, default=4242, help="make-demo: 4242 the evaluation file, others training")
     parser.add_argument("--work", type=Path, required=True)
@@ -197,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         for decay in args.decay:
             run = score_run(args.work, f"ttt_decay_{decay:g}", decayed_checkpoint(args.work, decay))
             print(f"decay {decay:g}: {run['seconds']:.0f} s")
+    elif args.stage == "plot":
+        (args.work / "long_drift.svg").write_text(plot(args.work))
+        print(args.work / "long_drift.svg")
     else:
         print(table(args.work))
     return 0

@@ -6,6 +6,7 @@ Each measure is the repo's own command run in a process of its own (one thread),
     summary.txt      `research.natural_eval summary`: readings 1 / 2+3 and whole clips, TTT against the fair baseline
     ceiling.txt      `research.natural_eval ceiling`: what an ideal copy of reading 1 could gain with this codec
     long_table.md    `research.long_drift`: the 30-minute file per 2,000-token bin, with the drift of W1
+                     (L/long_drift.svg: its figure)
     codec.txt        the codec stage's own measures (agreement under random offsets, mel distance, streaming check)
     files.md         sizes and SHA-256 of OUT's files (OUT/SHA256SUMS is written too)
 MANIFEST.md is written by hand from these files (its figures cite them).
@@ -71,6 +72,7 @@ def evaluate(work: Path, out: Path, log) -> dict[str, str]:
                                  str(out / "fair_baseline"), "--checkpoint", str(out / "ttt"),
                                  "--name", "ttt"])  # fmt: skip
     results["long_table.md"] = _run("research.long_drift", ["table", "--work", str(long)])
+    _run("research.long_drift", ["plot", "--work", str(long)])  # L/long_drift.svg
     log("eval: long file")
     codec_log = work / "codec" / "log.txt"
     results["codec.txt"] = codec_log.read_text() if codec_log.exists() else "(no codec log: stage codes kept a codec)\n"
