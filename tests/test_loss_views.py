@@ -120,22 +120,21 @@ def test_views_go_to_results_json_csv_and_the_report(tmp_path):
 
 
 # The older TTT fork's own code (tests/data/legacy_fork/README.md, "Loss and minimal-pair figures"), run outside the
-# repository on its mlp3_full checkpoint and the first 200 frames of demo_plain.wav encoded by tiny_mimi():
+# repository on its mlp3_full checkpoint and the first 200 frames of the v1 demo_plain.wav encoded by tiny_mimi() (those
+# codes are kept in tests/data/legacy_fork/v1_demo_plain_200_codes.json: the demo clips were rebuilt for issue 21):
 FORK_LOSS_PY = {1.0: 3.418752908706665, 100.0: 4.1427178382873535}  # finetune/loss.py, audio, padding text
 FORK_COMPUTE_LIKELIHOOD = 3.398691415786743  # paper_metrics._compute_likelihood: zero text, codebook 0 x100
 
 
 def test_the_older_forks_loss_and_minimal_pair_figures_are_reproduced_with_its_conventions():
-    import soundfile as sf
-    from tiny_mimi import tiny_mimi
+    import json
 
     from moshi_ttt import load
     from moshi_ttt.benchmarks.minimal_pairs import clip_score
 
     root = Path(__file__).resolve().parent.parent
-    wav, _ = sf.read(root / "demo_assets" / "demo_plain.wav", dtype="float32")
-    with torch.no_grad():
-        codes = tiny_mimi().encode(torch.from_numpy(wav[: 200 * 1920])[None, None])  # [1, 8, 200]
+    kept = json.loads((root / "tests" / "data" / "legacy_fork" / "v1_demo_plain_200_codes.json").read_text())
+    codes = torch.tensor(kept["codes"])[None]  # [1, 8, 200]
     model = load(root / "tests" / "data" / "legacy_fork" / "mlp3_full").model
     ids = (model.text_padding_token_id, model.end_of_text_padding_id)
     for multiplier, expected in FORK_LOSS_PY.items():

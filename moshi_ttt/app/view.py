@@ -13,7 +13,7 @@ from moshi_ttt.data.decode import Reconstruction
 from moshi_ttt.reports import headline
 
 DEMO_MODELS = (
-    "**The models here are tiny demo models**, not Moshi 7B: about 1.7 M parameters each, trained for this page on "
+    "**The models here are tiny demo models**, not Moshi 7B: 1.6 M and 1.8 M parameters, trained for this page on "
     "synthetic speech (espeak-ng and flite voices; demo_assets/MANIFEST.md). They show the mechanism, not the quality "
     "of a real Moshi. Their memory is weak on natural speech: on held-out clips the 2nd and 3rd readings of a passage "
     "score about 1% to 5% below the baseline, and far more only where the codes repeat exactly. The command line "
