@@ -184,8 +184,8 @@ def score(r: dict) -> float:
 
 
 def stage_teacher(args, log, train, heldout) -> None:
-    results = {"shipped codec": measure(load_codec(REPO / "demo_assets" / "codec"), heldout)}
-    log(summary("shipped codec", results["shipped codec"]))
+    results = {"demo_assets codec": measure(load_codec(REPO / "demo_assets" / "codec"), heldout)}
+    log(summary("demo_assets codec", results["demo_assets codec"]))
     best = None
     for width in args.widths:
         feats = torch.cat([causal_features(torch.from_numpy(a)[None], width)[0] for a in train])
