@@ -100,7 +100,8 @@ RECONSTRUCTION_HELP = (
     "The models never hear the waveform: they read the codes the codec (Mimi) gives for it. This decodes those "
     "codes back to audio with the codec's own decoder: the clip chosen above, as the Run button with these settings "
     "encodes it (the baseline's codec, at most Max duration). How close it sounds to your clip depends on the "
-    "codec: moshi's Mimi gives recognisable speech, a codec whose decoder was never trained gives noise."
+    "codec: moshi's Mimi gives recognisable speech; the demo codec's small decoder, trained to give back the mel "
+    "spectrogram, gives rough, speech-like audio; a codec whose decoder was never trained gives noise."
 )
 RECONSTRUCTION_BUTTON = "Decode the codes"
 RECONSTRUCTION_WORKING = "Working: encoding the clip and decoding its codes…"
