@@ -1,5 +1,9 @@
 """Bit-identity of the demo build's training (stage joint) before and after the recipe moved into the library.
 
+Pinned to the v1 build (scripts/build_demo_assets.py before commit 3a85f14, with JOINT_RECIPE and the work/corpus,
+work/short layout): run it from a checkout of that build. The v2 build trains with research/recipe_long_carry.py,
+whose bit-identity to the research run is recorded in demo_assets/MANIFEST.md ("Reproducibility").
+
 Runs `build_demo_assets --stage joint` on a small synthetic work dir (random codes with repeated passages: no
 espeak-ng, no codec) with the code of an earlier commit (default bc785c4: scripts/recipe_joint.py, extracted with
 `git archive` into a scratch folder, its own moshi_ttt included) and with this tree (moshi_ttt.training through

@@ -163,9 +163,52 @@ class TeacherCodec:
         return self.quantizer.encode(self.teacher(x[:, 0]))
 
 
+# The demo codec's shape (v1's, kept by v2): Mimi's SEANet ratios, one projected transformer layer each side, split
+# RVQ of 1 + 7 codebooks of 256; SEANet's filters are the one choice (--n-filters).
+CODEC_SHAPE = {
+    "channels": 1,
+    "frame_rate": 12.5,
+    "num_codebooks": 8,
+    "quantizer": {"bins": 256, "dimension": 32, "input_dimension": 64, "n_q": 8, "output_dimension": 64},
+    "sample_rate": 24000,
+    "seanet": {
+        "activation": "ELU",
+        "causal": True,
+        "channels": 1,
+        "compress": 2,
+        "dilation_base": 2,
+        "dimension": 64,
+        "disable_norm_outer_blocks": 0,
+        "kernel_size": 7,
+        "last_kernel_size": 3,
+        "n_residual_layers": 1,
+        "norm": "none",
+        "pad_mode": "constant",
+        "ratios": [8, 6, 5, 4],
+        "residual_kernel_size": 3,
+        "true_skip": True,
+    },
+    "transformer": {
+        "causal": True,
+        "context": 250,
+        "conv_layout": True,
+        "d_model": 64,
+        "dim_feedforward": 128,
+        "gating": "none",
+        "input_dimension": 64,
+        "layer_scale": 0.01,
+        "max_period": 10000,
+        "norm": "layer_norm",
+        "num_heads": 4,
+        "num_layers": 1,
+        "output_dimensions": [64],
+        "positional_embedding": "rope",
+    },
+}
+
+
 def codec_config(n_filters: int) -> dict:
-    config = json.loads((REPO / "demo_assets" / "codec" / "config.json").read_text())
-    config = {k: v for k, v in config.items() if k not in ("format", "version")}
+    config = copy.deepcopy(CODEC_SHAPE)
     config["seanet"]["n_filters"] = n_filters
     return config
 
@@ -184,7 +227,7 @@ def score(r: dict) -> float:
 
 
 def stage_teacher(args, log, train, heldout) -> None:
-    results = {"demo_assets codec": measure(load_codec(REPO / "demo_assets" / "codec"), heldout)}
+    results = {"demo_assets codec": measure(load_codec(REPO / "demo_assets" / "codec"), heldout)}  # for comparison
     log(summary("demo_assets codec", results["demo_assets codec"]))
     best = None
     for width in args.widths:

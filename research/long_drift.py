@@ -7,6 +7,7 @@ Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
     python -m research.long_drift encode --work W            # W/long.wav -> W/long_codes.pt (demo_assets/codec)
     python -m research.long_drift score --work W --decay 0 0.01 0.03 --baseline
     python -m research.long_drift table --work W
+    python -m research.long_drift plot --work W              # W/long_drift.svg: loss per bin, drift per update
     # the demo corpus's own kind of speech (its six espeak-ng voices and grammar, unseen sentences, no noise):
     python -m research.long_drift make-demo --work W2 --minutes 26 && python -m research.long_drift encode --work W2
 """
@@ -189,7 +190,7 @@ def plot(work: Path) -> str:
     pad = 0.1 * (hi - lo or 1.0)
     top, bottom = (70, 40, 620, 200), (70, 300, 620, 200)
     drifts = {n: r for n, r in runs.items() if "drift_W1" in r}
-    d_hi = max([max(r["drift_W1"] + r["drift_W2"]) for r in drifts.values()] or [1.0]) * 1.1
+    d_hi = max([max(r["drift_W1"] + r["drift_W2"]) for r in drifts.values()] or [1.0]) * 1.1 or 1.0
     parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="720" height="560" font-family="sans-serif" '
              'font-size="12"><rect width="720" height="560" fill="white"/>',
              f'<text x="70" y="28">Mean loss per 2,000-token bin (nats), {minutes:.1f}-minute file</text>',

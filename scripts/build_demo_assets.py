@@ -12,16 +12,16 @@ one thread, seeded; each stage caches its outputs in --work (outside the repo) a
 (from the repo root). Stages, each the research pipeline's command with its arguments pinned here:
     corpus  WORK/train: `research.natural_mix audio` (TRAIN_AUDIO); WORK/heldout/{R1,R2,P,L}: the held-out
             evaluation sets (HELDOUT); OUT/demo_repeat and OUT/demo_plain (.wav, .txt: scripts/demo_clips.py)
-    codec   `research.codec_distill` stages teacher, student, decoder (CODEC_ARGS) in WORK/codec; OUT/codec is its
-            decoder codec (the codes codec's encoder and codebooks, checked, plus a trained decoder)
-    codes   instead of codec: keep the codec already in OUT (no training), then as encode
-    encode  every clip of WORK/train/{short,work} encoded with OUT/codec (`research.natural_mix codes`)
+    codec   `research.codec_distill` stages teacher, student, decoder, check (CODEC_ARGS) in WORK/codec; OUT/codec
+            is its decoder codec (the codes codec's encoder and codebooks, checked, plus a trained decoder)
+    encode  every clip of WORK/train/{short,work} encoded with OUT/codec (`research.natural_mix codes`); run alone,
+            it encodes with whatever codec OUT holds
     joint   `research.recipe_long_carry` (JOINT_ARGS, JOINT_STEPS steps) for the TTT model and its fair baseline,
-            saved to OUT/ttt and OUT/fair_baseline (mimi_ref "../codec"); --variant trains one (both at once on 2
-            cores: two processes), without it both run as two processes at once
-    eval    `moshi_ttt.evaluate` on R1, R2, P, the long file per 2,000-token bin, the codec's measures, load time
-            and the codec's own measures (scripts/demo_eval.py) into WORK/eval, OUT/SHA256SUMS; MANIFEST.md is
-            written by hand from WORK/eval
+            saved to OUT/ttt and OUT/fair_baseline (mimi_ref "../codec"): two processes at once, one per model
+            (--variant: only that one)
+    eval    scripts/demo_eval.py into WORK/eval: `moshi_ttt.evaluate` on R1, R2, P and the demo clips, the copy
+            ceiling, the long file per 2,000-token bin with its figure, the codec stage's log, OUT/SHA256SUMS;
+            MANIFEST.md is written by hand from WORK/eval
 --tiny: a smoke run (few clips, a few codec and LM steps, a 4-minute long file); never into demo_assets/.
 Bit-stability holds for one thread on the same machine and torch build (the research run used one thread).
 """
@@ -29,6 +29,7 @@ Bit-stability holds for one thread on the same machine and torch build (the rese
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -42,9 +43,11 @@ STAGES = ("corpus", "codec", "encode", "joint", "eval")
 VARIANTS = ("ttt", "fair_baseline")
 
 # ---- corpus (research/natural_mix.py, natural_corpus.py, natural_eval.py) ----
+# The research run had `--long 2 --long-minutes 12`; its long files are drawn after every other clip and were not
+# used (stream rows 0), so `--long 0` gives the same clips.
 TRAIN_AUDIO = ["--short", "1200", "--aligned-short", "400", "--repeat", "60", "--plain", "150", "--long", "0",
                "--seed", "9090"]  # fmt: skip
-HELDOUT = {  # name -> (module, argv after --out)
+HELDOUT = {  # name -> (module, [subcommand, the arguments after --out])
     "R1": ("research.natural_corpus", ["repeat", "--count", "8", "--split", "heldout", "--seed", "707"]),
     "R2": ("research.natural_corpus", ["repeat", "--count", "8", "--split", "heldout", "--seed", "808"]),
     "P": ("research.natural_eval", ["plain", "--count", "6", "--seed", "11"]),
@@ -70,7 +73,7 @@ TINY_CODEC_ARGS = ["--train-clips", "4", "--widths", "240", "--layouts", "global
 # ---- joint (research/recipe_long_carry.py) ----
 # The research run had --steps 4000 --fit-minutes 55 --minutes 70: the TTT process fixed the steps at its step 20
 # (SAVE/steps.txt). The schedule up to step 20 does not depend on the total (warm-up 30 steps, the peak held for half
-# the steps), so `--steps N` without --fit-minutes gives the same weights. Set JOINT_STEPS to that N.
+# the steps), so `--steps N` without --fit-minutes gives the same weights: N was 4000, the --steps cap.
 JOINT_STEPS = 4000
 JOINT_ARGS = ["--clip-rows", "6", "--stream-rows", "0", "--seq-len", "416", "--short-frac", "0.5", "--copy-frac",
               "0.34", "--decay", "0.04", "--decay-start", "0.5", "--val", "6", "--eval-every", "100"]  # fmt: skip
@@ -81,18 +84,18 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {msg}", flush=True)
 
 
-def run_module(module: str, argv: list[str], threads: int, logfile: Path | None = None) -> subprocess.Popen:
-    """`python -m module argv` from the repo root, `threads` threads, output to `logfile` (or ours)."""
-    env = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    out = logfile.open("w") if logfile else None
-    return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO, env=env, stdout=out,
-                            stderr=subprocess.STDOUT if out else None)  # fmt: skip
-
-
-def check(*procs: subprocess.Popen) -> None:
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"a stage process failed: {[' '.join(p.args[2:4]) for p in procs]} exit {codes}")
+def run_logged(runs: dict[str, tuple[str, list[str], Path]]) -> None:
+    """Runs `python -m module argv` for each {name: (module, argv, logfile)} at once, from the repo root on one
+    thread each, output to its log file; raises naming the runs that failed and their logs."""
+    env = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with contextlib.ExitStack() as stack:
+        procs = {name: subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO, env=env,
+                                        stdout=stack.enter_context(log_path.open("w")), stderr=subprocess.STDOUT)
+                 for name, (module, argv, log_path) in runs.items()}  # fmt: skip
+        failed = {name: p.wait() for name, p in procs.items()}
+    failed = {name: code for name, code in failed.items() if code}
+    if failed:
+        raise RuntimeError("; ".join(f"{name} exited {code} (log: {runs[name][2]})" for name, code in failed.items()))
 
 
 # ---------------------------------------------------------------- corpus
@@ -147,22 +150,21 @@ def stage_encode(args) -> None:
 
     if not (args.out / "codec" / "config.json").exists():
         raise FileNotFoundError(f"no codec in {args.out / 'codec'}: run stage codec first")
+    missing = [p for p in ("short", "work") if not (args.work / "train" / p / "corpus" / "index.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no training clips in {args.work / 'train'} ({', '.join(missing)}): run stage corpus")
     natural_mix.main(["codes", "--out", str(args.work / "train"), "--codec", str(args.out / "codec")])
 
 
 # ---------------------------------------------------------------- joint
 def stage_joint(args) -> None:
     steps = TINY_JOINT_STEPS if args.tiny else JOINT_STEPS
-    if steps <= 0:
-        raise SystemExit("JOINT_STEPS is 0: set it in scripts/build_demo_assets.py to the research run's step count "
-                         "(its SAVE/steps.txt) before stage joint")  # fmt: skip
     save = args.work / "joint"
     common = ["--data", str(args.work / "train"), "--codec", str(args.out / "codec"), "--steps", str(steps),
               *JOINT_ARGS, "--seed", str(args.seed), "--save", str(save), "--mimi-ref", "../codec"]  # fmt: skip
     variants = (args.variant,) if args.variant else VARIANTS
     save.mkdir(parents=True, exist_ok=True)
-    procs = [run_module("research.recipe_long_carry", [*common, "--kind", v], 1, save / f"{v}.log") for v in variants]
-    check(*procs)
+    run_logged({v: ("research.recipe_long_carry", [*common, "--kind", v], save / f"{v}.log") for v in variants})
     for v in variants:
         if (args.out / v).exists():
             shutil.rmtree(args.out / v)
@@ -181,11 +183,10 @@ def stage_eval(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=[*STAGES, "codes", "all"], default="all")
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     parser.add_argument("--work", type=Path, default=Path("/tmp/demo_work"), help="cache of the stages' outputs")
     parser.add_argument("--out", type=Path, default=REPO / "demo_assets", help="where the assets go")
     parser.add_argument("--seed", type=int, default=0, help="codec and LM seed (the corpus seeds are pinned above)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of stages encode and eval")
     parser.add_argument("--variant", choices=VARIANTS, help="stage joint: train only this model")
     parser.add_argument("--tiny", action="store_true", help="smoke run: few clips, few steps (not into demo_assets)")
     args = parser.parse_args(argv)
@@ -193,15 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tiny never writes demo_assets/: give --out")
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # one thread: what bit-stability needs (every stage's process runs on one)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stages = {"corpus": stage_corpus, "codec": stage_codec, "codes": stage_encode, "encode": stage_encode,
+    stages = {"corpus": stage_corpus, "codec": stage_codec, "encode": stage_encode,
               "joint": stage_joint, "eval": stage_eval}  # fmt: skip
     timings = {}
     for stage in STAGES if args.stage == "all" else (args.stage,):
         start = time.time()
-        log(f"stage {stage}{' (the codec already in ' + str(args.out / 'codec') + ')' if stage == 'codes' else ''}")
+        log(f"stage {stage}")
         stages[stage](args)
         timings[stage] = time.time() - start
         log(f"stage {stage} done in {timings[stage]:.0f} s wall")
@@ -209,10 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         path = args.work / f"timings{suffix}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**old, stage: timings[stage]}, indent=1))
-    commands = args.work / "commands.json"
-    old_commands = json.loads(commands.read_text()) if commands.exists() else {}
-    command = "python -m scripts.build_demo_assets " + " ".join(sys.argv[1:] if argv is None else argv)
-    commands.write_text(json.dumps({**old_commands, f"{args.stage} {args.variant or ''}".strip(): command}, indent=1))
     return 0
 
 

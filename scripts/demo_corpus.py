@@ -2,7 +2,7 @@
 
 Needs the `espeak-ng` program (Debian/Ubuntu: `apt-get install espeak-ng`). espeak-ng is deterministic: the same
 text, voice, speed and pitch give the same samples, which is what makes the corpus (and its checksums) reproducible.
-Used by scripts/build_demo_assets.py; not part of the library.
+Used by the v1 build of scripts/build_demo_assets.py and by research scripts; not part of the library.
 """
 
 from __future__ import annotations

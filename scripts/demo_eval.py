@@ -25,14 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 SUMMED = ("MANIFEST.md", "SHA256SUMS")
 
 
-def _run(module: str, argv: list[str], out: Path | None = None) -> str:
-    """`python -m module argv` from the repo root on one thread; its stdout (also written to `out`)."""
+def _run(module: str, argv: list[str]) -> str:
+    """`python -m module argv` from the repo root on one thread; its stdout."""
     env = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"python -m {module} {' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    if out is not None:
-        out.write_text(done.stdout)
     return done.stdout
 
 

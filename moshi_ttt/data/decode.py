@@ -16,6 +16,7 @@ memory flat in the clip's length: each call's samples go to the file as they com
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -47,7 +48,7 @@ class Reconstruction:
     sample_rate: int  # Hz (Mimi's 24 kHz)
     peak: float  # largest |sample| the decoder gave, before clipping to [-1, 1]
     clipped_samples: int  # samples beyond [-1, 1], written clipped to it
-    decode_s: float  # seconds spent decoding and writing
+    decode_s: float  # seconds spent decoding and writing (and making the codes, when they come from a generator)
 
     @property
     def duration_s(self) -> float:
@@ -197,8 +198,12 @@ def decode_to_wav(
     handle, partial = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".wav", dir=path.parent)
     os.close(handle)
     try:
-        with sf.SoundFile(partial, "w", samplerate=SAMPLE_RATE, channels=1, subtype=WAV_SUBTYPE, format="WAV") as out:
-            for samples in decode_blocks(mimi, blocks, frames_per_call=frames_per_call, lock=lock):
+        decoded = decode_blocks(mimi, blocks, frames_per_call=frames_per_call, lock=lock)
+        with (
+            contextlib.closing(decoded),  # leaves the codec's streaming session at once, also after an error
+            sf.SoundFile(partial, "w", samplerate=SAMPLE_RATE, channels=1, subtype=WAV_SUBTYPE, format="WAV") as out,
+        ):
+            for samples in decoded:
                 if not torch.isfinite(samples).all():
                     raise ValueError(f"the codec's decoder gave NaN or infinite samples after "
                                      f"{num_samples / SAMPLE_RATE:.1f} s of audio")  # fmt: skip
