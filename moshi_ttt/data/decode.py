@@ -150,12 +150,8 @@ def decode_blocks(
     Yields:
         samples [m] float32 at 24 kHz on the codec's device; 1920 per frame of codes in all.
     """
-    with StreamDecoder(mimi, frames_per_call=frames_per_call, lock=lock, exact_window=exact_window) as decoder:
-        for block in blocks:
-            yield from decoder.push(block)
-        last = decoder.finish()
-    if last is not None:
-        yield last
+    decoder = StreamDecoder(mimi, frames_per_call=frames_per_call, lock=lock, exact_window=exact_window)
+    yield from decoder.through(blocks)
 
 
 def decode_to_wav(

@@ -111,6 +111,16 @@ class CodecStream:
                 self.state = state if any(v is not None for v in state.values()) else None
                 self.mimi.set_streaming_state(dict.fromkeys(state))
 
+    def through(self, blocks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Opens the session, pushes every block, finishes it: each output as it comes (a subclass's `push` and
+        `finish`: codes of samples, or samples of codes). Closing the generator leaves the session."""
+        with self:
+            for block in blocks:
+                yield from self.push(block)
+            last = self.finish()
+        if last is not None:
+            yield last
+
 
 class StreamEncoder(CodecStream):
     """moshi's streaming Mimi fed blocks of any length; gives the codes of each whole call as soon as it is complete.
@@ -180,12 +190,8 @@ def encode_blocks(
     Yields:
         codes [1, K, f] long on the codec's device; ceil(N / 1920) frames in all for N samples.
     """
-    with StreamEncoder(mimi, frames_per_call=frames_per_call, lock=lock, exact_window=exact_window) as encoder:
-        for block in blocks:
-            yield from encoder.push(block)
-        last = encoder.finish()
-    if last is not None:
-        yield last
+    encoder = StreamEncoder(mimi, frames_per_call=frames_per_call, lock=lock, exact_window=exact_window)
+    yield from encoder.through(blocks)
 
 
 def encode_file(mimi: MimiModel, info: AudioInfo, **kwargs) -> torch.Tensor:
