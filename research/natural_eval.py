@@ -7,6 +7,7 @@ Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
     python -m research.natural_eval summary E [E2 ...]                    # readings 1 / 2+3 and whole clips
     python -m research.natural_eval copyable R --codec C                  # what a perfect copy could predict
     python -m research.natural_eval ceiling R --baseline B [--ttt T]      # the loss a copying memory could reach
+    python -m research.natural_eval fuzzy R --baseline B [--ttt T]        # ... copying nearby frames or codes too
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ def _repeat_frames(meta: dict) -> list[tuple[int, int, int]]:
     return [(round(s1 / 1920) + 1, round(s / 1920) + 1, (e1 - s1) // 1920 - 2) for s, _ in later]
 
 
-def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
-    """The loss of the readings 2+3 frames of `copyable` that a memory copying reading 1 could reach on top of the
-    baseline: per codebook k the mixture p = a_k [x = copy] + (1 - a_k) p_base(x) (a proper distribution), a_k
-    fitted on these very frames (an upper bound for any copy of the aligned code). Codes from the baseline's codec
-    (moshi's streaming encoding, as `moshi_ttt.evaluate`), losses from chunked teacher-forced scoring."""
+def _aligned(clips: Path, baseline: Path, ttt: Path | None, window: int):
+    """Per reading 2 or 3 of every clip (frames of `_repeat_frames`, moved in by `window` where reading 1 starts
+    too early): the baseline's loss of each code [K, n], the codes [K, n], reading 1's codes at the aligned frame
+    shifted by -window..window [2 window + 1, K, n] and the TTT model's loss [K, n] (None without --ttt); the
+    baseline's codec (moshi's streaming encoding, as `moshi_ttt.evaluate`) and chunked teacher-forced scoring."""
     import torch
 
     from moshi_ttt import load, score
@@ -67,20 +68,32 @@ def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
     other = load(str(ttt)) if ttt is not None else None
     if other is not None and other.mimi_ref != base.mimi_ref:
         raise ValueError(f"{ttt} reads codes of {other.mimi_ref}, {baseline} of {base.mimi_ref}: not one codec")
-    index = json.loads((clips / "index.json").read_text())
-    base_p, match, ttt_loss = [], [], []
+    index, rows = json.loads((clips / "index.json").read_text()), []
     with torch.no_grad():
         for name, meta in index.items():
             audio, _ = sf.read(clips / f"{name}.wav", dtype="float32")
-            codes = encode_streaming(base.mimi, torch.from_numpy(audio))
-            loss = score(base.model, codes, mode="chunked").loss[0]  # [K, T]
-            loss_ttt = score(other.model, codes, mode="chunked").loss[0] if other is not None else None
+            codes = encode_streaming(base.mimi, torch.from_numpy(audio))[0]  # [K, T]
+            loss = score(base.model, codes[None], mode="chunked").loss[0].double()  # [K, T]
+            loss_ttt = score(other.model, codes[None], mode="chunked").loss[0].double() if other is not None else None
             for a, b, n in _repeat_frames(meta):
-                base_p.append(torch.exp(-loss[:, b : b + n].double()))
-                match.append((codes[0, :, a : a + n] == codes[0, :, b : b + n]).double())
-                if loss_ttt is not None:
-                    ttt_loss.append(loss_ttt[:, b : b + n].double())
-    p, m = torch.cat(base_p, -1), torch.cat(match, -1)  # [K, frames]
+                if a < window:
+                    a, b, n = window, b + window - a, n - (window - a)
+                ctx = torch.stack([codes[:, a + s : a + s + n] for s in range(-window, window + 1)])
+                rows.append((loss[:, b : b + n], codes[:, b : b + n], ctx,
+                             None if loss_ttt is None else loss_ttt[:, b : b + n]))  # fmt: skip
+    return base, rows
+
+
+def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
+    """The loss of the readings 2+3 frames of `copyable` that a memory copying reading 1 could reach on top of the
+    baseline: per codebook k the mixture p = a_k [x = copy] + (1 - a_k) p_base(x) (a proper distribution), a_k
+    fitted on these very frames (an upper bound for any copy of the aligned code). Codes from the baseline's codec
+    (moshi's streaming encoding, as `moshi_ttt.evaluate`), losses from chunked teacher-forced scoring."""
+    import torch
+
+    _, rows = _aligned(clips, baseline, ttt, 0)
+    p = torch.cat([torch.exp(-loss) for loss, *_ in rows], -1)  # [K, frames]
+    m = torch.cat([(ctx[0] == x).double() for _, x, ctx, _ in rows], -1)
     valid = torch.isfinite(p)
     p, m = torch.where(valid, p, 1.0), torch.where(valid, m, 0.0)
 
@@ -94,9 +107,74 @@ def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
            "a_per_codebook": [round(float(grid[i]), 2) for i in at], "baseline_loss": round(base_loss, 4),
            "ceiling_loss": round(float(best.mean()), 4),
            "ceiling_gain_pct": round(100 * (1 - float(best.mean()) / base_loss), 2)}  # fmt: skip
-    if ttt_loss:
-        ttt_mean = float(mean(torch.cat(ttt_loss, -1)).mean())
+    if ttt is not None:
+        ttt_mean = float(mean(torch.cat([t for *_, t in rows], -1)).mean())
         out |= {"ttt_loss": round(ttt_mean, 4), "ttt_gain_pct": round(100 * (1 - ttt_mean / base_loss), 2)}
+    return out
+
+
+def fuzzy_ceiling(clips: Path, baseline: Path, ttt: Path | None = None, window: int = 2) -> dict:
+    """`ceiling` for fuzzier copies: a memory that may copy reading 1's code from a frame up to `window` frames
+    off the aligned one, and one that puts its mass on codes *near* the copied one (a kernel over the codebook's
+    codewords). Per codebook k, p = w_0 p_base(x) + sum_s w_s K_tau(x | code of reading 1 at aligned + s), where
+    K_tau(x | c) is proportional to exp(-|e_x - e_c|^2 / tau) over the codebook's entries e (tau -> 0: the exact copy),
+    weights and tau fitted (L-BFGS) on these very frames: an upper bound for such a memory. Frames where any
+    codebook's baseline probability underflows are dropped (none on the sets measured)."""
+    import torch
+
+    base, rows = _aligned(clips, baseline, ttt, window)
+    quantizer = base.mimi.quantizer
+    books = [quantizer.rvq_first.vq.layers[0]._codebook.embedding]
+    books += [layer._codebook.embedding for layer in quantizer.rvq_rest.vq.layers]
+    dist = torch.stack([((e.double()[:, None] - e.double()[None]) ** 2).sum(-1) for e in books])  # [K, bins, bins]
+    p = torch.cat([torch.exp(-loss) for loss, *_ in rows], -1)  # [K, N]
+    x = torch.cat([codes for _, codes, *_ in rows], -1)
+    ctx = torch.cat([c for *_, c, _ in rows], -1)  # [2 window + 1, K, N]
+    keep = torch.isfinite(p).all(0) & (p > 0).all(0)
+    p, x, ctx = p[:, keep], x[:, keep], ctx[:, :, keep]
+    base_loss = float(-p.log().mean())
+
+    def fit(k: int, offsets: list[int], kernel: bool) -> float:
+        sq = torch.stack([dist[k][ctx[window + s, k], x[k]] for s in offsets])  # [S, N]
+        rows_of = [dist[k][ctx[window + s, k]] for s in offsets]  # [N, bins] each
+        scale = dist[k][dist[k] > 0].median()
+        logits = torch.zeros(len(offsets) + 1, dtype=torch.float64, requires_grad=True)
+        log_tau = torch.zeros((), dtype=torch.float64, requires_grad=True)
+
+        def nll() -> torch.Tensor:  # in log space: a narrow kernel underflows
+            log_w = torch.log_softmax(logits, 0)
+            if kernel:
+                tau = scale * torch.exp(log_tau.clamp(-30.0, 10.0))
+                log_kern = torch.stack([-sq[j] / tau - torch.logsumexp(-r / tau, -1) for j, r in enumerate(rows_of)])
+            else:
+                log_kern = torch.where(sq == 0, 0.0, -torch.inf)
+            terms = torch.cat([(log_w[0] + p[k].log())[None], log_w[1:, None] + log_kern])
+            return -torch.logsumexp(terms, 0).mean()
+
+        opt = torch.optim.LBFGS([logits, log_tau], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = nll()
+            value.backward()
+            return value
+
+        for _ in range(3):
+            opt.step(closure)
+        with torch.no_grad():
+            return float(nll())
+
+    out = {"frames": int(keep.sum()), "window": window, "baseline_loss": round(base_loss, 4)}
+    out["copyable_aligned"] = [round(float(v), 3) for v in (ctx[window] == x).double().mean(-1)]
+    out["copyable_in_window"] = [round(float(v), 3) for v in (ctx == x).any(0).double().mean(-1)]
+    near = list(range(-window, window + 1))
+    for name, offsets, kernel in (("exact", [0], False), ("exact_window", near, False), ("kernel", [0], True),
+                                  ("kernel_window", near, True)):  # fmt: skip
+        loss = sum(fit(k, offsets, kernel) for k in range(p.shape[0])) / p.shape[0]
+        out[f"{name}_gain_pct"] = round(100 * (1 - loss / base_loss), 2)
+    if ttt is not None:
+        ttt_mean = float(torch.cat([t for *_, t in rows], -1)[:, keep].mean())
+        out["ttt_gain_pct"] = round(100 * (1 - ttt_mean / base_loss), 2)
     return out
 
 
@@ -121,9 +199,10 @@ def copyable(clips: Path, codec: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("plain", "summary", "copyable", "ceiling"))
+    parser.add_argument("stage", choices=("plain", "summary", "copyable", "ceiling", "fuzzy"))
     parser.add_argument("--baseline", type=Path, help="ceiling: the baseline checkpoint")
     parser.add_argument("--ttt", type=Path, help="ceiling: a TTT checkpoint scored on the same frames")
+    parser.add_argument("--window", type=int, default=2, help="fuzzy: frames either side of the aligned one")
     parser.add_argument("--codec", type=Path, default=Path("demo_assets/codec"))
     parser.add_argument("paths", type=Path, nargs="*")
     parser.add_argument("--out", type=Path)
@@ -142,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.paths:
         if args.stage == "ceiling":
             print(path, json.dumps(ceiling(path, args.baseline, args.ttt)), flush=True)
+            continue
+        if args.stage == "fuzzy":
+            print(path, json.dumps(fuzzy_ceiling(path, args.baseline, args.ttt, args.window)), flush=True)
             continue
         print(path, json.dumps(summary(path) if args.stage == "summary" else copyable(path, args.codec)))
     return 0
