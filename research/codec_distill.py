@@ -124,6 +124,12 @@ def fit_teacher(feats: torch.Tensor, width_ms: float, layout: str) -> Teacher:
     return Teacher(width_ms, mean, std, A, layout)
 
 
+def quantizer_layers(mimi) -> list:
+    """moshi's `SplitResidualVectorQuantizer` stages in code order: the semantic one, then the 7 acoustic ones (each
+    holds its codewords in `layer._codebook`)."""
+    return [mimi.quantizer.rvq_first.vq.layers[0], *mimi.quantizer.rvq_rest.vq.layers]
+
+
 def install_quantizer(mimi, z: torch.Tensor, iters: int, seed: int) -> None:
     """Sets mimi's split quantizer: input projections select z's halves, output projections put them back, the
     semantic codebook k-means of z[:, :32], acoustic stage k the k-means of z[:, 32 + 4k : 36 + 4k] embedded with
@@ -142,8 +148,7 @@ def install_quantizer(mimi, z: torch.Tensor, iters: int, seed: int) -> None:
             book = torch.zeros(256, 32)
             book[:, GDIM * g : GDIM * (g + 1)] = sub
             books.append(book)
-        layers = [q.rvq_first.vq.layers[0]] + list(q.rvq_rest.vq.layers)
-        for layer, book in zip(layers, books, strict=True):
+        for layer, book in zip(quantizer_layers(mimi), books, strict=True):
             cb = layer._codebook
             cb.embedding_sum.copy_(book)
             cb.cluster_usage.fill_(1.0)
@@ -347,7 +352,7 @@ def stage_student(args, log, train, heldout) -> None:
         same &= bool(torch.equal(codes, reloaded.encode(x)))
         # the codes expected of a product quantizer: per subspace nearest codeword of the latent
         z = mimi._encode_to_unquantized_latent(x)[0].T
-        layers = [mimi.quantizer.rvq_first.vq.layers[0]] + list(mimi.quantizer.rvq_rest.vq.layers)
+        layers = quantizer_layers(mimi)
         expect = [torch.cdist(z[:, :SEM], layers[0]._codebook.embedding).argmin(-1)]
         for g in range(GROUPS):
             sl = slice(SEM + GDIM * g, SEM + GDIM * (g + 1))

@@ -23,13 +23,23 @@ from pathlib import Path
 import torch
 
 from moshi_ttt.data.codec import load_codec, save_codec
-from research.codec_distill import GDIM, GROUPS, SEM, crops, load_teacher, measure, optimise, summary
+from research.codec_distill import (
+    GDIM,
+    GROUPS,
+    SEM,
+    crops,
+    load_teacher,
+    measure,
+    optimise,
+    quantizer_layers,
+    summary,
+)
 from research.codec_training import make_audio
 
 
 def books(mimi) -> list[torch.Tensor]:
     """The codebooks as product-quantizer cells: [256, 32] semantic, then [256, 4] per acoustic group."""
-    layers = [mimi.quantizer.rvq_first.vq.layers[0]] + list(mimi.quantizer.rvq_rest.vq.layers)
+    layers = quantizer_layers(mimi)
     out = [layers[0]._codebook.embedding.detach()]
     out += [layers[g + 1]._codebook.embedding.detach()[:, GDIM * g : GDIM * (g + 1)] for g in range(GROUPS)]
     return out

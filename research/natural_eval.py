@@ -123,9 +123,9 @@ def fuzzy_ceiling(clips: Path, baseline: Path, ttt: Path | None = None, window: 
     import torch
 
     base, rows = _aligned(clips, baseline, ttt, window)
-    quantizer = base.mimi.quantizer
-    books = [quantizer.rvq_first.vq.layers[0]._codebook.embedding]
-    books += [layer._codebook.embedding for layer in quantizer.rvq_rest.vq.layers]
+    from research.codec_distill import quantizer_layers
+
+    books = [layer._codebook.embedding for layer in quantizer_layers(base.mimi)]
     dist = torch.stack([((e.double()[:, None] - e.double()[None]) ** 2).sum(-1) for e in books])  # [K, bins, bins]
     p = torch.cat([torch.exp(-loss) for loss, *_ in rows], -1)  # [K, N]
     x = torch.cat([codes for _, codes, *_ in rows], -1)
