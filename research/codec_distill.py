@@ -10,7 +10,8 @@ Design (teacher -> quantizer -> student -> decoder), all of it moshi's own class
    sees), normalised per band with the training set's global mean and std. A fixed linear map A [80, 64] gives the
    target latent z* = f A: dims 0..31 the top-32 PCA of f (the semantic split), dims 32..59 seven 4-dim groups (the
    acoustic split; "bands": the top-4 PCA of 7 groups of consecutive mel bands, or "global": global PCs 1..28 in
-   groups of 4), dims 60..63 zero.
+   groups of 4), dims 60..63 zero. `--shapes hann` weights the window with a Hann bump instead of uniformly (a mel
+   frame entering or leaving the window moves the average little: more agreement under offsets at equal persistence).
 2. Quantizer: moshi's `SplitResidualVectorQuantizer` (n_q 8, 256 bins, dimension 32, input dimension 64) with its
    input projections set to select z's halves, the semantic codebook k-means of z*[:32] (256 codes), and the 7
    acoustic stages a product quantizer: stage k's codewords are zero outside dims 4k..4k+3 of the acoustic half, so
@@ -19,7 +20,8 @@ Design (teacher -> quantizer -> student -> decoder), all of it moshi's own class
 3. Student: the MimiModel encoder path (SEANet encoder, encoder transformer, conv downsample) trained to regress z*
    (MSE on `_encode_to_unquantized_latent`) on random crops starting at a random sample of training clips
    (`codec_training.make_audio(31, "train", ...)`), the target computed on the same crop; light gain on the crop
-   and light noise on the input only.
+   and light noise on the input only. `--consistency L` adds L times the squared difference between the latents of
+   a crop and of the same crop moved by a random sub-frame offset (frame by frame; batches of such pairs).
 4. Measures (held-out `make_audio(32, "heldout", 6, 8.0)`, `codec_training`/`frontend_probe`'s functions): shipped
    codec, the teacher through the same quantizer (no network), the student codec.
 5. Decoder: SEANet decoder + decoder transformer + upsample + quantizer output projections trained from the frozen
@@ -72,10 +74,31 @@ _FB = mel_filters(N_FFT, N_MELS)
 _WINDOW = torch.hann_window(WIN)
 
 
-def causal_features(audio: torch.Tensor, width_ms: float) -> torch.Tensor:
+def window_weights(n: int, shape: str) -> torch.Tensor:
+    """[n] weights (sum 1, oldest first) of the teacher's averaging window over n mel frames: "box" (uniform) or
+    "hann" (a Hann bump that fades in and out, so a mel frame entering or leaving the window moves the average
+    little)."""
+    if shape == "box":
+        return torch.full((n,), 1.0 / n)
+    if shape == "hann":
+        w = torch.hann_window(n + 2, periodic=False, dtype=torch.float64)[1:-1]
+        return (w / w.sum()).float()
+    raise ValueError(f"unknown window shape {shape!r} (box or hann)")
+
+
+def causal_features(audio: torch.Tensor, width_ms: float, shape: str = "box") -> torch.Tensor:
     """[B, N] audio (N a multiple of 1920) -> [B, T, 80] log-mel averaged over the n = width / 10 ms mel frames whose
-    25 ms windows end at most 120 samples before each frame's end (zeros left of the clip)."""
+    25 ms windows end at most 120 samples before each frame's end (zeros left of the clip), uniformly ("box") or
+    with `window_weights(n, shape)`."""
     n = int(round(width_ms / 10))
+    if shape != "box":  # the box keeps its cumulative-sum path (bit-identical to the build of v2)
+        pad = max(PAD_MEL, n + 5)
+        x = torch.nn.functional.pad(audio, (pad * HOP, (N_FFT - WIN) // 2))
+        spec = torch.stft(x, N_FFT, HOP, WIN, _WINDOW, center=False, return_complex=True).abs() ** 2
+        mel = torch.log(_FB @ spec + 1e-6)  # [B, 80, K]
+        last = 8 * torch.arange(audio.shape[-1] // FRAME) + pad + 4
+        idx = last[:, None] - (n - 1) + torch.arange(n)  # [T, n] mel frames, oldest first
+        return (mel[..., idx] @ window_weights(n, shape)).transpose(1, 2)
     x = torch.nn.functional.pad(audio, (PAD_MEL * HOP, (N_FFT - WIN) // 2))  # right: zero-weight samples
     spec = torch.stft(x, N_FFT, HOP, WIN, _WINDOW, center=False, return_complex=True).abs() ** 2  # [B, F, K]
     mel = torch.log(_FB @ spec + 1e-6)  # [B, 80, K]; mel window k: samples [240 k + 212, 240 k + 812) - pad
@@ -88,15 +111,18 @@ def causal_features(audio: torch.Tensor, width_ms: float) -> torch.Tensor:
 class Teacher:
     """z* = ((features - mean) / std) @ A; a torch-saveable dict."""
 
-    def __init__(self, width_ms: float, mean: torch.Tensor, std: torch.Tensor, A: torch.Tensor, layout: str):
-        self.width_ms, self.mean, self.std, self.A, self.layout = width_ms, mean, std, A, layout
+    def __init__(
+        self, width_ms: float, mean: torch.Tensor, std: torch.Tensor, A: torch.Tensor, layout: str, shape: str = "box"
+    ):
+        self.width_ms, self.mean, self.std, self.A, self.layout, self.shape = width_ms, mean, std, A, layout, shape
 
     def __call__(self, audio: torch.Tensor) -> torch.Tensor:  # [B, N] -> [B, 64, T]
-        f = (causal_features(audio, self.width_ms) - self.mean) / self.std
+        f = (causal_features(audio, self.width_ms, self.shape) - self.mean) / self.std
         return (f @ self.A).transpose(1, 2)
 
     def state(self) -> dict:
-        return {"width_ms": self.width_ms, "mean": self.mean, "std": self.std, "A": self.A, "layout": self.layout}
+        return {"width_ms": self.width_ms, "mean": self.mean, "std": self.std, "A": self.A, "layout": self.layout,
+                "shape": self.shape}  # fmt: skip
 
 
 def pca(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,10 +133,16 @@ def pca(x: torch.Tensor, k: int) -> torch.Tensor:
     return v * torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
 
 
-def fit_teacher(feats: torch.Tensor, width_ms: float, layout: str) -> Teacher:
-    """feats [N, 80] raw training features -> the teacher's normalisation and map A [80, 64]."""
+def fit_teacher(
+    feats: torch.Tensor, width_ms: float, layout: str, shape: str = "box", min_band_std: float = 0.0
+) -> Teacher:
+    """feats [N, 80] raw training features -> the teacher's normalisation and map A [80, 64]. Bands whose raw std is
+    below `min_band_std` (those the training speech never reaches: above espeak-ng's 11 kHz, where a user's noise
+    then lands hundreds of stds away) are left out: zero rows of A."""
     mean, std = feats.mean(0), feats.std(0) + 1e-3
     f = (feats - mean) / std
+    dead = feats.std(0) < min_band_std
+    f[:, dead] = 0.0
     A = torch.zeros(N_MELS, 64)
     glob = pca(f, SEM + GROUPS * GDIM)
     A[:, :SEM] = glob[:, :SEM]
@@ -121,7 +153,8 @@ def fit_teacher(feats: torch.Tensor, width_ms: float, layout: str) -> Teacher:
         for g in range(GROUPS):
             lo, hi = edges[g], edges[g + 1]
             A[lo:hi, SEM + GDIM * g : SEM + GDIM * (g + 1)] = pca(f[:, lo:hi], GDIM)
-    return Teacher(width_ms, mean, std, A, layout)
+    A[dead] = 0.0
+    return Teacher(width_ms, mean, std, A, layout, shape)
 
 
 def quantizer_layers(mimi) -> list:
@@ -235,14 +268,14 @@ def stage_teacher(args, log, train, heldout) -> None:
     results = {"demo_assets codec": measure(load_codec(REPO / "demo_assets" / "codec"), heldout)}  # for comparison
     log(summary("demo_assets codec", results["demo_assets codec"]))
     best = None
-    for width in args.widths:
-        feats = torch.cat([causal_features(torch.from_numpy(a)[None], width)[0] for a in train])
+    for shape, width in [(s, w) for s in args.shapes for w in args.widths]:
+        feats = torch.cat([causal_features(torch.from_numpy(a)[None], width, shape)[0] for a in train])
         for layout in args.layouts:
-            teacher = fit_teacher(feats, width, layout)
+            teacher = fit_teacher(feats, width, layout, shape, args.min_band_std)
             mimi = build_codec(codec_config(args.n_filters))
             z = torch.cat([teacher(torch.from_numpy(a)[None])[0].T for a in train])  # [frames, 64]
             install_quantizer(mimi, z, args.iters, args.seed)
-            name = f"teacher {width:.0f} ms, {layout}"
+            name = f"teacher {width:.0f} ms, {layout}" + ("" if shape == "box" else f", {shape}")
             r = measure(TeacherCodec(teacher, mimi), heldout)
             results[name] = r | {"score": score(r), "train_frames": len(feats)}
             log(summary(name, r) + f" | score {score(r):.3f} ({len(feats)} frames)")
@@ -269,6 +302,20 @@ def crops(clips: list[np.ndarray], rng: random.Random, batch: int, frames: int) 
         o = rng.randrange(0, len(audio) - frames * FRAME)
         out.append(audio[o : o + frames * FRAME] * 10 ** (rng.uniform(-3, 3) / 20))
     return torch.from_numpy(np.stack(out).astype(np.float32))
+
+
+def shifted_pairs(clips: list[np.ndarray], rng: random.Random, pairs: int, frames: int) -> torch.Tensor:
+    """[2 * pairs, frames * 1920]: `pairs` crops starting at a random sample, then the same crops moved by a random
+    -960..959 samples (so frame t of one is frame t of the other at the nearest alignment), one gain per pair."""
+    first, second = [], []
+    n = frames * FRAME
+    for _ in range(pairs):
+        audio = rng.choice(clips)
+        o = rng.randrange(FRAME // 2, len(audio) - n - FRAME // 2)
+        d, gain = rng.randrange(-FRAME // 2, FRAME // 2), 10 ** (rng.uniform(-3, 3) / 20)
+        first.append(audio[o : o + n] * gain)
+        second.append(audio[o + d : o + d + n] * gain)
+    return torch.from_numpy(np.stack(first + second).astype(np.float32))
 
 
 def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, max_norm: float) -> float:
@@ -320,7 +367,10 @@ def stage_student(args, log, train, heldout) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         frames = rng.randrange(args.min_frames, args.max_frames + 1)
-        x = crops(train, rng, args.batch, frames)
+        if args.consistency:
+            x = shifted_pairs(train, rng, args.batch // 2, frames)
+        else:
+            x = crops(train, rng, args.batch, frames)
         with torch.no_grad():
             target = teacher(x)  # [B, 64, T]
             rms = x.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-5)
@@ -328,7 +378,11 @@ def stage_student(args, log, train, heldout) -> None:
             on = (torch.rand(len(x), 1, generator=gen) < 0.5).float()
             noisy = x + on * rms * 10 ** (-db / 20) * torch.randn(x.shape, generator=gen)
         z = mimi._encode_to_unquantized_latent(noisy[:, None])
-        value = optimise(opt, (z - target).pow(2).mean(), params, 5.0)
+        loss = (z - target).pow(2).mean()
+        if args.consistency:  # the two crops of a pair, frame by frame (past the first 3: their left edges differ)
+            a, b = z[: args.batch // 2, :, 3:], z[args.batch // 2 :, :, 3:]
+            loss = loss + args.consistency * (a - b).pow(2).mean()
+        value = optimise(opt, loss, params, 5.0)
         running = value if running is None else 0.98 * running + 0.02 * value
         if (step + 1) % 100 == 0:
             log(f"student step {step + 1}/{args.steps} ({time.perf_counter() - start:.0f} s): mse {running:.4f}")
@@ -446,13 +500,33 @@ def stage_check(args, log, train, heldout) -> None:
             f"codes per codebook {fmt(match.tolist(), 3)}")  # fmt: skip
 
 
+def corpus_audio(args) -> list[np.ndarray]:
+    """--train-clips clips of --train-dir's short and work sets (a seeded draw, in a sorted order)."""
+    names = sorted(
+        (part, name)
+        for part in ("short", "work")
+        for name in json.loads((args.train_dir / part / "corpus" / "index.json").read_text())
+    )
+    picked = sorted(random.Random(args.seed).sample(names, min(args.train_clips, len(names))))
+    return [sf.read(args.train_dir / part / "corpus" / f"{name}.wav", dtype="float32")[0] for part, name in picked]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--stages", nargs="+", default=["teacher", "student", "decoder"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-clips", type=int, default=80, help="make_audio(31, 'train', n, 8.0)")
+    parser.add_argument(
+        "--train-dir", type=Path,
+        help="train on --train-clips clips of this research.natural_mix directory instead (its short and work "
+        "clips, drawn with --seed: the LM's own training audio, with its voices, levels, pauses and noise)",
+    )  # fmt: skip
     parser.add_argument("--widths", type=float, nargs="+", default=[160.0, 240.0], help="teacher windows, ms")
+    parser.add_argument("--shapes", nargs="+", default=["box"], help="teacher window shapes (box, hann)")
+    parser.add_argument(
+        "--min-band-std", type=float, default=0.0, help="teacher: leave out mel bands whose raw std is below this"
+    )
     parser.add_argument("--layouts", nargs="+", default=["bands", "global"], help="acoustic subspaces")
     parser.add_argument("--iters", type=int, default=25, help="Lloyd iterations per codebook")
     parser.add_argument("--n-filters", type=int, default=8)
@@ -463,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--min-frames", type=int, default=25, help="crop length, frames of 80 ms")
     parser.add_argument("--max-frames", type=int, default=50)
+    parser.add_argument(
+        "--consistency", type=float, default=0.0,
+        help="student: weight of the squared difference between the latents of a crop and of it moved by a random "
+        "sub-frame offset (batches of pairs); 0: plain crops, as v2",
+    )  # fmt: skip
     parser.add_argument("--codes-out", type=Path, help="save the codes codec here too")
     parser.add_argument("--ready", type=Path, help="touch this file once --codes-out is written")
     parser.add_argument("--decoder-steps", type=int, default=1500)
@@ -483,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         log_file.flush()
 
     t0 = time.perf_counter()
-    train = make_audio(31, "train", args.train_clips, 8.0)
+    train = make_audio(31, "train", args.train_clips, 8.0) if args.train_dir is None else corpus_audio(args)
     heldout = make_audio(32, "heldout", 6, 8.0)
     log(f"data: {len(train)} train clips ({sum(map(len, train)) / SAMPLE_RATE / 60:.1f} min), {len(heldout)} "
         f"held-out ({time.perf_counter() - t0:.0f} s)")  # fmt: skip

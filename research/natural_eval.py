@@ -54,11 +54,12 @@ def _repeat_frames(meta: dict) -> list[tuple[int, int, int]]:
     return [(round(s1 / 1920) + 1, round(s / 1920) + 1, (e1 - s1) // 1920 - 2) for s, _ in later]
 
 
-def _aligned(clips: Path, baseline: Path, ttt: Path | None, window: int):
+def _aligned(clips: Path, baseline: Path, ttt: Path | None, window: int, encode=None):
     """Per reading 2 or 3 of every clip (frames of `_repeat_frames`, moved in by `window` where reading 1 starts
     too early): the baseline's loss of each code [K, n], the codes [K, n], reading 1's codes at the aligned frame
     shifted by -window..window [2 window + 1, K, n] and the TTT model's loss [K, n] (None without --ttt); the
-    baseline's codec (moshi's streaming encoding, as `moshi_ttt.evaluate`) and chunked teacher-forced scoring."""
+    baseline's codec (moshi's streaming encoding, as `moshi_ttt.evaluate`; or `encode`, audio [N] -> codes [K, T],
+    e.g. `research.teacher_codes`) and chunked teacher-forced scoring."""
     import torch
 
     from moshi_ttt import load, score
@@ -72,7 +73,8 @@ def _aligned(clips: Path, baseline: Path, ttt: Path | None, window: int):
     with torch.no_grad():
         for name, meta in index.items():
             audio, _ = sf.read(clips / f"{name}.wav", dtype="float32")
-            codes = encode_streaming(base.mimi, torch.from_numpy(audio))[0]  # [K, T]
+            samples = torch.from_numpy(audio)
+            codes = encode_streaming(base.mimi, samples)[0] if encode is None else encode(samples)  # [K, T]
             loss = score(base.model, codes[None], mode="chunked").loss[0].double()  # [K, T]
             loss_ttt = score(other.model, codes[None], mode="chunked").loss[0].double() if other is not None else None
             for a, b, n in _repeat_frames(meta):
@@ -84,14 +86,15 @@ def _aligned(clips: Path, baseline: Path, ttt: Path | None, window: int):
     return base, rows
 
 
-def ceiling(clips: Path, baseline: Path, ttt: Path | None = None) -> dict:
+def ceiling(clips: Path, baseline: Path, ttt: Path | None = None, encode=None) -> dict:
     """The loss of the readings 2+3 frames of `copyable` that a memory copying reading 1 could reach on top of the
     baseline: per codebook k the mixture p = a_k [x = copy] + (1 - a_k) p_base(x) (a proper distribution), a_k
     fitted on these very frames (an upper bound for any copy of the aligned code). Codes from the baseline's codec
-    (moshi's streaming encoding, as `moshi_ttt.evaluate`), losses from chunked teacher-forced scoring."""
+    (moshi's streaming encoding, as `moshi_ttt.evaluate`) or from `encode` (audio [N] -> codes [K, T]), losses from
+    chunked teacher-forced scoring."""
     import torch
 
-    _, rows = _aligned(clips, baseline, ttt, 0)
+    _, rows = _aligned(clips, baseline, ttt, 0, encode)
     p = torch.cat([torch.exp(-loss) for loss, *_ in rows], -1)  # [K, frames]
     m = torch.cat([(ctx[0] == x).double() for _, x, ctx, _ in rows], -1)
     valid = torch.isfinite(p)
@@ -178,22 +181,30 @@ def fuzzy_ceiling(clips: Path, baseline: Path, ttt: Path | None = None, window: 
     return out
 
 
-def copyable(clips: Path, codec: Path) -> dict:
+def copyable(clips: Path, codec: Path | None, encode=None) -> dict:
     """Per codebook, the share of the frames of readings 2 and 3 whose code equals reading 1's at the nearest frame
-    alignment (the readings' sample offsets are known): the most a memory that copies reading 1 can get right."""
+    alignment (the readings' sample offsets are known): the most a memory that copies reading 1 can get right.
+    Codes from `codec`'s whole-file encoding, or from `encode` (audio [N] -> codes [K, T])."""
     import torch
 
     from moshi_ttt.data.codec import load_codec
 
-    mimi, index = load_codec(codec), json.loads((clips / "index.json").read_text())
-    same, total = torch.zeros(mimi.num_codebooks), 0
+    if encode is None:
+        mimi = load_codec(codec)
+
+        def encode(samples: torch.Tensor) -> torch.Tensor:
+            return mimi.encode(samples[None, None])[0]
+
+    index, same, total = json.loads((clips / "index.json").read_text()), 0, 0
     with torch.no_grad():
         for name, meta in index.items():
             audio, _ = sf.read(clips / f"{name}.wav", dtype="float32")
-            codes = mimi.encode(torch.from_numpy(audio)[None, None])[0]  # [K, T]
+            codes = encode(torch.from_numpy(audio))  # [K, T]
             for a, b, n in _repeat_frames(meta):
                 same += (codes[:, a : a + n] == codes[:, b : b + n]).float().sum(-1)
                 total += n
+    if not total:
+        raise ValueError(f"{clips}: no frames of a later reading (index.json names no repeat clip)")
     return {"copyable_per_codebook": [round(x, 3) for x in (same / total).tolist()], "frames": total}
 
 
