@@ -11,7 +11,9 @@ Design (teacher -> quantizer -> student -> decoder), all of it moshi's own class
    target latent z* = f A: dims 0..31 the top-32 PCA of f (the semantic split), dims 32..59 seven 4-dim groups (the
    acoustic split; "bands": the top-4 PCA of 7 groups of consecutive mel bands, or "global": global PCs 1..28 in
    groups of 4), dims 60..63 zero. `--shapes hann` weights the window with a Hann bump instead of uniformly (a mel
-   frame entering or leaving the window moves the average little: more agreement under offsets at equal persistence).
+   frame entering or leaving the window moves the average little: more agreement under offsets at equal persistence);
+   `--min-band-std S` leaves out the bands whose std in the training clips is below S (above espeak-ng's 11 kHz:
+   without it a user's light noise there sends the teacher's codes far out of range).
 2. Quantizer: moshi's `SplitResidualVectorQuantizer` (n_q 8, 256 bins, dimension 32, input dimension 64) with its
    input projections set to select z's halves, the semantic codebook k-means of z*[:32] (256 codes), and the 7
    acoustic stages a product quantizer: stage k's codewords are zero outside dims 4k..4k+3 of the acoustic half, so
@@ -19,9 +21,10 @@ Design (teacher -> quantizer -> student -> decoder), all of it moshi's own class
    Codewords live in `EuclideanCodebook` buffers (embedding_sum = codeword, cluster_usage = 1, initialized = 1).
 3. Student: the MimiModel encoder path (SEANet encoder, encoder transformer, conv downsample) trained to regress z*
    (MSE on `_encode_to_unquantized_latent`) on random crops starting at a random sample of training clips
-   (`codec_training.make_audio(31, "train", ...)`), the target computed on the same crop; light gain on the crop
-   and light noise on the input only. `--consistency L` adds L times the squared difference between the latents of
-   a crop and of the same crop moved by a random sub-frame offset (frame by frame; batches of such pairs).
+   (`codec_training.make_audio(31, "train", ...)`, or with `--train-dir` clips of the LM's own natural_mix audio:
+   the codec then learns on the kind of audio users give it), the target computed on the same crop; light gain on
+   the crop and light noise on the input only. `--consistency L` adds L times the squared difference between the
+   latents of a crop and of the same crop moved by a random sub-frame offset (frame by frame; batches of pairs).
 4. Measures (held-out `make_audio(32, "heldout", 6, 8.0)`, `codec_training`/`frontend_probe`'s functions): shipped
    codec, the teacher through the same quantizer (no network), the student codec.
 5. Decoder: SEANet decoder + decoder transformer + upsample + quantizer output projections trained from the frozen
