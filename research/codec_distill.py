@@ -94,19 +94,16 @@ def causal_features(audio: torch.Tensor, width_ms: float, shape: str = "box") ->
     25 ms windows end at most 120 samples before each frame's end (zeros left of the clip), uniformly ("box") or
     with `window_weights(n, shape)`."""
     n = int(round(width_ms / 10))
-    if shape != "box":  # the box keeps its cumulative-sum path (bit-identical to the build of v2)
-        pad = max(PAD_MEL, n + 5)
-        x = torch.nn.functional.pad(audio, (pad * HOP, (N_FFT - WIN) // 2))
-        spec = torch.stft(x, N_FFT, HOP, WIN, _WINDOW, center=False, return_complex=True).abs() ** 2
-        mel = torch.log(_FB @ spec + 1e-6)  # [B, 80, K]
-        last = 8 * torch.arange(audio.shape[-1] // FRAME) + pad + 4
-        idx = last[:, None] - (n - 1) + torch.arange(n)  # [T, n] mel frames, oldest first
-        return (mel[..., idx] @ window_weights(n, shape)).transpose(1, 2)
-    x = torch.nn.functional.pad(audio, (PAD_MEL * HOP, (N_FFT - WIN) // 2))  # right: zero-weight samples
+    pad = PAD_MEL if shape == "box" else max(PAD_MEL, n + 5)  # mel frames of zeros left of the audio
+    x = torch.nn.functional.pad(audio, (pad * HOP, (N_FFT - WIN) // 2))  # right: zero-weight samples
     spec = torch.stft(x, N_FFT, HOP, WIN, _WINDOW, center=False, return_complex=True).abs() ** 2  # [B, F, K]
     mel = torch.log(_FB @ spec + 1e-6)  # [B, 80, K]; mel window k: samples [240 k + 212, 240 k + 812) - pad
     T = audio.shape[-1] // FRAME
-    last = 8 * torch.arange(T) + PAD_MEL + 4  # the last mel window, ending at 1920 (t + 1) - 148
+    last = 8 * torch.arange(T) + pad + 4  # the last mel window, ending at 1920 (t + 1) - 148
+    if shape != "box":
+        idx = last[:, None] - (n - 1) + torch.arange(n)  # [T, n] mel frames, oldest first
+        return (mel[..., idx] @ window_weights(n, shape)).transpose(1, 2)
+    # the box by cumulative sums (bit-identical to the build of v2)
     cs = torch.nn.functional.pad(mel.cumsum(-1), (1, 0))  # cs[..., k] = sum of mel frames < k
     return ((cs[..., last + 1] - cs[..., last + 1 - n]) / n).transpose(1, 2)
 
@@ -292,8 +289,9 @@ def stage_teacher(args, log, train, heldout) -> None:
     (args.work / "teacher_figures.json").write_text(json.dumps(results, indent=1))
 
 
-def load_teacher(args) -> tuple[Teacher, dict, str]:
-    saved = torch.load(args.work / "teacher.pt")
+def load_teacher(work: Path) -> tuple[Teacher, dict, str]:
+    """WORK/teacher.pt -> the teacher, its quantizer's state dict and its name."""
+    saved = torch.load(work / "teacher.pt")
     return Teacher(**saved["teacher"]), saved["quantizer"], saved["name"]
 
 
@@ -352,7 +350,7 @@ def heldout_r2(mimi, teacher: Teacher, heldout: list[np.ndarray]) -> dict:
 
 
 def stage_student(args, log, train, heldout) -> None:
-    teacher, qstate, name = load_teacher(args)
+    teacher, qstate, name = load_teacher(args.work)
     log(f"teacher: {name}")
     torch.manual_seed(args.seed)
     config = codec_config(args.n_filters)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(line + "\n")
 
     train, heldout = make_audio(31, "train", 80, 8.0), make_audio(32, "heldout", 6, 8.0)
-    teacher, _, name = load_teacher(argparse.Namespace(work=args.source))
+    teacher, _, name = load_teacher(args.source)
     mimi = load_codec(args.source / "codec")
     cells = books(mimi)
     log(f"teacher {name}; start: teacher match {teacher_match(mimi, teacher, heldout)}")

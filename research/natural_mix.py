@@ -82,21 +82,29 @@ def make_audio(args) -> None:
 
 
 @torch.no_grad()
+def encode_clips(out: Path, encode) -> None:
+    """OUT/{short,work}/codes.safetensors: every clip of OUT/{short,work}/corpus through `encode` (audio [N] ->
+    codes [K, T]), int16."""
+    start = time.perf_counter()
+    for part in ("short", "work"):
+        if not (out / part / "corpus" / "index.json").exists():
+            continue
+        index = json.loads((out / part / "corpus" / "index.json").read_text())
+        codes = {}
+        for name in index:
+            audio, _ = sf.read(out / part / "corpus" / f"{name}.wav", dtype="float32")
+            codes[name] = encode(torch.from_numpy(audio)).to(torch.int16).contiguous()
+        save_file(codes, str(out / part / "codes.safetensors"))
+        print(f"{part}: {len(codes)} clips encoded ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+@torch.no_grad()
 def encode_all(args) -> None:
     from moshi_ttt.data.codec import load_codec
 
     mimi = load_codec(args.codec)
+    encode_clips(args.out, lambda samples: mimi.encode(samples[None, None])[0])
     start = time.perf_counter()
-    for part in ("short", "work"):
-        if not (args.out / part / "corpus" / "index.json").exists():
-            continue
-        index = json.loads((args.out / part / "corpus" / "index.json").read_text())
-        codes = {}
-        for name in index:
-            audio, _ = sf.read(args.out / part / "corpus" / f"{name}.wav", dtype="float32")
-            codes[name] = mimi.encode(torch.from_numpy(audio)[None, None])[0].to(torch.int16).contiguous()
-        save_file(codes, str(args.out / part / "codes.safetensors"))
-        print(f"{part}: {len(codes)} clips encoded ({time.perf_counter() - start:.0f} s)", flush=True)
     block = FRAME * 750  # 60 s blocks of whole frames (as research/long_drift.py)
     for wav in sorted((args.out / "long").glob("long_*.wav")):
         audio, _ = sf.read(wav, dtype="float32")

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from moshi_ttt.data.codec import build_codec  # noqa: E402
-from research import codec_distill, natural_eval  # noqa: E402
+from research import codec_distill, natural_eval, natural_mix  # noqa: E402
 from research.codec_training import FRAME  # noqa: E402
 
 
@@ -35,31 +32,15 @@ class TeacherEncoder:
     (as moshi's streaming encoding pads the last frame), through the quantizer fitted with it."""
 
     def __init__(self, work: Path):
-        saved = torch.load(work / "teacher.pt")
+        self.teacher, quantizer_state, self.name = codec_distill.load_teacher(work)
         mimi = build_codec(codec_distill.codec_config(8))  # only its quantizer is used
-        mimi.quantizer.load_state_dict(saved["quantizer"])
-        self.teacher, self.quantizer = codec_distill.Teacher(**saved["teacher"]), mimi.quantizer
-        self.name = saved["name"]
+        mimi.quantizer.load_state_dict(quantizer_state)
+        self.quantizer = mimi.quantizer
 
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.pad(samples.reshape(1, -1), (0, -samples.shape[-1] % FRAME))
         return self.quantizer.encode(self.teacher(x))[0].long()
-
-
-def encode_data(encode: TeacherEncoder, data: Path) -> None:
-    """Writes D/{short,work}/codes.safetensors as `research.natural_mix codes` does, with the teacher's codes."""
-    start = time.perf_counter()
-    for part in ("short", "work"):
-        index_file = data / part / "corpus" / "index.json"
-        if not index_file.exists():
-            continue
-        codes = {}
-        for name in json.loads(index_file.read_text()):
-            audio, _ = sf.read(data / part / "corpus" / f"{name}.wav", dtype="float32")
-            codes[name] = encode(torch.from_numpy(audio)).to(torch.int16).contiguous()
-        save_file(codes, str(data / part / "codes.safetensors"))
-        print(f"{part}: {len(codes)} clips encoded ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "codes":
         if args.data is None:
             parser.error("codes needs --data")
-        encode_data(encode, args.data)
+        natural_mix.encode_clips(args.data, encode)
         return 0
     if args.stage == "ceiling" and args.baseline is None:
         parser.error("ceiling needs --baseline")
