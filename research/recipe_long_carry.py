@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         "--init", type=Path, help="start from INIT/<kind> (a saved pair of this recipe) instead of the seeded init"
     )
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--mini-batch-size", type=int, help="the TTT block's mini_batch_size (default: the recipe's, 16)")
+    p.add_argument("--base-lr", type=float, help="the TTT block's inner base_lr (default: the recipe's, 4)")
     p.add_argument(
         "--mimi-ref", help="the codec reference written into the saved checkpoints (default: --codec, resolved); "
         "changes nothing else (scripts/build_demo_assets.py saves '../codec')",
@@ -114,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, batch_size=args.clip_rows, seq_len=args.seq_len, short_frac=args.short_frac,
         copy_frac=args.copy_frac, decay_start=args.decay_start, eval_every=args.eval_every, val=args.val,
     )  # fmt: skip
-    if args.lr is not None:
-        recipe = dataclasses.replace(recipe, lr=args.lr)
+    for field in ("lr", "mini_batch_size", "base_lr"):
+        if getattr(args, field) is not None:
+            recipe = dataclasses.replace(recipe, **{field: getattr(args, field)})
     ttt_cfg = dataclasses.replace(recipe.ttt_config(), decay=args.decay)
     index, codes, short, files = {}, {}, {}, []
     for i, d in enumerate(args.data):

@@ -1,5 +1,5 @@
 """The demo build (`python -m scripts.build_demo_assets` from the repo root): corpus, codec, the demo models' recipe
-and evaluation. Not part of the library; the v2 build runs research/'s pipeline with its arguments pinned.
+and evaluation. Not part of the library; the v3 build runs research/'s pipeline with its arguments pinned.
 
 moshi reads NO_TORCH_COMPILE when it is imported: it defaults to 1 here, before any script imports moshi.
 """

@@ -36,3 +36,15 @@ def test_the_tiny_build_runs_every_stage_and_writes_what_it_says(tmp_path):
     for name in ("summary.txt", "ceiling.txt", "long_table.md", "codec.txt", "files.md", "L/long_drift.svg"):
         assert (evaluation / name).is_file(), name
     assert set(json.loads((work / "timings.json").read_text())) == {"corpus", "codec", "encode", "joint", "eval"}
+
+
+def test_the_codec_stage_refuses_to_run_before_the_corpus_it_trains_on(tmp_path):
+    """v3's student and decoder train on WORK/train (the LM's own audio): without it, one clear error, nothing
+    trained."""
+    env = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "scripts.build_demo_assets", "--tiny", "--stage", "codec", "--work",
+               str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "run stage corpus first" in done.stderr
+    assert not (tmp_path / "work" / "codec").exists()

@@ -8,8 +8,9 @@ save). These helpers rebuild any `MimiModel` with a SEANet encoder/decoder, opti
      "num_codebooks": 8, "seanet": {...SEANet kwargs}, "quantizer": {...SplitResidualVectorQuantizer kwargs},
      "transformer": {...ProjectedTransformer kwargs} or null}
 
-The demo codec (scripts/build_demo_assets.py) is one of these: v2's encoder is distilled from fixed features and its
-decoder trained (research/codec_distill.py); v1's had a random encoder and k-means/EMA codebooks.
+The demo codec (scripts/build_demo_assets.py) is one of these: since v2 its encoder is distilled from fixed features
+and its decoder trained (research/codec_distill.py; v3's encoder also on the LM's own training audio, for codes that
+survive sub-frame shifts); v1's had a random encoder and k-means/EMA codebooks.
 """
 
 from __future__ import annotations
