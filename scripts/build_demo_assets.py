@@ -128,13 +128,21 @@ def stage_corpus(args) -> None:
     (args.work / "demo_clips.json").write_text(json.dumps(info, indent=1))
 
 
+def training_clips(work: Path) -> Path:
+    """WORK/train, the corpus stage's training clips (its short and work sets), which stages codec and encode read;
+    raises naming what is missing when the corpus stage has not run."""
+    train = work / "train"
+    missing = [p for p in ("short", "work") if not (train / p / "corpus" / "index.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no training clips in {train} ({', '.join(missing)}): run stage corpus first")
+    return train
+
+
 # ---------------------------------------------------------------- codec
 def stage_codec(args) -> None:
     from research import codec_distill
 
-    train = args.work / "train"
-    if not (train / "short" / "corpus" / "index.json").exists():
-        raise FileNotFoundError(f"no training clips in {train}: run stage corpus first (the codec trains on them)")
+    train = training_clips(args.work)
     shutil.rmtree(args.work / "codec", ignore_errors=True)
     common = ["--work", str(args.work / "codec"), "--seed", str(args.seed)]
     tiny = TINY_CODEC_ARGS if args.tiny else []
@@ -165,10 +173,7 @@ def stage_encode(args) -> None:
 
     if not (args.out / "codec" / "config.json").exists():
         raise FileNotFoundError(f"no codec in {args.out / 'codec'}: run stage codec first")
-    missing = [p for p in ("short", "work") if not (args.work / "train" / p / "corpus" / "index.json").exists()]
-    if missing:
-        raise FileNotFoundError(f"no training clips in {args.work / 'train'} ({', '.join(missing)}): run stage corpus")
-    natural_mix.main(["codes", "--out", str(args.work / "train"), "--codec", str(args.out / "codec")])
+    natural_mix.main(["codes", "--out", str(training_clips(args.work)), "--codec", str(args.out / "codec")])
 
 
 # ---------------------------------------------------------------- joint

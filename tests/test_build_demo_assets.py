@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("flite") is None,
@@ -21,9 +22,8 @@ pytestmark = pytest.mark.skipif(
 
 def test_the_tiny_build_runs_every_stage_and_writes_what_it_says(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    env = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "scripts.build_demo_assets", "--tiny", "--work", str(work), "--out", str(out)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for name in ("codec", "fair_baseline", "ttt"):
         assert (out / name / "model.safetensors").is_file() and (out / name / "config.json").is_file()
@@ -41,10 +41,9 @@ def test_the_tiny_build_runs_every_stage_and_writes_what_it_says(tmp_path):
 def test_the_codec_stage_refuses_to_run_before_the_corpus_it_trains_on(tmp_path):
     """v3's student and decoder train on WORK/train (the LM's own audio): without it, one clear error, nothing
     trained."""
-    env = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "scripts.build_demo_assets", "--tiny", "--stage", "codec", "--work",
                str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "run stage corpus first" in done.stderr
     assert not (tmp_path / "work" / "codec").exists()
