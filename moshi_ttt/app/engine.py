@@ -65,7 +65,7 @@ class LiveUpdate:
     tokens_done: int
     total_tokens: int
     loss_per_token: dict[str, list[float]]  # run name -> [tokens_done] mean loss over the codebooks (NaN invalid)
-    drift: dict[str, dict]  # TTT layer -> {"W1": [...], "W2": [...], "t": [...]} as in results.json
+    drift: dict[str, dict]  # TTT layer -> {"W1": [...], "W2": [...] (TTT-MLP), "t": [...]} as in results.json
     tokens_per_s: dict[str, float]
     elapsed_s: float
     inner_loss: dict[str, dict] = field(default_factory=dict)  # TTT layer -> results.json "inner_loss" record

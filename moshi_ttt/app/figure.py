@@ -121,7 +121,8 @@ def figure_dict(
 
     Args:
         loss_per_token: run ("baseline", "ttt") -> per-token loss so far (NaN or None where invalid).
-        drift: TTT layer -> {"W1": [...], "W2": [...], "t": [token of each update]} (results.json "drift").
+        drift: TTT layer -> {"W1": [...], "W2": [...] (TTT-MLP only), "t": [token of each update]} (results.json
+            "drift").
         smooth: moving-average window in tokens (rows 1 and 2).
         total_tokens: fixes the x range to the whole clip, so the curves grow into a stable frame.
         inner_loss: TTT layer -> {"base", "start", "after", optional "target_variance", "t"} (results.json).
@@ -150,7 +151,7 @@ def figure_dict(
     for i, layer in enumerate(layers):
         record = drift[layer]
         x = (np.asarray(record["t"], dtype=np.float64) / FRAME_RATE).tolist()
-        for name in ("W1", "W2"):
+        for name in (w for w in WEIGHT_COLORS if w in record):  # TTT-Linear layers have no W2
             data.append(_on_row({
                 "type": "scatter", "x": x, "y": _finite_or_none(record[name]), "mode": "lines",
                 "name": f"layer {layer} {name}", "hovertemplate": "%{y:.4f}",

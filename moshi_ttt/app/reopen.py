@@ -99,7 +99,7 @@ def _run(name: str, run: object) -> dict:
         out["loss_per_codebook"] = [
             _series(row, f"{where}: loss_per_codebook[{k}]", tokens, tokens) for k, row in enumerate(books)
         ]
-    out["drift"] = _layers(run.get("drift"), f"{where}: drift", ("W1", "W2"), (), tokens)
+    out["drift"] = _layers(run.get("drift"), f"{where}: drift", ("W1",), ("W2",), tokens)  # TTT-Linear: no W2
     inner = _layers(run.get("inner_loss"), f"{where}: inner_loss", ("base", "start", "after"), ("target_variance",),
                     tokens)  # fmt: skip
     if inner:

@@ -79,11 +79,12 @@ def bins_figure(
 
 
 def drift_figure(drift: dict[str, dict], weights: tuple[str, ...] = ("W1", "W2")) -> go.Figure:
-    """Relative drift ||W - W_base|| / ||W_base|| of each TTT layer at every update (results.json "drift")."""
+    """Relative drift ||W - W_base|| / ||W_base|| of each TTT layer at every update (results.json "drift"): the
+    `weights` a layer has (TTT-MLP: W1 and W2; TTT-Linear: W1 only)."""
     fig = go.Figure()
     for layer, record in drift.items():
         x = [t / FRAME_RATE for t in record["t"]]
-        for name in weights:
+        for name in (w for w in weights if w in record):
             fig.add_trace(go.Scatter(x=x, y=_nullable(record[name]), mode="lines", name=f"layer {layer} {name}"))
     fig.update_layout(title="Fast-weight drift from W_base", xaxis_title="time (s)", yaxis_title="relative drift")
     return fig
