@@ -8,6 +8,7 @@ Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
     python -m research.natural_eval copyable R --codec C                  # what a perfect copy could predict
     python -m research.natural_eval ceiling R --baseline B [--ttt T]      # the loss a copying memory could reach
     python -m research.natural_eval fuzzy R --baseline B [--ttt T]        # ... copying nearby frames or codes too
+    python -m research.natural_eval segments E [E2 ...]                   # readings against the speech between them
 """
 
 from __future__ import annotations
@@ -45,6 +46,41 @@ def summary(out: Path) -> dict:
                 "n": len(pairs)}  # fmt: skip
 
     return {"clips": len(files), "reading1": gain(first), "readings23": gain(later), "whole": gain(whole)}
+
+
+SEGMENTS = ("reading 1", "between 1 and 2", "reading 2", "between 2 and 3", "reading 3")
+
+
+def segments(out: Path) -> dict:
+    """Gain of TTT against the baseline per segment of the repeat clips of one evaluate output: the readings and the
+    other sentences between them, which come as late in the clip as the readings but never repeat (a time-matched
+    control: what a later reading gains beyond them is memory, the rest is adaptation to the clip). Per-token losses
+    from each clip's results.csv, readings (in samples) from the index.json beside the clips."""
+    import csv
+
+    totals = {name: [0.0, 0.0, 0] for name in SEGMENTS}  # baseline sum, TTT sum, tokens
+    for f in json.loads((out / "index.json").read_text())["files"]:
+        clip = Path(f["path"])
+        index_file = clip.parent / "index.json"
+        readings = (
+            json.loads(index_file.read_text()).get(clip.stem, {}).get("readings") if index_file.exists() else None
+        )
+        if not readings or len(readings) != 3:
+            continue
+        loss: dict[str, list[float]] = {"baseline": [], "ttt": []}
+        with open(out / f["dir"] / "results.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                loss[row["run"]].append(float(row["loss"]))
+        (s1, e1), (s2, e2), (s3, e3) = [(round(s / 1920), round(e / 1920)) for s, e in readings]
+        for name, (a, b) in zip(SEGMENTS, ((s1, e1), (e1, s2), (s2, e2), (e2, s3), (s3, e3)), strict=True):
+            for t in range(a, min(b, len(loss["baseline"]))):
+                totals[name][0] += loss["baseline"][t]
+                totals[name][1] += loss["ttt"][t]
+                totals[name][2] += 1
+    if not any(n for *_, n in totals.values()):
+        raise ValueError(f"{out}: no clip with three readings in its corpus index")
+    return {name: {"tokens": n, "baseline": round(b / n, 4), "ttt": round(t / n, 4),
+                   "gain_pct": round(100 * (1 - t / b), 2)} for name, (b, t, n) in totals.items() if n}  # fmt: skip
 
 
 def _repeat_frames(meta: dict) -> list[tuple[int, int, int]]:
@@ -210,7 +246,7 @@ def copyable(clips: Path, codec: Path | None, encode=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("plain", "summary", "copyable", "ceiling", "fuzzy"))
+    parser.add_argument("stage", choices=("plain", "summary", "copyable", "ceiling", "fuzzy", "segments"))
     parser.add_argument("--baseline", type=Path, help="ceiling: the baseline checkpoint")
     parser.add_argument("--ttt", type=Path, help="ceiling: a TTT checkpoint scored on the same frames")
     parser.add_argument("--window", type=int, default=2, help="fuzzy: frames either side of the aligned one")
@@ -235,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.stage == "fuzzy":
             print(path, json.dumps(fuzzy_ceiling(path, args.baseline, args.ttt, args.window)), flush=True)
+            continue
+        if args.stage == "segments":
+            print(path, json.dumps(segments(path)), flush=True)
             continue
         print(path, json.dumps(summary(path) if args.stage == "summary" else copyable(path, args.codec)))
     return 0

@@ -38,6 +38,46 @@ from scripts.demo_lm_config import LM_CONFIG  # noqa: E402
 from scripts.demo_recipe import JointRecipe, read_work, reading_losses  # noqa: E402
 
 
+def fuzzy_copy_clip(rng: random.Random, length: int, noise: tuple[float, float], card: int = 256, n_q: int = 8):
+    """`clip_mix.copy_clip`'s layout (a passage of random codes read three times, random filler between) with the
+    2nd and 3rd readings changed as a natural repeat changes them: each code, with a probability q drawn per clip in
+    `noise`, is replaced by the passage's code one frame before or after (half of them) or by a random code.
+
+    Returns:
+        Codes [n_q, <= length] (int64).
+    """
+    g = torch.Generator().manual_seed(rng.randrange(2**62))
+    q = rng.uniform(*noise)
+    passage = torch.randint(0, card, (n_q, rng.randint(57, 150)), generator=g)  # [n_q, P]
+    parts = [torch.randint(0, card, (n_q, rng.randint(1, 12)), generator=g), passage]
+    for _ in range(2):
+        reading = fuzzed(passage, q, g, card)
+        parts += [torch.randint(0, card, (n_q, rng.randint(19, 60)), generator=g), reading]
+    return torch.cat(parts, dim=1)[:, :length]
+
+
+def fuzzed(passage: torch.Tensor, q: float, g: torch.Generator, card: int = 256) -> torch.Tensor:
+    """A later reading of `passage` [n_q, P] as a natural repeat gives it: each code, with probability q, replaced
+    by the passage's code one frame before or after (half of them) or by a random code."""
+    changed = torch.rand(passage.shape, generator=g) < q
+    neighbour = torch.rand(passage.shape, generator=g) < 0.5
+    step = torch.where(torch.rand(passage.shape, generator=g) < 0.5, -1, 1)
+    cols = (torch.arange(passage.shape[1]) + step).clamp(0, passage.shape[1] - 1)  # [n_q, P]
+    other = torch.where(neighbour, passage.gather(1, cols), torch.randint(0, card, passage.shape, generator=g))
+    return torch.where(changed, other, passage)
+
+
+class FuzzyCopyBatcher(ClipMixBatcher):
+    """`ClipMixBatcher` whose copy rows are `fuzzy_copy_clip`s (the same draws otherwise)."""
+
+    def __init__(self, short, long, cfg, noise: tuple[float, float]):
+        super().__init__(short, long, cfg)
+        self.noise = noise
+
+    def copy_row(self, rng: random.Random, length: int) -> torch.Tensor:
+        return fuzzy_copy_clip(rng, length, self.noise, self.card, self.n_q)
+
+
 class CarryMixBatcher:
     """Batches of `clips.cfg.batch_size` independent clip rows and `rows` stream rows.
 
@@ -106,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--mini-batch-size", type=int, help="the TTT block's mini_batch_size (default: the recipe's, 16)")
     p.add_argument("--base-lr", type=float, help="the TTT block's inner base_lr (default: the recipe's, 4)")
+    p.add_argument("--inner", choices=("mlp", "linear"), help="the TTT block's inner model (default: mlp)")
+    p.add_argument("--layers", help="the TTT block's layers, TTTConfig.layers (default: the recipe's, 0)")
+    p.add_argument("--read", choices=("before", "after"), help="the TTT block reads the layer input before attention "
+                   "or the residual after it (default: the recipe's, before)")  # fmt: skip
+    p.add_argument("--heads", type=int, help="the TTT block's heads (default: the recipe's, 1)")
+    p.add_argument(
+        "--copy-noise",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="fuzzy copy clips: the 2nd and "
+        "3rd readings' codes changed with a probability drawn in [LO, HI] per clip (default: exact copies)",
+    )
+    p.add_argument("--alpha", type=float, help="the TTT block's gate init (default: the recipe's, 0.1)")
     p.add_argument(
         "--mimi-ref", help="the codec reference written into the saved checkpoints (default: --codec, resolved); "
         "changes nothing else (scripts/build_demo_assets.py saves '../codec')",
@@ -116,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, batch_size=args.clip_rows, seq_len=args.seq_len, short_frac=args.short_frac,
         copy_frac=args.copy_frac, decay_start=args.decay_start, eval_every=args.eval_every, val=args.val,
     )  # fmt: skip
-    for field in ("lr", "mini_batch_size", "base_lr"):
+    for field in ("lr", "mini_batch_size", "base_lr", "inner", "layers", "read", "heads", "alpha"):
         if getattr(args, field) is not None:
             recipe = dataclasses.replace(recipe, **{field: getattr(args, field)})
     ttt_cfg = dataclasses.replace(recipe.ttt_config(), decay=args.decay)
@@ -133,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     pla = [n for n, v in index.items() if v["kind"] == "plain"]
     val = {n: codes[n] for n in rep[-args.val :] + pla[-args.val :]}
     crops = [codes[n] for n in rep[: -args.val] + pla[: -args.val]]
-    clips = ClipMixBatcher(list(short.values()), crops, ClipMixConfig(args.clip_rows, args.seq_len, args.short_frac,
-                                                                      args.copy_frac, args.seed))  # fmt: skip
+    mix = ClipMixConfig(args.clip_rows, args.seq_len, args.short_frac, args.copy_frac, args.seed)
+    if args.copy_noise is None:
+        clips = ClipMixBatcher(list(short.values()), crops, mix)
+    else:
+        clips = FuzzyCopyBatcher(list(short.values()), crops, mix, tuple(args.copy_noise))
     source = CarryMixBatcher(clips, files, args.stream_rows, args.seq_len, args.seed)
     member = "ttt" if args.kind == "ttt" else "baseline"
     model = pair_member(member, seeded_lm(LM_CONFIG, args.seed), ttt_cfg, recipe.ttt_start(args.seed))

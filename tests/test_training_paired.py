@@ -118,3 +118,16 @@ def test_copy_clip_reads_a_random_passage_three_times():
     assert torch.equal(readings[0], readings[1]) and torch.equal(readings[0], readings[2])
     assert not torch.equal(clip[:, :passage], clip[:, -passage:])  # the filler is random, not a copy
     assert copy_clip(random.Random(0), length=50, card=CARD).shape == (8, 50)
+
+
+def test_a_subclass_draws_the_copy_rows_from_the_same_stream():
+    class Marked(ClipMixBatcher):
+        def copy_row(self, rng, length):
+            rng.random()  # draws from the batcher's own stream, as copy_clip does
+            return torch.full((8, length), CARD - 1)
+
+    cfg = ClipMixConfig(batch_size=4, seq_len=24, short_frac=0.0, copy_frac=1.0, seed=5)
+    audio, _ = Marked(*clips(), cfg, card=CARD).next_batch()
+    assert bool((audio == CARD - 1).all())  # every row a copy row, each from the subclass
+    plain = ClipMixBatcher(*clips(), cfg, card=CARD).next_batch()[0]
+    assert plain.shape == audio.shape and not torch.equal(plain, audio)

@@ -90,7 +90,7 @@ class ClipMixBatcher:
         for _ in range(self.cfg.batch_size):
             u = rng.random()
             if u < self.cfg.copy_frac:
-                f = copy_clip(rng, L, self.card, self.n_q)
+                f = self.copy_row(rng, L)
             elif u < self.cfg.copy_frac + self.cfg.short_frac:
                 f = rng.choice(self.short)[:, :L]
             else:
@@ -99,6 +99,10 @@ class ClipMixBatcher:
                 f = f[:, start : start + L]
             rows.append(torch.nn.functional.pad(f, (0, L - f.shape[1]), value=-1))  # [n_q, L]
         return torch.stack(rows), None
+
+    def copy_row(self, rng: random.Random, length: int) -> torch.Tensor:
+        """A copy row: `copy_clip` (a subclass may draw another kind from the same `rng`)."""
+        return copy_clip(rng, length, self.card, self.n_q)
 
     def state(self) -> dict:
         """The position in the stream (JSON-serialisable): the random.Random state."""
