@@ -104,7 +104,8 @@ def score_run(work: Path, name: str, ref: Path, reset_every: int | None = None) 
     if result.telemetry is not None:
         layer = next(iter(result.telemetry.layers.values()))
         run["drift_W1"] = layer.drift["W1"][0].tolist()
-        run["drift_W2"] = layer.drift["W2"][0].tolist()
+        if "W2" in layer.drift:  # TTT-Linear layers have W1 only
+            run["drift_W2"] = layer.drift["W2"][0].tolist()
         run["update_step"] = layer.update_step.tolist()
     (work / f"run_{name}.json").write_text(json.dumps(run))
     return run
@@ -190,7 +191,7 @@ def plot(work: Path) -> str:
     pad = 0.1 * (hi - lo or 1.0)
     top, bottom = (70, 40, 620, 200), (70, 300, 620, 200)
     drifts = {n: r for n, r in runs.items() if "drift_W1" in r}
-    d_hi = max([max(r["drift_W1"] + r["drift_W2"]) for r in drifts.values()] or [1.0]) * 1.1 or 1.0
+    d_hi = max([max(r["drift_W1"] + r.get("drift_W2", [])) for r in drifts.values()] or [1.0]) * 1.1 or 1.0
     parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="720" height="560" font-family="sans-serif" '
              'font-size="12"><rect width="720" height="560" fill="white"/>',
              f'<text x="70" y="28">Mean loss per 2,000-token bin (nats), {minutes:.1f}-minute file</text>',
@@ -214,6 +215,8 @@ def plot(work: Path) -> str:
     for i, (name, run) in enumerate(drifts.items()):
         xs = [s / 12.5 / 60 for s in run["update_step"]]
         for weight, dash in (("W1", ""), ("W2", ' stroke-dasharray="4 3"')):
+            if f"drift_{weight}" not in run:  # TTT-Linear: no W2
+                continue
             line = _polyline(xs, run[f"drift_{weight}"], bottom, (0.0, d_hi), minutes, colours[(i + 1) % 5])
             parts.append(line.replace("/>", f"{dash}/>"))
             parts.append(f'<text x="700" y="{320 + 16 * (2 * i + (weight == "W2"))}" text-anchor="end">{name} '

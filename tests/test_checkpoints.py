@@ -230,6 +230,20 @@ def test_mimi_is_only_built_when_asked_and_only_from_safetensors(tmp_path):
         load(tmp_path / "c", load_mimi=True)
 
 
+def test_a_relative_codec_is_looked_for_beside_the_checkpoint_only(tmp_path, monkeypatch):
+    """A checkpoint naming "../codec" whose codec is not beside it fails there, even when the working directory
+    happens to hold a "../codec" (no silent fallback to another codec)."""
+    save(tmp_path / "run" / "ttt", tiny_lm(0), lm_config=tiny_lm_config(), mimi_ref="../codec")
+    work = tmp_path / "elsewhere" / "cwd"
+    work.mkdir(parents=True)
+    (tmp_path / "elsewhere" / "codec").mkdir()  # what "../codec" means from the working directory
+    monkeypatch.chdir(work)
+    loaded = load(tmp_path / "run" / "ttt")
+    assert loaded.mimi_ref == str((tmp_path / "run" / "codec").resolve())
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "run" / "codec")):
+        load(tmp_path / "run" / "ttt", load_mimi=True)
+
+
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """A Hub served from local folders (tmp_path/hub/owner/repo): the real hf:// code paths, no network."""

@@ -15,9 +15,11 @@ from moshi_ttt.reports import headline
 DEMO_MODELS = (
     "**The models here are tiny demo models**, not Moshi 7B: 1.6 M and 1.8 M parameters, trained for this page on "
     "synthetic speech (espeak-ng and flite voices; demo_assets/MANIFEST.md). They show the mechanism, not the quality "
-    "of a real Moshi. Their memory is modest on natural speech: on held-out clips the 2nd and 3rd readings of a "
-    "passage score about 3.4% below the baseline (3.6% on demo_repeat.wav), and far more only where the codes "
-    "repeat exactly; elsewhere it costs nothing (plain speech and a 31-minute file score 1.5% and 1.4% better). "
+    "of a real Moshi. Their memory is weak on natural speech: on held-out clips the 2nd and 3rd readings of a "
+    "passage score about 3.4% below the baseline (3.6% on demo_repeat.wav), but new sentences at the same place "
+    "in a clip score 2-3% below it too: most of the gain is adaptation to the voice and the clip, about one point "
+    "is memory. It costs nothing where there is nothing to remember (plain speech and a 31-minute file score 1.5% "
+    "and 1.4% better). "
     "The command line "
     "scores Moshi 7B itself, and its results.json opens here (**Open a results.json**, left)."
 )

@@ -94,11 +94,11 @@ def _load_new(ref: str, *, base: str | None, device, dtype, legacy_causal: bool,
     else:
         ckpt = _load_local(Path(ref), ref=ref, **kwargs)
     if ckpt.mimi_ref is not None and not ckpt.mimi_ref.startswith(HF_PREFIX) and not ref.startswith(HF_PREFIX):
-        # A relative codec path in a local checkpoint is relative to the checkpoint's directory; resolved, so that
-        # two checkpoints naming the same codec compare equal.
+        # A relative codec path in a local checkpoint is relative to the checkpoint's directory, never to the
+        # working directory (a missing codec is reported where it was looked for); resolved, so that two checkpoints
+        # naming the same codec compare equal.
         local = Path(ref) if Path(ref).is_dir() else Path(ref).parent
-        candidate = local / ckpt.mimi_ref
-        codec = candidate if not Path(ckpt.mimi_ref).is_absolute() and candidate.exists() else Path(ckpt.mimi_ref)
+        codec = local / ckpt.mimi_ref  # an absolute mimi_ref stays itself
         ckpt = dataclasses.replace(ckpt, mimi_ref=str(codec.resolve()))
     return ckpt
 
