@@ -4,7 +4,7 @@
   baseline on the codes reading 1 could give (copyable: equal to reading 1's code at the aligned frame) and on the
   others. A memory that copies gains more on the copyable ones.
 - recall: the trained TTT block's own answer at each frame of readings 2 and 3 (the inner loop run on the block's
-  q, k, v from W_base, as `scripts.demo_recipe.memory_accuracy`; without the decay) decoded as the nearest stored
+  q, k, v from W_base, `scripts.demo_recipe.block_answers`; without the decay) decoded as the nearest stored
   target (cosine, among frames at least 20 tokens back): the share that lands within one frame of reading 1's aligned
   frame, and the mean share of stored targets ranked above that frame (0.5: no memory).
 
@@ -48,47 +48,34 @@ def recall(clips: Path, ttt: Path, min_back: int = 20) -> dict:
     """Per later reading: the share of its frames whose decoded answer lands within one frame of reading 1's aligned
     frame, and the mean share of stored targets ranked above that frame."""
     from moshi_ttt import load, ttt_blocks
-    from moshi_ttt.compat.sequence import delayed_input, model_codes
     from moshi_ttt.data.stream import encode_streaming
-    from moshi_ttt.ttt.inner_math import head_layer_norm
-    from moshi_ttt.ttt.ops import ttt_mlp
+    from scripts.demo_recipe import block_answers
 
     checkpoint = load(str(ttt), load_mimi=True)
     model = checkpoint.model.eval()
-    block = ttt_blocks(model)[min(ttt_blocks(model))]
-    if block.cfg.inner != "mlp":
-        raise ValueError(f"{ttt}: recall reads a TTT-MLP block, this one is inner={block.cfg.inner!r}")
+    layer = min(ttt_blocks(model))
+    inner = ttt_blocks(model)[layer].cfg.inner
+    if inner != "mlp":
+        raise ValueError(f"{ttt}: recall reads a TTT-MLP block, this one is inner={inner!r}")
     hits: dict[int, list[bool]] = {2: [], 3: []}
     ranks: dict[int, list[float]] = {2: [], 3: []}
-    captured: dict[str, torch.Tensor] = {}
-    hook = block.register_forward_pre_hook(lambda _m, a: captured.__setitem__("x", a[0]))
-    try:
-        for name, meta in json.loads((clips / "index.json").read_text()).items():
-            if len(meta.get("readings") or []) != 3:
-                continue
-            audio, _ = sf.read(clips / f"{name}.wav", dtype="float32")
-            codes = encode_streaming(checkpoint.mimi, torch.from_numpy(audio))[0]
-            with torch.no_grad():
-                model.forward_text(delayed_input(model, model_codes(model, codes[None])))
-                xq, xk, xv, lr, _ = block._project(block.norm(captured["x"]), None)
-                ln = (block.ttt_norm_weight, block.ttt_norm_bias)
-                out, _ = ttt_mlp(block.base_weights(1), xq, xk, xv, lr, *ln, block.cfg.mini_batch_size,
-                                 block.learnable_token_idx)  # fmt: skip
-                answers = (out - xq)[0].transpose(0, 1).flatten(1)  # [T, dim]
-                targets = head_layer_norm(xv - xk, *ln)[0].transpose(0, 1).flatten(1)  # [T, dim]
-            sim = F.normalize(answers, dim=-1) @ F.normalize(targets, dim=-1).T  # [T, T]
-            (s1, _), *later = meta["readings"]
-            for k, (s, e) in enumerate(later, start=2):
-                offset = (s - s1) / FRAME
-                for t in range(round(s / FRAME) + 2, round(e / FRAME) - 1):
-                    row = sim[t, : t - min_back]  # stored targets far enough back
-                    aligned = round(t - offset) + 1  # the target stored under reading 1's frame (one-token shift)
-                    if not 0 <= aligned < row.shape[0]:
-                        continue
-                    hits[k].append(abs(int(row.argmax()) - aligned) <= 1)
-                    ranks[k].append(float((row > row[aligned]).double().mean()))
-    finally:
-        hook.remove()
+    for name, meta in json.loads((clips / "index.json").read_text()).items():
+        if len(meta.get("readings") or []) != 3:
+            continue
+        audio, _ = sf.read(clips / f"{name}.wav", dtype="float32")
+        codes = encode_streaming(checkpoint.mimi, torch.from_numpy(audio))[0]
+        _, answers, targets, _ = block_answers(model, codes, layer)
+        sim = F.normalize(answers, dim=-1) @ F.normalize(targets, dim=-1).T  # [T, T]
+        (s1, _), *later = meta["readings"]
+        for k, (s, e) in enumerate(later, start=2):
+            offset = (s - s1) / FRAME
+            for t in range(round(s / FRAME) + 2, round(e / FRAME) - 1):
+                row = sim[t, : t - min_back]  # stored targets far enough back
+                aligned = round(t - offset) + 1  # the target stored under reading 1's frame (one-token shift)
+                if not 0 <= aligned < row.shape[0]:
+                    continue
+                hits[k].append(abs(int(row.argmax()) - aligned) <= 1)
+                ranks[k].append(float((row > row[aligned]).double().mean()))
     return {f"reading {k}": {"within_one_frame": round(sum(hits[k]) / max(len(hits[k]), 1), 3),
                              "ranked_above": round(sum(ranks[k]) / max(len(ranks[k]), 1), 3), "frames": len(hits[k])}
             for k in hits}  # fmt: skip

@@ -14,6 +14,7 @@ Usage (NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1):
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 from pathlib import Path
@@ -56,8 +57,6 @@ def segments(out: Path) -> dict:
     other sentences between them, which come as late in the clip as the readings but never repeat (a time-matched
     control: what a later reading gains beyond them is memory, the rest is adaptation to the clip). Per-token losses
     from each clip's results.csv, readings (in samples) from the index.json beside the clips."""
-    import csv
-
     totals = {name: [0.0, 0.0, 0] for name in SEGMENTS}  # baseline sum, TTT sum, tokens
     for f in json.loads((out / "index.json").read_text())["files"]:
         clip = Path(f["path"])
@@ -73,10 +72,9 @@ def segments(out: Path) -> dict:
                 loss[row["run"]].append(float(row["loss"]))
         (s1, e1), (s2, e2), (s3, e3) = [(round(s / 1920), round(e / 1920)) for s, e in readings]
         for name, (a, b) in zip(SEGMENTS, ((s1, e1), (e1, s2), (s2, e2), (e2, s3), (s3, e3)), strict=True):
-            for t in range(a, min(b, len(loss["baseline"]))):
-                totals[name][0] += loss["baseline"][t]
-                totals[name][1] += loss["ttt"][t]
-                totals[name][2] += 1
+            totals[name][0] += sum(loss["baseline"][a:b])
+            totals[name][1] += sum(loss["ttt"][a:b])
+            totals[name][2] += len(loss["baseline"][a:b])
     if not any(n for *_, n in totals.values()):
         raise ValueError(f"{out}: no clip with three readings in its corpus index")
     return {name: {"tokens": n, "baseline": round(b / n, 4), "ttt": round(t / n, 4),

@@ -151,14 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read", choices=("before", "after"), help="the TTT block reads the layer input before attention "
                    "or the residual after it (default: the recipe's, before)")  # fmt: skip
     p.add_argument("--heads", type=int, help="the TTT block's heads (default: the recipe's, 1)")
-    p.add_argument(
-        "--copy-noise",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="fuzzy copy clips: the 2nd and "
-        "3rd readings' codes changed with a probability drawn in [LO, HI] per clip (default: exact copies)",
-    )
+    p.add_argument("--copy-noise", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="fuzzy copy clips: the later readings' codes changed with a probability drawn in [LO, HI] "
+                   "per clip (default: exact copies)")  # fmt: skip
     p.add_argument("--alpha", type=float, help="the TTT block's gate init (default: the recipe's, 0.1)")
     p.add_argument(
         "--mimi-ref", help="the codec reference written into the saved checkpoints (default: --codec, resolved); "

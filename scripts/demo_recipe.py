@@ -190,32 +190,48 @@ def memory_accuracy(model: LMModel, clips: dict[str, torch.Tensor], index: dict,
         (accuracy on readings 1 / 2 / 3, the mean norm of the gated branch over the mean norm of the residual
         stream it reads); with share_qk's shift, key t comes from token t - 1.
     """
+    per, ratios = torch.zeros(3), []
+    for name, codes in clips.items():
+        inputs, answers, targets, ratio = block_answers(model, codes, layer)
+        ratios.append(ratio)
+        # Token t holds key t - 1 and value t: the probe's row s is token s + 1.
+        acc = next_frame_accuracy(answers[1:], targets[1:], inputs[0])
+        readings = [(s // FRAME, e // FRAME) for s, e in index[name]["readings"]]
+        per += torch.stack([acc[max(s - 2, 0) : e - 2].mean() for s, e in readings])
+    return (per / len(clips)).tolist(), sum(ratios) / len(ratios)
+
+
+def block_answers(model: LMModel, codes: torch.Tensor, layer: int = 0):
+    """A TTT-MLP block's inner loop run alone on one clip: its q, k, v from the layer's input, fast weights from
+    W_base (no decay).
+
+    Args:
+        model: the TTT LM (eval mode).
+        codes: audio codes [8, T].
+        layer: the TTT block's layer.
+    Returns:
+        (the model input [1, 9, T], answers f(q_t) - q_t [T, dim], stored targets LN(v_t - k_t) [T, dim], the mean
+        norm of the gated branch over the mean norm of the residual stream it reads).
+    """
     block = ttt_blocks(model)[layer]
     captured = {}
     hook = block.register_forward_pre_hook(lambda _m, a: captured.__setitem__("x", a[0]))
-    per, ratios = torch.zeros(3), []
     try:
-        for name, codes in clips.items():
-            inputs = delayed_input(model, model_codes(model, codes[None]))  # [1, 9, T]
-            with torch.no_grad():
-                model.forward_text(inputs)
-                x = captured["x"]  # [1, T, dim]
-                xq, xk, xv, lr, _ = block._project(block.norm(x), None)  # [1, H, T, D] each, lr [1, H, T]
-                ln = (block.ttt_norm_weight, block.ttt_norm_bias)
-                w_base = block.base_weights(1)
-                out, _ = ttt_mlp(w_base, xq, xk, xv, lr, *ln, block.cfg.mini_batch_size, block.learnable_token_idx)
-                answers = (out - xq)[0].transpose(0, 1).flatten(1)  # [T, dim]
-                targets = head_layer_norm(xv - xk, *ln)[0]  # [H, T, D]
-                targets = targets.transpose(0, 1).flatten(1)  # [T, dim]
-                branch = torch.tanh(block.gating_alpha) * block.wo(out[0].transpose(0, 1).flatten(1))  # [T, dim]
-                ratios.append(float(branch.norm(dim=-1).mean() / x[0].norm(dim=-1).mean()))
-            # Token t holds key t - 1 and value t: the probe's row s is token s + 1.
-            acc = next_frame_accuracy(answers[1:], targets[1:], inputs[0])
-            readings = [(s // FRAME, e // FRAME) for s, e in index[name]["readings"]]
-            per += torch.stack([acc[max(s - 2, 0) : e - 2].mean() for s, e in readings])
+        inputs = delayed_input(model, model_codes(model, codes[None]))  # [1, 9, T]
+        with torch.no_grad():
+            model.forward_text(inputs)
     finally:
         hook.remove()
-    return (per / len(clips)).tolist(), sum(ratios) / len(ratios)
+    x = captured["x"]  # [1, T, dim]
+    with torch.no_grad():
+        xq, xk, xv, lr, _ = block._project(block.norm(x), None)  # [1, H, T, D] each, lr [1, H, T]
+        ln = (block.ttt_norm_weight, block.ttt_norm_bias)
+        out, _ = ttt_mlp(block.base_weights(1), xq, xk, xv, lr, *ln, block.cfg.mini_batch_size,
+                         block.learnable_token_idx)  # fmt: skip
+        answers = (out - xq)[0].transpose(0, 1).flatten(1)  # [T, dim]
+        targets = head_layer_norm(xv - xk, *ln)[0].transpose(0, 1).flatten(1)  # [T, dim]
+        branch = torch.tanh(block.gating_alpha) * block.wo(out[0].transpose(0, 1).flatten(1))  # [T, dim]
+    return inputs, answers, targets, float(branch.norm(dim=-1).mean() / x[0].norm(dim=-1).mean())
 
 
 # ---------------------------------------------------------------- training
