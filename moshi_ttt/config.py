@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 TARGET_MODES = ("difference", "legacy")
+# moshi's norm types (moshi.modules.transformer.create_norm_fn, moshi 0.2.13).
+NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
+# The largest inner-loop mini-batch (TTTConfig; options.py holds the same number for RunOptions): above Moshi's
+# 3000-token attention context (one update per context window stays possible), 4 x the app's 1024 and 256 x the
+# paper's 16. A layer's learnable_token_idx has b entries, and a full mini-batch's dual form builds [B * H, b, b]
+# matrices; a call shorter than b costs nothing more in b (`position_factors` builds the factors it reads).
+MAX_MINI_BATCH_SIZE = 4096
+# The largest share_qk convolution (tokens; ttt-lm-pytorch uses 4): its weights and each row's history grow with it.
+MAX_CONV_KERNEL = 256
 INNER_MODELS = ("mlp", "linear")
 BRANCH_INPUTS = ("after_attention", "before_attention")
 
@@ -67,34 +77,36 @@ class TTTConfig:
     legacy: LegacyConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
-        if self.base_lr < 0:
-            raise ValueError(f"base_lr must be >= 0, got {self.base_lr}")
-        if self.target not in TARGET_MODES:
-            raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
-        if self.inner not in INNER_MODELS:
-            raise ValueError(f"inner must be one of {INNER_MODELS}, got {self.inner!r}")
-        if self.legacy is not None and not isinstance(self.legacy, LegacyConfig):
-            raise ValueError(f"legacy must be a LegacyConfig or None, got {self.legacy!r}")
-        if self.legacy is not None and self.inner != "mlp":
-            raise ValueError("legacy TTT layers have an MLP inner model (mlp_layers), not inner='linear'")
-        if not isinstance(self.branch_input, str) or self.branch_input not in BRANCH_INPUTS:
-            raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {self.branch_input!r}")
-        if self.legacy is not None and self.branch_input != "after_attention":
-            raise ValueError("branch_input 'before_attention' is not part of the legacy TTT layout")
+        # Every field is checked for its type too: a config.json is user input, and JSON "false" is a true string.
+        _layers_spec(self.layers)  # the syntax; the range is checked against the model (`parse_layers`)
+        _whole_number("TTTConfig mini_batch_size", self.mini_batch_size, maximum=MAX_MINI_BATCH_SIZE)
+        for name in ("base_lr", "init_std", "gating_alpha_init"):
+            _finite(f"TTTConfig {name}", getattr(self, name), minimum=None if name == "gating_alpha_init" else 0.0)
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("persistent_states", "share_qk"):
+            _bool(f"TTTConfig {name}", getattr(self, name))
+        if self.num_heads is not None:
+            _whole_number("TTTConfig num_heads", self.num_heads)
+        _whole_number("TTTConfig conv_kernel", self.conv_kernel, maximum=MAX_CONV_KERNEL)
+        _choice("TTTConfig norm", self.norm, NORMS)
+        _choice("TTTConfig target", self.target, TARGET_MODES)
+        _choice("TTTConfig inner", self.inner, INNER_MODELS)
+        _choice("TTTConfig branch_input", self.branch_input, BRANCH_INPUTS)
         decay = self.decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+            raise ValueError(f"TTTConfig decay must be a number in [0, 1], got {decay!r}")
         object.__setattr__(self, "decay", float(decay))
-        if self.legacy is not None and self.decay > 0:
+        if self.legacy is None:
+            return
+        if not isinstance(self.legacy, LegacyConfig):
+            raise ValueError(f"TTTConfig legacy must be a LegacyConfig or None, got {self.legacy!r}")
+        if self.inner != "mlp":
+            raise ValueError("legacy TTT layers have an MLP inner model (mlp_layers), not inner='linear'")
+        if self.branch_input != "after_attention":
+            raise ValueError("branch_input 'before_attention' is not part of the legacy TTT layout")
+        if self.decay > 0:
             raise ValueError("decay is not part of the legacy TTT layout")
-        if self.conv_kernel < 1:
-            raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
-        if self.num_heads is not None and self.num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1 or None, got {self.num_heads}")
-        parse_layers(self.layers, 1_000_000)  # validates the syntax; the range is checked against the model
-        if self.legacy is not None and self.share_qk:
+        if self.share_qk:
             raise ValueError("share_qk is not part of the legacy TTT layout")
 
     def to_dict(self) -> dict:
@@ -197,6 +209,7 @@ _FLAT_LEGACY_DEFAULTS = {
     "mlp_layers": 2,
     "mlp_hidden_dims": None,
     "use_rope": False,
+    "rope_theta": 10000.0,
     "ttt_layer_context": None,
     "non_ttt_layer_context": None,
 }
@@ -208,12 +221,33 @@ def _legacy_from_flat(data: dict) -> LegacyConfig | None:
     flat = {name: data.pop(name) for name in names if name in data}
     if data["legacy"]:
         return LegacyConfig(**flat)
-    used = sorted(
-        name for name, value in flat.items() if name in _FLAT_LEGACY_DEFAULTS and value != _FLAT_LEGACY_DEFAULTS[name]
-    )
+    used = sorted(name for name, value in flat.items() if value != _FLAT_LEGACY_DEFAULTS[name])
     if used:
         raise ValueError(f"TTTConfig options {used} exist only for legacy checkpoints (old layout: set legacy to true)")
     return None
+
+
+LAYER_SPECS = ("all", "middle", "none")
+_LAYER_INDEX = re.compile(r"[0-9]+")
+
+
+def _layers_spec(spec: object) -> list[int] | None:
+    """The indices a `TTTConfig.layers` spec lists, None for "all", "middle" and "none".
+
+    Raises:
+        ValueError: naming the spec, for anything but those words or comma-separated indices ("29, 30,31").
+    """
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec in LAYER_SPECS:
+            return None
+        parts = [part.strip() for part in spec.split(",")]
+        if all(_LAYER_INDEX.fullmatch(part) for part in parts):  # ASCII digits only: int() also takes "+1", "1_0"
+            return sorted({int(part) for part in parts})
+    raise ValueError(
+        f"TTTConfig layers must be 'all', 'middle', 'none' or comma-separated layer indices such as '29,30,31', "
+        f"got {spec!r}"
+    )
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -222,19 +256,10 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     Raises:
         ValueError: for an unknown spec or an index outside [0, num_layers).
     """
-    spec = spec.strip()
-    if spec == "all":
-        return list(range(num_layers))
-    if spec == "middle":
-        return list(range(num_layers // 4, 3 * num_layers // 4))
-    if spec == "none":
-        return []
-    try:
-        indices = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError as e:
-        raise ValueError(f"TTT layers must be 'all', 'middle', 'none' or comma-separated integers, got {spec!r}") from e
-    if not indices:
-        raise ValueError(f"TTT layers spec {spec!r} names no layer")
+    indices = _layers_spec(spec)
+    if indices is None:
+        n = num_layers
+        return {"all": list(range(n)), "middle": list(range(n // 4, 3 * n // 4)), "none": []}[spec.strip()]
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"TTT layers {bad} are out of range for a transformer with {num_layers} layers")
@@ -334,9 +359,21 @@ class YarnConfig:
         return dataclasses.asdict(self)
 
 
-def _whole_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+def _whole_number(name: str, value: object, maximum: int | None = None) -> None:
+    # bool is an int in Python, and JSON true is not a number anyone meant (as RunOptions).
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (maximum is not None and value > maximum):
+        bounds = ">= 1" if maximum is None else f"in [1, {maximum}]"
+        raise ValueError(f"{name} must be a whole number {bounds}, got {value!r}")
+
+
+def _bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _finite(name: str, value: object, minimum: float | None) -> None:

@@ -61,6 +61,14 @@ def rank_device(device: str, local_rank: int, local_world: int, cuda_devices: in
     Raises:
         ValueError: one sentence for a GPU that is not there, or one GPU named for several processes.
     """
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device: give cpu, cuda or cuda:N") from e
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: scoring runs on cpu, cuda or cuda:N (mps untested), not {kind}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device} asks for Apple's GPU, but torch sees none")
     if not device.startswith("cuda"):
         return device
     if cuda_devices < 1:

@@ -342,7 +342,14 @@ def _sweep_tables(name: str, model, codes: torch.Tensor, result, options: RunOpt
 
 
 def run_options_from_args(args) -> RunOptions:
-    """The run's options from the command line, built once (RunOptions validates them)."""
+    """The run's options from the command line, built once (RunOptions validates them), and the run-level flags
+    checked before any model loads."""
+    if args.max_seconds == math.inf:
+        args.max_seconds = None  # no limit, as without the flag
+    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        raise UsageError(f"--max-seconds must be a positive number of seconds, not {args.max_seconds}")
+    if args.bin_size < 1:
+        raise UsageError(f"--bin-size must be a positive number of tokens, not {args.bin_size}")
     try:
         return RunOptions(
             mode=args.mode,
@@ -357,6 +364,26 @@ def run_options_from_args(args) -> RunOptions:
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
+
+
+def _check_same_codes(loaded: dict) -> None:
+    """Every model scores the same codes (encoded once): the checkpoints must name the same codec (or none) and
+    read codes of the same shape (codebooks, cardinality, delays).
+
+    Raises:
+        UsageError: naming the checkpoints that differ and how."""
+    codecs = {name: ref for name, ckpt in loaded.items() if (ref := getattr(ckpt, "mimi_ref", None)) is not None}
+    if len(set(codecs.values())) > 1:
+        detail = ", ".join(f"{name}: {ref}" for name, ref in codecs.items())
+        raise UsageError(f"the checkpoints name different codecs ({detail}): score them in separate runs")
+    formats = {name: {k: getattr(ckpt.model, k) for k in ("card", "dep_q", "n_q", "delays")}  # LMModel's own
+               for name, ckpt in loaded.items()}  # fmt: skip
+    (first, expected), *others = formats.items()
+    for name, found in others:
+        differ = [k for k in expected if found[k] != expected[k]]
+        if differ:
+            detail = ", ".join(f"{k}: {expected[k]} vs {found[k]}" for k in differ)
+            raise UsageError(f"{first} and {name} do not read the same audio codes ({detail})")
 
 
 def _expected_tokens(file: Path) -> int:
@@ -409,6 +436,8 @@ def run(args) -> int:
         raise UsageError("give --audio, --manifest or --benchmark NAME=PATH")
     files = list(args.audio) if args.audio is not None else read_manifest(args.manifest) if args.manifest else []
     options = run_options_from_args(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file: give a folder (created if missing)")
     args.tokenizer = None
     if options.text_stream == "transcript":
         if args.text_tokenizer is None:
@@ -416,8 +445,9 @@ def run(args) -> int:
         args.tokenizer = load_text_tokenizer(args.text_tokenizer)
     refs = _checkpoint_refs(args)
     models, mimi, identities, args.checkpoint_notes = {}, None, {}, {}
+    loaded = {}
     for name, ref in refs.items():
-        ckpt = _load_checkpoint(ref, args.device, DTYPES[args.dtype], **_base_of(name, refs))
+        ckpt = loaded[name] = _load_checkpoint(ref, args.device, DTYPES[args.dtype], **_base_of(name, refs))
         models[name] = (ref, ckpt.model.eval())
         args.checkpoint_notes[name] = list(getattr(ckpt, "notes", None) or [])
         mimi = mimi if mimi is not None else ckpt.mimi
@@ -425,6 +455,7 @@ def run(args) -> int:
             getattr(ckpt, "mimi_ref", None))}  # fmt: skip
     if mimi is None:
         raise UsageError("none of the checkpoints names a Mimi codec to encode the audio with")
+    _check_same_codes(loaded)
     args.dtype = "/".join(sorted({str(model_dtype(m)).removeprefix("torch.") for _, m in models.values()}))
     note = _cpu_time_note([m for _, m in models.values()], args.audio, args.device)
     if note and ranks.rank == 0:
@@ -488,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         status = run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, OSError) as e:  # OSError: a missing file, an --out that is a file, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

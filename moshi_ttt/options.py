@@ -25,6 +25,9 @@ MODES = ("full", "chunked", "stream")
 # "greedy": the model's own greedy text while it speaks the audio (its inner monologue, as moshi's LMGen produces it);
 # "transcript": a transcript with word timestamps, laid out as moshi-finetune trains (scored: a text-stream loss).
 TEXT_STREAMS = ("padding", "zero", "greedy", "transcript")
+# The largest mini_batch_size of a run: config.MAX_MINI_BATCH_SIZE (this module imports nothing of the package's;
+# tests/test_config_hostile.py checks that the two agree).
+MAX_MINI_BATCH_SIZE = 4096
 
 
 def _weight(name: str, value: object) -> None:
@@ -32,12 +35,14 @@ def _weight(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def _whole(name: str, value: object, minimum: int = 1) -> None:
+def _whole(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> None:
     # bool is an int in Python, and JSON true is not a number anyone meant.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class RunOptions:
     # Tokens per forward call in "chunked" mode; None: min(250, model context), in whole TTT mini-batches. Must not
     # exceed the model's attention context.
     chunk_size: int | None = None
-    # TTT inner-loop mini-batch size b for this run; None: each TTT layer's own (TTTConfig.mini_batch_size).
+    # TTT inner-loop mini-batch size b for this run (In-Place layers: their chunk size), at most
+    # MAX_MINI_BATCH_SIZE; None: each TTT layer's own (TTTConfig.mini_batch_size).
     mini_batch_size: int | None = None
     # Carry the fast weights through the whole file (True) or reset them every `reset_every` tokens (False);
     # None: the checkpoint's TTTConfig.persistent_states.
@@ -76,7 +82,7 @@ class RunOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("chunk_size", "mini_batch_size", "reset_every"):
             if getattr(self, name) is not None:
-                _whole(name, getattr(self, name))
+                _whole(name, getattr(self, name), maximum=MAX_MINI_BATCH_SIZE if name == "mini_batch_size" else None)
         _whole("record_every", self.record_every)
         if self.persistent_states is not None and not isinstance(self.persistent_states, bool):
             raise ValueError(f"persistent_states must be true, false or None, got {self.persistent_states!r}")

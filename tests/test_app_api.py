@@ -23,7 +23,7 @@ import app
 from moshi_ttt.app import handlers
 from moshi_ttt.app.models import ModelCache, build_allow_list
 
-KEEP_RUNS = 3  # the server's cap on result folders of session-less callers
+KEEP_RUNS = 3  # the server's cap on result folders of session-less callers, and on sessions keeping one
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def gradio_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(gradio_dir, assets):
     cache = ModelCache(build_allow_list([assets / "checkpoints", assets / "other"], use_env=False))
-    demo = app.build_demo(cache, [str(assets / "a.wav")], max_seconds=60, keep_runs=KEEP_RUNS)
+    demo = app.build_demo(cache, [str(assets / "a.wav")], max_seconds=60, keep_runs=KEEP_RUNS, max_sessions=KEEP_RUNS)
     demo.queue(default_concurrency_limit=2, max_size=8)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     yield url.rstrip("/")
@@ -236,7 +236,8 @@ def folder_mb(folder: Path) -> float:
 
 def test_disk_returns_to_where_it_started_after_many_runs(api, assets, gradio_dir):
     """A session keeps only its latest run's downloads, and none once it ends (12 runs: the server's folder is back
-    to where it started); callers without a session keep the server's KEEP_RUNS newest folders in all."""
+    to where it started); raw API calls (each a session that never ends) keep at most the server's max_sessions
+    (here KEEP_RUNS) folders in all."""
     from gradio_client import Client, handle_file
 
     runs = gradio_dir / "moshi-ttt-runs"
@@ -255,12 +256,12 @@ def test_disk_returns_to_where_it_started_after_many_runs(api, assets, gradio_di
     while time.monotonic() < deadline and folders[-1].is_dir():
         time.sleep(0.2)
     grown_mb = folder_mb(gradio_dir) - start_mb
-    # Nothing new stays (older folders of session-less callers may have gone: the cap counts every folder).
+    # Nothing new stays (older folders of session-less callers may have gone: their cap counts their folders).
     assert not folders[-1].is_dir() and set(runs.iterdir()) <= start_folders
     assert grown_mb < 0.1, grown_mb
     assert 0.01 < one_run_mb < 10
     audio = upload(api, assets / "b.wav")
-    for _ in range(8):  # raw calls without a session: bounded by KEEP_RUNS
+    for _ in range(8):  # raw calls, each its own session: bounded by max_sessions
         assert_good_run(*call(api, good_values(audio)))
     assert len(list(runs.iterdir())) <= KEEP_RUNS
     print(f"one run's downloads {one_run_mb:.2f} MB; 12 runs of one session: {grown_mb:+.3f} MB once it ended")

@@ -8,6 +8,8 @@ of the In-Place fork, whose drift spans 1e-12 to 1: the row is then logarithmic)
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 
 from moshi_ttt.app.compare import Setting
@@ -52,20 +54,21 @@ def compare_figure(document: dict, settings: list[Setting], info: FigureInfo | N
         if run is None:
             continue
         color = SETTING_COLORS[i % len(SETTING_COLORS)]
+        name = html.escape(setting.name, quote=False)  # Plotly renders tags in trace names: a checkpoint's is text
         loss = _series(run["loss_per_token"])
         data.append({**common, "y": _rounded(moving_average(loss, smooth)), "yaxis": "y", "legend": "legend",
-                     "name": setting.name, "legendgroup": setting.name, "line": {"color": color, "width": 2},
+                     "name": name, "legendgroup": setting.name, "line": {"color": color, "width": 2},
                      "hovertemplate": "%{y:.3f} nats"})  # fmt: skip
         if base is not None:
             data.append({**common, "y": _rounded(moving_average(loss - base, smooth)), "yaxis": "y2",
-                         "legend": "legend2", "name": setting.name, "legendgroup": setting.name, "showlegend": False,
+                         "legend": "legend2", "name": name, "legendgroup": setting.name, "showlegend": False,
                          "line": {"color": color, "width": 1.5}, "hovertemplate": "%{y:+.4f} nats"})  # fmt: skip
         drift = run.get("drift") or {}
         curve = _drift_curve(drift, run.get("inplace") or {})
         if curve is not None:
             steps, values = curve
             data.append({"type": "scatter", "x": [t / FRAME_RATE for t in steps], "y": values,
-                         "mode": "lines", "xaxis": "x", "yaxis": "y3", "legend": "legend3", "name": setting.name,
+                         "mode": "lines", "xaxis": "x", "yaxis": "y3", "legend": "legend3", "name": name,
                          "legendgroup": setting.name, "showlegend": False, "line": {"color": color, "width": 1.5},
                          "hovertemplate": "%{y:.4f}"})  # fmt: skip
     if base is not None:

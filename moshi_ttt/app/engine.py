@@ -134,14 +134,16 @@ def _compare(
         raise ValueError(f"{pair} checkpoints use different codecs")
     sessions, run_options = {}, {}
     for run, ckpt in loaded.items():
-        run_options[run] = options
+        # The chosen mini-batch size and persistence are the TTT run's: a baseline with TTT layers of its own runs
+        # with its checkpoint's (`own_settings_note` says which), so that it scores the same whatever is chosen.
+        run_options[run] = options if run == "ttt" else own_options(options)
         if options.mode == "chunked" and options.chunk_size is not None:
             context = ckpt.model.context
             size = min(options.chunk_size, context) if context is not None else options.chunk_size
             whole = non_causal_mini_batch(ckpt.model)
             if whole is not None:  # legacy non-causal layers: whole mini-batches per chunk
                 size = max(whole, size - size % whole)
-            run_options[run] = options.replace(chunk_size=size)
+            run_options[run] = run_options[run].replace(chunk_size=size)
         sessions[run] = SharedModelRun(ckpt.model, cache.lock(ckpt.model), scores(run, ckpt.model, run_options[run]))
     start = time.perf_counter()
     latest: dict[str, ScoreResult] = {}
@@ -177,7 +179,8 @@ def _compare(
         context = {run: ckpt.model.context for run, ckpt in loaded.items()}
         notes = {run: list(ckpt.notes) for run, ckpt in loaded.items()}
         notes["ttt"] += pairing_notes
-        resets = _reset_periods(loaded, options)
+        notes["baseline"] += own_settings_note(loaded["baseline"].model, names["baseline"])
+        resets = _reset_periods(loaded, run_options)
         yield _final(latest, names, notes, options, audio_info, start, context, readings, memory.peak_mb,
                      stopped, causal, resets)  # fmt: skip
     finally:
@@ -207,14 +210,35 @@ def _scored_part(result: ScoreResult, done: int) -> ScoreResult:
                    total_tokens=done)  # fmt: skip
 
 
-def _reset_periods(loaded: dict, options: RunOptions) -> dict[str, int | None]:
+def own_options(options: RunOptions) -> RunOptions:
+    """The baseline's options: the run's, with its checkpoint's own mini-batch size and persistence."""
+    return options.replace(mini_batch_size=None, persistent_states=None, reset_every=None)
+
+
+def own_settings_note(model: torch.nn.Module, name: str) -> list[str]:
+    """The note of a baseline with TTT layers of its own (it runs with its checkpoint's settings, `own_options`);
+    [] for a baseline without TTT layers."""
+    inplace = inplace_blocks(model)
+    blocks = {**ttt_blocks(model), **inplace}
+    if not blocks:
+        return []
+    cfg = next(iter(blocks.values())).cfg
+    size = f"chunk size {cfg.chunk_size}" if inplace else f"mini_batch_size {cfg.mini_batch_size}"
+    persistent = "on" if all(block.cfg.persistent_states for block in blocks.values()) else "off"
+    return [
+        f"The baseline {name!r} has TTT layers of its own: it ran with its checkpoint's {size} and persistent_states "
+        f"{persistent}; the chosen values apply to the TTT run only."
+    ]
+
+
+def _reset_periods(loaded: dict, run_options: dict[str, RunOptions]) -> dict[str, int | None]:
     """Tokens between resets of each run's fast weights (None: never; runs without TTT layers are left out)."""
     periods = {}
     for run, ckpt in loaded.items():
         blocks = {**ttt_blocks(ckpt.model), **inplace_blocks(ckpt.model)}
         if blocks:
             persistent = all(block.cfg.persistent_states for block in blocks.values())
-            periods[run] = options.resets(persistent, ckpt.model.context)
+            periods[run] = run_options[run].resets(persistent, ckpt.model.context)
     return periods
 
 

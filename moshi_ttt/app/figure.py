@@ -31,6 +31,7 @@ same dict in a `go.Figure`.
 from __future__ import annotations
 
 import functools
+import html
 import json
 import math
 from dataclasses import dataclass
@@ -137,7 +138,9 @@ def figure_dict(
     step = 1.0 / FRAME_RATE
     for run in sorted(loss_per_token, key=lambda r: r == "baseline"):  # the baseline last: drawn on top
         y = _series(loss_per_token[run])
-        color, label, dash = RUN_COLORS.get(run, "#7f7f7f"), RUN_LABELS.get(run, run), RUN_DASH.get(run, "solid")
+        # Plotly renders tags in trace names (<a href>, <b>): a run's name from a user's results.json is text.
+        label = RUN_LABELS.get(run) or html.escape(run, quote=False)
+        color, dash = RUN_COLORS.get(run, "#7f7f7f"), RUN_DASH.get(run, "solid")
         common = {"type": "scatter", "x0": 0.0, "dx": step, "mode": "lines", "legendgroup": run}
         data.append(_on_row({**common, "y": _finite_or_none(y), "name": f"{label} per token", "opacity": 0.3,
                              "line": {"color": color, "width": 1}, "showlegend": False,

@@ -20,7 +20,7 @@ from moshi_ttt.app import outputs, view
 from moshi_ttt.app.compare import MAX_SETTINGS, compare_settings, settings_grid
 from moshi_ttt.app.compare_view import COLUMNS as COMPARE_COLUMNS
 from moshi_ttt.app.compare_view import compare_figure, compare_rows
-from moshi_ttt.app.engine import LIVE_MODES, compare_file, live_options
+from moshi_ttt.app.engine import LIVE_MODES, compare_file, live_options, own_settings_note
 from moshi_ttt.app.figure import FigureInfo, to_json
 from moshi_ttt.app.inputs import (
     AudioFile,
@@ -39,7 +39,7 @@ from moshi_ttt.app.models import CheckpointMismatch, CheckpointNames, Checkpoint
 from moshi_ttt.app.reconstruction import reconstruct_clip
 from moshi_ttt.app.reopen import read_results
 from moshi_ttt.app.resources import RunFolders, StopRequests, release_memory
-from moshi_ttt.app.update_size import COMPARE_LABELS, MAX_TOKENS, check_update_size, update_size
+from moshi_ttt.app.update_size import COMPARE_LABELS, MAX_TOKENS, check_fits_window, check_update_size, update_size
 from moshi_ttt.app.zerogpu import cache_sizes, compare_models, gpu_duration, on_gpu, reconstruction_duration
 from moshi_ttt.reports import headline
 from moshi_ttt.reports import results as report
@@ -109,7 +109,9 @@ def compare_specs(run: dict[str, Spec], names: tp.Sequence[str]) -> dict[str, Sp
         "compare_checkpoints": MultiChoice("TTT checkpoints to compare", _offered(names),
                                            default=(ttt,) if ttt else (), maximum=4, dropdown=True),  # fmt: skip
         # Labelled for the chosen models by the layout (update_size.compare_label): mini-batches or In-Place chunks.
-        "compare_sizes": MultiChoice(COMPARE_LABELS["mixed"], COMPARE_SIZES, default=("4", "16", "64")),
+        # Sizes within the demo models' 50-token context: with persistence off a larger one is refused
+        # (update_size.check_fits_window), and a default press must score.
+        "compare_sizes": MultiChoice(COMPARE_LABELS["mixed"], COMPARE_SIZES, default=("4", "16")),
         "compare_persistence": MultiChoice("persistent_states", ("on", "off"), default=("on", "off"),
                                            info="off: the fast weights go back to W_base every attention window"),
         "max_seconds": run["max_seconds"],
@@ -180,7 +182,8 @@ def run_handler(
             # paired with the baseline (In-Place lora.safetensors over a base that does not fit) is the user's.
             models = {args["baseline"]: cache.get(args["baseline"]).model,
                       args["ttt"]: cache.get(args["ttt"], base=args["baseline"]).model}  # fmt: skip
-            check_update_size(models, args["mini_batch_size"])
+            # The chosen size and persistence are the TTT run's; a baseline runs with its own (engine.own_options).
+            check_update_size({args["ttt"]: models[args["ttt"]]}, args["mini_batch_size"], args["persistent_states"])
             options = live_options(LIVE_MODES[args["mode"]], args["mini_batch_size"], args["persistent_states"])
         except (InputError, CheckpointMismatch, CheckpointUnavailable) as e:
             yield outputs.refused(str(e)).for_gradio()
@@ -198,12 +201,13 @@ def run_handler(
                 if not update.complete:
                     yield outputs.live(update, figure).for_gradio()
                     continue
-                downloads = outputs.write_downloads(runs.new(session), update)
-                yield outputs.final(update, downloads, figure).for_gradio()
+                with runs.writing(session) as folder:  # kept while the page is given its files
+                    downloads = outputs.write_downloads(folder, update)
+                    yield outputs.final(update, downloads, figure).for_gradio()
         except (FileNotFoundError, ValueError) as e:  # the library's one-sentence errors about the audio and the fit
-            message = _user_message(e)
+            message = failure_message(e, args["audio"])
             yield outputs.refused(message, started=True).for_gradio()
-            raise refuse(message) from None
+            raise gr.Error(message, print_exception=False) from None
         finally:
             updates.close()
             release_memory()
@@ -212,11 +216,24 @@ def run_handler(
     return run
 
 
-def _user_message(error: Exception) -> str:
-    """The sentence shown for the library's errors about the audio and the checkpoints (never a server path)."""
+def failure_message(error: Exception, audio: str) -> str:
+    """The sentence shown for an error raised once a run has started (never a server path), logged with its
+    traceback: mostly the library's one-sentence refusals of the audio or of a pair of checkpoints, but a fault of
+    the server can raise ValueError or FileNotFoundError too, and its traceback must reach the log.
+
+    Args:
+        error: the error caught.
+        audio: the clip's path (validated): a FileNotFoundError speaks of it only when it is gone.
+    """
     if isinstance(error, FileNotFoundError):
-        return "The audio file is no longer on the server; upload it again."
-    return str(error)
+        if Path(audio).is_file():
+            message = "A file of this run went missing on the server; please try again."
+        else:
+            message = "The audio file is no longer on the server; upload it again."
+    else:
+        message = str(error)
+    logger.error("run failed: %s", message, exc_info=error)
+    return message
 
 
 def figure_info(cache: ModelCache, args: dict, readings: list) -> FigureInfo:
@@ -255,15 +272,18 @@ def compare_handler(
         try:
             args = validate(specs, values)
             sizes = tuple(int(b) for b in args["compare_sizes"])
-            cache.get(args["baseline"])
+            persistence = tuple(p == "on" for p in args["compare_persistence"])
+            baseline_note = own_settings_note(cache.get(args["baseline"]).model, args["baseline"])
             chunked = []  # In-Place models: their sizes are chunk sizes (update_size.py), as on the Run tab
             for name in args["compare_checkpoints"]:
-                size = update_size(cache.get(name, base=args["baseline"]).model)
+                model = cache.get(name, base=args["baseline"]).model
+                size = update_size(model)
                 chunked += [name] if size.kind == "chunk" else []
                 for b in sizes if size.kind != "none" else ():
                     size.check(b, name)
-            settings = settings_grid(args["compare_checkpoints"], sizes,
-                                     tuple(p == "on" for p in args["compare_persistence"]), chunked)  # fmt: skip
+                    for persistent in persistence:
+                        check_fits_window(model, name, b, persistent, size.label)
+            settings = settings_grid(args["compare_checkpoints"], sizes, persistence, chunked)
         except (InputError, CheckpointMismatch, CheckpointUnavailable) as e:  # a checkpoint that fails to load: as Run
             yield (f"Not compared: {e}", gr.skip(), gr.skip(), gr.skip())
             raise refuse(str(e)) from None
@@ -272,26 +292,28 @@ def compare_handler(
         info = figure_info(cache, {**args, "ttt": args["compare_checkpoints"][0]}, readings)
         updates = compare_settings(cache, args["audio"], args["baseline"], settings, args["max_seconds"],
                                    allow_silence=args["allow_silence"], readings=readings,
-                                   stop_requested=stops.start(session))  # fmt: skip
+                                   stop_requested=stops.start(session), min_interval_s=FIGURE_INTERVAL_S)  # fmt: skip
         try:
             for update in updates:
-                figure = to_json(compare_figure(update.document, update.settings, info), info.clip + "_compare")
-                rows = compare_rows(update.document, update.settings, update.stopped)
-                table = view.markdown_table(COMPARE_COLUMNS, rows)
-                if not update.complete:
-                    scored = f"{update.done} of {update.total} settings scored in {update.elapsed_s:.1f} s"
-                    status = f"Comparing: {scored}; now {update.current}…"
-                    yield (status, PlotData(type="plotly", plot=figure) if update.done else None, table, [])
+                if update.progress is not None:  # inside a setting: the status only
+                    yield (update.status, gr.skip(), gr.skip(), gr.skip())
                     continue
-                prefix = report.file_stem(update.document) + "_compare_"
-                files = report.write_report(runs.new(session), update.document, prefix=prefix)
-                ended = "Stopped after" if update.stopped else "Done:"
-                status = f"{ended} {update.done} of {update.total} settings in {update.elapsed_s:.1f} s."
-                yield (status, PlotData(type="plotly", plot=figure), table, [str(p) for p in files.values()])
+                figure = to_json(compare_figure(update.document, update.settings, info), info.clip + "_compare")
+                table = view.markdown_table(COMPARE_COLUMNS, compare_rows(update.document, update.settings,
+                                                                          update.partial))  # fmt: skip
+                if not update.complete:
+                    yield (update.status, PlotData(type="plotly", plot=figure) if update.done else None,
+                           table, [])  # fmt: skip
+                    continue
+                prefix = report.file_stem(update.document) + ("_compare_partial_" if update.partial else "_compare_")
+                with runs.writing(session) as folder:  # kept while the page is given its files
+                    files = report.write_report(folder, update.document, prefix=prefix)
+                    status = " ".join([update.status, *baseline_note])
+                    yield (status, PlotData(type="plotly", plot=figure), table, [str(p) for p in files.values()])
         except (FileNotFoundError, ValueError) as e:
-            message = _user_message(e)
+            message = failure_message(e, args["audio"])
             yield (f"Not compared: {message}", gr.skip(), gr.skip(), gr.skip())
-            raise refuse(message) from None
+            raise gr.Error(message, print_exception=False) from None
         finally:
             updates.close()
             release_memory()
@@ -355,17 +377,17 @@ def hear_handler(cache: ModelCache, specs: dict[str, Spec], folders: RunFolders)
             yield gr.skip(), view.reconstruction_refused(str(e))
             raise refuse(str(e)) from None
         yield None, view.RECONSTRUCTION_WORKING
-        try:
-            folder = folders.new(session_of(request))
-            result = reconstruct_clip(cache, args["audio"], args["baseline"], args["max_seconds"], folder,
-                                      allow_silence=args["allow_silence"])  # fmt: skip
-        except (FileNotFoundError, ValueError) as e:  # the library's one-sentence errors about the audio
-            message = _user_message(e)
-            yield None, view.reconstruction_refused(message)
-            raise refuse(message) from None
-        finally:
-            release_memory()
-        yield str(result.path), view.reconstruction_note(result, args["baseline"])
+        with folders.writing(session_of(request)) as folder:  # not deleted under this decoding by the session's next
+            try:
+                result = reconstruct_clip(cache, args["audio"], args["baseline"], args["max_seconds"], folder,
+                                          allow_silence=args["allow_silence"])  # fmt: skip
+            except (FileNotFoundError, ValueError) as e:  # the library's one-sentence errors about the audio
+                message = failure_message(e, args["audio"])
+                yield None, view.reconstruction_refused(message)
+                raise gr.Error(message, print_exception=False) from None
+            finally:
+                release_memory()
+            yield str(result.path), view.reconstruction_note(result, args["baseline"])
 
     hear.__signature__ = event_signature(specs)
     return hear

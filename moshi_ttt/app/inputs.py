@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moshi_ttt.data.checkpoints.hub import HubRef
 from moshi_ttt.reports.headline import Reading
 
 
@@ -260,6 +261,10 @@ class HubReference:
             raise InputError(
                 f"{self.label} must look like hf://owner/repo (optionally @revision); got {_shown(value)}."
             )
+        try:  # the allow-list reads it so (models.build_allow_list): repo ids as the Hub checks them, no empty revision
+            HubRef.parse(text)
+        except ValueError as e:
+            raise InputError(f"{self.label}: {e}.") from None
         return text
 
 

@@ -39,7 +39,7 @@ from moshi_ttt.app.handlers import (
 )
 from moshi_ttt.app.models import ModelCache
 from moshi_ttt.app.player import PAGE_JS, SCROLL_TO_STATUS
-from moshi_ttt.app.resources import KEEP_RUNS, RunFolders, StopRequests
+from moshi_ttt.app.resources import KEEP_RUNS, MAX_SESSIONS, RunFolders, StopRequests
 from moshi_ttt.app.update_size import DEFAULT as DEFAULT_UPDATE_TOKENS
 from moshi_ttt.app.update_size import MAX_MINI_BATCH, MAX_TOKENS, UpdateSize, compare_label, update_size
 
@@ -97,6 +97,7 @@ def build_demo(
     max_seconds: float = MAX_SECONDS,
     keep_runs: int = KEEP_RUNS,
     allow_hub: bool = False,
+    max_sessions: int = MAX_SESSIONS,
 ) -> gr.Blocks:
     """The UI; every handler validates its inputs itself (their events skip Gradio's preprocessing).
 
@@ -106,6 +107,8 @@ def build_demo(
         max_seconds: the longest duration scored (the duration slider's maximum, checked by the server).
         keep_runs: result folders kept for callers without a session.
         allow_hub: adds a field where users may add hf:// checkpoints.
+        max_sessions: sessions whose latest result folder is kept (raw API calls each open a session that never
+            ends: beyond this, the session whose folder is oldest loses it).
     Returns:
         The Blocks, not launched.
     """
@@ -115,10 +118,11 @@ def build_demo(
     more = compare_specs(specs, cache.live_names())
     opening = open_specs([demo.GRADIO_CACHE])
     hearing = hear_specs(specs)
-    runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", keep=keep_runs)
-    compared = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-compare", keep=keep_runs)
-    heard = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-heard", keep=keep_runs)  # each session's latest wav
-    stops = StopRequests()
+    kept = {"keep": keep_runs, "max_sessions": max_sessions}
+    runs = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-runs", **kept)
+    compared = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-compare", **kept)
+    heard = RunFolders(Path(demo.GRADIO_CACHE) / "moshi-ttt-heard", **kept)  # each session's latest wav
+    stops, compare_stops = StopRequests(), StopRequests()  # Run's and Compare's Stop: each stops its own event
     ttt_default, baseline_default = specs["ttt"].default, specs["baseline"].default
     start_clip = next((Path(e).name for e in examples if Path(e).stem == START_CLIP), None)
     size = update_size_of(cache, ttt_default, baseline_default)
@@ -196,7 +200,9 @@ def build_demo(
                             compare_inputs = {"compare_checkpoints": control(more["compare_checkpoints"]),
                                               "compare_sizes": control(replace(more["compare_sizes"], label=label)),
                                               "compare_persistence": control(more["compare_persistence"])}  # fmt: skip
-                        compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                        with gr.Row():
+                            compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                            compare_stop_button = gr.Button("Stop comparing", elem_id="compare-stop-button")
                         compare_status = gr.Markdown(elem_id="compare-status")
                         compare_plot = gr.Plot(show_label=False, elem_id="compare-plot")
                         compare_table = gr.Markdown(elem_id="compare-table")
@@ -219,29 +225,35 @@ def build_demo(
                            [compare_inputs["compare_sizes"]], queue=False, show_progress="hidden")  # fmt: skip
         handler = run_handler(cache, specs, runs, examples, stops)
         run_outputs = [shown[name] for name in outputs.OUTPUT_NAMES]
-        # Runs and decodings share the queue's slots (the CPU threads per run are the cores shared by them).
+        # Runs, comparisons and decodings share the queue's slots (the CPU threads per run are the cores shared
+        # by them).
         run_button.click(handler, [inputs[name] for name in specs], run_outputs, api_name="run", preprocess=False,
                          show_progress="hidden", js=SCROLL_TO_STATUS, concurrency_id="score")  # fmt: skip
         hear_button.click(hear_handler(cache, hearing, heard), [inputs[name] for name in hearing],
                           [heard_audio, heard_note], api_name="hear", preprocess=False, show_progress="hidden",
                           concurrency_id="score")  # fmt: skip
         compare_controls = {**inputs, **compare_inputs}
-        compare_button.click(compare_handler(cache, more, compared, examples, stops),
+        compare_button.click(compare_handler(cache, more, compared, examples, compare_stops),
                              [compare_controls[name] for name in more],
                              [compare_status, compare_plot, compare_table, compare_files], api_name="compare",
-                             preprocess=False, show_progress="hidden")  # fmt: skip
+                             preprocess=False, show_progress="hidden", concurrency_id="score")  # fmt: skip
         open_button.click(open_handler(opening), [results_file], run_outputs, api_name="open_results",
                           preprocess=False, show_progress="hidden")  # fmt: skip
 
         def stop(request: gr.Request) -> None:
             stops.request(session_of(request))
 
+        def stop_comparing(request: gr.Request) -> None:
+            compare_stops.request(session_of(request))
+
         def end_session(request: gr.Request) -> None:
             for folders in (runs, compared, heard):
                 folders.end_session(session_of(request))
-            stops.end_session(session_of(request))
+            for flags in (stops, compare_stops):
+                flags.end_session(session_of(request))
 
         stop_button.click(stop, None, None, queue=False, show_progress="hidden")
+        compare_stop_button.click(stop_comparing, None, None, queue=False, show_progress="hidden")
         demo.unload(end_session)
         demo.load(None, js=PAGE_JS)  # the player's position on the figures, a click plays from there
         if allow_hub:

@@ -9,6 +9,7 @@ needs no Gradio; `for_gradio()` turns it into the tuple a Gradio generator yield
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +194,6 @@ def reopened(document: dict, file_name: str) -> RunOutputs:
     if "range" in fig["layout"]["yaxis2"]:
         fig["layout"]["yaxis2"]["range"] = grown_range(None, fig["layout"]["yaxis2"]["range"])
     stopped = bool(audio.get("partial"))
-    comparison = headline.headline(document)
     codebooks = codebook_figure(document, dataclasses.replace(info, revision=uuid.uuid4().hex))
     clip = view.plain(audio.get("name") or "an unnamed clip")
     what = f"{clip}, {tokens} tokens ({tokens / FRAME_RATE:.1f} s) of {len(runs)} run(s)"
@@ -201,7 +201,7 @@ def reopened(document: dict, file_name: str) -> RunOutputs:
     return RunOutputs(
         figure=to_json(fig, info.clip),
         status=status,
-        headline=_with_inplace(headline.headline_markdown(comparison) if comparison else "", ttt.get("inplace")),
+        headline=_with_inplace(_reopened_headline(document), ttt.get("inplace")),
         summary=view.table_rows(report.summary_rows(document), SUMMARY_COLUMNS, stopped),
         readings=view.readings_markdown(document),
         downloads=[],
@@ -209,6 +209,20 @@ def reopened(document: dict, file_name: str) -> RunOutputs:
         codebook_figure=to_json(codebooks, info.clip) if codebooks else "",
         codebook_table=view.markdown_table(list(CODEBOOK_COLUMNS), codebook_table(document, stopped)),
     )
+
+
+def _reopened_headline(document: dict) -> str:
+    """The headline of an opened file, or a sentence where the file leaves out the mean losses it compares (a file
+    of the command line may: reopen keeps them optional); "" without a baseline and a TTT run."""
+    comparison = headline.headline(document)
+    if comparison is None:
+        return ""
+    if not (math.isfinite(comparison.baseline_loss) and math.isfinite(comparison.ttt_loss)):
+        return "The file gives no mean_loss of its baseline or TTT run, so there is no headline comparison."
+    past = (comparison.baseline_loss_past_context, comparison.ttt_loss_past_context)
+    if comparison.context is not None and comparison.tokens > comparison.context and not all(map(math.isfinite, past)):
+        comparison = dataclasses.replace(comparison, context=None)  # no "after the first window" line of NaNs
+    return headline.headline_markdown(comparison)
 
 
 def _with_inplace(text: str, inplace: dict | None) -> str:

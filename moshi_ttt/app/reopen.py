@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import re
+import typing as tp
 from pathlib import Path
 
 from moshi_ttt.app.inputs import InputError
@@ -27,6 +28,12 @@ MAX_LAYERS = 64
 MAX_READINGS = 50
 MAX_TEXT = 300  # characters of a name, checkpoint or note shown on the page
 MAX_NOTES = 20
+# Values read from one file (runs x series x tokens, counted as the commas that separate them, before parsing): a
+# 60-minute clip (45,000 tokens) holds about 0.5 million per run with its 8 codebooks and telemetry, so several runs
+# fit. Opening costs ~50 bytes and ~1 us per value: 5.4 million took 250 MB and 4.3 s on one busy core (a 50 MB file
+# of 26 million, unbounded before, took 1.2 GB and 7.5 s).
+MAX_VALUES = 6_000_000
+MAX_DIGITS = 30  # of a whole number (results.json's are token counts and positions; a float's range is ~1e308)
 
 
 def read_results(path: str | Path) -> dict:
@@ -43,8 +50,13 @@ def read_results(path: str | Path) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError("The file is not UTF-8 text, so it is not a results.json.") from None
+    if text.count(",") > MAX_VALUES:  # refused before parsing: the parsed values are what costs memory
+        raise InputError(
+            f"The file holds more than {MAX_VALUES:,} values (runs x series x tokens), more than the app opens at "
+            "once; open a file of fewer runs or a shorter clip."
+        )
     try:
-        raw = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        raw = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys, parse_int=_whole_number)
     except RecursionError:  # only what the app reads is kept, so any other nesting is harmless up to this
         raise InputError("The file nests too deeply to be a results.json.") from None
     except InputError:
@@ -233,15 +245,26 @@ def _series(value: object, where: str, minimum: int, maximum: int) -> list[float
     for v in value:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise InputError(f"{where} holds {_shown(v)} where numbers (or null) belong.")
-    return [None if v is None else float(v) for v in value]
+    numbers = [None if v is None else float(v) for v in value]  # whole numbers have at most MAX_DIGITS digits
+    if not all(map(math.isfinite, (v for v in numbers if v is not None))):
+        _refuse_infinite(where)
+    return numbers
 
 
 def _number(value: object, where: str, required: bool = False) -> float | None:
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{where} must be a number, got {_shown(value)}.")
+    if not math.isfinite(value):
+        _refuse_infinite(where)
     return float(value)
+
+
+def _refuse_infinite(where: str) -> tp.NoReturn:
+    """A number too large for a float (JSON's 1e400 reads as infinity): refused as strict JSON refuses Infinity."""
+    raise InputError(f"{where} holds a number too large to be finite (it reads as Infinity, which strict JSON does "
+                     "not allow; results.json writes null).")  # fmt: skip
 
 
 def _whole(value: object, where: str, minimum: int = 0) -> int:
@@ -256,6 +279,14 @@ def _text(value: object, where: str, limit: int) -> str:
     if not isinstance(value, str) or len(value) > limit or not value.isprintable():
         raise InputError(f"{where} must be a single line of at most {limit} printable characters.")
     return value
+
+
+def _whole_number(text: str) -> int:
+    """JSON whole numbers of at most MAX_DIGITS digits (Python's int refuses over 4,300, a float overflows at 309)."""
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise InputError(f"The file holds a whole number of {len(text.lstrip('-'))} digits, far too long for a "
+                         "results.json.")  # fmt: skip
+    return int(text)
 
 
 def _refuse_constant(name: str):

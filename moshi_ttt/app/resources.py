@@ -6,6 +6,7 @@ freed when the session ends (`demo.unload`). Gradio-free: the layout turns `gr.R
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -17,13 +18,15 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 KEEP_RUNS = 16  # result folders (0.6 MB each with the demo models) kept for callers without a session
+# Sessions whose latest folder is kept: a browser's session ends with its tab, a raw API client's never does.
+MAX_SESSIONS = 256
 
 
 @functools.cache
@@ -60,19 +63,25 @@ class RunFolders:
     """Each run's downloads in a folder of their own under `root`, deleted once they are no longer needed.
 
     A session keeps only its latest run's folder (the previous one goes when the next run writes its results, the
-    last one when the session ends); runs without a session, or whose sessions never end (raw API calls), keep
-    the `keep` newest folders in all.
+    last one when the session ends), whatever other sessions do. Runs without a session keep the `keep` newest of
+    their folders. Sessions that never end (raw API calls each open one) are bounded too: beyond `max_sessions`,
+    the session whose latest folder is oldest loses it. A folder being written and shown (`writing`) is deleted
+    only once its run is done with it.
     """
 
-    def __init__(self, root: str | Path, keep: int = KEEP_RUNS):
+    def __init__(self, root: str | Path, keep: int = KEEP_RUNS, max_sessions: int = MAX_SESSIONS):
         self.root = Path(root)
         self.keep = keep
-        self._by_session: dict[str, Path] = {}
-        self._newest: OrderedDict[Path, None] = OrderedDict()
+        self.max_sessions = max_sessions
+        self._by_session: OrderedDict[str, Path] = OrderedDict()  # session -> its latest folder, oldest first
+        self._sessionless: OrderedDict[Path, None] = OrderedDict()  # folders of runs without a session, oldest first
+        self._in_use: Counter[Path] = Counter()  # folders that runs still write or show (`writing`)
+        self._doomed: set[Path] = set()  # folders to delete once no run uses them
         self._lock = threading.Lock()
 
     def new(self, session: str | None) -> Path:
-        """A new, empty folder for a run of `session`; deletes the session's previous one and the oldest beyond `keep`.
+        """A new, empty folder for a run of `session`; deletes the session's previous one (or, without a session,
+        the oldest beyond `keep`).
 
         Args:
             session: the run's session hash, or None.
@@ -80,15 +89,25 @@ class RunFolders:
             The folder's path.
         """
         with self._lock:
-            self.root.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.root))
-            if session is not None:
-                self._delete(self._by_session.pop(session, None))
-                self._by_session[session] = folder
-            self._newest[folder] = None
-            while len(self._newest) > self.keep:
-                self._delete(next(iter(self._newest)))
-            return folder
+            return self._new(session)
+
+    @contextlib.contextmanager
+    def writing(self, session: str | None) -> Iterator[Path]:
+        """`new`'s folder, kept until the block ends even if a later run of the session (or the session's end)
+        replaces it meanwhile: a run writes its files and yields them to the page inside the block."""
+        with self._lock:
+            folder = self._new(session)
+            self._in_use[folder] += 1
+        try:
+            yield folder
+        finally:
+            with self._lock:
+                self._in_use[folder] -= 1
+                if not self._in_use[folder]:
+                    del self._in_use[folder]
+                    if folder in self._doomed:
+                        self._doomed.discard(folder)
+                        shutil.rmtree(folder, ignore_errors=True)
 
     def end_session(self, session: str | None) -> None:
         """The session's tab was closed or reloaded: its latest folder goes."""
@@ -96,13 +115,26 @@ class RunFolders:
             if session is not None:
                 self._delete(self._by_session.pop(session, None))
 
+    def _new(self, session: str | None) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.root))
+        if session is None:
+            self._sessionless[folder] = None
+            while len(self._sessionless) > self.keep:
+                self._delete(self._sessionless.popitem(last=False)[0])
+            return folder
+        self._delete(self._by_session.pop(session, None))
+        self._by_session[session] = folder
+        while len(self._by_session) > self.max_sessions:
+            self._delete(self._by_session.popitem(last=False)[1])
+        return folder
+
     def _delete(self, folder: Path | None) -> None:
         if folder is None:
             return
-        self._newest.pop(folder, None)
-        for session, f in list(self._by_session.items()):
-            if f == folder:
-                del self._by_session[session]
+        if folder in self._in_use:
+            self._doomed.add(folder)
+            return
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -7,7 +7,10 @@ layers (`ttt.apply.set_streaming_options`): one number, named for what the chose
 - layers of the older TTT fork: the checkpoint's own mini-batch only (it is part of its math, `ttt/session.configure`);
 - In-Place layers: the chunk size, 1 to `MAX_TOKENS` (the fork's runs use 256), starting at the checkpoint's own
   (at `MAX_TOKENS` for a larger one: the Run event takes no more);
-- a model without TTT layers: any value of the control (it reads none).
+- a model without TTT layers: any value of the control (it reads none);
+- with persistent_states off, no more than the model's attention context, where the fast weights go back to W_base
+  (`check_fits_window`).
+Only the TTT run takes the chosen value: a baseline with TTT layers runs with its own (`engine.own_options`).
 """
 
 from __future__ import annotations
@@ -74,21 +77,57 @@ def update_size(model: tp.Any) -> UpdateSize:
                       f"tokens per inner-loop step; this checkpoint was trained with {b}")  # fmt: skip
 
 
-def check_update_size(models: dict[str, tp.Any], value: int | None) -> int | None:
+def check_update_size(
+    models: dict[str, tp.Any], value: int | None, persistent_states: bool | None = None
+) -> int | None:
     """`value` when every model with TTT layers takes it (None: each checkpoint's own).
 
     Args:
-        models: checkpoint name -> model (the run's baseline and TTT models).
+        models: checkpoint name -> model (the run's TTT model: a baseline runs with its own settings).
+        persistent_states: the run's persistence (None: each checkpoint's own); off, an update must fit in the
+            attention window (`check_fits_window`).
     Raises:
         InputError: for the first model that refuses it.
     """
-    if value is None:
-        return None
     for name, model in models.items():
         size = update_size(model)
-        if size.kind != "none":
+        if size.kind == "none":
+            continue
+        if value is not None:
             size.check(value, name)
+        check_fits_window(model, name, value if value is not None else size.default, persistent_states, size.label)
     return value
+
+
+def check_fits_window(
+    model: tp.Any,
+    checkpoint: str,
+    value: int | None,
+    persistent_states: bool | None,
+    label: str = "TTT mini_batch_size",
+) -> None:
+    """Refuses tokens per update above the attention context with persistence off: the fast weights go back to
+    W_base every context tokens (options.RunOptions.resets), so no update of them ever completes, while the
+    headline would still compare the run with the baseline as a TTT run.
+
+    Args:
+        value: tokens per update (a TTT mini-batch or an In-Place chunk).
+        persistent_states: the run's persistence; None: the checkpoint's own.
+        label: what the value is called (`UpdateSize.label`).
+    Raises:
+        InputError: one sentence naming the context and the value.
+    """
+    blocks = {**ttt_blocks(model), **inplace_blocks(model)}
+    if persistent_states is None:
+        persistent_states = all(block.cfg.persistent_states for block in blocks.values())
+    context = getattr(model, "context", None)
+    if not blocks or persistent_states or context is None or value is None or value <= context:
+        return
+    raise InputError(
+        f"{label} {value} is more than the attention context of checkpoint {checkpoint!r} ({context} "
+        f"tokens): with persistent_states off its fast weights go back to W_base every {context} tokens, before an "
+        f"update of {value} completes; choose at most {context} or turn persistent_states on."
+    )
 
 
 COMPARE_LABELS = {  # the Compare tab's sizes control, by the kinds of the TTT models compared

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import typing as tp
+
 import torch
 from moshi.models.lm import LMModel
 
 from moshi_ttt.compat.moshi import delay_sequence, initial_token
+
+
+def _check_integer(name: str, tensor: tp.Any) -> None:
+    """Codes are integer tensors: floats would be truncated and bools read as 0/1 without a word."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor of integers, not {type(tensor).__name__}")
+    if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise TypeError(f"{name} must be integers (torch.long), not {tensor.dtype}")
 
 
 def model_codes(
@@ -25,8 +35,9 @@ def model_codes(
     Returns:
         codes [B, 1 + n_q, T] long: text, Moshi stream, user stream (moshi-finetune's layout).
     """
-    if audio_codes.dim() != 3:
-        raise ValueError(f"audio codes must be [B, K, T], got shape {list(audio_codes.shape)}")
+    _check_integer("audio codes", audio_codes)
+    if audio_codes.dim() != 3 or audio_codes.shape[0] < 1:
+        raise ValueError(f"audio codes must be [B, K, T] with B >= 1, got shape {list(audio_codes.shape)}")
     B, K, T = audio_codes.shape
     if K != model.dep_q:
         raise ValueError(f"the model predicts {model.dep_q} audio codebooks, the codes have {K}")
@@ -35,6 +46,7 @@ def model_codes(
     codes[:, 0] = model.text_padding_token_id
     codes[:, model.audio_offset : model.audio_offset + K] = audio_codes
     if text_tokens is not None:
+        _check_integer("text tokens", text_tokens)
         if tuple(text_tokens.shape) != (B, T):
             raise ValueError(f"text tokens must be [B, T] = {[B, T]}, got shape {list(text_tokens.shape)}")
         _check_range("text tokens", text_tokens, model.text_card, allow_zero=model.zero_token_id)
@@ -46,6 +58,7 @@ def model_codes(
                 f"this model has no second (user) audio stream of {K} codebooks (it reads {model.num_audio_codebooks}"
                 f" audio codebooks and predicts {model.dep_q}); score the Moshi channel alone"
             )
+        _check_integer("user codes", user_codes)
         if tuple(user_codes.shape) != (B, K, T):
             raise ValueError(f"user codes must be [B, K, T] = {[B, K, T]}, got shape {list(user_codes.shape)}")
         _check_range("user codes", user_codes, model.card)

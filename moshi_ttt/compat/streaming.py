@@ -25,9 +25,26 @@ def widen_kv_caches(module: StreamingModule, max_chunk: int) -> None:
             widen_kv_cache(m, m.context + max_chunk - 1)
 
 
+def start_streaming(module: StreamingModule, batch_size: int) -> ExitStack:
+    """`module.streaming(batch_size)`, undone when it fails part-way.
+
+    moshi 0.2.13 registers the stop of its streaming session only once every submodule has started: a failure in
+    between (out of memory allocating a layer's state) would leave the earlier submodules streaming for good, and
+    every later session on the model refused ("already streaming"). The submodules this call started (and only
+    those: another session's modules are left alone) are stopped again before the error goes on."""
+    idle: list[StreamingModule] = []
+    module._apply_named_streaming(lambda _, m: idle.append(m) if m._streaming_state is None else None)
+    try:
+        return module.streaming(batch_size)
+    except BaseException:
+        for m in idle:
+            m._streaming_state = None
+        raise
+
+
 def exact_streaming(module: StreamingModule, batch_size: int, max_chunk: int) -> ExitStack:
     """`module.streaming(batch_size)` whose chunks of up to `max_chunk` tokens match the non-streaming forward."""
-    stack = module.streaming(batch_size)
+    stack = start_streaming(module, batch_size)
     try:
         widen_kv_caches(module, max_chunk)
     except BaseException:

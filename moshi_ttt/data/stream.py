@@ -35,7 +35,7 @@ from contextlib import ExitStack
 import torch
 from moshi.models.compression import MimiModel
 
-from moshi_ttt.compat.streaming import widen_kv_caches
+from moshi_ttt.compat.streaming import start_streaming, widen_kv_caches
 from moshi_ttt.data.audio import FRAME_SIZE, SAMPLE_RATE, Audio, AudioInfo, mimi_input, read_blocks
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class CodecStream:
 
     def __enter__(self: _Stream) -> _Stream:
         with self._using():
-            self.stack.enter_context(self.mimi.streaming(1))
+            self.stack.enter_context(start_streaming(self.mimi, 1))
             if self.exact_window:
                 # The encoder's and the decoder's transformers run at the encoder frame rate (25 Hz for Mimi).
                 steps_per_frame = max(1, round(self.mimi.encoder_frame_rate / self.mimi.frame_rate))

@@ -120,8 +120,10 @@ def claim(out: Path, document: dict, write: bool = True) -> None:
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is damaged ({e}); remove it or use another --out") from e
+        if not isinstance(old, dict):
+            raise ValueError(f"{path} is not a run record (a JSON object); remove it or use another --out")
         if old.get("hash") != document["hash"]:
             changes = _differences({k: old.get(k) for k in ("settings", "checkpoints")},
                                    {k: document[k] for k in ("settings", "checkpoints")})  # fmt: skip
@@ -141,6 +143,6 @@ def done_entry(file_dir: Path, audio_path: str) -> dict | None:
         return None
     try:
         entry = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None  # not ours (ours are written atomically): score the file again
-    return entry if entry.get("path") == audio_path else None
+    return entry if isinstance(entry, dict) and entry.get("path") == audio_path else None

@@ -126,7 +126,10 @@ def _check_model(model: LMModel) -> None:
     if model.training:
         raise ValueError("score needs the model in eval mode; call model.eval() first")
     if model.is_streaming or model.transformer.is_streaming:
-        raise ValueError("the model is already streaming; scoring opens its own streaming session")
+        raise ValueError(
+            "the model is already streaming; scoring opens its own streaming session (an iter_score generator left "
+            "unfinished keeps its session open until it is closed: call its .close())"
+        )
     if model.fuser is not None:
         raise ValueError("conditioned models (with a fuser) are not supported by scoring")
     if model.depformer is None:

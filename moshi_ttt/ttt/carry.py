@@ -17,6 +17,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from moshi_ttt.compat.moshi import streaming_state
+from moshi_ttt.compat.streaming import start_streaming
 from moshi_ttt.ttt.apply import ttt_blocks
 from moshi_ttt.ttt.layer import TTTBlock, TTTState
 from moshi_ttt.ttt.session import configure
@@ -89,7 +90,7 @@ def carry_ttt_state(model: LMModel, carry: TTTCarry) -> Iterator[TTTCarry]:
             batch = args[0].shape[0]
             state = streaming_state(block)
             if state is None:
-                stack.enter_context(block.streaming(batch))
+                stack.enter_context(start_streaming(block, batch))
                 state = streaming_state(block)
                 configure(state, persistent=True)  # the carry's whole point, whatever the layer's option
                 carried = carry.states.get(layer)

@@ -94,16 +94,32 @@ def reconstruction_target(
     raise ValueError(f"unknown reconstruction target mode {mode!r}; expected 'difference' or 'legacy'")
 
 
-def position_factors(token_idx: torch.Tensor | None, mini_batch_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """tau_i = max(0, 1/i + learnable_token_idx[i]) for i = 1..b, shape [b].
+def position_factors(
+    token_idx: torch.Tensor | None,
+    mini_batch_size: int,
+    dtype: torch.dtype,
+    device,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """tau_i = max(0, 1/i + learnable_token_idx[i]) for the 0-based `positions` i - 1 of a mini-batch.
 
-    A `token_idx` shorter than b is padded with zeros, a longer one truncated: a checkpoint trained with one
-    mini-batch size can be evaluated with another.
+    A `token_idx` shorter than b counts as padded with zeros, a longer one as truncated: a checkpoint trained with
+    one mini-batch size can be evaluated with another.
+
+    Args:
+        positions: long tensor of any shape, each entry in [0, b); None: all b positions. A call builds the factors
+            of the positions it reads only, so its cost does not grow with b (a mini-batch may be far longer than the
+            call).
+    Returns:
+        tau in the shape of `positions` ([b] for None), in `dtype`.
     """
-    tau = 1.0 / torch.arange(1, mini_batch_size + 1, dtype=dtype, device=device)
-    if token_idx is not None:
-        offsets = token_idx.to(dtype)[:mini_batch_size]
-        tau = tau + F.pad(offsets, (0, mini_batch_size - offsets.shape[0]))
+    if positions is None:
+        positions = torch.arange(mini_batch_size, device=device)
+    tau = 1.0 / (positions + 1).to(dtype)  # the same numbers as 1 / arange(1, b + 1) at those positions
+    if token_idx is not None and token_idx.shape[0] > 0:
+        offsets = token_idx.to(dtype)  # [len]
+        inside = positions < min(offsets.shape[0], mini_batch_size)
+        tau = tau + torch.where(inside, offsets[positions.clamp_max(offsets.shape[0] - 1)], 0.0)
     return tau.clamp_min(0.0)
 
 

@@ -161,6 +161,14 @@ def _split(ws: tuple[torch.Tensor, ...], batch: int) -> AnyWeights:
 
 
 def _check_inputs(weights: AnyWeights, inputs: InnerInputs, params: InnerParams) -> None:
+    kinds = (FastWeights, LinearWeights)  # a plain tuple does not say which inner model
+    if not isinstance(weights, kinds) or not all(isinstance(w, torch.Tensor) for w in weights):
+        raise ValueError(
+            f"weights must be FastWeights(W1, b1, W2, b2) or LinearWeights(W1, b1), got {type(weights).__name__}"
+        )
+    for name, x in zip(InnerInputs._fields, inputs, strict=True):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
     xq, xk, xv, lr = inputs
     if xq.dim() != 4 or xq.shape != xk.shape or xq.shape != xv.shape:
         raise ValueError(f"xq, xk, xv must share a shape [B, H, T, D]; got {xq.shape}, {xk.shape}, {xv.shape}")
@@ -178,6 +186,12 @@ def _check_inputs(weights: AnyWeights, inputs: InnerInputs, params: InnerParams)
     got = tuple(tuple(w.shape) for w in weights)
     if got != expected:
         raise ValueError(f"fast weights must have shapes {expected} ({names}), got {got}")
+    if params.w_base is not None:
+        base = tuple(tuple(w.shape) for w in params.w_base)
+        if type(params.w_base) is not type(weights) or any(
+            g not in (e, e[1:]) for g, e in zip(base, expected, strict=True)
+        ):
+            raise ValueError(f"w_base must be {type(weights).__name__} of shapes [H, ...] or {expected}, got {base}")
 
 
 def ttt_mlp_chunk(
@@ -260,7 +274,11 @@ def _dual_form(
     (xq, xk, xv, lr), params = inputs.to(dtype), params.to(dtype)
     ln_weight, ln_bias = params.ln_weight, params.ln_bias
     B, H, T, D = xq.shape
-    tau_all = position_factors(params.token_idx, b, dtype, xq.device)  # [b]
+
+    def tau(start: int, n: int) -> torch.Tensor:  # [n] factors of positions start .. start + n - 1: O(T), not O(b)
+        positions = torch.arange(start, start + n, device=xq.device)
+        return position_factors(params.token_idx, b, dtype, xq.device, positions)
+
     target_all = reconstruction_target(xk, xv, ln_weight, ln_bias, params.target)  # [B, H, T, D]
     # Flatten batch and heads: N = B * H.
     shift_all = (ln_bias[None, :, None, :] - target_all).flatten(0, 1)  # [N, T, D]
@@ -280,32 +298,34 @@ def _dual_form(
     if first + n_full * b < T:
         bounds.append((first + n_full * b, T - first - n_full * b))
     # The weight-independent coefficients of all whole mini-batches, computed at once.
-    full = slice(first, first + n_full * b)
-    eta_full, eta_qk_full = _coefficients(
-        tau_all,
-        lr_flat[:, full].unflatten(1, (n_full, b)),  # [N, n_full, b]
-        xq_aug[:, full].unflatten(1, (n_full, b)),  # [N, n_full, b, D+1]
-        xk_aug[:, full].unflatten(1, (n_full, b)),
-    )
-    eta_full, eta_qk_full = eta_full.unbind(1), eta_qk_full.unbind(1)  # n_full x [N, b, b]
+    if n_full:
+        full = slice(first, first + n_full * b)
+        tau_full = tau(0, b)  # [b]: T >= b here
+        eta_full, eta_qk_full = _coefficients(
+            tau_full,
+            lr_flat[:, full].unflatten(1, (n_full, b)),  # [N, n_full, b]
+            xq_aug[:, full].unflatten(1, (n_full, b)),  # [N, n_full, b, D+1]
+            xk_aug[:, full].unflatten(1, (n_full, b)),
+        )
+        eta_full, eta_qk_full = eta_full.unbind(1), eta_qk_full.unbind(1)  # n_full x [N, b, b]
     outs = []
     for start, n in bounds:
         seg = slice(start, start + n)
         if n == b:
             j = (start - first) // b
-            eta, eta_qk = eta_full[j], eta_qk_full[j]
+            tau_seg, eta, eta_qk = tau_full, eta_full[j], eta_qk_full[j]
         else:
-            eta, eta_qk = _coefficients(tau_all[position : position + n], lr_flat[:, seg], xq_aug[:, seg],
-                                        xk_aug[:, seg])  # fmt: skip
+            tau_seg = tau(position, n)  # [n]
+            eta, eta_qk = _coefficients(tau_seg, lr_flat[:, seg], xq_aug[:, seg], xk_aug[:, seg])
         f_q, *segs = segment(
-            *ws, sums, tau_all[position : position + n, None], eta, eta_qk,
+            *ws, sums, tau_seg[:, None], eta, eta_qk,
             xq_aug[:, seg], xk_aug[:, seg], shift_all[:, seg], lr_col_all[:, seg], ln_w,
         )  # fmt: skip
         outs.append(f_q)
         sums = tuple(segs) if sums is None else tuple(a + c for a, c in zip(sums, segs, strict=True))
         position += n
-        if position == b:
-            new_ws = tuple(w - tau_all[-1] * s for w, s in zip(ws, sums, strict=True))
+        if position == b:  # tau_seg ends at tau_b
+            new_ws = tuple(w - tau_seg[-1] * s for w, s in zip(ws, sums, strict=True))
             if params.decay > 0:  # toward W_base (TTTConfig.decay); W_base [H, ...] broadcasts over rows
                 new_ws = _join(params.decayed(_split(new_ws, B)))
             if on_update is not None:
@@ -339,14 +359,17 @@ def ttt_mlp(
         xq, xk, xv: [B, H, T, D]; T need not be a multiple of b.
         lr: [B, H, T], the per-token rates before the position factor tau.
         ln_weight, ln_bias: [H, D] of the per-head LayerNorm.
-        mini_batch_size: b.
-        token_idx: [b] learnable offsets of tau, or None (zeros).
+        mini_batch_size: b, a whole number >= 1 (bool refused); the call's cost does not grow with b beyond T.
+        token_idx: [b] learnable offsets of tau, or None (zeros); any other 1-D length is padded with zeros or cut.
         target: "difference" or "legacy".
         decay: lambda of the decay toward `w_base` after every full mini-batch (TTTConfig.decay); 0: none.
         w_base: the weights decayed toward, [H, ...] or [B, H, ...] like `weights`; needed when decay > 0.
     Returns:
         (out [B, H, T, D], weights after the last full mini-batch). The trailing partial mini-batch gives causal
         outputs and does not update the weights.
+    Raises:
+        ValueError: naming the argument, for a wrong type (a plain tuple for `weights`, a bool or float
+            `mini_batch_size`), shape or value.
     """
     inputs = InnerInputs(xq, xk, xv, lr)
     params = InnerParams(ln_weight, ln_bias, mini_batch_size, token_idx, target, decay, w_base)

@@ -14,7 +14,8 @@ import typing as tp
 
 import torch
 
-from moshi_ttt.ttt.weights import AnyWeights
+from moshi_ttt.config import TARGET_MODES
+from moshi_ttt.ttt.weights import AnyWeights, FastWeights, LinearWeights
 
 
 class InnerInputs(tp.NamedTuple):
@@ -48,12 +49,26 @@ class InnerParams:
     w_base: AnyWeights | None = None  # W_base [H, ...] or [B, H, ...] (broadcast over rows); needed when decay > 0
 
     def __post_init__(self) -> None:
-        if self.mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {self.mini_batch_size}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        # Cheap Python checks only (no host sync): a layer builds these at every forward call.
+        b = self.mini_batch_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:  # bool is an int in Python
+            raise ValueError(f"mini_batch_size must be a whole number >= 1, got {b!r}")
+        for name in ("ln_weight", "ln_bias"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise ValueError(f"{name} must be a tensor [H, D], got {type(getattr(self, name)).__name__}")
+        token_idx = self.token_idx
+        if token_idx is not None and (not isinstance(token_idx, torch.Tensor) or token_idx.dim() != 1):
+            got = list(token_idx.shape) if isinstance(token_idx, torch.Tensor) else type(token_idx).__name__
+            raise ValueError(f"token_idx must be a 1-D tensor [b] of offsets or None, got {got}")
+        if self.target not in TARGET_MODES:
+            raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
         if self.decay > 0 and self.w_base is None:
             raise ValueError("a decay toward W_base needs w_base")
+        if self.w_base is not None and not isinstance(self.w_base, (FastWeights, LinearWeights)):
+            raise ValueError(f"w_base must be FastWeights or LinearWeights, got {type(self.w_base).__name__}")
 
     def to(self, dtype: torch.dtype) -> InnerParams:
         """The LayerNorm tensors and W_base in `dtype` (`position_factors` casts token_idx itself)."""

@@ -44,8 +44,8 @@ def ttt_mlp_token(
     weights, grad_sums, position = state.weights.to(dtype), state.grad_sums.to(dtype), state.position
     ln_weight, ln_bias = params.ln_weight, params.ln_bias
     B = xq.shape[0]
-    tau_all = position_factors(params.token_idx, params.mini_batch_size, dtype, xq.device)  # [b]
-    tau = tau_all[position].view(B, 1, 1, 1)  # [B, 1, 1, 1]
+    # [B] -> [B, 1, 1, 1]: each row's own factor only (a gather, branch-free), whatever b.
+    tau = position_factors(params.token_idx, params.mini_batch_size, dtype, xq.device, position).view(B, 1, 1, 1)
     target_k = reconstruction_target(xk, xv, ln_weight, ln_bias, params.target)  # [B, H, 1, D]
 
     if isinstance(weights, LinearWeights):

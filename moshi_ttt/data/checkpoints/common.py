@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import typing as tp
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 
 from moshi_ttt.config import TTTConfig
@@ -94,16 +95,22 @@ def check_weights_file(path: Path) -> None:
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors of a safetensors file, without reading the data."""
     check_weights_file(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 
 def read_tensors(path: Path, names: tp.Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (all, or `names`), on CPU in their stored dtype."""
     check_weights_file(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = list(f.keys()) if names is None else list(names)
-        return {k: f.get_tensor(k) for k in keys}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys()) if names is None else list(names)
+            return {k: f.get_tensor(k) for k in keys}
+    except SafetensorError as e:  # truncated or damaged: say which file
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 
 def _named(keys: tp.Iterable[str]) -> str:
@@ -199,20 +206,35 @@ def meta_lm(lm_config: dict, dtype: torch.dtype) -> LMModel:
 
     The default device is meta too: moshi builds a few modules without its `device` argument (LMModel.text_linear,
     131M parameters at 7B), which would otherwise be initialised on the CPU and then moved."""
-    with torch.device("meta"), SkipInitOnMeta():
+    with torch.device("meta"), SkipInitOnMeta(), _lm_config_errors():
         return LMModel(device="meta", dtype=dtype, **lm_config)
+
+
+@contextlib.contextmanager
+def _lm_config_errors() -> tp.Iterator[None]:
+    """moshi's LMModel checks its kwargs with asserts, or not at all: what it raises becomes one ValueError."""
+    try:
+        yield
+    except (TypeError, KeyError, AssertionError, ZeroDivisionError) as e:
+        raise ValueError(f"the LM config does not build a moshi LMModel: {type(e).__name__}: {e}") from e
 
 
 def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype | None) -> LMModel:
     """A moshi LMModel to fill with `load_full`: built on the meta device (no memory, no random initialisation),
     except a small model bound for the CPU, which is built there directly: initialising meta tensors runs
     torch's Python reference kernels, whose first call imports torch._dynamo (~1 s, more than the whole load of
-    the demo models). `dtype` None: see `resolve_dtype`."""
-    dtype = resolve_dtype(dtype, lm_config, device)
-    small = approx_params(lm_config) < SMALL_MODEL_PARAMS and torch.device(device).type == "cpu"
+    the demo models). `dtype` None: see `resolve_dtype`.
+
+    Raises:
+        ValueError: when the kwargs do not build an LMModel (not a dict, a missing, unknown or mistyped kwarg)."""
+    if not isinstance(lm_config, dict):
+        raise ValueError(f"the LM config must be a dict of LMModel kwargs, not {type(lm_config).__name__}")
+    with _lm_config_errors():
+        dtype = resolve_dtype(dtype, lm_config, device)
+        small = approx_params(lm_config) < SMALL_MODEL_PARAMS and torch.device(device).type == "cpu"
     if not small:
         return meta_lm(lm_config, dtype)
-    with torch.random.fork_rng(devices=[]):  # the random initialisation must not move the caller's RNG
+    with torch.random.fork_rng(devices=[]), _lm_config_errors():  # the initialisation must not move the caller's RNG
         return LMModel(device="cpu", dtype=dtype, **lm_config)
 
 

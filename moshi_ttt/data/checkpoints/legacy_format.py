@@ -13,6 +13,7 @@ The even older variant has the same names directly under `seq_modeling_block.`. 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import typing as tp
 from dataclasses import dataclass
@@ -149,22 +150,53 @@ def _ttt_config(section: dict, shapes: dict[str, tuple[int, ...]], keys: LegacyK
             raise ValueError(f"{TRAINING_CONFIG} has no ttt.{field}")
     return TTTConfig(
         layers=",".join(str(i) for i in keys.ttt_layers),
-        mini_batch_size=int(section["mini_batch_size"]),
-        base_lr=float(section["base_lr"]),
-        persistent_states=bool(section.get("persistent_states", True)),
-        gating_alpha_init=float(section.get("initial_gating_alpha", 0.1)),
+        mini_batch_size=_whole(section, "mini_batch_size"),
+        base_lr=_number(section, "base_lr"),
+        persistent_states=_flag(section, "persistent_states", True),
+        gating_alpha_init=_number(section, "initial_gating_alpha", 0.1),
         num_heads=int(H),
         target="legacy",
         legacy=LegacyConfig(
             causal=causal,
             mlp_layers=depth,
             mlp_hidden_dims=tuple(int(w) for w in widths),
-            use_rope=bool(section.get("use_rope", False)),
-            rope_theta=float(section.get("rope_theta", 10000.0)),
+            use_rope=_flag(section, "use_rope", False),
+            rope_theta=_number(section, "rope_theta", 10000.0),
             ttt_layer_context=section.get("ttt_layer_context"),
             non_ttt_layer_context=section.get("non_ttt_layer_context"),
         ),
     )
+
+
+def _flag(section: dict, key: str, default: bool) -> bool:
+    """A yes/no training arg: a YAML bool (a string such as "false" would read as True through bool())."""
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{TRAINING_CONFIG}: ttt.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _number(section: dict, key: str, default: float | None = None) -> float:
+    """A real training arg; a string is parsed (YAML 1.1 reads 1e-3, without a dot, as a string)."""
+    value = section.get(key, default)
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{TRAINING_CONFIG}: ttt.{key} must be a finite number, got {value!r}")
+    return number
+
+
+def _whole(section: dict, key: str) -> int:
+    value = section[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
+    ):
+        raise ValueError(f"{TRAINING_CONFIG}: ttt.{key} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def _check_declared_layers(section: dict, found: tuple[int, ...], num_layers: int) -> None:

@@ -94,12 +94,9 @@ def _load_new(ref: str, *, base: str | None, device, dtype, legacy_causal: bool,
     else:
         ckpt = _load_local(Path(ref), ref=ref, **kwargs)
     if ckpt.mimi_ref is not None and not ckpt.mimi_ref.startswith(HF_PREFIX) and not ref.startswith(HF_PREFIX):
-        # A relative codec path in a local checkpoint is relative to the checkpoint's directory, never to the
-        # working directory (a missing codec is reported where it was looked for); resolved, so that two checkpoints
-        # naming the same codec compare equal.
-        local = Path(ref) if Path(ref).is_dir() else Path(ref).parent
-        codec = local / ckpt.mimi_ref  # an absolute mimi_ref stays itself
-        ckpt = dataclasses.replace(ckpt, mimi_ref=str(codec.resolve()))
+        # Each format joins a relative codec path to the checkpoint's own folder (never the working directory);
+        # resolved here, so that two checkpoints naming the same codec compare equal.
+        ckpt = dataclasses.replace(ckpt, mimi_ref=str(Path(ckpt.mimi_ref).resolve()))
     return ckpt
 
 
@@ -125,6 +122,8 @@ def _load_local(
     kwargs = {"ref": ref, "base": base, "device": device, "dtype": dtype, "legacy_causal": legacy_causal}
     if config_path.is_file() and is_ours(read_json(config_path)):
         return load_ours(path, load_fn=functools.partial(load, share=share), **kwargs)
+    if is_codec_dir(path):
+        raise ValueError(f"{path} is a codec (Mimi), not a language-model checkpoint: a checkpoint names it")
     if is_inplace(path):
         return load_inplace(
             path, ref=ref, base=base, device=device, dtype=dtype, load_fn=functools.partial(load, share=share)

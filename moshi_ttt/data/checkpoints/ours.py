@@ -7,9 +7,11 @@ model.safetensors holds every tensor of the model, or only the TTT tensors when 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
+import os
 import typing as tp
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from moshi_ttt.data.checkpoints.common import (
     legacy_notes,
     load_full,
     load_part,
+    meta_lm,
     model_shapes,
     read_json,
     read_tensors,
@@ -43,6 +46,9 @@ WEIGHTS_NAME = "model.safetensors"
 _CONFIG_KEYS = {"format", "version", "lm_config", "base", "mimi", "ttt", "dtype"}
 
 LoadFn = tp.Callable[..., LoadedCheckpoint]
+# The checkpoint directories whose base is being loaded, outermost first: a chain of bases that comes back to one
+# of them is refused, not followed until Python's recursion limit.
+_LOADING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("moshi_ttt_loading_bases", default=())
 
 
 def is_ours(config: dict) -> bool:
@@ -67,8 +73,10 @@ def save(
         model: a moshi LMModel, with TTT applied or not.
         lm_config: the LMModel kwargs that rebuild it (a standalone checkpoint); exactly one of lm_config and base.
         ttt_config: the TTTConfig applied; None takes the one of the model's TTT blocks (with their layer indices).
-        mimi_ref: where the codec comes from (local path or hf://owner/repo/file), stored as given.
-        base: a reference (local path or hf://) of the base checkpoint; only the TTT tensors are then saved.
+        mimi_ref: where the codec comes from (local path or hf://owner/repo/file), stored as given: a relative
+            path is read relative to `directory` when the checkpoint is loaded, never to the working directory.
+        base: a reference (local path or hf://) of the base checkpoint, relative paths as for mimi_ref; only the
+            TTT tensors are then saved.
         dtype: on-disk dtype of the floating tensors (e.g. torch.bfloat16); TTT fast weights always stay float32.
             None keeps each tensor's dtype.
         overwrite: replace an existing checkpoint in `directory`.
@@ -92,6 +100,14 @@ def save(
             raise ValueError(f"ttt_config names layers {indices} but the model has TTT blocks in {sorted(blocks)}")
     if base is not None and not blocks:
         raise ValueError("a checkpoint on top of a base holds only TTT weights, and this model has no TTT block")
+    mimi_ref = _reference(mimi_ref, "mimi_ref")
+    base = _reference(base, "base")
+    if base is not None and "://" not in base and os.path.abspath(directory / base) == os.path.abspath(directory):
+        raise ValueError(f"base {base!r} is the checkpoint {directory} itself")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16) or None, not {dtype!r}")
+    if lm_config is not None:
+        _check_lm_config(model, lm_config)
     if (directory / WEIGHTS_NAME).exists() and not overwrite:
         raise ValueError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
 
@@ -118,9 +134,9 @@ def save(
     else:
         config["lm_config"] = dict(lm_config)
     try:
-        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    except TypeError as e:
-        raise ValueError(f"lm_config must hold only JSON values (numbers, strings, lists, dicts): {e}") from e
+        config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:  # ValueError: NaN or infinity, which JSON has not
+        raise ValueError(f"lm_config must hold only JSON values (finite numbers, strings, lists, dicts): {e}") from e
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
     (directory / CONFIG_NAME).write_text(config_text)
@@ -128,12 +144,45 @@ def save(
     return directory
 
 
-def _resolve_relative(ref: str | None, directory: Path) -> str | None:
-    """A relative local reference is taken relative to the checkpoint directory when it exists there."""
+def _reference(ref: tp.Any, name: str) -> str | None:
+    """A codec or base reference given to `save`: None, or a non-empty path or hf:// string."""
+    if ref is None:
+        return None
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str) or not ref:
+        raise TypeError(f"{name} must be a path, an hf:// reference or None, not {ref!r}")
+    return ref
+
+
+def _check_lm_config(model: LMModel, lm_config: tp.Any) -> None:
+    """`lm_config` must rebuild `model` (its plain LMModel part), or the checkpoint would not load back.
+
+    Raises:
+        ValueError: naming the first keys whose shapes differ, or what the LMModel constructor refused."""
+    if not isinstance(lm_config, dict):
+        raise TypeError(f"lm_config must be a dict of LMModel kwargs, not {type(lm_config).__name__}")
+    try:
+        expected = model_shapes(meta_lm(dict(lm_config), torch.float32))
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:
+        raise ValueError(f"lm_config does not build a moshi LMModel: {type(e).__name__}: {e}") from e
+    ttt = tuple(ttt_prefixes(model))
+    have = {k: v for k, v in model_shapes(model).items() if not k.startswith(ttt)}
+    differ = sorted(k for k in set(have) | set(expected) if have.get(k) != expected.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: model {have.get(k)} vs lm_config {expected.get(k)}" for k in differ[:4])
+        raise ValueError(f"lm_config does not describe this model ({len(differ)} tensors differ: {detail})")
+
+
+def _beside(ref: tp.Any, directory: Path, field: str) -> str | None:
+    """A relative local reference (codec, base) names a path relative to the checkpoint's own directory, never to
+    the working directory: joined to it here, once (a missing file is then reported where it was looked for).
+    Absolute after `os.path.abspath` (lexical, symlinks kept: a Hub snapshot's files are links to blobs)."""
+    if ref is not None and (not isinstance(ref, str) or not ref):
+        raise ValueError(f"{directory / CONFIG_NAME}: {field} must be a path or hf:// reference, not {ref!r}")
     if ref is None or "://" in ref or Path(ref).is_absolute():
         return ref
-    candidate = directory / ref
-    return str(candidate) if candidate.exists() else ref
+    return os.path.abspath(directory / ref)
 
 
 def read_config(directory: Path) -> dict:
@@ -148,6 +197,8 @@ def read_config(directory: Path) -> dict:
         raise ValueError(f"{directory / CONFIG_NAME} has unknown fields {unknown}")
     if ("lm_config" in config) == ("base" in config):
         raise ValueError(f"{directory / CONFIG_NAME} needs exactly one of 'lm_config' and 'base'")
+    if "lm_config" in config and not isinstance(config["lm_config"], dict):
+        raise ValueError(f"{directory / CONFIG_NAME}: lm_config must be an object of LM config kwargs")
     return config
 
 
@@ -167,7 +218,7 @@ def load_ours(
     if ttt is not None and ttt.legacy is not None and legacy_causal:
         ttt = dataclasses.replace(ttt, legacy=dataclasses.replace(ttt.legacy, causal=True))
     weights = directory / WEIGHTS_NAME
-    mimi_ref = _resolve_relative(confined_ref(config.get("mimi"), directory, "mimi"), directory)
+    mimi_ref = _beside(confined_ref(config.get("mimi"), directory, "mimi"), directory, "mimi")
     notes: list[str] = []
     if "lm_config" in config:
         lm_config = dict(config["lm_config"])
@@ -176,9 +227,16 @@ def load_ours(
             apply_ttt(model, ttt, device="meta")  # filled by load_full, never randomly initialised
         load_full(model, read_tensors(weights), str(weights), device)
     else:
-        base_ref = base or _resolve_relative(confined_ref(config["base"], directory, "base"), directory)
+        base_ref = base or _beside(confined_ref(config["base"], directory, "base"), directory, "base")
         # The base's tensors: read from its files, or those of a model of this process loaded from it (shared.py).
-        base_ckpt = load_fn(base_ref, device=device, dtype=dtype)
+        chain = _LOADING.get() + (os.path.abspath(directory),)
+        if base_ref is not None and "://" not in base_ref and os.path.abspath(base_ref) in chain:
+            raise ValueError(f"the chain of bases comes back to a checkpoint: {' -> '.join(chain + (base_ref,))}")
+        token = _LOADING.set(chain)
+        try:
+            base_ckpt = load_fn(base_ref, device=device, dtype=dtype)
+        finally:
+            _LOADING.reset(token)
         if base_ckpt.ttt_config is not None:
             raise ValueError(f"the base {base_ref} of {directory} already has TTT layers; a base must be a plain model")
         if ttt is None:
