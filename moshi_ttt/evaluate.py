@@ -41,7 +41,7 @@ from tqdm import tqdm
 from moshi_ttt import distributed
 from moshi_ttt.data import audio as audio_io
 from moshi_ttt.data import dialogue, stream
-from moshi_ttt.data.alignments import load_text_tokenizer
+from moshi_ttt.data.alignments import alignment_path, load_text_tokenizer
 from moshi_ttt.options import MODES, TEXT_STREAMS, RunOptions
 from moshi_ttt.reports import aggregate, headline, loss_views, outdir, sweeps
 from moshi_ttt.reports.inplace_report import inplace_messages
@@ -112,14 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TEXT_STREAMS,
         default="padding",
         help="what the model reads as its text: padding (default), zero (no text), greedy (its own inner monologue, "
-        "as LMGen), transcript (moshi-finetune's FILE.json word alignments beside each file; scored)",
+        "as LMGen when the TTT state persists), transcript (moshi-finetune's FILE.json word alignments beside each "
+        "file; scored)",
     )
     p.add_argument("--text-tokenizer", type=Path, help="the model's sentencepiece tokenizer (--text-stream transcript)")
     p.add_argument(
         "--channels",
         choices=dialogue.CHANNEL_MAPS,
         default=dialogue.DEFAULT_CHANNEL_MAP,
-        help="stereo files: moshi-left (moshi-finetune's: left Moshi, right user), moshi-right, or mix to mono",
+        help="stereo files: moshi-left (moshi-finetune's: left Moshi, right user), moshi-right (not with a transcript: "
+        "its words are the left channel's), or mix to mono",
     )
     p.add_argument(
         "--first-codebook-weight-multiplier",
@@ -208,22 +210,49 @@ def _out_name(index: int, file: Path) -> str:
 
 
 def _settings(args, options: RunOptions) -> dict:
-    """What changes the numbers of a run, for the fingerprint (reports.outdir)."""
-    return {
+    """What changes the numbers of a run, for the fingerprint (reports.outdir): `text_tokenizer` (its content) with
+    a transcript; `aggregate_bins` names the binning of the done markers, so that an OUT written with the older
+    merged tails is refused rather than mixed."""
+    settings = {
         "options": dataclasses.asdict(options),
         "bin_size": args.bin_size,
+        "aggregate_bins": "strict",  # summary.json bins: [i*b, (i+1)*b) without a merged tail (older OUTs merged it)
         "sweep": args.sweep,
         "dtype": args.dtype,
         "channels": args.channels,
         "encoding": {"frames_per_call": stream.ENCODE_FRAMES, "exact_window": True,
                      "resample_quality": audio_io.RESAMPLE_QUALITY},
     }  # fmt: skip
+    if getattr(args, "tokenizer_identity", None) is not None:  # the transcript's text tokens depend on it
+        settings["text_tokenizer"] = args.tokenizer_identity
+    return settings
+
+
+def _tokenizer_identity(path: Path) -> dict:
+    """The text tokenizer's content (outdir.file_identity): another tokenizer gives other text tokens and losses."""
+    return outdir.file_identity(path) if path.is_file() else {"path": str(path)}
+
+
+def _tokenizer_record(args) -> dict | None:
+    """results.json config "text_tokenizer": the --text-tokenizer of a transcript run (path and content), else None."""
+    identity = getattr(args, "tokenizer_identity", None)
+    return None if identity is None else {"path": str(args.text_tokenizer), **identity}
+
+
+def _transcript_identity(file: Path, options: RunOptions) -> dict | None:
+    """The content of a file's alignments when the run reads them, for its done marker: an edited transcript makes
+    the file be scored again on resume. None without a transcript (or without the file: it fails when scored)."""
+    json_path = alignment_path(file)
+    if options.text_stream != "transcript" or not json_path.is_file():
+        return None
+    return outdir.file_identity(json_path)
 
 
 def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOptions, progress=None) -> dict:
     """Scores one file under every model (streamed: moshi_ttt.scoring.audio_file), writes its reports and, last, its
     done marker; returns its index.json entry."""
     out_dir = args.out / _out_name(index, file)
+    transcript = _transcript_identity(file, options)  # before reading it: a later edit is scored again on resume
     info = audio_io.check_audio(file, max_seconds=args.max_seconds, allow_silence=args.allow_silence)
     device = torch.device(args.device)
     lms = {name: model for name, (_, model) in models.items()}
@@ -275,6 +304,7 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         "max_seconds": args.max_seconds,
         "channels": args.channels,
         "encoding": _settings(args, options)["encoding"],
+        "text_tokenizer": _tokenizer_record(args),
         "peak_memory": "all runs, the reading and the encoding together (they run interleaved, block by block)",
         "tokens_per_s": "each run's own scoring time (the encoding and the other runs left out)",
     }
@@ -296,6 +326,8 @@ def score_file(file: Path, index: int, models: dict, mimi, args, options: RunOpt
         "bins": aggregate.file_bins(runs, args.bin_size),
         "fingerprint": args.fingerprint,
     }
+    if transcript is not None:
+        entry["transcript"] = transcript
     comparison = headline.headline(document)
     if comparison is not None:
         entry["headline"] = headline.headline_text(comparison)
@@ -438,11 +470,12 @@ def run(args) -> int:
     options = run_options_from_args(args)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file: give a folder (created if missing)")
-    args.tokenizer = None
+    args.tokenizer = args.tokenizer_identity = None
     if options.text_stream == "transcript":
         if args.text_tokenizer is None:
             raise UsageError("--text-stream transcript needs --text-tokenizer (the model's sentencepiece .model)")
         args.tokenizer = load_text_tokenizer(args.text_tokenizer)
+        args.tokenizer_identity = _tokenizer_identity(args.text_tokenizer)
     refs = _checkpoint_refs(args)
     models, mimi, identities, args.checkpoint_notes = {}, None, {}, {}
     loaded = {}
@@ -468,7 +501,8 @@ def run(args) -> int:
     entries, failures, todo = [], [], []
     for index, file in mine:
         done = outdir.done_entry(args.out / _out_name(index, file), str(file))
-        if done is not None and done.get("fingerprint") == args.fingerprint:
+        if (done is not None and done.get("fingerprint") == args.fingerprint
+                and done.get("transcript") == _transcript_identity(file, options)):  # fmt: skip
             entries.append({"index": index, **done, "skipped": True})
         else:
             todo.append((index, file))

@@ -22,7 +22,8 @@ MODES = ("full", "chunked", "stream")
 # What the model reads in its text stream while it is scored (docs/ARCHITECTURE.md, "Scoring"):
 # "padding": moshi's text padding token at every step (what Moshi reads while silent in text);
 # "zero": moshi's zero token (embedded as zeros: no text input), the older TTT fork's minimal-pair convention;
-# "greedy": the model's own greedy text while it speaks the audio (its inner monologue, as moshi's LMGen produces it);
+# "greedy": the model's own greedy text while it speaks the audio (its inner monologue: as moshi's LMGen produces it
+# for a model without TTT or with persistent states; scoring/text_stream.py says when the two differ);
 # "transcript": a transcript with word timestamps, laid out as moshi-finetune trains (scored: a text-stream loss).
 TEXT_STREAMS = ("padding", "zero", "greedy", "transcript")
 # The largest mini_batch_size of a run: config.MAX_MINI_BATCH_SIZE (this module imports nothing of the package's;

@@ -6,6 +6,10 @@ the *current* W_base at file boundaries (`moshi_ttt.ttt.carry`). Attention sees 
 the model remembers across chunks, it remembers through the fast weights. With --fair-baseline the --init model
 without TTT layers trains too, on the same batches for the same steps (`moshi_ttt.training.paired`).
 
+Training files are mono: a stereo file is a dialogue to evaluation (left Moshi, right user), and training on
+dialogues is not supported, so it is refused. A resume continues the run in --out as it was started: other settings
+(but a longer --steps under a constant lr, or --save-every), other data or other TTT flags are refused.
+
 CLI: python -m moshi_ttt.train --init CKPT (--audio FILE... | --manifest JSONL | --codes F...) --out DIR
      [--ttt-layers middle] [--steps N] [--warmup-steps N --lr-decay cosine --decay-start 0.5]
      [--train-all --fair-baseline] [--resume]
@@ -17,16 +21,16 @@ import argparse
 import copy
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from moshi_ttt.config import TTTConfig
-from moshi_ttt.data.checkpoints import LoadedCheckpoint, load, save
+from moshi_ttt.config import TTTConfig, parse_layers
+from moshi_ttt.data.checkpoints import LoadedCheckpoint, load
 from moshi_ttt.evaluate import UsageError, read_manifest
-from moshi_ttt.training.data import cached_codes
+from moshi_ttt.training.data import cached_codes, read_codes
 from moshi_ttt.training.paired import FairPair, PairedTrainer, TTTStart, add_ttt, fair_pair
+from moshi_ttt.training.run_dir import FAIR_BASELINE, check_new_run, check_resumable, save_member
 from moshi_ttt.training.schedule import DECAYS, LrSchedule
 from moshi_ttt.training.trainer import (  # noqa: F401  (the library's names, importable from here as before)
     FAST_WEIGHT_NAMES,
@@ -41,7 +45,10 @@ from moshi_ttt.ttt.apply import ttt_blocks
 
 logger = logging.getLogger(__name__)
 
-FAIR_BASELINE = "fair_baseline"  # --out subdirectory of the fair baseline's checkpoint and state
+# The TTT flags (argparse dest -> TTTConfig field): on --resume, each one given must match the saved checkpoint's.
+TTT_FLAGS = {"ttt_layers": "layers", "mini_batch_size": "mini_batch_size", "base_lr": "base_lr",
+             "gating_alpha_init": "gating_alpha_init", "share_qk": "share_qk", "conv_kernel": "conv_kernel",
+             "inner": "inner"}  # fmt: skip
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,8 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="checkpoint to start from (ours, moshi's or hf://...)")
     p.add_argument("--out", required=True, type=Path, help="output directory (checkpoint, state, code cache)")
     data = p.add_argument_group("training data (one of)").add_mutually_exclusive_group(required=True)
-    data.add_argument("--audio", nargs="+", type=Path, help="audio files (encoded once with the checkpoint's codec)")
-    data.add_argument("--manifest", type=Path, help='moshi-finetune JSONL: one {"path": ..., "duration": ...} a line')
+    data.add_argument("--audio", nargs="+", type=Path, help="mono audio files (encoded once with the codec)")
+    data.add_argument("--manifest", type=Path,
+                      help='JSONL in moshi-finetune\'s layout, one {"path": ...} a line; mono files only')  # fmt: skip
     data.add_argument("--codes", nargs="+", help="safetensors files of audio codes [8, T] (key 'codes')")
 
     ttt = p.add_argument_group("TTT layers (applied when --init has none)")
@@ -107,7 +115,9 @@ def parser() -> argparse.ArgumentParser:
 
     out = p.add_argument_group("saving and resuming")
     out.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between saves (0: end)")
-    out.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) and state(s) in --out")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --out with its settings and data (a longer --steps under a constant "
+                     "lr and --save-every may change)")  # fmt: skip
     return p
 
 
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        trainer, loaded = _build(args)
+        trainer, loaded = _build(args, _given_flags(argv))
 
         def save_all(trainer: Trainer | PairedTrainer) -> None:
             """What --resume reads: checkpoint and training state (of both models with --fair-baseline)."""
@@ -126,29 +136,61 @@ def main(argv: list[str] | None = None) -> int:
 
         losses = trainer.run(progress=True, save=save_all)
         save_all(trainer)
-    except (ValueError, FileNotFoundError, KeyError, UsageError) as e:
+    except (ValueError, OSError, KeyError, UsageError) as e:  # OSError: FileNotFoundError, a folder given as file
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = losses[-1] if losses else None
     summary = {"steps": trainer.step_count, "last_loss": last}
     if isinstance(trainer, PairedTrainer):
         summary.update(last_loss=last and last.ttt, fair_baseline_last_loss=last and last.baseline)
-    print(json.dumps(summary))
+    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+    print(json.dumps(summary, allow_nan=False))  # NaN as null: JSON has no NaN
     return 0
 
 
 def _save(directory: Path, trainer: Trainer, loaded: LoadedCheckpoint) -> None:
-    save(directory / "checkpoint", trainer.model, lm_config=loaded.lm_config, mimi_ref=loaded.mimi_ref, overwrite=True)
-    trainer.save_state(directory / "state")
+    save_member(directory, trainer, loaded)
 
 
-def _build(args) -> tuple[Trainer | PairedTrainer, LoadedCheckpoint]:
+def _given_flags(argv: list[str] | None) -> set[str]:
+    """The dests of the options given on the command line (not left at their defaults)."""
+    p = parser()
+    for action in p._actions:  # argparse's own list; SUPPRESS leaves an option out of the namespace when not given
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _check_ttt_flags(args, given: set[str], loaded: LoadedCheckpoint) -> None:
+    """On --resume: the TTT flags given must be the saved checkpoint's (it holds the TTT layers already)."""
+    saved = loaded.ttt_config
+    flags = [dest for dest in TTT_FLAGS if dest in given]
+    if flags and saved is None:
+        raise ValueError(f"the run in {args.out} has no TTT layers; drop --{flags[0].replace('_', '-')} to resume it")
+    differ = []
+    for dest in flags:
+        now, then = getattr(args, dest), getattr(saved, TTT_FLAGS[dest])
+        if dest == "ttt_layers":
+            count = len(loaded.model.transformer.layers)
+            now, then = parse_layers(now, count), parse_layers(then, count)
+        if now != then:
+            differ.append(f"--{dest.replace('_', '-')}: {then} then, {now} now")
+    if differ:
+        raise ValueError(f"resume with the saved run's TTT layers; these differ: {'; '.join(differ)}")
+
+
+def _build(args, given: set[str]) -> tuple[Trainer | PairedTrainer, LoadedCheckpoint]:
     """The trainer of the CLI: model(s) from --init (or the saved checkpoints on --resume), data, config."""
     if args.fair_baseline and not args.train_all:
         raise ValueError("--fair-baseline needs --train-all: the fair baseline has only the base weights to train")
+    if args.resume:
+        check_resumable(args.out, args.fair_baseline)
+    else:
+        check_new_run(args.out)
     loaded = load(args.out / "checkpoint" if args.resume else args.init, load_mimi=args.codes is None)
+    if args.resume:
+        _check_ttt_flags(args, given, loaded)
     if args.codes is not None:
-        files = [load_file(path)["codes"].long() for path in args.codes]
+        files = [read_codes(path) for path in args.codes]
     else:
         if loaded.mimi is None:
             raise ValueError(f"{args.init} names no codec to encode audio with; pass --codes instead")

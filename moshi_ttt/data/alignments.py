@@ -82,23 +82,49 @@ def read_alignments(path: str | Path) -> list[Word]:
     try:
         entries = json.loads(path.read_text())["alignments"]
         words = [
-            Word(str(text), float(start), float(end), str(speaker))
+            Word(text, start, end, speaker)
             for text, (start, end), speaker in entries
             if isinstance(text, str) and isinstance(speaker, str)
         ]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path.name} is not a moshi-finetune alignment file: expected {LAYOUT}") from e
-    if len(words) != len(entries) or not all(math.isfinite(w.start_s) and math.isfinite(w.end_s) for w in words):
+    if len(words) != len(entries):
         raise ValueError(f"{path.name} is not a moshi-finetune alignment file: expected {LAYOUT}")
-    return words
+    for index, word in enumerate(words):
+        _check_times(word, index, path.name)
+    return [Word(w.text, float(w.start_s), float(w.end_s), w.speaker) for w in words]
+
+
+def _is_time(value) -> bool:
+    """A JSON number that is a time: int or float, finite; not a bool (Python's bool is an int), not a string."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_times(word: Word, index: int, name: str) -> None:
+    """Refuses word `index` when its times are not finite numbers or it ends before it starts (moshi-finetune's
+    Interleaver would drop such a word silently; zero-length words are dropped by `text_stream`, as there)."""
+    if not (_is_time(word.start_s) and _is_time(word.end_s)):
+        raise ValueError(
+            f"word {index} ({word.text!r}) of {name} has times {[word.start_s, word.end_s]!r}: expected two finite "
+            f"numbers of seconds, as in {LAYOUT}"
+        )
+    if word.end_s < word.start_s:
+        raise ValueError(
+            f"word {index} ({word.text!r}) of {name} ends at {word.end_s} s before it starts at {word.start_s} s: "
+            "the alignment is damaged"
+        )
 
 
 def check_against_audio(words: list[Word], duration_s: float, name: str, main_speaker: str = MAIN_SPEAKER) -> None:
     """Refuses an alignment that cannot belong to an audio of `duration_s` seconds.
 
     Raises:
-        ValueError: negative times, a word past the end of the audio, or words none of which is the main speaker's.
+        ValueError: times that are not finite numbers or a word that ends before it starts (`read_alignments` checks
+            these too, for Words built in code), negative times, a word past the end of the audio, or words none of
+            which is the main speaker's.
     """
+    for index, word in enumerate(words):
+        _check_times(word, index, name)
     if any(w.start_s < 0 or w.end_s < 0 for w in words):
         raise ValueError(f"{name} has negative timestamps: the alignment does not match the audio")
     late = [w for w in words if w.start_s >= duration_s or w.end_s > duration_s + END_TOLERANCE_S]

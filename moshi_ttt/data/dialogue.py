@@ -152,9 +152,17 @@ def read_streams(
         FileStreams with codes [1, K, T] (both channels of a file have the same T).
     Raises:
         FileNotFoundError: no such audio or alignment file.
-        ValueError: one sentence for bad audio, a bad channel map or an alignment that does not match the audio.
+        ValueError: one sentence for bad audio, a bad channel map, an alignment that does not match the audio, or
+            a transcript of a stereo file read with "moshi-right" (its words are the left channel's).
     """
     audio = read_dialogue(path, channels, max_seconds=max_seconds, allow_silence=allow_silence)
+    if transcript and audio.user is not None and channels == "moshi-right":
+        # moshi-finetune's alignments name only the left channel's speaker (alignments.MAIN_SPEAKER): its words
+        # would become the text of the right channel's speech.
+        raise ValueError(
+            f"a transcript of {audio.moshi.name} holds the left channel's words ({alignments.MAIN_SPEAKER}), so it "
+            "cannot be Moshi's text with channels 'moshi-right': use 'moshi-left' or another text stream"
+        )
     moshi_codes = encode_streaming(mimi, audio.moshi)[:, :dep_q]  # [1, K, T], the reference encoding
     user_codes = None
     if audio.user is not None:

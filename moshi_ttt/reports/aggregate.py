@@ -132,16 +132,19 @@ def aggregate(entries: list[dict], failures: list[dict] | None = None, baseline_
 
 def file_bins(runs: dict[str, dict], bin_size: int, baseline_run: str = "baseline") -> dict:
     """A file's "bins" entry from its results.json runs: mean loss per bin of every run, and run − baseline per bin
-    over the tokens valid in both (the negated `results.improvement_per_bin`)."""
+    over the tokens valid in both (the negated `results.improvement_per_bin`). Bin i is exactly tokens
+    [i * bin_size, (i + 1) * bin_size), the last one partial: no tail joins the bin before it (as it does in a
+    file's own summary), so that a bin holds the same positions in every file."""
     from moshi_ttt.reports.results import improvement_per_bin, position_bins
 
-    loss = {name: position_bins(run["loss_per_token"], bin_size) for name, run in runs.items()}
+    loss = {name: position_bins(run["loss_per_token"], bin_size, merge_tail=False) for name, run in runs.items()}
     starts = next(iter(loss.values()))[0] if loss else []
     difference = {}
     if baseline_run in runs:
         for name, run in runs.items():
             if name != baseline_run:
-                _, gain = improvement_per_bin(runs[baseline_run]["loss_per_token"], run["loss_per_token"], bin_size)
+                base = runs[baseline_run]["loss_per_token"]
+                _, gain = improvement_per_bin(base, run["loss_per_token"], bin_size, merge_tail=False)
                 difference[name] = [-g for g in gain]
     return {"bin_size": bin_size, "start": starts, "loss": {k: v[1] for k, v in loss.items()}, "difference": difference}
 

@@ -7,10 +7,13 @@ A rerun into the same OUT skips the files whose marker is there and scores the o
 either a marker (the file is complete) or none (it is scored again). A rerun whose fingerprint differs from
 run.json is refused with one sentence naming what changed, so results of other settings are never mixed or reused.
 
-The fingerprint holds what changes the numbers: the run options, the bin size, sweeps, the dtype, the encoding, and
-for each checkpoint its reference plus the identity of its local files (`file_identity`; the base checkpoint and
-the codec it references included). It leaves out the device (resuming on another GPU, or another number of them,
-is allowed), the duration cap and silence flag (they decide which files fail; failed files are retried anyway).
+The fingerprint holds what changes the numbers: the run options, the bin size, sweeps, the dtype, the encoding, the
+text tokenizer's content (with a transcript), and for each checkpoint its reference plus the identity of its local
+files (`file_identity`; the base checkpoint and the codec it references included). It leaves out the device
+(resuming on another GPU, or another number of them, is allowed), the duration cap and silence flag (they decide
+which files fail; failed files are retried anyway).
+A file's own inputs beside its audio (its transcript) are identified in its done marker instead (the CLI's
+`_transcript_identity`): an edited transcript makes that file be scored again.
 """
 
 from __future__ import annotations

@@ -84,12 +84,16 @@ def least_squares_slope(loss_per_token, per: float = 1000.0) -> float:
     return float((x_c * (y - y.mean())).sum() / (x_c * x_c).sum() * per)
 
 
-def position_bins(loss_per_token, bin_size: int = DEFAULT_BIN_SIZE) -> tuple[list[int], list[float]]:
+def position_bins(
+    loss_per_token, bin_size: int = DEFAULT_BIN_SIZE, merge_tail: bool = True
+) -> tuple[list[int], list[float]]:
     """Mean of the finite losses in consecutive bins of `bin_size` steps.
 
-    A remainder shorter than half a bin joins the bin before it (a 0.4 s tail bin is noise, not a finding), so the
-    last bin runs from its start to the end of the clip and holds between half a bin and one and a half bins; a
-    clip shorter than a bin is one bin.
+    With `merge_tail` (one file's summary: results.json `loss_per_bin` and `improvement_over_baseline`), a remainder
+    shorter than half a bin joins the bin before it (a 0.4 s tail bin is noise, not a finding), so the last bin
+    runs from its start to the end of the clip and holds between half a bin and one and a half bins; a clip shorter
+    than a bin is one bin. Without it (the bins that aggregate.py pools across files), bin i is exactly steps
+    [i * bin_size, (i + 1) * bin_size), the last one partial.
 
     Returns:
         (first step of each bin, mean loss of each bin; NaN for a bin without finite values)
@@ -98,7 +102,7 @@ def position_bins(loss_per_token, bin_size: int = DEFAULT_BIN_SIZE) -> tuple[lis
         raise ValueError(f"bin_size must be >= 1, got {bin_size}")
     y = _as_array(loss_per_token)
     starts = list(range(0, y.shape[0], bin_size))
-    if len(starts) > 1 and y.shape[0] - starts[-1] < bin_size / 2:
+    if merge_tail and len(starts) > 1 and y.shape[0] - starts[-1] < bin_size / 2:
         starts.pop()
     means = []
     for i, start in enumerate(starts):
@@ -108,14 +112,17 @@ def position_bins(loss_per_token, bin_size: int = DEFAULT_BIN_SIZE) -> tuple[lis
     return starts, means
 
 
-def improvement_per_bin(baseline_loss, ttt_loss, bin_size: int = DEFAULT_BIN_SIZE) -> tuple[list[int], list[float]]:
-    """Baseline minus TTT mean loss per position bin (positive: TTT predicts better), on the same audio."""
+def improvement_per_bin(
+    baseline_loss, ttt_loss, bin_size: int = DEFAULT_BIN_SIZE, merge_tail: bool = True
+) -> tuple[list[int], list[float]]:
+    """Baseline minus TTT mean loss per position bin (positive: TTT predicts better), on the same audio; bins as
+    `position_bins`."""
     base, ttt = _as_array(baseline_loss), _as_array(ttt_loss)
     if base.shape != ttt.shape:
         raise ValueError(f"the runs must cover the same steps, got {base.shape[0]} and {ttt.shape[0]}")
     both = np.isfinite(base) & np.isfinite(ttt)
-    starts, b = position_bins(np.where(both, base, np.nan), bin_size)
-    _, t = position_bins(np.where(both, ttt, np.nan), bin_size)
+    starts, b = position_bins(np.where(both, base, np.nan), bin_size, merge_tail)
+    _, t = position_bins(np.where(both, ttt, np.nan), bin_size, merge_tail)
     return starts, [x - y for x, y in zip(b, t, strict=True)]
 
 

@@ -7,10 +7,14 @@ audio is scored teacher-forced, the text stream must be filled with something:
 
 - "padding": the text padding token at every step (what Moshi reads while it has nothing to say in text);
 - "zero": moshi's zero token, embedded as zeros (no text input at all): the older TTT fork's minimal-pair convention;
-- "greedy": the model's own greedy text while it speaks the given audio, exactly what moshi's `LMGen` produces
-  with `use_sampling=False` when the audio is forced (`depformer_replace_tokens`): a token at step t is the argmax of
-  the text logits of step t and is read back at step t + 1. Being autoregressive, it needs one pass over the audio
-  one token at a time before the teacher-forced scoring (which then gives the same numbers in every mode);
+- "greedy": the model's own greedy text while it speaks the given audio: a token at step t is the argmax of the
+  text logits of step t and is read back at step t + 1. Being autoregressive, it needs one pass over the audio one
+  token at a time before the teacher-forced scoring (which then gives the same numbers in every mode). It is exactly
+  what moshi's `LMGen` produces with `use_sampling=False` when the audio is forced (`depformer_replace_tokens`) for
+  a model without TTT layers, or whose TTT layers persist (`TTTConfig.persistent_states=True`) and keep the
+  checkpoint's options in the run. Not otherwise: with `persistent_states=False`, LMGen resets the fast weights at
+  each of its one-token calls (every step is a forward call), so TTT remembers nothing there, while the greedy pass
+  resets every `reset_every` tokens (docs/ARCHITECTURE.md, "Persistence"), and the texts differ;
 - "transcript": text tokens given by the caller, e.g. a transcript with word timestamps laid out as moshi-finetune
   trains (`moshi_ttt.data.alignments`); only this stream is scored (a text loss).
 """
@@ -63,8 +67,11 @@ def greedy_text(
     options: RunOptions | None = None,
     user_codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The model's own greedy text [B, T] while the audio (and user audio) is forced: moshi's `LMGen` with
-    `use_sampling=False` and `depformer_replace_tokens` the delayed audio codes, from fresh TTT state.
+    """The model's own greedy text [B, T] while the audio (and user audio) is forced, from fresh TTT state, with the
+    run's persistence rule (`options`). It equals moshi's `LMGen` with `use_sampling=False` and
+    `depformer_replace_tokens` the delayed audio codes only when LMGen keeps the same TTT state: a model without TTT
+    layers, or with `TTTConfig.persistent_states=True` and the checkpoint's options; with `persistent_states=False`
+    LMGen resets the fast weights at every one-token call (module docstring).
 
     Args:
         model: a moshi LMModel in eval mode, not streaming.

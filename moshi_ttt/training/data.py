@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import soundfile as sf
 import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -61,6 +63,7 @@ class CodeBatcher:
             if codes.dim() != 2 or codes.shape[1] == 0:
                 raise ValueError(f"file {i}: codes must be [K, T] with T > 0, got {list(codes.shape)}")
         self.files = files
+        self.digests = [codes_digest(codes) for codes in files]  # the data's identity, checked on resume
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.seed = seed
@@ -99,13 +102,58 @@ class CodeBatcher:
 
     def state(self) -> dict:
         rows = [None if c is None else [c.file, c.step] for c in self.rows]
-        return {"epoch": self.epoch, "queue_pos": self.queue_pos, "rows": rows, "seed": self.seed}
+        return {"epoch": self.epoch, "queue_pos": self.queue_pos, "rows": rows, "seed": self.seed,
+                "files": self.digests}  # fmt: skip
 
     def load_state(self, state: dict) -> None:
         if len(state["rows"]) != self.batch_size:
             raise ValueError(f"saved batcher has {len(state['rows'])} rows, this one {self.batch_size}")
+        saved = state.get("files")  # absent in states saved before the data's identity was recorded
+        if saved is not None and saved != self.digests:
+            raise ValueError(f"the training data differ from the saved run's ({_data_difference(saved, self.digests)}):"
+                             " a resume reads the saved files in the saved order; pass the same data")  # fmt: skip
         self.epoch, self.queue_pos, self.seed = state["epoch"], state["queue_pos"], state["seed"]
         self.rows = [None if r is None else RowCursor(*r) for r in state["rows"]]
+
+
+def codes_digest(codes: torch.Tensor) -> str:
+    """A short sha256 of audio codes [K, T] (shape and values): a training file's identity."""
+    values = codes.detach().to("cpu", torch.long).contiguous()
+    header = f"{list(values.shape)}".encode()
+    return hashlib.sha256(header + b"\0" + values.numpy().tobytes()).hexdigest()[:32]
+
+
+def _data_difference(saved: list[str], now: list[str]) -> str:
+    if len(saved) != len(now):
+        return f"{len(saved)} files then, {len(now)} now"
+    changed = [i + 1 for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b]
+    return f"file(s) {', '.join(map(str, changed))} of {len(now)} differ"
+
+
+def read_codes(path: str | Path) -> torch.Tensor:
+    """Audio codes [K, T] (int64) of a safetensors file with a 'codes' tensor of non-negative integers.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file, no 'codes', or codes that are not non-negative integers [K, T].
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"codes file {path} does not exist or is not a file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"codes file {path} is not a readable safetensors file: {e}") from e
+    if "codes" not in tensors:
+        raise ValueError(f"codes file {path} has no 'codes' tensor (it has {sorted(tensors)})")
+    codes = tensors["codes"]
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes file {path} holds {codes.dtype} codes; audio codes are integers")
+    if codes.dim() != 2 or codes.shape[1] == 0:
+        raise ValueError(f"codes file {path}: codes must be [K, T] with T > 0, got {list(codes.shape)}")
+    if bool((codes < 0).any()):
+        raise ValueError(f"codes file {path} holds negative codes (min {int(codes.min())}); codes are >= 0")
+    return codes.long()
 
 
 def training_codes(model: LMModel, audio_codes: torch.Tensor) -> torch.Tensor:
@@ -118,11 +166,18 @@ def training_codes(model: LMModel, audio_codes: torch.Tensor) -> torch.Tensor:
 def cached_codes(paths: list[Path], mimi: MimiModel, codec_ref: str, cache_dir: Path) -> list[torch.Tensor]:
     """Audio codes [8, T] of each file, encoded once with `mimi` and cached by file content and codec.
 
-    The cache key is sha256(codec_ref, file bytes): editing a file or changing the codec re-encodes it.
+    The cache key is sha256(codec_ref, file bytes): editing a file or changing the codec re-encodes it. Files are
+    mono: a stereo file is a dialogue to evaluation (`moshi_ttt.data.dialogue`: left Moshi, right user), which
+    this training does not support, so it is refused rather than mixed down.
+
+    Raises:
+        FileNotFoundError: a path that is not a file.
+        ValueError: a file with more than one channel (or one `load_audio` refuses).
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for path in tqdm(paths, desc="codes", unit="file", disable=len(paths) < 2):
+        _check_mono(Path(path))
         digest = hashlib.sha256(codec_ref.encode() + b"\0" + Path(path).read_bytes()).hexdigest()[:32]
         cached = cache_dir / f"{digest}.safetensors"
         if cached.is_file():
@@ -132,3 +187,17 @@ def cached_codes(paths: list[Path], mimi: MimiModel, codec_ref: str, cache_dir: 
             save_file({"codes": codes.contiguous()}, str(cached), metadata={"source": Path(path).name})
         files.append(codes.long())
     return files
+
+
+def _check_mono(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist or is not a file")
+    try:
+        channels = sf.info(str(path)).channels
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return  # not audio soundfile reads: load_audio says why when it encodes the file
+    if channels > 1:
+        raise ValueError(
+            f"{path} has {channels} channels: training reads mono files only (evaluation reads a stereo file as a "
+            "dialogue, left Moshi and right user, and training on dialogues is not supported)"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -56,8 +58,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("steps, batch_size and chunk_size must be >= 1")
-        if self.lr <= 0 or self.grad_clip < 0:
-            raise ValueError(f"lr must be > 0 and grad_clip >= 0, got {self.lr} and {self.grad_clip}")
+        for name in ("lr", "weight_lr_multiplier", "alpha_lr_multiplier"):  # NaN compares False: test finiteness
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -171,10 +179,16 @@ class Trainer:
             self.carry.reset(new_file)
             with carry_ttt_state(self.model, self.carry):
                 loss = audio_loss(self.model, codes)
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(f"the loss is {loss.item()} at step {self.step_count + 1}: training diverged; stopped "
+                             "before stepping on it (lower --lr or clip gradients)")  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.grad_clip)
+            if not bool(torch.isfinite(norm)):
+                raise ValueError(f"the gradient norm is {norm.item()} at step {self.step_count + 1}: training "
+                                 "diverged; stopped before stepping on it")  # fmt: skip
         self.optimizer.step()
         self.step_count += 1
         return loss.item()
@@ -211,7 +225,8 @@ class Trainer:
             tensors.update({f"carry.{layer}.{k}": v for k, v in state.state_dict().items()})
         for layer, mask in self.carry.pending_reset.items():
             tensors[f"carry.{layer}.pending_reset"] = mask.to(torch.uint8)
-        save_file(tensors, str(directory / STATE_TENSORS))
+        # The step in both files: a save cut between them is refused by load_state instead of mixing two steps.
+        save_file(tensors, str(directory / STATE_TENSORS), metadata={"step": str(self.step_count)})
         meta = {
             "step": self.step_count,
             "config": dataclasses.asdict(self.cfg),
@@ -219,7 +234,9 @@ class Trainer:
             "param_groups": opt["param_groups"],
             "carry_layers": sorted(self.carry.states),
         }
-        (directory / STATE_JSON).write_text(json.dumps(meta, indent=1))
+        partial = directory / f"{STATE_JSON}.partial"
+        partial.write_text(json.dumps(meta, indent=1))
+        partial.replace(directory / STATE_JSON)  # atomic: the json is the old one or the new one, never half
 
     def load_state(self, directory: str | Path) -> None:
         """Continues from `save_state(directory)` (the model's weights must already be the saved checkpoint's)."""
@@ -229,6 +246,12 @@ class Trainer:
             raise FileNotFoundError(f"no resumable training state in {directory} ({STATE_JSON} + {STATE_TENSORS})")
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(tensor_path))
+        with safe_open(str(tensor_path), framework="pt") as f:
+            tensor_step = (f.metadata() or {}).get("step")  # absent in states saved before it was written
+        if tensor_step is not None and int(tensor_step) != meta["step"]:
+            raise ValueError(f"the training state in {directory} is torn: {STATE_TENSORS} is from step {tensor_step}, "
+                             f"{STATE_JSON} from step {meta['step']} (a save was interrupted)")  # fmt: skip
+        check_resume_config(meta["config"], self.cfg, meta["step"])
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("opt."):
@@ -250,6 +273,32 @@ class Trainer:
                 self.carry.pending_reset[layer] = pending.bool().to(device)
         self.batcher.load_state(meta["batcher"])
         self.step_count = meta["step"]
+
+
+RESUMABLE_CHANGES = ("steps", "save_every")  # the settings a resume may change (steps: see check_resume_config)
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig, step: int) -> None:
+    """Refuses to resume a run saved with `saved` (its `TrainConfig` as a dict) under other settings.
+
+    Only `save_every` and a `steps` that the schedule does not depend on (a constant decay) may change, and steps
+    not below the saved step: the rest (learning rates, optimizer, data order, schedule) would make the run a mix
+    of two.
+
+    Raises:
+        ValueError: naming every setting that differs.
+    """
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as saved
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if differ:
+        changes = "; ".join(f"{k}: {saved.get(k)} then, {now.get(k)} now" for k in differ)
+        raise ValueError(f"resume with the saved run's settings; these differ: {changes}")
+    if saved.get("steps") != cfg.steps:
+        if cfg.schedule.decay != "constant":
+            raise ValueError(f"steps: {saved.get('steps')} then, {cfg.steps} now: the {cfg.schedule.decay} decay "
+                             "spans the run's steps, so a resume keeps them")  # fmt: skip
+        if cfg.steps < step:
+            raise ValueError(f"steps {cfg.steps} is below the saved run's step {step}")
 
 
 _Loss = TypeVar("_Loss")
