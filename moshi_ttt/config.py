@@ -7,14 +7,11 @@ import math
 import re
 from dataclasses import dataclass
 
+from moshi_ttt.options import MAX_MINI_BATCH_SIZE  # the one cap, of runs and of configs
+
 TARGET_MODES = ("difference", "legacy")
 # moshi's norm types (moshi.modules.transformer.create_norm_fn, moshi 0.2.13).
 NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
-# The largest inner-loop mini-batch (TTTConfig; options.py holds the same number for RunOptions): above Moshi's
-# 3000-token attention context (one update per context window stays possible), 4 x the app's 1024 and 256 x the
-# paper's 16. A layer's learnable_token_idx has b entries, and a full mini-batch's dual form builds [B * H, b, b]
-# matrices; a call shorter than b costs nothing more in b (`position_factors` builds the factors it reads).
-MAX_MINI_BATCH_SIZE = 4096
 # The largest share_qk convolution (tokens; ttt-lm-pytorch uses 4): its weights and each row's history grow with it.
 MAX_CONV_KERNEL = 256
 INNER_MODELS = ("mlp", "linear")

@@ -404,10 +404,15 @@ def _check_same_codes(loaded: dict) -> None:
 
     Raises:
         UsageError: naming the checkpoints that differ and how."""
-    codecs = {name: ref for name, ckpt in loaded.items() if (ref := getattr(ckpt, "mimi_ref", None)) is not None}
-    if len(set(codecs.values())) > 1:
-        detail = ", ".join(f"{name}: {ref}" for name, ref in codecs.items())
-        raise UsageError(f"the checkpoints name different codecs ({detail}): score them in separate runs")
+    from moshi_ttt.data.checkpoints import same_codec  # as _load_checkpoint: the CLI starts without it
+
+    codecs = {name: ckpt.mimi for name, ckpt in loaded.items() if ckpt.mimi is not None}
+    (first_codec, mimi), *other_codecs = codecs.items() if codecs else [(None, None)]
+    for name, other in other_codecs:
+        if not same_codec(mimi, other):  # the same file named two ways (hf://, a snapshot path) is the same codec
+            refs = {n: getattr(loaded[n], "mimi_ref", None) for n in (first_codec, name)}
+            detail = ", ".join(f"{n}: {ref}" for n, ref in refs.items())
+            raise UsageError(f"the checkpoints name different codecs ({detail}): score them in separate runs")
     formats = {name: {k: getattr(ckpt.model, k) for k in ("card", "dep_q", "n_q", "delays")}  # LMModel's own
                for name, ckpt in loaded.items()}  # fmt: skip
     (first, expected), *others = formats.items()

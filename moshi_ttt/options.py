@@ -26,8 +26,10 @@ MODES = ("full", "chunked", "stream")
 # for a model without TTT or with persistent states; scoring/text_stream.py says when the two differ);
 # "transcript": a transcript with word timestamps, laid out as moshi-finetune trains (scored: a text-stream loss).
 TEXT_STREAMS = ("padding", "zero", "greedy", "transcript")
-# The largest mini_batch_size of a run: config.MAX_MINI_BATCH_SIZE (this module imports nothing of the package's;
-# tests/test_config_hostile.py checks that the two agree).
+# The largest mini_batch_size, of a run and of a TTTConfig (config.py imports it): above Moshi's 3000-token
+# attention context (one update per context window stays possible), 4 x the app's 1024 and 256 x the paper's 16. A
+# layer's learnable_token_idx has b entries, and a full mini-batch's dual form builds [B * H, b, b] matrices; a call
+# shorter than b costs nothing more in b (`position_factors` builds the factors it reads).
 MAX_MINI_BATCH_SIZE = 4096
 
 

@@ -161,11 +161,13 @@ def _given_flags(argv: list[str] | None) -> set[str]:
 
 
 def _check_ttt_flags(args, given: set[str], loaded: LoadedCheckpoint) -> None:
-    """On --resume: the TTT flags given must be the saved checkpoint's (it holds the TTT layers already)."""
+    """On --resume, or from an --init that has TTT layers: the TTT flags given must be that checkpoint's (its layers
+    are trained as they are; a flag that differs would be ignored, then refused at the resume)."""
     saved = loaded.ttt_config
     flags = [dest for dest in TTT_FLAGS if dest in given]
     if flags and saved is None:
         raise ValueError(f"the run in {args.out} has no TTT layers; drop --{flags[0].replace('_', '-')} to resume it")
+    source = "the saved run's" if args.resume else f"--init {args.init}'s"
     differ = []
     for dest in flags:
         now, then = getattr(args, dest), getattr(saved, TTT_FLAGS[dest])
@@ -175,7 +177,7 @@ def _check_ttt_flags(args, given: set[str], loaded: LoadedCheckpoint) -> None:
         if now != then:
             differ.append(f"--{dest.replace('_', '-')}: {then} then, {now} now")
     if differ:
-        raise ValueError(f"resume with the saved run's TTT layers; these differ: {'; '.join(differ)}")
+        raise ValueError(f"the TTT flags must be {source} TTT layers; these differ: {'; '.join(differ)}")
 
 
 def _build(args, given: set[str]) -> tuple[Trainer | PairedTrainer, LoadedCheckpoint]:
@@ -187,7 +189,7 @@ def _build(args, given: set[str]) -> tuple[Trainer | PairedTrainer, LoadedCheckp
     else:
         check_new_run(args.out)
     loaded = load(args.out / "checkpoint" if args.resume else args.init, load_mimi=args.codes is None)
-    if args.resume:
+    if args.resume or ttt_blocks(loaded.model):
         _check_ttt_flags(args, given, loaded)
     if args.codes is not None:
         files = [read_codes(path) for path in args.codes]

@@ -12,7 +12,7 @@ import torch
 from tiny_models import random_audio_codes, tiny_lm, tiny_lm_config
 from tolerances import FLOAT32
 
-from moshi_ttt import FastWeights, RunOptions, TTTConfig, apply_ttt, load, options, save, score, ttt_mlp
+from moshi_ttt import FastWeights, RunOptions, TTTConfig, apply_ttt, load, save, score, ttt_mlp
 from moshi_ttt.config import MAX_MINI_BATCH_SIZE, NORMS, LegacyConfig, parse_layers
 from moshi_ttt.ttt.inner_math import position_factors
 from moshi_ttt.ttt.ops import LinearWeights, ttt_mlp_chunk, ttt_mlp_token
@@ -100,7 +100,6 @@ def test_a_checkpoint_with_a_bad_ttt_field_does_not_load(tmp_path, field, value)
 
 
 def test_the_mini_batch_cap_is_the_same_for_run_options():
-    assert options.MAX_MINI_BATCH_SIZE == MAX_MINI_BATCH_SIZE  # options.py imports nothing of the package's
     assert RunOptions(mini_batch_size=MAX_MINI_BATCH_SIZE).mini_batch_size == MAX_MINI_BATCH_SIZE
     with pytest.raises(ValueError, match=f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE}, got 10000000"):
         RunOptions(mini_batch_size=10**7)

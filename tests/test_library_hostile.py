@@ -45,6 +45,18 @@ def test_a_relative_base_is_looked_for_beside_the_checkpoint_only(tmp_path, monk
     assert load(tmp_path / "run" / "ttt").ttt_config is not None
 
 
+def test_a_reference_given_from_the_working_directory_is_stored_beside(tmp_path, monkeypatch):
+    """save(d, base="runs/baseline") from the folder holding runs/: stored relative to d, so that it loads from
+    anywhere (a relative reference is read beside the checkpoint only)."""
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "runs" / "baseline", tiny_lm(0), lm_config=tiny_lm_config())
+    ttt = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4))
+    save(tmp_path / "out" / "ttt", ttt, base="runs/baseline")
+    assert json.loads((tmp_path / "out" / "ttt" / "config.json").read_text())["base"] == "../../runs/baseline"
+    monkeypatch.chdir(tmp_path / "out")
+    assert load(tmp_path / "out" / "ttt").ttt_config is not None
+
+
 def test_a_chain_of_bases_that_comes_back_is_refused(tmp_path):
     ttt = apply_ttt(tiny_lm(0), TTTConfig(layers="1", mini_batch_size=4))
     save(tmp_path / "b", ttt, base="../c")
@@ -52,7 +64,9 @@ def test_a_chain_of_bases_that_comes_back_is_refused(tmp_path):
     with pytest.raises(ValueError, match="comes back"):
         load(tmp_path / "b")
     with pytest.raises(ValueError, match="itself"):
-        save(tmp_path / "a", ttt, base=".")
+        save(tmp_path / "a", ttt, base=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="itself"):
+        save(tmp_path / "b", ttt, base=".", overwrite=True)  # "." beside b is b
 
 
 def test_save_refuses_what_would_not_load_back(tmp_path):
@@ -197,3 +211,22 @@ def test_an_older_fork_base_lr_written_as_yaml_1e_3_still_reads(tmp_path):
     training["ttt"]["base_lr"] = "1e-3"  # how PyYAML reads 1e-3
     path.write_text(json.dumps(training))
     assert load(tmp_path / "c", share=False).ttt_config.base_lr == 1e-3
+
+
+def test_a_codec_named_through_a_link_keeps_its_name(assets, tmp_path):
+    """A Hub snapshot's files are links to blobs without a suffix, and moshi's get_mimi reads the format from the
+    name: the loader makes a codec reference absolute without following links."""
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "codec").symlink_to(assets / "codec", target_is_directory=True)
+    save(tmp_path / "snapshot" / "ttt", tiny_lm(0, card=2048), lm_config=tiny_lm_config(card=2048), mimi_ref="../codec")
+    assert load(tmp_path / "snapshot" / "ttt").mimi_ref == str(tmp_path / "snapshot" / "codec")
+
+
+def test_one_codec_named_two_ways_is_one_codec_for_the_cli(assets, tmp_path):
+    """The same codec through a link (as an hf:// name and its snapshot path are): scored together, not refused."""
+    (tmp_path / "link").symlink_to(assets / "codec", target_is_directory=True)
+    card = json.loads((assets / "checkpoints" / "ttt" / "config.json").read_text())["lm_config"]["card"]
+    ttt = apply_ttt(tiny_lm(0, card=card), TTTConfig(layers="1", mini_batch_size=4))
+    save(tmp_path / "ttt", ttt, lm_config=tiny_lm_config(card=card), mimi_ref=str(tmp_path / "link"))
+    assert cli("--audio", assets / "a.wav", "--baseline", assets / "checkpoints" / "baseline",
+               "--ttt", tmp_path / "ttt", "--out", tmp_path / "out") == 0  # fmt: skip

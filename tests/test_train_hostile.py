@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_models import random_audio_codes, tiny_lm
 
 import moshi_ttt.train as cli
@@ -143,6 +143,26 @@ def test_new_run_into_a_run_folder_is_refused(assets, saved_run, tmp_path, capsy
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
 
 
+def test_a_run_saved_before_the_step_stamps_still_resumes(assets, saved_run, tmp_path, caplog):
+    out = tmp_path / "old"
+    shutil.copytree(saved_run, out)
+    (out / "checkpoint" / "train_step.json").unlink()
+    tensors = out / "state" / "train_state.safetensors"
+    save_file(load_file(tensors), str(tensors))  # no step in the metadata, as such states were written
+    with caplog.at_level("WARNING"):
+        assert cli.main([*init(assets), *data(assets), "--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert "predates the step stamps" in caplog.text
+
+
+def test_ttt_flags_over_an_init_with_ttt_layers_are_checked_from_the_start(assets, saved_run, tmp_path, capsys):
+    """They were ignored on the first run (the --init's layers are trained as they are) and refused at its resume:
+    the same command line must not work once and then fail."""
+    args = ["--init", str(saved_run / "checkpoint"), *data(assets), "--steps", "1"]
+    assert cli.main([*args, "--mini-batch-size", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "--mini-batch-size: 4 then, 2 now" in capsys.readouterr().err
+    assert cli.main([*args, "--mini-batch-size", "4", "--out", str(tmp_path / "b")]) == 0
+
+
 # --- finding 2: finite settings; a non-finite loss stops training ---
 
 
@@ -178,6 +198,18 @@ def test_non_finite_loss_stops_training_before_the_step():
     assert trainer.step_count == 0
     after = model.state_dict()
     assert all(torch.equal(after[k], v) or k.endswith("W1") for k, v in before.items())
+
+
+def test_infinite_gradients_stop_training_without_clipping_too():
+    model = ttt_lm()
+    block = ttt_blocks(model)[1]
+    block.W1.register_hook(lambda grad: torch.full_like(grad, math.inf))  # a finite loss, an infinite gradient
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=3, batch_size=1, chunk_size=8, grad_clip=0.0)
+    trainer = Trainer(model, [random_audio_codes(1, 16, seed=0)[0]], cfg)
+    with pytest.raises(ValueError, match="the gradient norm is inf at step 1"):
+        trainer.run()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_cli_summary_writes_nan_as_null(assets, tmp_path, monkeypatch, capsys):

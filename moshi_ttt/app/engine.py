@@ -22,7 +22,7 @@ from moshi.models.compression import MimiModel
 
 from moshi_ttt.app.models import ModelCache, SharedModelRun
 from moshi_ttt.data.audio import FRAME_RATE, AudioInfo, check_audio, read_blocks
-from moshi_ttt.data.checkpoints import LoadedCheckpoint
+from moshi_ttt.data.checkpoints import LoadedCheckpoint, same_codec
 from moshi_ttt.data.stream import ENCODE_FRAMES, encode_blocks
 from moshi_ttt.options import RunOptions
 from moshi_ttt.reports import results as report
@@ -128,8 +128,8 @@ def _compare(
     # An In-Place checkpoint in the fork's lora.safetensors layout loads over the run's baseline (models.needs_base).
     loaded = {"baseline": cache.get(names["baseline"]), "ttt": cache.get(names["ttt"], base=names["baseline"])}
     pairing_notes = check_compatible(loaded["baseline"], loaded["ttt"], names)
-    codecs = {loaded["baseline"].mimi_ref, loaded["ttt"].mimi_ref}
-    if len(codecs) > 1:
+    codecs = loaded["baseline"].mimi, loaded["ttt"].mimi  # one file named two ways (hf://, snapshot) is one codec
+    if (codecs[0] is None) != (codecs[1] is None) or (codecs[0] is not None and not same_codec(*codecs)):
         pair = f"the baseline {names['baseline']!r} and TTT {names['ttt']!r}"
         raise ValueError(f"{pair} checkpoints use different codecs")
     sessions, run_options = {}, {}

@@ -10,10 +10,15 @@ from one step's weights with another step's optimizer and data position.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from moshi_ttt.data.checkpoints import LoadedCheckpoint, save
-from moshi_ttt.training.trainer import STATE_JSON, Trainer
+from moshi_ttt.training.trainer import STATE_JSON, STATE_TENSORS, Trainer
+
+logger = logging.getLogger(__name__)
 
 FAIR_BASELINE = "fair_baseline"  # --out subdirectory of the fair baseline's checkpoint and state
 STEP_STAMP = "train_step.json"  # in a member's checkpoint/: the training step whose weights it holds
@@ -71,11 +76,29 @@ def _saved_step(member: Path) -> int:
     stamp, meta = member / "checkpoint" / STEP_STAMP, member / "state" / STATE_JSON
     if not meta.is_file():
         raise FileNotFoundError(f"no training state in {member / 'state'} to resume from")
+    state_step = json.loads(meta.read_text())["step"]
     if not stamp.is_file():
-        raise ValueError(f"{member / 'checkpoint'} has no {STEP_STAMP}: its save was interrupted (or it predates the "
-                         "stamp); it cannot be resumed")  # fmt: skip
-    checkpoint_step, state_step = json.loads(stamp.read_text())["step"], json.loads(meta.read_text())["step"]
+        if _state_is_stamped(member / "state"):
+            raise ValueError(f"{member / 'checkpoint'} has no {STEP_STAMP}: its save was interrupted; it cannot be "
+                             "resumed")  # fmt: skip
+        # A run saved before the stamps existed (its state has no step either): resumable as before, unchecked.
+        logger.warning("%s predates the step stamps: resuming it without checking that its checkpoint and training "
+                       "state are from the same step (%d)", member, state_step)  # fmt: skip
+        return state_step
+    checkpoint_step = json.loads(stamp.read_text())["step"]
     if checkpoint_step != state_step:
         raise ValueError(f"in {member}, the checkpoint is from step {checkpoint_step} and the training state from step "
                          f"{state_step}: the last save was interrupted; it cannot be resumed")  # fmt: skip
     return checkpoint_step
+
+
+def _state_is_stamped(state: Path) -> bool:
+    """Whether a training state was written with its step in the tensors' metadata (every save since the stamps)."""
+    tensors = state / STATE_TENSORS
+    if not tensors.is_file():
+        return True  # torn: not an older run
+    try:
+        with safe_open(str(tensors), framework="pt", device="cpu") as f:
+            return "step" in (f.metadata() or {})
+    except SafetensorError:
+        return True  # damaged: not an older run (the state's own load names it)

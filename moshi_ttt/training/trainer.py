@@ -184,11 +184,11 @@ class Trainer:
                              "before stepping on it (lower --lr or clip gradients)")  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.grad_clip)
-            if not bool(torch.isfinite(norm)):
-                raise ValueError(f"the gradient norm is {norm.item()} at step {self.step_count + 1}: training "
-                                 "diverged; stopped before stepping on it")  # fmt: skip
+        # The norm also without clipping (max_norm inf scales nothing): a finite loss can still give inf gradients.
+        norm = torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        if not bool(torch.isfinite(norm)):
+            raise ValueError(f"the gradient norm is {norm.item()} at step {self.step_count + 1}: training "
+                             "diverged; stopped before stepping on it")  # fmt: skip
         self.optimizer.step()
         self.step_count += 1
         return loss.item()

@@ -4,6 +4,6 @@ older TTT fork's layout (loaded in legacy mode). Only safetensors are read; ever
 from moshi_ttt.data.checkpoints.common import LoadedCheckpoint
 from moshi_ttt.data.checkpoints.loader import load, load_mimi_codec
 from moshi_ttt.data.checkpoints.ours import save
-from moshi_ttt.data.checkpoints.shared import weight_bytes
+from moshi_ttt.data.checkpoints.shared import same_codec, weight_bytes
 
-__all__ = ["LoadedCheckpoint", "load", "load_mimi_codec", "save", "weight_bytes"]
+__all__ = ["LoadedCheckpoint", "load", "load_mimi_codec", "same_codec", "save", "weight_bytes"]

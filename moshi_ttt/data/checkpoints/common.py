@@ -216,7 +216,8 @@ def _lm_config_errors() -> tp.Iterator[None]:
     try:
         yield
     except (TypeError, KeyError, AssertionError, ZeroDivisionError) as e:
-        raise ValueError(f"the LM config does not build a moshi LMModel: {type(e).__name__}: {e}") from e
+        detail = str(e) or "one of moshi's asserts failed"
+        raise ValueError(f"the LM config does not build a moshi LMModel: {type(e).__name__}: {detail}") from e
 
 
 def build_lm(lm_config: dict, device: torch.device | str, dtype: torch.dtype | None) -> LMModel:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import typing as tp
 from dataclasses import dataclass
@@ -358,7 +359,7 @@ def _mimi_ref(raw: dict, directory: Path, default: str | None) -> str:
     `default` (the base's), else moshi's on the Hub."""
     name = confined_ref(raw.get("mimi_name"), directory, "mimi_name")
     if isinstance(name, str) and (directory / name).exists():
-        return str((directory / name).resolve())
+        return os.path.abspath(directory / name)  # lexical: a Hub snapshot's file stays a .safetensors name
     return default or f"{HF_PREFIX}{loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -95,8 +96,9 @@ def _load_new(ref: str, *, base: str | None, device, dtype, legacy_causal: bool,
         ckpt = _load_local(Path(ref), ref=ref, **kwargs)
     if ckpt.mimi_ref is not None and not ckpt.mimi_ref.startswith(HF_PREFIX) and not ref.startswith(HF_PREFIX):
         # Each format joins a relative codec path to the checkpoint's own folder (never the working directory);
-        # resolved here, so that two checkpoints naming the same codec compare equal.
-        ckpt = dataclasses.replace(ckpt, mimi_ref=str(Path(ckpt.mimi_ref).resolve()))
+        # made absolute here, lexically: resolving would follow a Hub snapshot's link to its blob, whose name lacks
+        # the .safetensors that moshi's get_mimi reads the format from.
+        ckpt = dataclasses.replace(ckpt, mimi_ref=os.path.abspath(ckpt.mimi_ref))
     return ckpt
 
 

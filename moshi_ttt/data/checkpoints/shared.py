@@ -183,6 +183,19 @@ def shared_mimi(path: Path, codebooks: int, device: torch.device | str, build) -
         return mimi
 
 
+def same_codec(a: MimiModel, b: MimiModel) -> bool:
+    """Whether two loaded codecs encode alike, however their checkpoints name them (an hf:// reference, a snapshot
+    path, a local copy): the same object (`shared_mimi` builds one per file), or the same class, rates and weights."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or (a.sample_rate, a.frame_rate) != (b.sample_rate, b.frame_rate):
+        return False
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k].cpu(), state_b[k].cpu()) for k in state_a
+    )
+
+
 def weight_bytes(*modules: torch.nn.Module) -> int:
     """Bytes of the distinct memory that the modules' parameters and buffers hold: a tensor shared by two models,
     or by two names of one model, counts once."""
