@@ -404,7 +404,7 @@ def _check_same_codes(loaded: dict) -> None:
 
     Raises:
         UsageError: naming the checkpoints that differ and how."""
-    from moshi_ttt.data.checkpoints import same_codec  # as _load_checkpoint: the CLI starts without it
+    from moshi_ttt.data.checkpoints import code_format_differences, same_codec  # as _load_checkpoint
 
     codecs = {name: ckpt.mimi for name, ckpt in loaded.items() if ckpt.mimi is not None}
     (first_codec, mimi), *other_codecs = codecs.items() if codecs else [(None, None)]
@@ -413,13 +413,10 @@ def _check_same_codes(loaded: dict) -> None:
             refs = {n: getattr(loaded[n], "mimi_ref", None) for n in (first_codec, name)}
             detail = ", ".join(f"{n}: {ref}" for n, ref in refs.items())
             raise UsageError(f"the checkpoints name different codecs ({detail}): score them in separate runs")
-    formats = {name: {k: getattr(ckpt.model, k) for k in ("card", "dep_q", "n_q", "delays")}  # LMModel's own
-               for name, ckpt in loaded.items()}  # fmt: skip
-    (first, expected), *others = formats.items()
-    for name, found in others:
-        differ = [k for k in expected if found[k] != expected[k]]
-        if differ:
-            detail = ", ".join(f"{k}: {expected[k]} vs {found[k]}" for k in differ)
+    (first, ckpt), *others = loaded.items()
+    for name, other in others:
+        detail = code_format_differences(ckpt.model, other.model)
+        if detail:
             raise UsageError(f"{first} and {name} do not read the same audio codes ({detail})")
 
 

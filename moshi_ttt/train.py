@@ -45,7 +45,8 @@ from moshi_ttt.ttt.apply import ttt_blocks
 
 logger = logging.getLogger(__name__)
 
-# The TTT flags (argparse dest -> TTTConfig field): on --resume, each one given must match the saved checkpoint's.
+# The TTT flags (argparse dest -> TTTConfig field): they build the TTTConfig of a new run's layers; over a checkpoint
+# with TTT layers (--resume, or such an --init), each one given must match its config.
 TTT_FLAGS = {"ttt_layers": "layers", "mini_batch_size": "mini_batch_size", "base_lr": "base_lr",
              "gating_alpha_init": "gating_alpha_init", "share_qk": "share_qk", "conv_kernel": "conv_kernel",
              "inner": "inner"}  # fmt: skip
@@ -207,9 +208,7 @@ def _build(args, given: set[str]) -> tuple[Trainer | PairedTrainer, LoadedCheckp
     )  # fmt: skip
     ttt_cfg = None
     if args.ttt_layers:
-        ttt_cfg = TTTConfig(layers=args.ttt_layers, mini_batch_size=args.mini_batch_size, base_lr=args.base_lr,
-                            gating_alpha_init=args.gating_alpha_init, share_qk=args.share_qk,
-                            conv_kernel=args.conv_kernel, inner=args.inner)  # fmt: skip
+        ttt_cfg = TTTConfig(**{field: getattr(args, dest) for dest, field in TTT_FLAGS.items()})
     if not args.fair_baseline:
         if ttt_cfg is not None and not ttt_blocks(loaded.model) and not args.resume:
             add_ttt(loaded.model, ttt_cfg, TTTStart(seed=args.seed))

@@ -22,7 +22,7 @@ from moshi.models.compression import MimiModel
 
 from moshi_ttt.app.models import ModelCache, SharedModelRun
 from moshi_ttt.data.audio import FRAME_RATE, AudioInfo, check_audio, read_blocks
-from moshi_ttt.data.checkpoints import LoadedCheckpoint, same_codec
+from moshi_ttt.data.checkpoints import LoadedCheckpoint, code_format_differences, same_codec
 from moshi_ttt.data.stream import ENCODE_FRAMES, encode_blocks
 from moshi_ttt.options import RunOptions
 from moshi_ttt.reports import results as report
@@ -283,10 +283,8 @@ def check_compatible(baseline: LoadedCheckpoint, ttt: LoadedCheckpoint, names: d
     Raises:
         ValueError: one sentence when the two do not read the same audio codes.
     """
-    keys = ("card", "dep_q", "n_q", "delays")
-    diffs = [k for k in keys if baseline.lm_config.get(k) != ttt.lm_config.get(k)]
-    if diffs:
-        detail = ", ".join(f"{k}: {baseline.lm_config.get(k)} vs {ttt.lm_config.get(k)}" for k in diffs)
+    detail = code_format_differences(baseline.model, ttt.model)
+    if detail:
         raise ValueError(f"the baseline and TTT checkpoints do not read the same audio codes ({detail})")
     base_context, ttt_context = baseline.model.context, ttt.model.context
     if base_context == ttt_context:

@@ -179,19 +179,28 @@ class Trainer:
             self.carry.reset(new_file)
             with carry_ttt_state(self.model, self.carry):
                 loss = audio_loss(self.model, codes)
-        if not bool(torch.isfinite(loss)):
-            raise ValueError(f"the loss is {loss.item()} at step {self.step_count + 1}: training diverged; stopped "
-                             "before stepping on it (lower --lr or clip gradients)")  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # The norm also without clipping (max_norm inf scales nothing): a finite loss can still give inf gradients.
-        norm = torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        if not bool(torch.isfinite(norm)):
-            raise ValueError(f"the gradient norm is {norm.item()} at step {self.step_count + 1}: training "
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.grad_clip)
+        else:  # the norm alone, nothing to scale: a finite loss can still give infinite gradients
+            grads = [
+                torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+                for p in self.trained
+                if p.grad is not None
+            ]
+            norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else loss.detach().new_zeros(())
+        # One host sync for both checks, before the optimizer steps on either.
+        loss_value, norm_value = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)]).tolist()
+        if not math.isfinite(loss_value):
+            raise ValueError(f"the loss is {loss_value} at step {self.step_count + 1}: training diverged; stopped "
+                             "before stepping on it (lower --lr or clip gradients)")  # fmt: skip
+        if not math.isfinite(norm_value):
+            raise ValueError(f"the gradient norm is {norm_value} at step {self.step_count + 1}: training "
                              "diverged; stopped before stepping on it")  # fmt: skip
         self.optimizer.step()
         self.step_count += 1
-        return loss.item()
+        return loss_value
 
     def run(
         self,

@@ -4,6 +4,14 @@ older TTT fork's layout (loaded in legacy mode). Only safetensors are read; ever
 from moshi_ttt.data.checkpoints.common import LoadedCheckpoint
 from moshi_ttt.data.checkpoints.loader import load, load_mimi_codec
 from moshi_ttt.data.checkpoints.ours import save
-from moshi_ttt.data.checkpoints.shared import same_codec, weight_bytes
+from moshi_ttt.data.checkpoints.shared import code_format_differences, same_codec, weight_bytes
 
-__all__ = ["LoadedCheckpoint", "load", "load_mimi_codec", "same_codec", "save", "weight_bytes"]
+__all__ = [
+    "LoadedCheckpoint",
+    "load",
+    "code_format_differences",
+    "load_mimi_codec",
+    "same_codec",
+    "save",
+    "weight_bytes",
+]

@@ -183,6 +183,15 @@ def shared_mimi(path: Path, codebooks: int, device: torch.device | str, build) -
         return mimi
 
 
+CODE_FORMAT = ("card", "dep_q", "n_q", "delays")  # what two LMModels must share to read one encoding of the audio
+
+
+def code_format_differences(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
+    """How the codes two moshi LMModels read differ ("card: 2048 vs 1024, ..."), None when they read the same."""
+    differ = [k for k in CODE_FORMAT if getattr(a, k) != getattr(b, k)]
+    return ", ".join(f"{k}: {getattr(a, k)} vs {getattr(b, k)}" for k in differ) or None
+
+
 def same_codec(a: MimiModel, b: MimiModel) -> bool:
     """Whether two loaded codecs encode alike, however their checkpoints name them (an hf:// reference, a snapshot
     path, a local copy): the same object (`shared_mimi` builds one per file), or the same class, rates and weights."""
@@ -192,7 +201,8 @@ def same_codec(a: MimiModel, b: MimiModel) -> bool:
         return False
     state_a, state_b = a.state_dict(), b.state_dict()
     return state_a.keys() == state_b.keys() and all(
-        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k].cpu(), state_b[k].cpu()) for k in state_a
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k], state_b[k].to(state_a[k].device))
+        for k in state_a
     )
 
 
